@@ -1,0 +1,44 @@
+# Two commands set up everything on a fresh machine: `make serve` and `make test`.
+# uv itself is installed into the project (.tools/), so nothing needs sudo or a global install.
+
+UV_VERSION := 0.13.9
+PYTHON ?= python3
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+VENV := .venv
+INSTALLED := $(VENV)/.installed
+
+MODEL ?= tiny-qwen-image
+HOST ?= 127.0.0.1
+PORT ?= 8000
+SERVE_ARGS ?=
+
+.PHONY: install serve test lint typecheck pytest benchmark clean
+
+install: $(INSTALLED)
+
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+$(INSTALLED): $(UV) pyproject.toml uv.lock
+	$(UV) sync --frozen
+	touch $@
+
+serve: install
+	$(VENV)/bin/vllm serve $(MODEL) --task image --host $(HOST) --port $(PORT) $(SERVE_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+pytest: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest
+
+test: lint typecheck pytest
+
+clean:
+	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,42 @@
+"""Shared fixtures: no test reaches a model hub, and the tiny model is built once per run."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache folder of this run's own; the engine resolves `tiny-qwen-image` through it."""
+    from vllm_omni_images.tiny_model import CACHE_ENV_VAR
+
+    cache = tmp_path_factory.mktemp("model-cache")
+    os.environ[CACHE_ENV_VAR] = str(cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(model_cache: Path) -> Path:
+    from vllm_omni_images.tiny_model import ensure_tiny_model
+
+    return ensure_tiny_model(model_cache)
+
+
+@pytest.fixture(scope="session")
+def serve_parser():
+    """vLLM's real `vllm serve` parser, with our general plugin loaded as vLLM loads it."""
+    import vllm.entrypoints.cli.serve  # noqa: F401  (the CLI imports it before plugins load)
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from vllm_omni_images import vllm_patches
+
+    vllm_patches.fall_back_to_cpu_platform()
+    return make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))

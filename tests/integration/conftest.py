@@ -1,0 +1,51 @@
+"""An in-process vLLM app for the image task, on the real tiny engine."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from vllm_omni_images.engine import ImageEngine
+from vllm_omni_images.engine_client import ImageEngineClient
+
+AppFactory = Callable[..., Awaitable[FastAPI]]
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model_dir: Path) -> ImageEngine:
+    from vllm_omni_images.engine.diffusers_engine import DiffusersEngine
+
+    return DiffusersEngine(str(tiny_model_dir), device="cpu")
+
+
+@pytest.fixture
+def make_app(serve_parser) -> AppFactory:
+    """Build the app as `vllm serve tiny-qwen-image --task image <flags>` would."""
+    from vllm_omni_images.launcher import build_image_app, init_image_app_state
+
+    async def make(engine: ImageEngine | None, flags: Sequence[str] = ()) -> FastAPI:
+        args = serve_parser.parse_args(["tiny-qwen-image", "--task", "image", *flags])
+        args.model = args.model_tag
+        app = build_image_app(args)
+        await init_image_app_state(
+            ImageEngineClient(engine, model_name=args.model), app.state, args
+        )
+        return app
+
+    return make
+
+
+def http_client(app: FastAPI) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+@pytest.fixture
+async def client(
+    make_app: AppFactory, tiny_engine: ImageEngine
+) -> AsyncIterator[httpx.AsyncClient]:
+    async with http_client(await make_app(tiny_engine)) as http:
+        yield http

@@ -1,0 +1,50 @@
+import argparse
+
+import pytest
+
+from vllm_omni_images.cli import add_image_cli_args, asks_for_image_task, asks_for_serve_help
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["vllm", "serve", "m", "--task", "image"], True),
+        (["vllm", "serve", "m", "--task=image"], True),
+        (["vllm", "serve", "--task", "image", "m"], True),
+        (["vllm", "serve", "m"], False),
+        (["vllm", "serve", "m", "--task"], False),
+        (["vllm", "serve", "m", "--task", "generate"], False),
+        (["vllm", "bench", "serve", "--task", "image"], False),
+        (["vllm"], False),
+    ],
+)
+def test_asks_for_image_task(argv, expected):
+    assert asks_for_image_task(argv) is expected
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["vllm", "serve", "--help"], True),
+        (["vllm", "serve", "-h"], True),
+        (["vllm", "serve", "--help=ImageTask"], True),
+        (["vllm", "serve", "m"], False),
+        (["vllm", "--help"], False),
+        (["vllm", "bench", "serve", "--help"], False),
+    ],
+)
+def test_asks_for_serve_help(argv, expected):
+    assert asks_for_serve_help(argv) is expected
+
+
+def test_image_flags_parse_and_are_added_once():
+    parser = argparse.ArgumentParser(prog="vllm serve")
+    add_image_cli_args(parser)
+    add_image_cli_args(parser)
+    args = parser.parse_args(["--task", "image", "--image-engine", "diffusers"])
+    assert args.task == "image"
+    assert args.image_engine == "diffusers"
+    defaults = parser.parse_args([])
+    assert defaults.task is None and defaults.image_engine == "auto"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--task", "video"])

@@ -1,0 +1,118 @@
+import pytest
+from pydantic import ValidationError
+
+from vllm_omni_images.protocol import (
+    INT64_MAX,
+    INT64_MIN,
+    ImageGenerationRequest,
+    ImageGenerationResponse,
+    ImageObject,
+    parse_size,
+)
+
+
+def error_fields(exc: ValidationError) -> set[str]:
+    return {str(error["loc"][-1]) for error in exc.errors()}
+
+
+def test_defaults_follow_openai():
+    request = ImageGenerationRequest(prompt="a cat")
+    assert request.n == 1
+    assert request.size is None
+    assert request.response_format == "b64_json"
+    assert request.output_format == "png"
+    assert request.model is None
+    assert request.seed is None
+    assert request.num_inference_steps is None
+
+
+@pytest.mark.parametrize("prompt", ["", "   ", "\n\t"])
+def test_prompt_must_have_text(prompt):
+    with pytest.raises(ValidationError) as info:
+        ImageGenerationRequest(prompt=prompt)
+    assert "prompt" in error_fields(info.value)
+
+
+def test_prompt_is_required():
+    with pytest.raises(ValidationError) as info:
+        ImageGenerationRequest.model_validate({"n": 1})
+    assert "prompt" in error_fields(info.value)
+
+
+def test_prompt_length_is_bounded():
+    with pytest.raises(ValidationError):
+        ImageGenerationRequest(prompt="x" * 32_001)
+    assert ImageGenerationRequest(prompt="x" * 32_000).prompt
+
+
+@pytest.mark.parametrize(
+    ("field", "valid", "invalid"),
+    [
+        ("n", [1, 10], [0, 11, -1]),
+        ("num_inference_steps", [1, 200], [0, 201]),
+        ("guidance_scale", [0.0, 20.0, 7.5], [-0.1, 20.01]),
+        ("true_cfg_scale", [0.0, 20.0, 4.0], [-1.0, 21.0]),
+        ("seed", [INT64_MIN, 0, INT64_MAX], [INT64_MIN - 1, INT64_MAX + 1]),
+        ("output_compression", [0, 100], [-1, 101]),
+    ],
+)
+def test_numeric_bounds(field, valid, invalid):
+    for value in valid:
+        assert getattr(ImageGenerationRequest(prompt="p", **{field: value}), field) == value
+    for value in invalid:
+        with pytest.raises(ValidationError) as info:
+            ImageGenerationRequest(prompt="p", **{field: value})
+        assert field in error_fields(info.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("response_format", "png"),
+        ("output_format", "gif"),
+        ("quality", "ultra"),
+        ("style", "cartoon"),
+        ("background", "green"),
+        ("n", "many"),
+        ("prompt", 42),
+    ],
+)
+def test_enums_and_types_are_checked(field, value):
+    payload = {"prompt": "p", field: value}
+    with pytest.raises(ValidationError) as info:
+        ImageGenerationRequest.model_validate(payload)
+    assert field in error_fields(info.value)
+
+
+@pytest.mark.parametrize("size", ["256x256", "1024x768", "64X128", " 512 x 512 ", "auto"])
+def test_size_accepts_width_x_height_and_auto(size):
+    assert ImageGenerationRequest(prompt="p", size=size).size == size
+
+
+@pytest.mark.parametrize("size", ["256", "256x", "x256", "256*256", "-256x256", "1.5x2", "big"])
+def test_size_rejects_other_shapes(size):
+    with pytest.raises(ValidationError) as info:
+        ImageGenerationRequest(prompt="p", size=size)
+    assert "size" in error_fields(info.value)
+
+
+def test_unknown_fields_are_ignored_like_openai():
+    request = ImageGenerationRequest.model_validate({"prompt": "p", "moderation": "low"})
+    assert request.prompt == "p"
+
+
+def test_parse_size():
+    assert parse_size("1024x768") == (1024, 768)
+    assert parse_size(" 64X32 ") == (64, 32)
+    with pytest.raises(ValueError):
+        parse_size("1024")
+
+
+def test_response_shape():
+    response = ImageGenerationResponse(
+        data=[ImageObject(b64_json="abc")], size="64x64", output_format="png"
+    )
+    dumped = response.model_dump()
+    assert set(dumped) == {"created", "data", "size", "output_format"}
+    assert dumped["data"] == [{"b64_json": "abc"}]
+    assert isinstance(dumped["created"], int) and dumped["created"] > 1_700_000_000

@@ -1,0 +1,97 @@
+import pytest
+
+from vllm_omni_images.engine import ModelDefaults
+from vllm_omni_images.protocol import ImageGenerationRequest
+from vllm_omni_images.serving import RequestError, image_seeds, resolve_size, to_engine_request
+
+DEFAULTS = ModelDefaults(
+    width=256,
+    height=256,
+    num_inference_steps=4,
+    size_multiple=16,
+    true_cfg_scale=4.0,
+    max_pixels=1024 * 1024,
+)
+
+
+def test_size_defaults_to_the_model_size():
+    assert resolve_size(None, DEFAULTS) == (256, 256)
+    assert resolve_size("auto", DEFAULTS) == (256, 256)
+
+
+def test_size_is_width_then_height():
+    assert resolve_size("128x64", DEFAULTS) == (128, 64)
+
+
+@pytest.mark.parametrize("size", ["250x256", "256x100", "8x8", "0x256"])
+def test_size_must_follow_the_architecture_rule(size):
+    with pytest.raises(RequestError) as info:
+        resolve_size(size, DEFAULTS)
+    assert info.value.param == "size"
+    assert "multiples of 16" in str(info.value)
+
+
+def test_size_is_bounded():
+    with pytest.raises(RequestError) as info:
+        resolve_size("2048x2048", DEFAULTS)
+    assert "too large" in str(info.value)
+
+
+def test_seeds_count_up_from_the_request_seed():
+    assert image_seeds(41, 3) == (41, 42, 43)
+
+
+def test_seeds_wrap_into_torch_range():
+    assert image_seeds(2**63 - 1, 2) == (2**63 - 1, 2**63)
+    assert image_seeds(-1, 2) == (2**64 - 1, 0)
+
+
+def test_random_seeds_differ_between_requests_and_images():
+    first, second = image_seeds(None, 2), image_seeds(None, 2)
+    assert len(set(first)) == 2
+    assert first != second
+
+
+def test_mapping_applies_defaults():
+    request = to_engine_request(ImageGenerationRequest(prompt="a cat"), DEFAULTS, "id-1")
+    assert (request.width, request.height) == (256, 256)
+    assert request.num_inference_steps == 4
+    assert request.true_cfg_scale == 4.0
+    assert request.guidance_scale is None
+    assert request.negative_prompt is None
+    assert request.num_images == 1
+    assert request.request_id == "id-1"
+
+
+def test_mapping_passes_every_extension_through():
+    request = to_engine_request(
+        ImageGenerationRequest(
+            prompt="a cat",
+            negative_prompt="blurry",
+            n=3,
+            size="128x64",
+            num_inference_steps=7,
+            guidance_scale=2.5,
+            true_cfg_scale=6.0,
+            seed=10,
+        ),
+        DEFAULTS,
+        "id-2",
+    )
+    assert request.prompt == "a cat"
+    assert request.negative_prompt == "blurry"
+    assert request.seeds == (10, 11, 12)
+    assert (request.width, request.height) == (128, 64)
+    assert request.num_inference_steps == 7
+    assert request.guidance_scale == 2.5
+    assert request.true_cfg_scale == 6.0
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("response_format", "url"), ("background", "transparent")]
+)
+def test_unsupported_options_name_their_field(field, value):
+    with pytest.raises(RequestError) as info:
+        to_engine_request(ImageGenerationRequest(prompt="p", **{field: value}), DEFAULTS, "id")
+    assert info.value.param == field
+    assert "not supported" in str(info.value)

@@ -1,0 +1,585 @@
+"""The image scheduler: batch formation, fairness, limits, timeouts, cancellation, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import random
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from vllm_omni_images.engine.base import (
+    EngineError,
+    EngineOutOfMemoryError,
+    EngineRequest,
+    GenerationCancelled,
+    ImageEngine,
+    ModelDefaults,
+    StepCallback,
+)
+from vllm_omni_images.scheduler import (
+    ImageScheduler,
+    QueueFullError,
+    RequestTimeoutError,
+    SchedulerClosedError,
+    SchedulerConfig,
+    SchedulerObserver,
+    batch_key,
+    company_wait_s,
+    form_batch,
+)
+
+WAIT_S = 2.0
+"""The longest any test waits for something that should happen at once."""
+
+
+def colour(seed: int) -> tuple[int, int, int]:
+    return (seed % 256, seed // 256 % 256, 99)
+
+
+def req(*seeds: int, **fields: Any) -> EngineRequest:
+    values: dict[str, Any] = {
+        "prompt": "a red fox",
+        "width": 64,
+        "height": 64,
+        "num_inference_steps": 2,
+        **fields,
+    }
+    return EngineRequest(seeds=seeds or (1,), **values)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeEngine(ImageEngine):
+    """Records its batches and makes one 8x8 image per seed, coloured by the seed.
+
+    Before each step it waits for `gate`, so a test holds a batch mid-run by clearing it.
+    """
+
+    def __init__(self, steps: int = 2, clock: FakeClock | None = None) -> None:
+        self.steps = steps
+        self.clock = clock
+        self.gate = threading.Event()
+        self.gate.set()
+        self.batches: list[list[EngineRequest]] = []
+        self.steps_run: list[int] = []
+        self.finished: list[str] = []
+        self.fail_with: dict[str, BaseException] = {}
+        """Raise this error for a batch whose first prompt is the key."""
+
+    @property
+    def defaults(self) -> ModelDefaults:
+        return ModelDefaults(width=64, height=64, num_inference_steps=2, size_multiple=8)
+
+    def generate(
+        self, requests: Sequence[EngineRequest], on_step: StepCallback | None = None
+    ) -> list[list[Image.Image]]:
+        self.batches.append(list(requests))
+        self.steps_run.append(0)
+        if requests[0].prompt in self.fail_with:
+            self.finished.append("error")
+            raise self.fail_with[requests[0].prompt]
+        try:
+            for step in range(self.steps):
+                assert self.gate.wait(WAIT_S), "the test never opened the gate"
+                if self.clock is not None:
+                    self.clock.now += 1.0
+                self.steps_run[-1] += 1
+                if on_step is not None:
+                    on_step(step, self.steps)
+        except GenerationCancelled:
+            self.finished.append("cancelled")
+            raise
+        self.finished.append("ok")
+        return [[Image.new("RGB", (8, 8), colour(seed)) for seed in r.seeds] for r in requests]
+
+
+class RecordingObserver(SchedulerObserver):
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Any]] = []
+
+    def on_queued(self, request: EngineRequest) -> None:
+        self.events.append(("queued", request.request_id))
+
+    def on_rejected(self, request: EngineRequest) -> None:
+        self.events.append(("rejected", request.request_id))
+
+    def on_batch_start(self, requests: Sequence[EngineRequest], queue_wait_s: list[float]) -> None:
+        self.events.append(("start", ([r.request_id for r in requests], queue_wait_s)))
+
+    def on_step(self, step_s: float) -> None:
+        self.events.append(("step", step_s))
+
+    def on_batch_end(
+        self, requests: Sequence[EngineRequest], engine_s: float, outcome: str
+    ) -> None:
+        self.events.append(("end", ([r.request_id for r in requests], engine_s, outcome)))
+
+    def on_queue_depth(self, images: int) -> None:
+        self.events.append(("depth", images))
+
+    def of(self, kind: str) -> list[Any]:
+        return [value for name, value in self.events if name == kind]
+
+
+class BrokenObserver(SchedulerObserver):
+    def on_queued(self, request: EngineRequest) -> None:
+        raise RuntimeError("observer bug")
+
+    def on_batch_start(self, requests: Sequence[EngineRequest], queue_wait_s: list[float]) -> None:
+        raise RuntimeError("observer bug")
+
+    def on_step(self, step_s: float) -> None:
+        raise RuntimeError("observer bug")
+
+    def on_batch_end(
+        self, requests: Sequence[EngineRequest], engine_s: float, outcome: str
+    ) -> None:
+        raise RuntimeError("observer bug")
+
+    def on_queue_depth(self, images: int) -> None:
+        raise RuntimeError("observer bug")
+
+
+@pytest.fixture
+def engine() -> FakeEngine:
+    return FakeEngine()
+
+
+@contextlib.asynccontextmanager
+async def running(
+    engine: FakeEngine,
+    *,
+    clock: Callable[[], float] | None = None,
+    observer: SchedulerObserver | None = None,
+    **config: Any,
+) -> AsyncIterator[ImageScheduler]:
+    """A started scheduler (no batch delay unless asked), closed with the gate open."""
+    scheduler = ImageScheduler(
+        engine,
+        SchedulerConfig(**{"batch_delay_s": 0.0, **config}),
+        clock=clock or FakeClock(),
+        observer=observer,
+    )
+    scheduler.start()
+    try:
+        async with asyncio.timeout(WAIT_S * 2):
+            yield scheduler
+    finally:
+        engine.gate.set()
+        await scheduler.close()
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Poll: some conditions change on the engine thread, where no asyncio.Event can be set."""
+    async with asyncio.timeout(WAIT_S):
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.001)
+
+
+async def hold(
+    scheduler: ImageScheduler, engine: FakeEngine, blocker: EngineRequest
+) -> asyncio.Task[list[Image.Image]]:
+    """Start `blocker` on a closed gate, so later submissions queue up behind it."""
+    engine.gate.clear()
+    task = asyncio.create_task(scheduler.submit(blocker))
+    await until(lambda: len(engine.batches) == 1)
+    return task
+
+
+async def submit_queued(
+    scheduler: ImageScheduler, *requests: EngineRequest
+) -> list[asyncio.Task[list[Image.Image]]]:
+    depth = scheduler.queue_depth
+    tasks = [asyncio.create_task(scheduler.submit(r)) for r in requests]
+    await until(lambda: scheduler.queue_depth == depth + len(requests))
+    return tasks
+
+
+def assert_images_of(request: EngineRequest, images: list[Image.Image]) -> None:
+    assert [image.getpixel((0, 0)) for image in images] == [colour(s) for s in request.seeds]
+
+
+# Batch formation, as a pure function
+
+
+def test_form_batch_groups_compatible_requests_up_to_max_images() -> None:
+    assert form_batch([req(i) for i in range(6)], max_images=4) == [0, 1, 2, 3]
+    assert form_batch([req(i) for i in range(3)], max_images=4) == [0, 1, 2]
+    assert form_batch([], max_images=4) == []
+
+
+def test_form_batch_keeps_incompatible_requests_apart() -> None:
+    queue = [req(1), req(2, width=128), req(3), req(4, width=128), req(5)]
+    assert form_batch(queue, max_images=4) == [0, 2, 4]
+    assert form_batch(queue[1:], max_images=4) == [0, 2]
+
+
+def test_form_batch_counts_images_and_skips_requests_that_do_not_fit() -> None:
+    assert form_batch([req(1, 2), req(3, 4), req(5)], max_images=4) == [0, 1]
+    assert form_batch([req(1, 2, 3), req(4, 5), req(6)], max_images=4) == [0, 2]
+    assert form_batch([req(1), req(2, 3, 4, 5), req(6, 7)], max_images=4) == [0, 2]
+
+
+def test_form_batch_runs_an_oversized_request_alone_and_never_splits_it() -> None:
+    assert form_batch([req(*range(6)), req(9)], max_images=4) == [0]
+    assert form_batch([req(1), req(*range(10, 16)), req(2)], max_images=4) == [0, 2]
+
+
+def test_form_batch_always_starts_with_the_oldest_request() -> None:
+    odd = req(1, width=96)
+    assert form_batch([odd, *(req(i) for i in range(10, 20))], max_images=4) == [0]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"width": 128},
+        {"height": 128},
+        {"num_inference_steps": 3},
+        {"true_cfg_scale": 4.0},
+        {"guidance_scale": 1.0},
+        {"negative_prompt": ""},
+    ],
+)
+def test_each_batch_key_field_separates_batches(change: dict[str, Any]) -> None:
+    base = req(1)
+    other = dataclasses.replace(base, seeds=(2,), **change)
+    assert batch_key(base) != batch_key(other)
+    assert form_batch([base, other], max_images=4) == [0]
+
+
+def test_prompts_negative_texts_and_seeds_may_differ_within_a_batch() -> None:
+    a = req(1, prompt="a fox", negative_prompt="blurry")
+    b = req(2, 3, prompt="a cat", negative_prompt="dark")
+    assert batch_key(a) == batch_key(b)
+    assert form_batch([a, b], max_images=4) == [0, 1]
+
+
+def test_company_wait_counts_from_the_head_arrival() -> None:
+    assert company_wait_s(2, 4, head_arrival=10.0, now=10.002, delay_s=0.005) == pytest.approx(
+        0.003
+    )
+    assert company_wait_s(2, 4, head_arrival=10.0, now=11.0, delay_s=0.005) == 0.0
+    assert company_wait_s(4, 4, head_arrival=10.0, now=10.0, delay_s=0.005) == 0.0
+    assert company_wait_s(6, 4, head_arrival=10.0, now=10.0, delay_s=0.005) == 0.0
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"max_batch_size": 0},
+        {"batch_delay_s": -0.1},
+        {"max_queue_images": 0},
+        {"request_timeout_s": 0.0},
+    ],
+)
+def test_config_rejects_invalid_values(fields: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        SchedulerConfig(**fields)
+
+
+# The running scheduler
+
+
+async def test_concurrent_compatible_requests_share_batches(engine: FakeEngine) -> None:
+    async with running(engine, max_batch_size=4) as scheduler:
+        blocker = req(100, 101, 102, 103, width=128)
+        held = await hold(scheduler, engine, blocker)
+        requests = [req(1), req(2, 3), req(4), req(5), req(6, 7, 8)]
+        tasks = await submit_queued(scheduler, *requests)
+        assert scheduler.running_images == 4
+        assert scheduler.queued_images == 8
+        engine.gate.set()
+        for request, images in zip(requests, await asyncio.gather(*tasks), strict=True):
+            assert_images_of(request, images)
+        assert_images_of(blocker, await held)
+    assert [len(batch) for batch in engine.batches] == [1, 3, 2]
+    assert engine.batches[1] == requests[:3]
+    assert engine.batches[2] == requests[3:]
+
+
+async def test_oversized_request_runs_alone_and_whole(engine: FakeEngine) -> None:
+    async with running(engine, max_batch_size=2) as scheduler:
+        big, small = req(*range(1, 6)), req(9)
+        images = await asyncio.gather(scheduler.submit(big), scheduler.submit(small))
+        assert_images_of(big, images[0])
+        assert_images_of(small, images[1])
+    assert engine.batches == [[big], [small]]
+
+
+async def test_a_waiting_odd_size_is_not_starved(engine: FakeEngine) -> None:
+    async with running(engine, max_batch_size=4) as scheduler:
+        held = await hold(scheduler, engine, req(100, 101, 102, 103, width=128))
+        odd = req(999, width=96, height=32)
+        requests = [req(0), odd, *(req(i) for i in range(1, 20))]
+        tasks = await submit_queued(scheduler, *requests)
+        engine.gate.set()
+        await asyncio.gather(held, *tasks)
+    first, second = engine.batches[1:3]
+    assert first == requests[:1] + requests[2:5]
+    assert second == [odd]
+
+
+async def test_an_odd_size_at_the_head_goes_first(engine: FakeEngine) -> None:
+    async with running(engine, max_batch_size=4) as scheduler:
+        held = await hold(scheduler, engine, req(100, 101, 102, 103, width=128))
+        odd = req(999, num_inference_steps=3)
+        tasks = await submit_queued(scheduler, odd, *(req(i) for i in range(20)))
+        engine.gate.set()
+        await asyncio.gather(held, *tasks)
+    assert engine.batches[1] == [odd]
+    assert len(engine.batches) == 1 + 1 + 5
+
+
+async def test_different_keys_run_in_different_batches(engine: FakeEngine) -> None:
+    async with running(engine) as scheduler:
+        requests = [
+            req(1),
+            req(2, width=128),
+            req(3, num_inference_steps=3),
+            req(4, guidance_scale=2.0),
+            req(5, true_cfg_scale=4.0),
+            req(6, negative_prompt="blurry"),
+        ]
+        held = await hold(scheduler, engine, req(100, 101, 102, 103, height=128))
+        tasks = await submit_queued(scheduler, *requests)
+        engine.gate.set()
+        await asyncio.gather(held, *tasks)
+    assert engine.batches[1:] == [[r] for r in requests]
+
+
+async def test_a_non_full_batch_runs_as_soon_as_company_fills_it(engine: FakeEngine) -> None:
+    async with running(engine, max_batch_size=2, batch_delay_s=60.0) as scheduler:
+        first = asyncio.create_task(scheduler.submit(req(1)))
+        await until(lambda: scheduler.queue_depth == 1)
+        await asyncio.sleep(0.005)
+        assert engine.batches == []
+        second = await scheduler.submit(req(2))
+        assert_images_of(req(1), await first)
+        assert_images_of(req(2), second)
+    assert engine.batches == [[req(1), req(2)]]
+
+
+async def test_a_request_that_already_waited_the_delay_does_not_wait_again(
+    engine: FakeEngine,
+) -> None:
+    clock = FakeClock()
+    async with running(engine, clock=clock, max_batch_size=4, batch_delay_s=60.0) as scheduler:
+        held = await hold(scheduler, engine, req(100, 101, 102, 103, width=128))
+        [task] = await submit_queued(scheduler, req(1))
+        clock.now += 61.0
+        engine.gate.set()
+        assert_images_of(req(1), await task)
+        await held
+    assert engine.batches[1] == [req(1)]
+
+
+async def test_queue_limit_refuses_and_cancelled_requests_free_their_place(
+    engine: FakeEngine,
+) -> None:
+    observer = RecordingObserver()
+    async with running(engine, observer=observer, max_queue_images=4) as scheduler:
+        held = await hold(scheduler, engine, req(100, 101, 102, 103))
+        first, second = await submit_queued(scheduler, req(1, 2), req(3))
+        assert scheduler.queued_images == 3
+        with pytest.raises(QueueFullError) as refused:
+            await scheduler.submit(req(4, 5, request_id="refused"))
+        assert refused.value.retry_after_s >= 1.0
+        with pytest.raises(QueueFullError):
+            await scheduler.submit(req(*range(10, 15)))
+        assert observer.of("rejected")[0] == "refused"
+
+        first.cancel()
+        await until(lambda: scheduler.queued_images == 1)
+        [third] = await submit_queued(scheduler, req(4, 5))
+        engine.gate.set()
+        await asyncio.gather(held, second, third)
+        with pytest.raises(asyncio.CancelledError):
+            await first
+    assert all(req(1, 2) not in batch for batch in engine.batches)
+
+
+async def test_timeout_while_queued(engine: FakeEngine) -> None:
+    async with running(engine, request_timeout_s=0.05) as scheduler:
+        engine.gate.clear()
+        held = asyncio.create_task(scheduler.submit(req(100, width=128)))
+        await until(lambda: len(engine.batches) == 1)
+        with pytest.raises(RequestTimeoutError):
+            await scheduler.submit(req(1))
+        assert scheduler.queue_depth == 0
+        assert scheduler.queued_images == 0
+        with pytest.raises(RequestTimeoutError):
+            await held
+    assert engine.batches == [[req(100, width=128)]]
+
+
+async def test_timeout_while_running_stops_the_batch(engine: FakeEngine) -> None:
+    observer = RecordingObserver()
+    async with running(engine, observer=observer, request_timeout_s=0.05) as scheduler:
+        engine.gate.clear()
+        with pytest.raises(RequestTimeoutError):
+            await scheduler.submit(req(1, request_id="slow"))
+        engine.gate.set()
+        await until(lambda: observer.of("end") != [])
+    assert engine.finished == ["cancelled"]
+    assert engine.steps_run == [1]
+    [(ids, _, outcome)] = observer.of("end")
+    assert (ids, outcome) == (["slow"], "cancelled")
+
+
+async def test_cancel_while_queued_removes_the_request(engine: FakeEngine) -> None:
+    async with running(engine) as scheduler:
+        held = await hold(scheduler, engine, req(100, width=128))
+        [queued] = await submit_queued(scheduler, req(1))
+        queued.cancel()
+        await until(lambda: scheduler.queue_depth == 0)
+        assert scheduler.queued_images == 0
+        engine.gate.set()
+        assert_images_of(req(100), await held)
+    assert engine.batches == [[req(100, width=128)]]
+
+
+async def test_cancel_of_every_request_stops_the_batch_and_moves_on() -> None:
+    engine = FakeEngine(steps=50)
+    observer = RecordingObserver()
+    async with running(engine, observer=observer) as scheduler:
+        engine.gate.clear()
+        doomed = [asyncio.create_task(scheduler.submit(req(i, request_id=str(i)))) for i in (1, 2)]
+        await until(lambda: len(engine.batches) == 1)
+        assert engine.batches == [[req(1), req(2)]]
+        for task in doomed:
+            task.cancel()
+        await asyncio.gather(*doomed, return_exceptions=True)
+        engine.gate.set()
+        assert_images_of(req(3), await scheduler.submit(req(3)))
+    assert engine.finished == ["cancelled", "ok"]
+    assert engine.steps_run == [1, 50]
+    assert [outcome for _, _, outcome in observer.of("end")] == ["cancelled", "ok"]
+
+
+async def test_a_partly_abandoned_batch_delivers_to_the_rest() -> None:
+    engine = FakeEngine(steps=5)
+    async with running(engine) as scheduler:
+        engine.gate.clear()
+        gone = asyncio.create_task(scheduler.submit(req(1)))
+        wanted = asyncio.create_task(scheduler.submit(req(2, 3)))
+        await until(lambda: len(engine.batches) == 1)
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        engine.gate.set()
+        assert_images_of(req(2, 3), await wanted)
+    assert engine.batches == [[req(1), req(2, 3)]]
+    assert engine.finished == ["ok"]
+    assert engine.steps_run == [5]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [EngineError("broken"), EngineOutOfMemoryError("no memory"), RuntimeError("bug")],
+)
+async def test_engine_error_fails_only_its_batch(engine: FakeEngine, error: Exception) -> None:
+    observer = RecordingObserver()
+    engine.fail_with["boom"] = error
+    async with running(engine, observer=observer) as scheduler:
+        held = await hold(scheduler, engine, req(100, width=128))
+        failing = await submit_queued(scheduler, req(1, prompt="boom"), req(2, prompt="x"))
+        [fine] = await submit_queued(scheduler, req(3, height=128))
+        engine.gate.set()
+        for task in failing:
+            with pytest.raises(type(error)) as raised:
+                await task
+            assert raised.value is error
+        assert_images_of(req(3), await fine)
+        await held
+    assert engine.finished == ["ok", "error", "ok"]
+    assert [outcome for _, _, outcome in observer.of("end")] == ["ok", "error", "ok"]
+
+
+async def test_a_bad_engine_result_is_an_error_not_a_misdelivery(engine: FakeEngine) -> None:
+    engine.generate = lambda requests, on_step=None: [[]]  # type: ignore[method-assign]
+    async with running(engine) as scheduler:
+        with pytest.raises(EngineError, match="returned"):
+            await scheduler.submit(req(1))
+
+
+async def test_close_fails_waiting_requests_and_finishes_the_running_batch(
+    engine: FakeEngine,
+) -> None:
+    async with running(engine) as scheduler:
+        held = await hold(scheduler, engine, req(100, width=128))
+        [queued] = await submit_queued(scheduler, req(1))
+        closing = asyncio.create_task(scheduler.close())
+        with pytest.raises(SchedulerClosedError):
+            await queued
+        assert not closing.done()
+        engine.gate.set()
+        await closing
+        assert_images_of(req(100), await held)
+        with pytest.raises(SchedulerClosedError):
+            await scheduler.submit(req(2))
+    assert engine.batches == [[req(100, width=128)]]
+
+
+async def test_exactly_once_delivery_under_concurrent_mixed_load() -> None:
+    engine = FakeEngine(steps=1)
+    rng = random.Random(7)
+    requests = [
+        req(
+            *(i * 10 + k for k in range(rng.choice([1, 1, 2, 3, 5]))),
+            width=rng.choice([64, 128]),
+            num_inference_steps=rng.choice([2, 3]),
+            prompt=f"prompt {i}",
+        )
+        for i in range(50)
+    ]
+    async with running(engine, max_batch_size=4, batch_delay_s=0.001) as scheduler:
+
+        async def client(request: EngineRequest) -> list[Image.Image]:
+            await asyncio.sleep(rng.random() * 0.002)
+            return await scheduler.submit(request)
+
+        results = await asyncio.gather(*(client(r) for r in requests))
+    for request, images in zip(requests, results, strict=True):
+        assert_images_of(request, images)
+    seen = [r for batch in engine.batches for r in batch]
+    assert sorted(r.prompt for r in seen) == sorted(r.prompt for r in requests)
+    for batch in engine.batches:
+        assert len({batch_key(r) for r in batch}) == 1
+        assert len(batch) == 1 or sum(r.num_images for r in batch) <= 4
+
+
+async def test_observer_sees_queue_waits_steps_and_outcomes() -> None:
+    clock = FakeClock()
+    engine = FakeEngine(steps=3, clock=clock)
+    observer = RecordingObserver()
+    async with running(engine, clock=clock, observer=observer) as scheduler:
+        held = await hold(scheduler, engine, req(100, width=128, request_id="blocker"))
+        [queued] = await submit_queued(scheduler, req(1, 2, request_id="queued"))
+        clock.now = 10.0
+        engine.gate.set()
+        await asyncio.gather(held, queued)
+    assert observer.of("queued") == ["blocker", "queued"]
+    assert observer.of("start") == [(["blocker"], [0.0]), (["queued"], [13.0])]
+    assert observer.of("step") == [11.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert observer.of("end") == [(["blocker"], 13.0, "ok"), (["queued"], 3.0, "ok")]
+    assert observer.of("depth") == [1, 0, 2, 0]
+
+
+async def test_a_broken_observer_does_not_stop_the_worker(engine: FakeEngine) -> None:
+    async with running(engine, observer=BrokenObserver()) as scheduler:
+        images = await asyncio.gather(scheduler.submit(req(1)), scheduler.submit(req(2)))
+        assert_images_of(req(1), images[0])
+        assert_images_of(req(2), images[1])

@@ -1,0 +1,1 @@
+"""The OpenAI Images API for diffusion models, as a vLLM plugin."""

@@ -1,0 +1,100 @@
+"""The small interface every image engine implements.
+
+Everything above this module (scheduler, serving, HTTP) talks only to `ImageEngine`, so an
+engine can be swapped by platform or model without touching a caller. This module must stay
+importable without vLLM: the GPU benchmarks run engines where only diffusers is installed.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+
+class EngineError(Exception):
+    """Generation failed inside the engine; the engine itself can keep serving."""
+
+
+class EngineOutOfMemoryError(EngineError):
+    """The device ran out of memory for this batch; smaller or fewer images may still fit."""
+
+
+class GenerationCancelled(Exception):  # noqa: N818 - a control-flow signal, not a failure
+    """Every request of a running batch was abandoned; the engine stopped between steps."""
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """What the served model produces when a request leaves a knob unset, and its limits."""
+
+    width: int
+    height: int
+    num_inference_steps: int
+    size_multiple: int
+    true_cfg_scale: float | None = None
+    guidance_scale: float | None = None
+    max_pixels: int = 2048 * 2048
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """One request's work for the engine: `len(seeds)` images of one prompt.
+
+    Every knob is resolved (no `None` for size or steps) before a request reaches an engine.
+    Image `i` is generated from its own generator seeded with `seeds[i]`, so an image depends
+    only on its own seed and parameters, never on which other requests share its batch.
+    """
+
+    prompt: str
+    seeds: tuple[int, ...]
+    width: int
+    height: int
+    num_inference_steps: int
+    negative_prompt: str | None = None
+    true_cfg_scale: float | None = None
+    guidance_scale: float | None = None
+    request_id: str = field(default="", compare=False)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.seeds)
+
+
+StepCallback = Callable[[int, int], None]
+"""Called after each denoising step with (step index, total steps). It may raise
+`GenerationCancelled` to stop the batch at once."""
+
+
+class ImageEngine(abc.ABC):
+    """A loaded model that turns batches of `EngineRequest`s into images.
+
+    `generate` is blocking and is never called on the event loop; callers run it in a worker
+    thread, one batch at a time per engine.
+    """
+
+    name: str = "engine"
+
+    @property
+    @abc.abstractmethod
+    def defaults(self) -> ModelDefaults: ...
+
+    @abc.abstractmethod
+    def generate(
+        self,
+        requests: Sequence[EngineRequest],
+        on_step: StepCallback | None = None,
+    ) -> list[list[Image.Image]]:
+        """Generate every request's images in one pipeline call.
+
+        The requests of one call share size, steps and guidance settings (the scheduler
+        groups them). Returns, per request and in order, its images in seed order.
+        """
+
+    def check_health(self) -> None:  # noqa: B027 - engines with nothing to check keep this
+        """Raise if the engine can no longer serve."""
+
+    def close(self) -> None:  # noqa: B027 - engines with nothing to release keep this
+        """Release the model's memory."""

@@ -1,0 +1,27 @@
+"""The `vllm.general_plugins` entry point: adds `--task image` to `vllm serve`.
+
+vLLM calls `register` in every process it starts, and may call it more than once, so it is
+cheap and idempotent, and it changes nothing unless the command line is `vllm serve`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vllm_omni_images.cli import asks_for_image_task, asks_for_serve_help
+
+
+def _run_image_server(args: argparse.Namespace) -> None:
+    from vllm_omni_images.launcher import run_image_server_cli
+
+    run_image_server_cli(args)
+
+
+def register() -> None:
+    from vllm_omni_images import vllm_patches
+
+    if asks_for_image_task(sys.argv) or asks_for_serve_help(sys.argv):
+        vllm_patches.fall_back_to_cpu_platform()
+    vllm_patches.patch_engine_args_cli()
+    vllm_patches.patch_serve_command(_run_image_server)

@@ -1,0 +1,466 @@
+"""An asyncio scheduler that groups compatible image requests into engine batches.
+
+One worker per engine takes the oldest waiting request, adds compatible waiting requests up to
+`max_batch_size` images, and runs the batch on a single engine thread. Callers `await
+submit(request)` and get exactly one outcome: their images or one exception.
+
+This module must stay importable without vLLM (the GPU benchmarks run it with diffusers only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple, ParamSpec, Protocol
+
+from PIL import Image
+
+from vllm_omni_images.engine.base import (
+    EngineError,
+    EngineRequest,
+    GenerationCancelled,
+    ImageEngine,
+)
+
+__all__ = [
+    "BatchKey",
+    "ImageScheduler",
+    "QueueFullError",
+    "RequestTimeoutError",
+    "SchedulerClosedError",
+    "SchedulerConfig",
+    "SchedulerError",
+    "SchedulerObserver",
+    "batch_key",
+    "company_wait_s",
+    "form_batch",
+]
+
+logger = logging.getLogger(__name__)
+
+_P = ParamSpec("_P")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """How requests are batched and how much waiting work is accepted."""
+
+    max_batch_size: int = 4
+    """Images per engine call; a single request with more images still runs, alone."""
+    batch_delay_s: float = 0.005
+    """How long a non-full batch waits for compatible company, counted from its oldest
+    request's arrival."""
+    max_queue_images: int = 256
+    """Waiting images beyond which new requests are refused."""
+    request_timeout_s: float | None = 600.0
+    """Limit on queue wait plus run time; `None` for none."""
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.batch_delay_s < 0:
+            raise ValueError(f"batch_delay_s must be >= 0, got {self.batch_delay_s}")
+        if self.max_queue_images < 1:
+            raise ValueError(f"max_queue_images must be >= 1, got {self.max_queue_images}")
+        if self.request_timeout_s is not None and self.request_timeout_s <= 0:
+            raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
+
+
+class SchedulerError(Exception):
+    """Base of the scheduler's own refusals and failures."""
+
+
+class QueueFullError(SchedulerError):
+    """Too many images are waiting; the client may retry after `retry_after_s`."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__(f"Too many images are waiting; retry after {retry_after_s:.1f} s.")
+        self.retry_after_s = retry_after_s
+
+
+class RequestTimeoutError(SchedulerError):
+    """The request waited and ran longer than `request_timeout_s`."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(f"The request did not finish within {timeout_s:g} s.")
+        self.timeout_s = timeout_s
+
+
+class SchedulerClosedError(SchedulerError):
+    """The scheduler is shutting down and takes or finishes no more work."""
+
+    def __init__(self) -> None:
+        super().__init__("The image scheduler is shut down.")
+
+
+class SchedulerObserver(Protocol):
+    """Hooks for metrics. Subclass it to inherit its no-op defaults.
+
+    `on_step` runs on the engine thread, every other hook on the event loop; all must be
+    cheap. An exception from a hook is logged and otherwise ignored.
+    """
+
+    def on_queued(self, request: EngineRequest) -> None:
+        """A request was accepted into the queue."""
+        return None
+
+    def on_rejected(self, request: EngineRequest) -> None:
+        """A request was refused because the queue is full."""
+        return None
+
+    def on_batch_start(self, requests: Sequence[EngineRequest], queue_wait_s: list[float]) -> None:
+        """A batch was handed to the engine; `queue_wait_s[i]` is request i's wait."""
+        return None
+
+    def on_step(self, step_s: float) -> None:
+        """A denoising step finished `step_s` after the previous one (or the batch start)."""
+        return None
+
+    def on_batch_end(
+        self, requests: Sequence[EngineRequest], engine_s: float, outcome: str
+    ) -> None:
+        """The engine returned: `outcome` is "ok", "error" or "cancelled"."""
+        return None
+
+    def on_queue_depth(self, images: int) -> None:
+        """The number of waiting images changed."""
+        return None
+
+
+class _NoObserver(SchedulerObserver):
+    pass
+
+
+class BatchKey(NamedTuple):
+    """What requests must share to run in one pipeline call."""
+
+    width: int
+    height: int
+    num_inference_steps: int
+    true_cfg_scale: float | None
+    guidance_scale: float | None
+    has_negative_prompt: bool
+
+
+def batch_key(request: EngineRequest) -> BatchKey:
+    """The request's batch key; prompts, negative prompt texts and seeds may differ."""
+    return BatchKey(
+        request.width,
+        request.height,
+        request.num_inference_steps,
+        request.true_cfg_scale,
+        request.guidance_scale,
+        request.negative_prompt is not None,
+    )
+
+
+def form_batch(queue: Sequence[EngineRequest], max_images: int) -> list[int]:
+    """Indices into `queue` (oldest first) of the requests that should run next.
+
+    The oldest request always goes, whatever its size, so no request starves. Later requests
+    with its batch key join in arrival order while the total stays within `max_images`; one
+    that does not fit is skipped and the scan goes on. A request is never split.
+    """
+    if not queue:
+        return []
+    key = batch_key(queue[0])
+    chosen = [0]
+    total = queue[0].num_images
+    for index in range(1, len(queue)):
+        if total >= max_images:
+            break
+        request = queue[index]
+        if total + request.num_images <= max_images and batch_key(request) == key:
+            chosen.append(index)
+            total += request.num_images
+    return chosen
+
+
+def company_wait_s(
+    batch_images: int, max_images: int, head_arrival: float, now: float, delay_s: float
+) -> float:
+    """How much longer a batch should wait for compatible requests before it runs.
+
+    The delay counts from the oldest request's arrival, so a request that already waited
+    that long does not wait again; a full batch never waits.
+    """
+    if batch_images >= max_images:
+        return 0.0
+    return max(0.0, head_arrival + delay_s - now)
+
+
+@dataclass(eq=False)
+class _Pending:
+    request: EngineRequest
+    future: asyncio.Future[list[Image.Image]]
+    arrival: float
+    batch: _Batch | None = None
+    abandoned: bool = False
+
+
+@dataclass(eq=False)
+class _Batch:
+    items: list[_Pending]
+    # Read by `on_step` on the engine thread, set on the event loop.
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def num_images(self) -> int:
+        return sum(item.request.num_images for item in self.items)
+
+
+class ImageScheduler:
+    """Queues requests for one engine and runs them in batches, one batch at a time."""
+
+    def __init__(
+        self,
+        engine: ImageEngine,
+        config: SchedulerConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        executor: concurrent.futures.Executor | None = None,
+        observer: SchedulerObserver | None = None,
+    ) -> None:
+        self._engine = engine
+        self._config = config
+        self._clock = clock
+        self._owns_executor = executor is None
+        self._executor = executor or concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="image-scheduler"
+        )
+        self._observer: SchedulerObserver = observer or _NoObserver()
+        self._queue: list[_Pending] = []
+        self._queued_images = 0
+        self._batch: _Batch | None = None
+        self._arrived = asyncio.Event()
+        self._worker: asyncio.Task[None] | None = None
+        self._closed = False
+        self._seconds_per_image: float | None = None
+
+    @property
+    def config(self) -> SchedulerConfig:
+        return self._config
+
+    @property
+    def queued_images(self) -> int:
+        """Images waiting in the queue (not running)."""
+        return self._queued_images
+
+    @property
+    def running_images(self) -> int:
+        """Images of the batch the engine is working on."""
+        return self._batch.num_images if self._batch is not None else 0
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting in the queue."""
+        return len(self._queue)
+
+    def start(self) -> None:
+        """Start the worker on the running event loop; calling it again does nothing."""
+        if self._worker is None and not self._closed:
+            self._worker = asyncio.get_running_loop().create_task(
+                self._run(), name="image-scheduler"
+            )
+
+    async def close(self) -> None:
+        """Refuse new work, fail waiting requests, and let the running batch finish."""
+        self._closed = True
+        self._fail_queued(SchedulerClosedError())
+        self._arrived.set()
+        if self._worker is not None:
+            await asyncio.wait([self._worker])
+        if self._owns_executor:
+            self._executor.shutdown(wait=False)
+
+    async def submit(self, request: EngineRequest) -> list[Image.Image]:
+        """Queue `request` and wait for its images, in seed order.
+
+        Raises `QueueFullError` at once when the queue has no room, `RequestTimeoutError`
+        after `request_timeout_s`, `SchedulerClosedError` on shutdown, and the engine's own
+        exception when its batch fails. Cancelling the caller withdraws the request.
+        """
+        if request.num_images < 1:
+            raise ValueError("A request needs at least one seed.")
+        if self._closed:
+            raise SchedulerClosedError()
+        if self._queued_images + request.num_images > self._config.max_queue_images:
+            self._notify(self._observer.on_rejected, request)
+            raise QueueFullError(self._retry_after_s(request.num_images))
+        self.start()
+        pending = _Pending(request, asyncio.get_running_loop().create_future(), self._clock())
+        self._queue.append(pending)
+        self._queued_images += request.num_images
+        self._notify(self._observer.on_queued, request)
+        self._notify(self._observer.on_queue_depth, self._queued_images)
+        self._arrived.set()
+
+        deadline = asyncio.timeout(self._config.request_timeout_s)
+        try:
+            async with deadline:
+                return await pending.future
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # the engine's own TimeoutError, set on the future
+            self._withdraw(pending)
+            raise RequestTimeoutError(self._config.request_timeout_s or 0.0) from None
+        except asyncio.CancelledError:
+            self._withdraw(pending)
+            raise
+
+    def _retry_after_s(self, num_images: int) -> float:
+        """A guess at when enough waiting images will have started for `num_images` to fit."""
+        excess = self._queued_images + num_images - self._config.max_queue_images
+        seconds_per_image = self._seconds_per_image or 1.0
+        return max(1.0, round(excess * seconds_per_image, 1))
+
+    def _withdraw(self, pending: _Pending) -> None:
+        """The caller gave up: drop a queued request, or abandon a running one."""
+        if pending.batch is None:
+            if pending in self._queue:
+                self._queue.remove(pending)
+                self._queued_images -= pending.request.num_images
+                self._notify(self._observer.on_queue_depth, self._queued_images)
+            return
+        pending.abandoned = True
+        batch = pending.batch
+        if all(item.abandoned for item in batch.items):
+            batch.cancel.set()
+
+    def _fail_queued(self, error: BaseException) -> None:
+        queued, self._queue = self._queue, []
+        self._queued_images = 0
+        for pending in queued:
+            _set_exception(pending.future, error)
+        if queued:
+            self._notify(self._observer.on_queue_depth, 0)
+
+    async def _run(self) -> None:
+        try:
+            while (batch := await self._next_batch()) is not None:
+                await self._run_batch(batch)
+        except Exception:
+            logger.exception("The image scheduler's worker stopped")
+        finally:
+            # Whatever stopped the worker, no accepted request may be left hanging.
+            self._closed = True
+            self._fail_queued(SchedulerClosedError())
+
+    async def _next_batch(self) -> _Batch | None:
+        """Wait for work, then take the next batch off the queue (`None` once closed)."""
+        delay_over_for: _Pending | None = None
+        while True:
+            if self._closed:
+                return None
+            if not self._queue:
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            head = self._queue[0]
+            indices = form_batch([p.request for p in self._queue], self._config.max_batch_size)
+            wait_s = 0.0
+            if head is not delay_over_for:
+                images = sum(self._queue[i].request.num_images for i in indices)
+                wait_s = company_wait_s(
+                    images,
+                    self._config.max_batch_size,
+                    head.arrival,
+                    self._clock(),
+                    self._config.batch_delay_s,
+                )
+            if wait_s > 0:
+                # Any arrival re-forms the batch; a timeout means the head waited long enough.
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), wait_s)
+                except TimeoutError:
+                    delay_over_for = head
+                continue
+            return self._take(indices)
+
+    def _take(self, indices: list[int]) -> _Batch:
+        chosen = set(indices)
+        batch = _Batch([self._queue[i] for i in indices])
+        self._queue = [p for i, p in enumerate(self._queue) if i not in chosen]
+        self._queued_images -= batch.num_images
+        for pending in batch.items:
+            pending.batch = batch
+        self._notify(self._observer.on_queue_depth, self._queued_images)
+        return batch
+
+    async def _run_batch(self, batch: _Batch) -> None:
+        requests = [pending.request for pending in batch.items]
+        start = self._clock()
+        self._batch = batch
+        self._notify(
+            self._observer.on_batch_start,
+            requests,
+            [start - pending.arrival for pending in batch.items],
+        )
+        last_step = start
+
+        def on_step(step: int, total: int) -> None:
+            nonlocal last_step
+            now = self._clock()
+            self._notify(self._observer.on_step, now - last_step)
+            last_step = now
+            if batch.cancel.is_set():
+                raise GenerationCancelled()
+
+        outcome = "ok"
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._engine.generate, requests, on_step
+            )
+            _check_results(requests, results)
+        except Exception as error:
+            if isinstance(error, GenerationCancelled) and batch.cancel.is_set():
+                outcome = "cancelled"
+            else:
+                outcome = "error"
+                logger.warning("Image batch of %d request(s) failed: %r", len(requests), error)
+            for pending in batch.items:
+                _set_exception(pending.future, error)
+        else:
+            for pending, images in zip(batch.items, results, strict=True):
+                if not pending.future.done():
+                    pending.future.set_result(images)
+        finally:
+            # Every future is settled by now unless the worker itself was cancelled mid-batch.
+            for pending in batch.items:
+                _set_exception(pending.future, SchedulerClosedError())
+            self._batch = None
+        engine_s = self._clock() - start
+        if outcome == "ok":
+            self._update_speed(engine_s / batch.num_images)
+        self._notify(self._observer.on_batch_end, requests, engine_s, outcome)
+
+    def _update_speed(self, seconds_per_image: float) -> None:
+        if self._seconds_per_image is None:
+            self._seconds_per_image = seconds_per_image
+        else:
+            self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * seconds_per_image
+
+    def _notify(self, hook: Callable[_P, None], *args: _P.args, **kwargs: _P.kwargs) -> None:
+        try:
+            hook(*args, **kwargs)
+        except Exception:
+            logger.exception("Scheduler observer hook %s failed", getattr(hook, "__name__", hook))
+
+
+def _check_results(requests: Sequence[EngineRequest], results: list[list[Image.Image]]) -> None:
+    """Refuse a result that cannot be matched to its requests, rather than mis-deliver it."""
+    counts = [len(images) for images in results]
+    expected = [request.num_images for request in requests]
+    if counts != expected:
+        raise EngineError(f"The engine returned {counts} images for requests of {expected}.")
+
+
+def _set_exception(future: asyncio.Future[list[Image.Image]], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
