@@ -7,6 +7,7 @@ from http import HTTPStatus
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 from vllm.entrypoints.serve.utils.api_utils import (
     load_aware_call,
     validate_json_request,
@@ -18,8 +19,20 @@ from vllm_omni_images.serving import OpenAIServingImage
 
 router = APIRouter()
 
-# Core routes that need a text model's tokenizer or engine; an image server has neither.
-UNSUPPORTED_CORE_PATHS = frozenset({"/tokenize", "/detokenize", "/invocations"})
+# Routes of vLLM's text server that clients may try on an image server. They need a text
+# model's tokenizer or engine, which an image model has not, so each answers an OpenAI-style
+# 404 that says what this server does serve instead of a bare "Not Found".
+TEXT_ONLY_PATHS = (
+    "/tokenize",
+    "/detokenize",
+    "/invocations",
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/responses",
+    "/v1/embeddings",
+    "/v1/audio/transcriptions",
+    "/v1/audio/translations",
+)
 
 
 def images(request: Request) -> OpenAIServingImage | None:
@@ -48,14 +61,28 @@ async def create_image(request: ImageGenerationRequest, raw_request: Request) ->
     return JSONResponse(content=result.model_dump())
 
 
-def remove_unsupported_core_routes(app: FastAPI) -> None:
+async def text_only_route(raw_request: Request) -> JSONResponse:
+    model = getattr(getattr(raw_request.app.state, "args", None), "model", "this model")
+    error = create_error_response(
+        f"{raw_request.url.path} is not available: this server serves the image model "
+        f"`{model}` (vllm serve --task image). Use POST /v1/images/generations.",
+        err_type="NotFoundError",
+        status_code=HTTPStatus.NOT_FOUND,
+    )
+    return JSONResponse(content=error.model_dump(), status_code=error.error.code)
+
+
+for _path in TEXT_ONLY_PATHS:
+    router.add_api_route(_path, text_only_route, methods=["POST"], include_in_schema=False)
+
+
+def remove_text_only_core_routes(app: FastAPI) -> None:
+    """Drop vLLM's own handlers for these paths, should its app ever carry them for our task."""
     app.router.routes[:] = [
-        route
-        for route in app.router.routes
-        if getattr(route, "path", None) not in UNSUPPORTED_CORE_PATHS
+        route for route in app.router.routes if getattr(route, "path", None) not in TEXT_ONLY_PATHS
     ]
 
 
 def attach_router(app: FastAPI) -> None:
-    remove_unsupported_core_routes(app)
+    remove_text_only_core_routes(app)
     app.include_router(router)

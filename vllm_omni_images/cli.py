@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from vllm_omni_images.engine import ENGINE_NAMES
+
 IMAGE_TASK = "image"
-ENGINE_CHOICES = ("auto", "omni", "diffusers")
 HELP_GROUP = "ImageTask"  # `vllm serve --help=ImageTask` lists the image options
 
 
@@ -30,7 +31,7 @@ def add_image_cli_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--image-engine",
-        choices=ENGINE_CHOICES,
+        choices=ENGINE_NAMES,
         default="auto",
         help="Which engine runs the diffusion model. `auto` picks vllm-omni's engine on a "
         "GPU for the models it supports and diffusers otherwise; `diffusers` serves any "

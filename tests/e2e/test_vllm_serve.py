@@ -76,7 +76,7 @@ def test_openai_sdk_gets_pngs_of_the_requested_size(sdk):
         model="tiny-qwen-image",
         prompt="a lighthouse at dawn",
         n=2,
-        size="128x64",  # type: ignore[arg-type]
+        size="128x64",
         response_format="b64_json",
         extra_body={"seed": 3, "num_inference_steps": 2},
     )
@@ -91,10 +91,10 @@ def test_openai_sdk_gets_pngs_of_the_requested_size(sdk):
 
 def test_openai_sdk_sees_errors_as_exceptions(sdk):
     with pytest.raises(openai.BadRequestError) as bad_size:
-        sdk.images.generate(prompt="x", size="250x250")  # type: ignore[arg-type]
+        sdk.images.generate(prompt="x", size="250x250")
     assert "multiples of 16" in str(bad_size.value)
     with pytest.raises(openai.NotFoundError):
-        sdk.images.generate(model="dall-e-3", prompt="x", size="64x64")  # type: ignore[arg-type]
+        sdk.images.generate(model="dall-e-3", prompt="x", size="64x64")
 
 
 def test_openai_sdk_lists_the_model(sdk):

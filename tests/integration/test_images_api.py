@@ -176,10 +176,14 @@ async def test_core_routes(client):
     assert card["max_model_len"] is None
 
 
-@pytest.mark.parametrize("path", ["/tokenize", "/detokenize", "/invocations"])
-async def test_text_only_core_routes_are_gone(client, path):
+@pytest.mark.parametrize(
+    "path", ["/tokenize", "/detokenize", "/invocations", "/v1/chat/completions"]
+)
+async def test_text_only_routes_answer_a_clear_404(client, path):
     response = await client.post(path, json={"prompt": "hi"})
-    assert_openai_error(response, 404)
+    error = assert_openai_error(response, 404)
+    assert error["type"] == "NotFoundError"
+    assert "/v1/images/generations" in error["message"]
 
 
 async def test_served_model_name_flag(make_app, tiny_engine):

@@ -1,0 +1,141 @@
+"""The diffusers engine on the real tiny Qwen-Image pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vllm_omni_images.engine import (
+    EngineError,
+    EngineOutOfMemoryError,
+    EngineRequest,
+    EngineUnavailableError,
+    GenerationCancelled,
+    ModelDefaults,
+    create_engine,
+    resolve_engine_name,
+)
+from vllm_omni_images.engine.diffusers_engine import DiffusersEngine, read_defaults
+
+
+def request(prompt: str = "a red fox", seeds: tuple[int, ...] = (1,), **knobs) -> EngineRequest:
+    values = {"width": 64, "height": 64, "num_inference_steps": 2, **knobs}
+    return EngineRequest(prompt=prompt, seeds=seeds, **values)
+
+
+def test_defaults_come_from_the_model_folder(tiny_engine: DiffusersEngine) -> None:
+    assert tiny_engine.defaults == ModelDefaults(
+        width=256, height=256, num_inference_steps=4, size_multiple=16
+    )
+
+
+def test_without_a_defaults_file_the_pipeline_decides(
+    tiny_engine: DiffusersEngine, tmp_path: Path
+) -> None:
+    # Qwen-Image's own: 128 latent pixels x 8, 50 steps, sizes in multiples of 8 x 2x2 patches.
+    assert read_defaults(tiny_engine.pipeline, str(tmp_path)) == ModelDefaults(
+        width=1024, height=1024, num_inference_steps=50, size_multiple=16
+    )
+
+
+def test_one_call_serves_every_request_of_a_batch(tiny_engine: DiffusersEngine) -> None:
+    batch = [request("a red fox", (1, 2)), request("a blue boat", (3,))]
+    fox, boat = tiny_engine.generate(batch)
+    assert len(fox) == 2 and len(boat) == 1
+    assert all(image.size == (64, 64) and image.mode == "RGB" for image in [*fox, *boat])
+    [[fox_1]] = tiny_engine.generate([request("a red fox", (1,))])
+    assert np.abs(np.asarray(fox_1, np.int16) - np.asarray(fox[0], np.int16)).max() <= 1
+
+
+def test_size_follows_the_request(tiny_engine: DiffusersEngine) -> None:
+    [[image]] = tiny_engine.generate([request(width=96, height=48)])
+    assert image.size == (96, 48)
+
+
+def test_step_callback_sees_every_step(tiny_engine: DiffusersEngine) -> None:
+    steps: list[tuple[int, int]] = []
+    tiny_engine.generate(
+        [request(num_inference_steps=3)], on_step=lambda s, t: steps.append((s, t))
+    )
+    assert steps == [(0, 3), (1, 3), (2, 3)]
+
+
+def test_a_cancelling_callback_stops_the_batch(tiny_engine: DiffusersEngine) -> None:
+    steps: list[int] = []
+
+    def cancel_after_first(step: int, total: int) -> None:
+        steps.append(step)
+        raise GenerationCancelled()
+
+    with pytest.raises(GenerationCancelled):
+        tiny_engine.generate([request(num_inference_steps=4)], on_step=cancel_after_first)
+    assert steps == [0]
+
+
+def test_incompatible_requests_are_refused(tiny_engine: DiffusersEngine) -> None:
+    with pytest.raises(ValueError, match="share size"):
+        tiny_engine.generate([request(width=64), request(width=128)])
+    with pytest.raises(ValueError, match="share size"):
+        tiny_engine.generate([request(), request(negative_prompt="blurry")])
+
+
+def test_true_cfg_with_a_negative_prompt_changes_the_image(tiny_engine: DiffusersEngine) -> None:
+    [[plain]] = tiny_engine.generate([request()])
+    [[guided]] = tiny_engine.generate([request(negative_prompt="blurry", true_cfg_scale=4.0)])
+    assert np.abs(np.asarray(plain, np.int16) - np.asarray(guided, np.int16)).max() > 1
+
+
+class RaisingPipeline:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def __call__(self, **kwargs: object) -> None:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("raised", "expected"),
+    [
+        (torch.OutOfMemoryError("CUDA out of memory"), EngineOutOfMemoryError),
+        (MemoryError(), EngineOutOfMemoryError),
+        (RuntimeError("shape mismatch"), EngineError),
+    ],
+)
+def test_pipeline_failures_become_engine_errors(
+    tiny_engine: DiffusersEngine,
+    monkeypatch: pytest.MonkeyPatch,
+    raised: BaseException,
+    expected: type[EngineError],
+) -> None:
+    monkeypatch.setattr(tiny_engine, "_pipe", RaisingPipeline(raised))
+    with pytest.raises(expected) as caught:
+        tiny_engine.generate([request()])
+    assert caught.value.__cause__ is raised
+
+
+def test_auto_picks_by_platform() -> None:
+    assert resolve_engine_name("auto", "tiny-qwen-image", accelerator=False) == "diffusers"
+    assert resolve_engine_name("auto", "Qwen/Qwen-Image", accelerator=True) == "diffusers"
+    assert resolve_engine_name("diffusers", "x", accelerator=True) == "diffusers"
+    assert resolve_engine_name("omni", "x", accelerator=False) == "omni"
+    with pytest.raises(ValueError, match="unknown image engine"):
+        resolve_engine_name("tensorrt", "x")
+
+
+def test_the_omni_engine_is_refused_clearly() -> None:
+    with pytest.raises(EngineUnavailableError, match="--image-engine diffusers"):
+        create_engine("tiny-qwen-image", "omni")
+
+
+def test_create_engine_loads_the_embedded_model_by_name(tiny_model_dir: Path) -> None:
+    engine = create_engine("tiny-qwen-image", "auto", device="cpu")
+    assert isinstance(engine, DiffusersEngine)
+    assert engine.model_path == str(tiny_model_dir)
+
+
+def test_a_missing_model_folder_fails_to_load(tmp_path: Path) -> None:
+    with pytest.raises(Exception):  # noqa: B017 - diffusers' own error type varies by cause
+        create_engine(str(tmp_path / "nothing-here"), "diffusers", device="cpu")

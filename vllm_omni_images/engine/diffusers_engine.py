@@ -1,0 +1,202 @@
+"""An engine for any diffusers pipeline folder, on CPU or GPU.
+
+Importable without vLLM: the GPU benchmarks run it where only diffusers is installed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from vllm_omni_images.engine.base import (
+    EngineError,
+    EngineOutOfMemoryError,
+    EngineRequest,
+    GenerationCancelled,
+    ImageEngine,
+    ModelDefaults,
+    StepCallback,
+)
+from vllm_omni_images.tiny_model import DEFAULTS_FILE
+
+logger = logging.getLogger(__name__)
+
+_FALLBACK_SIZE = 1024
+_FALLBACK_STEPS = 50
+_FALLBACK_SIZE_MULTIPLE = 8
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    # Half precision is what diffusion models are served in on GPUs; CPUs are fastest (and
+    # exact) in float32.
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+class DiffusersEngine(ImageEngine):
+    """Serves a `DiffusionPipeline`: one pipeline call per batch, one generator per image."""
+
+    name = "diffusers"
+
+    def __init__(
+        self,
+        model_path: str,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        from diffusers import DiffusionPipeline
+
+        self.device = device or default_device()
+        self.dtype = dtype or default_dtype(self.device)
+        self.model_path = model_path
+        self._pipe: Any = DiffusionPipeline.from_pretrained(model_path, dtype=self.dtype)
+        self._pipe.to(self.device)
+        self._pipe.set_progress_bar_config(disable=True)
+        self._call_params = frozenset(inspect.signature(self._pipe.__call__).parameters)
+        self._defaults = read_defaults(self._pipe, model_path)
+        logger.info(
+            "Loaded %s from %s on %s (%s); defaults %s",
+            type(self._pipe).__name__,
+            model_path,
+            self.device,
+            self.dtype,
+            self._defaults,
+        )
+
+    @property
+    def defaults(self) -> ModelDefaults:
+        return self._defaults
+
+    @property
+    def pipeline(self) -> Any:
+        return self._pipe
+
+    def generate(
+        self,
+        requests: Sequence[EngineRequest],
+        on_step: StepCallback | None = None,
+    ) -> list[list[Image.Image]]:
+        if not requests:
+            return []
+        kwargs = self.pipeline_kwargs(requests, on_step)
+        try:
+            with torch.inference_mode():
+                images = self._pipe(**kwargs).images
+        except GenerationCancelled:
+            raise
+        except (torch.OutOfMemoryError, MemoryError) as error:
+            self._release_cached_memory()
+            raise EngineOutOfMemoryError(str(error) or type(error).__name__) from error
+        except Exception as error:
+            raise EngineError(f"{type(error).__name__}: {error}") from error
+        return split_per_request(requests, images)
+
+    def pipeline_kwargs(
+        self, requests: Sequence[EngineRequest], on_step: StepCallback | None
+    ) -> dict[str, Any]:
+        """The arguments of the one pipeline call that serves `requests` (a compatible batch)."""
+        first = requests[0]
+        for request in requests[1:]:
+            if batch_signature(request) != batch_signature(first):
+                raise ValueError("requests of one batch must share size, steps and guidance")
+        prompts = [r.prompt for r in requests for _ in r.seeds]
+        kwargs: dict[str, Any] = {
+            "prompt": prompts,
+            "height": first.height,
+            "width": first.width,
+            "num_inference_steps": first.num_inference_steps,
+            "num_images_per_prompt": 1,
+            # One CPU generator per image: an image depends on its seed alone, not on the
+            # batch it shares or the device's random number generator.
+            "generator": [torch.Generator("cpu").manual_seed(s) for r in requests for s in r.seeds],
+            "output_type": "pil",
+        }
+        if first.negative_prompt is not None:
+            kwargs["negative_prompt"] = [r.negative_prompt for r in requests for _ in r.seeds]
+        for knob in ("true_cfg_scale", "guidance_scale"):
+            value = getattr(first, knob)
+            if value is not None and knob in self._call_params:
+                kwargs[knob] = value
+        if on_step is not None and "callback_on_step_end" in self._call_params:
+            total = first.num_inference_steps
+
+            def step_end(
+                pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]
+            ) -> dict[str, Any]:
+                on_step(step, total)
+                return callback_kwargs
+
+            kwargs["callback_on_step_end"] = step_end
+        return kwargs
+
+    def _release_cached_memory(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    def close(self) -> None:
+        self._pipe = None
+        self._release_cached_memory()
+
+
+def batch_signature(request: EngineRequest) -> tuple[object, ...]:
+    """What every request of one pipeline call must share."""
+    return (
+        request.width,
+        request.height,
+        request.num_inference_steps,
+        request.negative_prompt is not None,
+        request.true_cfg_scale,
+        request.guidance_scale,
+    )
+
+
+def split_per_request(
+    requests: Sequence[EngineRequest], images: Sequence[Image.Image]
+) -> list[list[Image.Image]]:
+    expected = sum(r.num_images for r in requests)
+    if len(images) != expected:
+        raise EngineError(f"the pipeline returned {len(images)} images, expected {expected}")
+    result: list[list[Image.Image]] = []
+    start = 0
+    for request in requests:
+        result.append(list(images[start : start + request.num_images]))
+        start += request.num_images
+    return result
+
+
+def read_defaults(pipe: Any, model_path: str) -> ModelDefaults:
+    """The model's size, steps and size rule: from the pipeline, overridden by the model
+    folder's `vllm_omni_images.json` when it has one."""
+    size_multiple = _FALLBACK_SIZE_MULTIPLE
+    processor = getattr(pipe, "image_processor", None)
+    if processor is not None and getattr(processor.config, "vae_scale_factor", None):
+        size_multiple = int(processor.config.vae_scale_factor)
+    size = _FALLBACK_SIZE
+    sample_size = getattr(pipe, "default_sample_size", None)
+    vae_scale_factor = getattr(pipe, "vae_scale_factor", None)
+    if sample_size and vae_scale_factor:
+        size = int(sample_size) * int(vae_scale_factor)
+    steps_param = inspect.signature(pipe.__call__).parameters.get("num_inference_steps")
+    steps = _FALLBACK_STEPS
+    if steps_param is not None and isinstance(steps_param.default, int):
+        steps = steps_param.default
+    values: dict[str, Any] = {
+        "width": size,
+        "height": size,
+        "num_inference_steps": steps,
+        "size_multiple": size_multiple,
+    }
+    override = Path(model_path) / DEFAULTS_FILE
+    if override.is_file():
+        values.update(json.loads(override.read_text()))
+    return ModelDefaults(**values)

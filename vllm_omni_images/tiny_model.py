@@ -1,0 +1,232 @@
+"""The embedded default model: a tiny random-weight pipeline of the real Qwen-Image architecture.
+
+`vllm serve tiny-qwen-image --task image` must work on a laptop with no GPU and no network, so
+the model is built locally: the same classes as `Qwen/Qwen-Image` (`QwenImagePipeline` with its
+transformer, VAE, Qwen2.5-VL text encoder, byte-level BPE tokenizer and flow-match scheduler)
+with a handful of channels and two layers. It is built once, deterministically, into a cache
+folder and then loaded like any other model, through `DiffusionPipeline.from_pretrained`.
+
+This module must stay importable without vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+TINY_MODEL_NAME = "tiny-qwen-image"
+CACHE_ENV_VAR = "VLLM_OMNI_IMAGES_CACHE"
+DEFAULT_CACHE_DIR = Path("~/.cache/vllm-omni-images")
+
+# Bump when the built model changes, so stale caches are rebuilt instead of reused.
+TINY_MODEL_VERSION = 1
+MARKER_FILE = "tiny_model_version.json"
+
+# Per-model serving defaults that a pipeline does not record itself. Any model folder may hold
+# one; the diffusers engine reads it.
+DEFAULTS_FILE = "vllm_omni_images.json"
+TINY_MODEL_DEFAULTS = {"width": 256, "height": 256, "num_inference_steps": 4}
+
+_SEED = 0
+_TEXT_HIDDEN = 16
+_TRANSFORMER_WEIGHT_GAIN = 3.0
+# Qwen-Image's scheduler settings (scheduler/scheduler_config.json of Qwen/Qwen-Image).
+_SCHEDULER_CONFIG = {
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "invert_sigmas": False,
+    "max_image_seq_len": 8192,
+    "max_shift": 0.9,
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "shift_terminal": 0.02,
+    "stochastic_sampling": False,
+    "time_shift_type": "exponential",
+    "use_beta_sigmas": False,
+    "use_dynamic_shifting": True,
+    "use_exponential_sigmas": False,
+    "use_karras_sigmas": False,
+}
+
+
+def cache_dir() -> Path:
+    """Where built models live: `$VLLM_OMNI_IMAGES_CACHE`, else `~/.cache/vllm-omni-images`."""
+    return Path(os.environ.get(CACHE_ENV_VAR) or DEFAULT_CACHE_DIR).expanduser()
+
+
+def tiny_model_path(root: Path | None = None) -> Path:
+    return (root or cache_dir()) / f"{TINY_MODEL_NAME}-v{TINY_MODEL_VERSION}"
+
+
+def is_built(path: Path) -> bool:
+    marker = path / MARKER_FILE
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("version") == TINY_MODEL_VERSION
+    except (OSError, ValueError):
+        return False
+
+
+def ensure_tiny_model(root: Path | None = None) -> Path:
+    """Return the folder of the tiny model, building it first if it is not in the cache.
+
+    The build writes into a temporary sibling folder and renames it into place, so a crash or a
+    concurrent build never leaves a half-written model where a loader would find it.
+    """
+    path = tiny_model_path(root)
+    if is_built(path):
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        build_tiny_model(staging)
+        try:
+            staging.rename(path)
+        except OSError:
+            # Another process finished first, or a stale folder is in the way.
+            if not is_built(path):
+                shutil.rmtree(path, ignore_errors=True)
+                staging.rename(path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def resolve_model_path(model: str) -> str:
+    """Map the embedded model's name to its built folder; any other name is returned as is."""
+    if model == TINY_MODEL_NAME:
+        return str(ensure_tiny_model())
+    return model
+
+
+def build_tiny_model(path: Path) -> None:
+    """Build the tiny pipeline into `path` (deterministic: same weights on every machine)."""
+    import torch
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_SEED)
+        transformer: Any = QwenImageTransformer2DModel(
+            patch_size=2,
+            in_channels=64,  # 16 latent channels packed into 2x2 patches
+            out_channels=16,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=_TEXT_HIDDEN,
+            axes_dims_rope=(2, 2, 4),
+        )
+        # PyTorch's default init leaves a 2-layer model nearly blind to its text input; a wider
+        # spread makes the prompt (and the negative prompt) visibly change the image.
+        with torch.no_grad():
+            for module in transformer.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.weight.mul_(_TRANSFORMER_WEIGHT_GAIN)
+        torch.manual_seed(_SEED)
+        vae = AutoencoderKLQwenImage(
+            base_dim=8,
+            z_dim=16,
+            dim_mult=[1, 2, 4, 4],
+            num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+        )
+        tokenizer = _build_tokenizer()
+        torch.manual_seed(_SEED)
+        text_encoder = _build_text_encoder(vocab_size=len(tokenizer))
+    pipeline: Any = QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**_SCHEDULER_CONFIG),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+    pipeline.save_pretrained(path, safe_serialization=True)
+    (path / DEFAULTS_FILE).write_text(json.dumps(TINY_MODEL_DEFAULTS, indent=2) + "\n")
+    (path / MARKER_FILE).write_text(json.dumps({"version": TINY_MODEL_VERSION}) + "\n")
+
+
+# The words of QwenImagePipeline's prompt template. Merging each into one token makes the
+# template's system part exactly 34 tokens, as with Qwen's real tokenizer, so the pipeline's
+# `prompt_template_encode_start_idx = 34` drops it and only the user's prompt conditions the image.
+_TEMPLATE_TEXTS = (
+    "system",
+    "Describe the image by detailing the color, shape, size, texture, quantity, text, "
+    "spatial relationships of the objects and background:",
+    "user",
+    "assistant",
+)
+
+
+def _build_tokenizer():  # type: ignore[no-untyped-def]  # transformers' class is untyped
+    """A byte-level BPE tokenizer with Qwen2's special tokens: every byte is a token, plus
+    merges for the template's words, so nothing has to be trained or downloaded."""
+    from tokenizers import AddedToken, pre_tokenizers
+    from transformers import Qwen2Tokenizer
+
+    vocab = {"<|endoftext|>": 0}
+    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[char] = len(vocab)
+    merges: list[tuple[str, str]] = []
+    splitter = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    for text in _TEMPLATE_TEXTS:
+        for word, _ in splitter.pre_tokenize_str(text):
+            for end in range(1, len(word)):
+                if word[: end + 1] not in vocab:
+                    merges.append((word[:end], word[end]))
+                    vocab[word[: end + 1]] = len(vocab)
+    # tokenizers' BPE takes merges as pairs; transformers' annotation only names strings.
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges)  # type: ignore[arg-type]
+    tokenizer.add_tokens(
+        [AddedToken("<|im_start|>", special=True), AddedToken("<|im_end|>", special=True)]
+    )
+    return tokenizer
+
+
+def _build_text_encoder(vocab_size: int):  # type: ignore[no-untyped-def]
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    # Four ids after the tokenizer's own for the vision markers, so that text-only prompts
+    # never look like image input.
+    text_tokens = vocab_size
+    vocab_size = text_tokens + 4
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": vocab_size,
+            "hidden_size": _TEXT_HIDDEN,
+            "intermediate_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 4096,
+            "bos_token_id": None,
+            "eos_token_id": None,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 1000000.0,
+                "mrope_section": [1, 1, 2],  # halves of head_dim 8, as Qwen2.5-VL splits 128
+            },
+        },
+        vision_config={
+            "depth": 1,
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_heads": 2,
+            "out_hidden_size": _TEXT_HIDDEN,
+            "fullatt_block_indexes": [0],
+        },
+        image_token_id=text_tokens,
+        video_token_id=text_tokens + 1,
+        vision_start_token_id=text_tokens + 2,
+        vision_end_token_id=text_tokens + 3,
+    )
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
