@@ -42,6 +42,10 @@ def build_image_app(args: argparse.Namespace) -> FastAPI:
         plugin = ImagesEndpointPlugin()
         plugin.attach_router(app)
         plugins.append(plugin)
+        logger.info(
+            "Attached the '%s' endpoint plugin for --task image; VLLM_PLUGINS need not name it.",
+            PLUGIN_NAME,
+        )
     app.state.endpoint_plugins = plugins
     return app
 

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, ParamSpec, Protocol
+from typing import ParamSpec, Protocol
 
 from PIL import Image
 
@@ -25,10 +25,10 @@ from vllm_omni_images.engine.base import (
     EngineRequest,
     GenerationCancelled,
     ImageEngine,
+    batch_key,
 )
 
 __all__ = [
-    "BatchKey",
     "ImageScheduler",
     "QueueFullError",
     "RequestTimeoutError",
@@ -36,7 +36,6 @@ __all__ = [
     "SchedulerConfig",
     "SchedulerError",
     "SchedulerObserver",
-    "batch_key",
     "company_wait_s",
     "form_batch",
 ]
@@ -134,29 +133,6 @@ class SchedulerObserver(Protocol):
 
 class _NoObserver(SchedulerObserver):
     pass
-
-
-class BatchKey(NamedTuple):
-    """What requests must share to run in one pipeline call."""
-
-    width: int
-    height: int
-    num_inference_steps: int
-    true_cfg_scale: float | None
-    guidance_scale: float | None
-    has_negative_prompt: bool
-
-
-def batch_key(request: EngineRequest) -> BatchKey:
-    """The request's batch key; prompts, negative prompt texts and seeds may differ."""
-    return BatchKey(
-        request.width,
-        request.height,
-        request.num_inference_steps,
-        request.true_cfg_scale,
-        request.guidance_scale,
-        request.negative_prompt is not None,
-    )
 
 
 def form_batch(queue: Sequence[EngineRequest], max_images: int) -> list[int]:

@@ -21,6 +21,7 @@ from vllm_omni_images.engine.base import (
     ImageEngine,
     ModelDefaults,
     StepCallback,
+    batch_key,
 )
 from vllm_omni_images.scheduler import (
     ImageScheduler,
@@ -29,7 +30,6 @@ from vllm_omni_images.scheduler import (
     SchedulerClosedError,
     SchedulerConfig,
     SchedulerObserver,
-    batch_key,
     company_wait_s,
     form_batch,
 )

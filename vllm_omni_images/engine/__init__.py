@@ -6,6 +6,7 @@ Importable without vLLM (the GPU benchmarks use engines with diffusers alone).
 from __future__ import annotations
 
 from vllm_omni_images.engine.base import (
+    BatchKey,
     EngineError,
     EngineOutOfMemoryError,
     EngineRequest,
@@ -13,10 +14,12 @@ from vllm_omni_images.engine.base import (
     ImageEngine,
     ModelDefaults,
     StepCallback,
+    batch_key,
 )
 
 __all__ = [
     "ENGINE_NAMES",
+    "BatchKey",
     "EngineError",
     "EngineOutOfMemoryError",
     "EngineRequest",
@@ -25,6 +28,7 @@ __all__ = [
     "ImageEngine",
     "ModelDefaults",
     "StepCallback",
+    "batch_key",
     "create_engine",
     "resolve_engine_name",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from PIL import Image
 
@@ -61,6 +62,29 @@ class EngineRequest:
     @property
     def num_images(self) -> int:
         return len(self.seeds)
+
+
+class BatchKey(NamedTuple):
+    """What requests must share to run in one pipeline call."""
+
+    width: int
+    height: int
+    num_inference_steps: int
+    true_cfg_scale: float | None
+    guidance_scale: float | None
+    has_negative_prompt: bool
+
+
+def batch_key(request: EngineRequest) -> BatchKey:
+    """The request's batch key; prompts, negative prompt texts and seeds may differ."""
+    return BatchKey(
+        request.width,
+        request.height,
+        request.num_inference_steps,
+        request.true_cfg_scale,
+        request.guidance_scale,
+        request.negative_prompt is not None,
+    )
 
 
 StepCallback = Callable[[int, int], None]

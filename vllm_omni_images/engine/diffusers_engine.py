@@ -23,6 +23,7 @@ from vllm_omni_images.engine.base import (
     ImageEngine,
     ModelDefaults,
     StepCallback,
+    batch_key,
 )
 from vllm_omni_images.tiny_model import DEFAULTS_FILE
 
@@ -107,7 +108,7 @@ class DiffusersEngine(ImageEngine):
         """The arguments of the one pipeline call that serves `requests` (a compatible batch)."""
         first = requests[0]
         for request in requests[1:]:
-            if batch_signature(request) != batch_signature(first):
+            if batch_key(request) != batch_key(first):
                 raise ValueError("requests of one batch must share size, steps and guidance")
         prompts = [r.prompt for r in requests for _ in r.seeds]
         kwargs: dict[str, Any] = {
@@ -127,6 +128,11 @@ class DiffusersEngine(ImageEngine):
             value = getattr(first, knob)
             if value is not None and knob in self._call_params:
                 kwargs[knob] = value
+        if first.negative_prompt is None and first.true_cfg_scale is None:
+            if "true_cfg_scale" in self._call_params:
+                # Without a negative prompt true CFG is off anyway; saying so keeps Qwen-Image's
+                # default of 4.0 from logging a warning on every request.
+                kwargs["true_cfg_scale"] = 1.0
         if on_step is not None and "callback_on_step_end" in self._call_params:
             total = first.num_inference_steps
 
@@ -146,18 +152,6 @@ class DiffusersEngine(ImageEngine):
     def close(self) -> None:
         self._pipe = None
         self._release_cached_memory()
-
-
-def batch_signature(request: EngineRequest) -> tuple[object, ...]:
-    """What every request of one pipeline call must share."""
-    return (
-        request.width,
-        request.height,
-        request.num_inference_steps,
-        request.negative_prompt is not None,
-        request.true_cfg_scale,
-        request.guidance_scale,
-    )
 
 
 def split_per_request(
