@@ -128,11 +128,11 @@ class DiffusersEngine(ImageEngine):
             value = getattr(first, knob)
             if value is not None and knob in self._call_params:
                 kwargs[knob] = value
-        if first.negative_prompt is None and first.true_cfg_scale is None:
-            if "true_cfg_scale" in self._call_params:
-                # Without a negative prompt true CFG is off anyway; saying so keeps Qwen-Image's
-                # default of 4.0 from logging a warning on every request.
-                kwargs["true_cfg_scale"] = 1.0
+        no_cfg_asked = first.negative_prompt is None and first.true_cfg_scale is None
+        if no_cfg_asked and "true_cfg_scale" in self._call_params:
+            # Without a negative prompt true CFG is off anyway; saying so keeps Qwen-Image's
+            # default of 4.0 from logging a warning on every request.
+            kwargs["true_cfg_scale"] = 1.0
         if on_step is not None and "callback_on_step_end" in self._call_params:
             total = first.num_inference_steps
 
