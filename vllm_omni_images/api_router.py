@@ -15,7 +15,7 @@ from vllm.entrypoints.serve.utils.api_utils import (
 )
 
 from vllm_omni_images.protocol import ImageGenerationRequest
-from vllm_omni_images.serving import OpenAIServingImage
+from vllm_omni_images.serving import OpenAIServingImage, RetryLaterResponse
 
 router = APIRouter()
 
@@ -45,8 +45,10 @@ def images(request: Request) -> OpenAIServingImage | None:
     responses={
         HTTPStatus.BAD_REQUEST.value: {"model": ErrorResponse},
         HTTPStatus.NOT_FOUND.value: {"model": ErrorResponse},
+        HTTPStatus.TOO_MANY_REQUESTS.value: {"model": ErrorResponse},
         HTTPStatus.INTERNAL_SERVER_ERROR.value: {"model": ErrorResponse},
         HTTPStatus.SERVICE_UNAVAILABLE.value: {"model": ErrorResponse},
+        HTTPStatus.GATEWAY_TIMEOUT.value: {"model": ErrorResponse},
     },
 )
 @with_cancellation
@@ -56,6 +58,12 @@ async def create_image(request: ImageGenerationRequest, raw_request: Request) ->
     if handler is None:
         raise NotImplementedError("The model does not support the Images API")
     result = await handler.create_image(request, raw_request)
+    if isinstance(result, RetryLaterResponse):
+        return JSONResponse(
+            content=result.model_dump(),
+            status_code=result.error.code,
+            headers={"Retry-After": str(result.retry_after_s)},
+        )
     if isinstance(result, ErrorResponse):
         return JSONResponse(content=result.model_dump(), status_code=result.error.code)
     return JSONResponse(content=result.model_dump())

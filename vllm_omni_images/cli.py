@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Sequence
 
 from vllm_omni_images.engine import ENGINE_NAMES
+from vllm_omni_images.scheduler import SchedulerConfig
 
 IMAGE_TASK = "image"
 HELP_GROUP = "ImageTask"  # `vllm serve --help=ImageTask` lists the image options
@@ -37,6 +38,58 @@ def add_image_cli_args(parser: argparse.ArgumentParser) -> None:
         "GPU for the models it supports and diffusers otherwise; `diffusers` serves any "
         "diffusers pipeline on CPU or GPU.",
     )
+    group.add_argument(
+        "--image-max-batch-size",
+        type=_positive_int,
+        default=4,
+        help="Most images generated in one pipeline call. Compatible requests (same size, "
+        "steps and guidance) share a call; a request's `n` images count each. 1 turns "
+        "batching off. A single request with more images still runs, alone.",
+    )
+    group.add_argument(
+        "--image-batch-delay-ms",
+        type=_non_negative_float,
+        default=10.0,
+        help="How long a batch that is not full waits for compatible company, counted from "
+        "the arrival of its oldest request.",
+    )
+    group.add_argument(
+        "--image-max-queue",
+        type=_positive_int,
+        default=256,
+        help="Most images waiting for the engine. Beyond it requests get 429 with a "
+        "Retry-After header.",
+    )
+    group.add_argument(
+        "--image-request-timeout",
+        type=_non_negative_float,
+        default=600.0,
+        help="Seconds a request may wait and run before it fails with a timeout error "
+        "(504); its work stops at the next denoising step. 0 means no limit.",
+    )
+
+
+def scheduler_config_from_args(args: argparse.Namespace) -> SchedulerConfig:
+    return SchedulerConfig(
+        max_batch_size=args.image_max_batch_size,
+        batch_delay_s=args.image_batch_delay_ms / 1000,
+        max_queue_images=args.image_max_queue,
+        request_timeout_s=args.image_request_timeout or None,
+    )
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
 
 
 def _is_serve_command(argv: Sequence[str]) -> bool:

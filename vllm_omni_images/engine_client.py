@@ -1,20 +1,27 @@
 """The object vLLM's server keeps as `app.state.engine_client` for the image task.
 
 vLLM's core routes and its server loop ask it for `check_health()`, `errored`,
-`is_running` and `do_log_stats()`; our serving layer asks it for images. Generation runs on
-one dedicated thread, never on the event loop, one pipeline call at a time.
+`is_running`, `do_log_stats()` and `shutdown()`; our serving layer asks it for images, which
+it gets through the scheduler (batching, queue limit, timeouts), never on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
+import threading
+import time
 from dataclasses import dataclass
 
 from PIL import Image
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from vllm_omni_images.engine import EngineRequest, ImageEngine, ModelDefaults
+from vllm_omni_images.metrics import ModelMetrics
+from vllm_omni_images.scheduler import (
+    ImageScheduler,
+    RequestTimings,
+    SchedulerConfig,
+)
 
 
 class EngineNotReadyError(RuntimeError):
@@ -30,22 +37,36 @@ class ShutdownConfig:
 
 class ImageEngineClient:
     def __init__(
-        self, engine: ImageEngine | None, model_name: str, shutdown_timeout: int = 0
+        self,
+        engine: ImageEngine | None,
+        model_name: str,
+        scheduler_config: SchedulerConfig | None = None,
+        *,
+        metrics: ModelMetrics | None = None,
+        shutdown_timeout: int = 0,
     ) -> None:
         self.model_name = model_name
         self.vllm_config = ShutdownConfig(shutdown_timeout)
         self._engine = engine
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-engine")
+        self.scheduler: ImageScheduler | None = None
+        if engine is not None:
+            self.scheduler = ImageScheduler(
+                engine, scheduler_config or SchedulerConfig(), observer=metrics
+            )
+        self.metrics = metrics
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False
+        self._closed = threading.Event()
 
     @property
     def engine(self) -> ImageEngine:
-        if self._engine is None:
+        if self._engine is None or self._closed.is_set():
             raise EngineNotReadyError(f"The model `{self.model_name}` is not loaded.")
         return self._engine
 
     @property
     def is_ready(self) -> bool:
-        return self._engine is not None
+        return self._engine is not None and not self._closed.is_set()
 
     @property
     def defaults(self) -> ModelDefaults:
@@ -62,24 +83,60 @@ class ImageEngineClient:
         return self.is_ready
 
     async def check_health(self) -> None:
-        if self._engine is None:
+        if not self.is_ready:
             raise EngineDeadError()
-        self._engine.check_health()
+        self.engine.check_health()
 
     async def do_log_stats(self) -> None:
         return None
 
-    async def generate(self, request: EngineRequest) -> list[Image.Image]:
-        engine = self.engine
-        loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(self._executor, engine.generate, [request])
-        return results[0]
+    async def generate(
+        self, request: EngineRequest, timings: RequestTimings | None = None
+    ) -> list[Image.Image]:
+        """Queue `request` with the scheduler and wait for its images (see
+        `ImageScheduler.submit` for what it raises)."""
+        self.engine  # noqa: B018 - raises EngineNotReadyError when there is no model
+        assert self.scheduler is not None
+        self._loop = asyncio.get_running_loop()
+        return await self.scheduler.submit(request, timings)
 
-    def shutdown(self, timeout: float | None = None) -> None:
-        """Stop taking work and free the model. Work already running finishes first (it
-        cannot be interrupted mid-step); queued work is dropped unless a drain `timeout`
-        is given."""
-        self._executor.shutdown(wait=True, cancel_futures=not timeout)
+    async def close(self, drain_timeout_s: float = 0.0) -> None:
+        """Stop taking work and free the model. Waiting requests get a shutdown error after
+        at most `drain_timeout_s` of draining; a running batch finishes first."""
+        if self._closing:
+            return
+        self._closing = True
+        if self.scheduler is not None:
+            deadline = time.monotonic() + drain_timeout_s
+            # A once-per-process wait: polling keeps the scheduler free of an idle event.
+            while self._busy() and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+            await self.scheduler.close()
+        self._closed.set()
         if self._engine is not None:
             self._engine.close()
-            self._engine = None
+
+    def _busy(self) -> bool:
+        scheduler = self.scheduler
+        return scheduler is not None and scheduler.queued_images + scheduler.running_images > 0
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """vLLM's synchronous shutdown hook, called from a worker thread on SIGTERM/SIGINT:
+        runs `close` on the event loop that serves the requests."""
+        if self._closed.is_set():
+            return
+        loop = self._loop
+        if loop is not None and loop.is_running() and not _on_loop_thread(loop):
+            asyncio.run_coroutine_threadsafe(self.close(timeout or 0.0), loop).result()
+            return
+        # No request ever ran (so no worker to stop), or we are past the loop.
+        self._closed.set()
+        if self._engine is not None:
+            self._engine.close()
+
+
+def _on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False

@@ -19,10 +19,11 @@ from vllm.logger import init_logger
 from vllm.plugins.endpoint_plugins.interface import init_endpoint_plugins_state
 from vllm.tasks import SupportedTask
 
-from vllm_omni_images.cli import IMAGE_TASK
+from vllm_omni_images.cli import IMAGE_TASK, scheduler_config_from_args
 from vllm_omni_images.endpoint import PLUGIN_NAME, ImagesEndpointPlugin
-from vllm_omni_images.engine import create_engine
+from vllm_omni_images.engine import ImageEngine, create_engine
 from vllm_omni_images.engine_client import ImageEngineClient
+from vllm_omni_images.metrics import ModelMetrics, image_metrics
 from vllm_omni_images.models import registry_from_args
 
 logger = init_logger(__name__)
@@ -65,10 +66,22 @@ async def init_image_app_state(
     await init_endpoint_plugins_state(cast(EngineClient, engine_client), state, args)
 
 
+def make_engine_client(engine: ImageEngine | None, args: argparse.Namespace) -> ImageEngineClient:
+    """The engine client for `engine`, scheduled and measured as the flags say."""
+    served_name = (args.served_model_name or [args.model])[0]
+    return ImageEngineClient(
+        engine,
+        model_name=args.model,
+        scheduler_config=scheduler_config_from_args(args),
+        metrics=ModelMetrics(image_metrics(), served_name),
+        shutdown_timeout=args.shutdown_timeout,
+    )
+
+
 async def load_engine_client(args: argparse.Namespace) -> ImageEngineClient:
     logger.info("Loading image model %s (engine: %s)", args.model, args.image_engine)
     engine = await asyncio.to_thread(create_engine, args.model, args.image_engine)
-    return ImageEngineClient(engine, model_name=args.model, shutdown_timeout=args.shutdown_timeout)
+    return make_engine_client(engine, args)
 
 
 async def serve_image_app(
@@ -108,7 +121,7 @@ async def run_image_server(args: argparse.Namespace) -> None:
         shutdown_task = await serve_image_app(app, sock, args)
         await shutdown_task
     finally:
-        engine_client.shutdown()
+        await engine_client.close()
         sock.close()
 
 

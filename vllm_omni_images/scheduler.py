@@ -32,6 +32,7 @@ __all__ = [
     "ImageScheduler",
     "QueueFullError",
     "RequestTimeoutError",
+    "RequestTimings",
     "SchedulerClosedError",
     "SchedulerConfig",
     "SchedulerError",
@@ -170,11 +171,24 @@ def company_wait_s(
     return max(0.0, head_arrival + delay_s - now)
 
 
+@dataclass
+class RequestTimings:
+    """Where one request's time went; filled in by the scheduler as it goes."""
+
+    queue_s: float = 0.0
+    """From arrival until its batch started (or until it left the queue)."""
+    engine_s: float = 0.0
+    """Its batch's pipeline call."""
+    batch_images: int = 0
+    """Images of the batch it ran in, its own included."""
+
+
 @dataclass(eq=False)
 class _Pending:
     request: EngineRequest
     future: asyncio.Future[list[Image.Image]]
     arrival: float
+    timings: RequestTimings = field(default_factory=RequestTimings)
     batch: _Batch | None = None
     abandoned: bool = False
 
@@ -254,8 +268,11 @@ class ImageScheduler:
         if self._owns_executor:
             self._executor.shutdown(wait=False)
 
-    async def submit(self, request: EngineRequest) -> list[Image.Image]:
-        """Queue `request` and wait for its images, in seed order.
+    async def submit(
+        self, request: EngineRequest, timings: RequestTimings | None = None
+    ) -> list[Image.Image]:
+        """Queue `request` and wait for its images, in seed order; `timings`, if given, is
+        filled in with where the request's time went.
 
         Raises `QueueFullError` at once when the queue has no room, `RequestTimeoutError`
         after `request_timeout_s`, `SchedulerClosedError` on shutdown, and the engine's own
@@ -270,6 +287,8 @@ class ImageScheduler:
             raise QueueFullError(self._retry_after_s(request.num_images))
         self.start()
         pending = _Pending(request, asyncio.get_running_loop().create_future(), self._clock())
+        if timings is not None:
+            pending.timings = timings
         self._queue.append(pending)
         self._queued_images += request.num_images
         self._notify(self._observer.on_queued, request)
@@ -298,6 +317,7 @@ class ImageScheduler:
     def _withdraw(self, pending: _Pending) -> None:
         """The caller gave up: drop a queued request, or abandon a running one."""
         if pending.batch is None:
+            pending.timings.queue_s = self._clock() - pending.arrival
             if pending in self._queue:
                 self._queue.remove(pending)
                 self._queued_images -= pending.request.num_images
@@ -373,6 +393,9 @@ class ImageScheduler:
         requests = [pending.request for pending in batch.items]
         start = self._clock()
         self._batch = batch
+        for pending in batch.items:
+            pending.timings.queue_s = start - pending.arrival
+            pending.timings.batch_images = batch.num_images
         self._notify(
             self._observer.on_batch_start,
             requests,
@@ -390,10 +413,16 @@ class ImageScheduler:
 
         outcome = "ok"
         try:
-            results = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._engine.generate, requests, on_step
-            )
-            _check_results(requests, results)
+            try:
+                results = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self._engine.generate, requests, on_step
+                )
+                _check_results(requests, results)
+            finally:
+                # Recorded before any caller is woken, so its timings are complete.
+                engine_s = self._clock() - start
+                for pending in batch.items:
+                    pending.timings.engine_s = engine_s
         except Exception as error:
             if isinstance(error, GenerationCancelled) and batch.cancel.is_set():
                 outcome = "cancelled"
@@ -411,7 +440,6 @@ class ImageScheduler:
             for pending in batch.items:
                 _set_exception(pending.future, SchedulerClosedError())
             self._batch = None
-        engine_s = self._clock() - start
         if outcome == "ok":
             self._update_speed(engine_s / batch.num_images)
         self._notify(self._observer.on_batch_end, requests, engine_s, outcome)

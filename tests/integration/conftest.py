@@ -23,20 +23,28 @@ def tiny_engine(tiny_model_dir: Path) -> ImageEngine:
 
 
 @pytest.fixture
-def make_app(serve_parser) -> AppFactory:
+async def make_app(serve_parser) -> AsyncIterator[AppFactory]:
     """Build the app as `vllm serve tiny-qwen-image --task image <flags>` would."""
-    from vllm_omni_images.launcher import build_image_app, init_image_app_state
+    from vllm_omni_images.launcher import (
+        build_image_app,
+        init_image_app_state,
+        make_engine_client,
+    )
+
+    clients: list[ImageEngineClient] = []
 
     async def make(engine: ImageEngine | None, flags: Sequence[str] = ()) -> FastAPI:
         args = serve_parser.parse_args(["tiny-qwen-image", "--task", "image", *flags])
         args.model = args.model_tag
         app = build_image_app(args)
-        await init_image_app_state(
-            ImageEngineClient(engine, model_name=args.model), app.state, args
-        )
+        clients.append(make_engine_client(engine, args))
+        await init_image_app_state(clients[-1], app.state, args)
         return app
 
-    return make
+    yield make
+    for client in clients:
+        if client.scheduler is not None:
+            await client.scheduler.close()
 
 
 def http_client(app: FastAPI) -> httpx.AsyncClient:
