@@ -2,68 +2,44 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
+import asyncio
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import openai
 import pytest
 
+from benchmarks.server_process import (
+    VLLM,
+    ServerFailedError,
+    free_port,
+    running_server,
+    vllm_serve_command,
+)
 from vllm_omni_images.encoding import decode_image_base64
 
 pytestmark = pytest.mark.e2e
 
 API_KEY = "e2e-secret"
-VLLM = str(Path(sys.executable).parent / "vllm")
-STARTUP_TIMEOUT_S = 300
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: Path, model_cache: Path, tmp_path_factory) -> Iterator[str]:
     port = free_port()
     log_path = tmp_path_factory.mktemp("server") / "vllm-serve.log"
-    env = {**os.environ, "VLLM_OMNI_IMAGES_CACHE": str(model_cache), "HF_HUB_OFFLINE": "1"}
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [VLLM, "serve", "tiny-qwen-image", "--task", "image", "--host", "127.0.0.1",
-             "--port", str(port), "--api-key", API_KEY],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
-        )  # fmt: skip
-    base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    command = vllm_serve_command("tiny-qwen-image", port, "--api-key", API_KEY)
     try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"vllm serve exited with {process.returncode}:\n{log_path.read_text()}")
-            try:
-                if httpx.get(f"{base_url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"vllm serve did not become healthy:\n{log_path.read_text()}")
-            time.sleep(0.5)
-        yield base_url
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    assert process.returncode is not None
+        with running_server(
+            command, port, log_path, env={"VLLM_OMNI_IMAGES_CACHE": str(model_cache)}
+        ) as base_url:
+            yield base_url
+    except ServerFailedError as error:
+        pytest.fail(str(error))
 
 
 @pytest.fixture
@@ -105,9 +81,8 @@ def test_raw_http_with_and_without_key(server):
     body = {"prompt": "a boat", "size": "64x64", "num_inference_steps": 2, "seed": 1}
     denied = httpx.post(f"{server}/v1/images/generations", json=body, timeout=60)
     assert denied.status_code == 401
-    headers = {"Authorization": f"Bearer {API_KEY}"}
-    first = httpx.post(f"{server}/v1/images/generations", json=body, headers=headers, timeout=60)
-    second = httpx.post(f"{server}/v1/images/generations", json=body, headers=headers, timeout=60)
+    first = httpx.post(f"{server}/v1/images/generations", json=body, headers=AUTH, timeout=60)
+    second = httpx.post(f"{server}/v1/images/generations", json=body, headers=AUTH, timeout=60)
     assert first.status_code == 200, first.text
     assert first.json()["data"] == second.json()["data"]
 
@@ -117,9 +92,7 @@ def test_core_routes(server):
     assert httpx.get(f"{server}/version").json()["version"].startswith("0.30")
     metrics = httpx.get(f"{server}/metrics")
     assert metrics.status_code == 200 and "# TYPE" in metrics.text
-    tokenize = httpx.post(
-        f"{server}/tokenize", json={"prompt": "x"}, headers={"Authorization": f"Bearer {API_KEY}"}
-    )
+    tokenize = httpx.post(f"{server}/tokenize", json={"prompt": "x"}, headers=AUTH)
     assert tokenize.status_code == 404
     assert "error" in tokenize.json()
 
@@ -129,3 +102,58 @@ def test_plain_vllm_serve_help_still_works():
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Frontend" in result.stdout  # vLLM's own option groups
     assert "ImageTask" in result.stdout  # and ours, listed beside them
+
+
+async def test_32_concurrent_mixed_requests_get_exactly_32_correct_responses(server):
+    sizes = [(64, 64), (128, 64), (64, 128), (128, 128)]
+    client = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
+
+    async def one(index: int) -> tuple[int, list[str]]:
+        width, height = sizes[index % len(sizes)]
+        result = await client.images.generate(
+            prompt=f"request {index}",
+            size=f"{width}x{height}",
+            n=1 + index % 3,
+            extra_body={"seed": 1000 + index, "num_inference_steps": 2},
+        )
+        assert result.data is not None
+        return index, [item.b64_json or "" for item in result.data]
+
+    async with client:
+        results = await asyncio.gather(*(one(i) for i in range(32)))
+        assert sorted(index for index, _ in results) == list(range(32))
+        for index, images in results:
+            assert len(images) == 1 + index % 3
+            for b64 in images:
+                assert decode_image_base64(b64).size == sizes[index % len(sizes)]
+        every_image = [b64 for _, images in results for b64 in images]
+        assert len(set(every_image)) == len(every_image), "two responses carry the same image"
+        # Each answer is its own request's: asked again alone, a request gives the same images
+        # (up to the 1/255 that batched arithmetic may differ by; docs/performance.md).
+        for index in (0, 13, 31):
+            _, alone = await one(index)
+            for batched_b64, alone_b64 in zip(results[index][1], alone, strict=True):
+                batched = np.asarray(decode_image_base64(batched_b64), dtype=np.int16)
+                assert np.abs(batched - np.asarray(decode_image_base64(alone_b64))).max() <= 1
+
+
+def test_a_client_that_disconnects_stops_its_generation(server):
+    def cancelled() -> float:
+        text = httpx.get(f"{server}/metrics").text
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("vllm:image_requests_total{") and 'outcome="cancelled"' in line
+        )
+
+    before = cancelled()
+    slow = {"prompt": "x", "size": "512x512", "num_inference_steps": 200}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server}/v1/images/generations", json=slow, headers=AUTH, timeout=1.0)
+    deadline = time.monotonic() + 30
+    while cancelled() == before:
+        assert time.monotonic() < deadline, "the abandoned request was never cancelled"
+        time.sleep(0.1)
+    quick = {"prompt": "x", "size": "64x64", "num_inference_steps": 2}
+    response = httpx.post(f"{server}/v1/images/generations", json=quick, headers=AUTH, timeout=60)
+    assert response.status_code == 200

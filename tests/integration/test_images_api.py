@@ -20,27 +20,7 @@ from vllm_omni_images.engine import (
 )
 
 from .conftest import http_client
-
-FAST = {"size": "64x64", "num_inference_steps": 2}
-
-
-def pixels(b64: str) -> np.ndarray:
-    return np.asarray(decode_image_base64(b64))
-
-
-async def generate(client, **body):
-    return await client.post("/v1/images/generations", json={"prompt": "a red fox", **body})
-
-
-def assert_openai_error(response, status: int, param: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) >= {"message", "type", "param", "code"}
-    assert error["code"] == status
-    assert error["message"]
-    if param is not None:
-        assert error["param"] is not None and error["param"].endswith(param)
-    return error
+from .helpers import FAST, assert_openai_error, generate, pixels
 
 
 async def test_one_image_at_the_model_default_size(client):

@@ -1,0 +1,208 @@
+"""Batching, backpressure, timeouts, cancellation and metrics through the API, on the real
+tiny engine. The engine wrappers only hold a batch back or count steps; the images are real."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable, Sequence
+
+import httpx
+import pytest
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from vllm_omni_images.engine import EngineRequest, ImageEngine, ModelDefaults, StepCallback
+from vllm_omni_images.protocol import ImageGenerationRequest
+
+from .conftest import http_client
+from .helpers import FAST, assert_openai_error, generate
+
+WAIT_S = 10.0
+"""The longest a test waits for something that should happen soon."""
+
+
+class ObservedEngine(ImageEngine):
+    """The real tiny engine that can hold batches at a gate and counts batches and steps."""
+
+    def __init__(self, engine: ImageEngine) -> None:
+        self.inner = engine
+        self.gate = threading.Event()
+        self.gate.set()
+        self.started = threading.Event()
+        self.batches: list[int] = []
+        self.steps = 0
+
+    @property
+    def defaults(self) -> ModelDefaults:
+        return self.inner.defaults
+
+    def generate(
+        self, requests: Sequence[EngineRequest], on_step: StepCallback | None = None
+    ) -> list[list[Image.Image]]:
+        self.batches.append(sum(request.num_images for request in requests))
+        self.started.set()
+        self.gate.wait(WAIT_S)
+
+        def counting(step: int, total: int) -> None:
+            self.steps += 1
+            if on_step is not None:
+                on_step(step, total)
+
+        return self.inner.generate(requests, counting)
+
+
+async def wait_until(condition: Callable[[], bool], what: str) -> None:
+    """Poll state the scheduler exposes no event for (tests only)."""
+    deadline = asyncio.get_running_loop().time() + WAIT_S
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting: {what}"
+        await asyncio.sleep(0.005)
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+@pytest.fixture
+def engine(tiny_engine: ImageEngine) -> ObservedEngine:
+    return ObservedEngine(tiny_engine)
+
+
+async def test_concurrent_requests_share_batches(make_app, engine: ObservedEngine) -> None:
+    app = await make_app(engine, ["--image-max-batch-size", "4", "--image-batch-delay-ms", "50"])
+    engine.gate.clear()  # the first batch waits, so the rest queue up behind it
+    async with http_client(app) as client:
+        first = asyncio.create_task(generate(client, **FAST, seed=0))
+        await asyncio.to_thread(engine.started.wait, WAIT_S)
+        rest = [asyncio.create_task(generate(client, **FAST, seed=s)) for s in range(1, 9)]
+        await wait_until(lambda: app.state.engine_client.scheduler.queued_images == 8, "queued")
+        engine.gate.set()
+        responses = await asyncio.gather(first, *rest)
+    assert [r.status_code for r in responses] == [200] * 9
+    assert engine.batches == [1, 4, 4]
+
+
+async def test_a_full_queue_answers_429_with_retry_after(make_app, engine: ObservedEngine) -> None:
+    app = await make_app(engine, ["--image-max-batch-size", "1", "--image-max-queue", "2"])
+    engine.gate.clear()
+    async with http_client(app) as client:
+        running = asyncio.create_task(generate(client, **FAST))
+        await asyncio.to_thread(engine.started.wait, WAIT_S)
+        queued = asyncio.create_task(generate(client, **FAST, n=2))
+        await wait_until(lambda: app.state.engine_client.scheduler.queued_images == 2, "queued")
+
+        refused = await generate(client, **FAST)
+        error = assert_openai_error(refused, 429)
+        assert error["type"] == "RateLimitError"
+        assert int(refused.headers["Retry-After"]) >= 1
+
+        too_many = await generate(client, **FAST, n=3)
+        assert "--image-max-queue" in assert_openai_error(too_many, 400, "n")["message"]
+
+        engine.gate.set()
+        assert (await running).status_code == 200
+        assert len((await queued).json()["data"]) == 2
+        metrics = (await client.get("/metrics")).text
+    assert metric_value(metrics, "vllm:image_requests_total", outcome="rejected") >= 1
+
+
+async def test_a_request_past_its_timeout_gets_504_and_its_work_stops(
+    make_app, engine: ObservedEngine
+) -> None:
+    app = await make_app(engine, ["--image-request-timeout", "0.3"])
+    async with http_client(app) as client:
+        # 200 steps at 256x256 take far longer than 0.3 s on any machine this runs on.
+        slow = await generate(client, size="256x256", num_inference_steps=200)
+        error = assert_openai_error(slow, 504)
+        assert error["type"] == "TimeoutError"
+        assert "0.3 s" in error["message"]
+        assert engine.steps < 200, "the timed-out batch ran to the end"
+        # The engine is free again at once.
+        assert (await generate(client, **FAST)).status_code == 200
+
+
+async def test_a_client_that_goes_away_frees_its_place(make_app, engine: ObservedEngine) -> None:
+    app = await make_app(engine, ["--image-max-batch-size", "1"])
+    serving = app.state.openai_serving_image
+    scheduler = app.state.engine_client.scheduler
+    request = ImageGenerationRequest(prompt="a red fox", size="256x256", num_inference_steps=200)
+
+    # Gone while running: the engine stops at the next denoising step.
+    running = asyncio.create_task(serving.create_image(request))
+    await wait_until(lambda: engine.steps > 0, "running")
+    # Gone while queued: dropped from the queue, never run.
+    queued = asyncio.create_task(serving.create_image(request))
+    await wait_until(lambda: scheduler.queued_images == 1, "queued")
+    queued.cancel()
+    running.cancel()
+    await asyncio.gather(running, queued, return_exceptions=True)
+    await wait_until(lambda: scheduler.running_images == 0, "engine free")
+    assert scheduler.queued_images == 0
+    assert engine.batches == [1]
+    assert engine.steps < 200
+
+    async with http_client(app) as client:
+        assert (await generate(client, **FAST)).status_code == 200
+        metrics = (await client.get("/metrics")).text
+    assert metric_value(metrics, "vllm:image_requests_total", outcome="cancelled") >= 2
+
+
+async def test_metrics_and_the_request_log_line(
+    make_app, engine: ObservedEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = await make_app(engine, ["--served-model-name", "metrics-model"])
+    labels = {"model_name": "metrics-model"}
+    async with http_client(app) as client:
+        before = (await client.get("/metrics")).text
+        with caplog.at_level(logging.INFO, logger="vllm_omni_images.serving"):
+            response = await client.post(
+                "/v1/images/generations",
+                json={"prompt": "a red fox", "n": 2, **FAST},
+                headers={"X-Request-Id": "req-metrics-1"},
+            )
+        assert response.status_code == 200
+        after = (await client.get("/metrics")).text
+
+    def grew(name: str, **extra: str) -> float:
+        return metric_value(after, name, **labels, **extra) - metric_value(
+            before, name, **labels, **extra
+        )
+
+    assert grew("vllm:image_requests_total", outcome="ok") == 1
+    assert grew("vllm:image_images_generated_total") == 2
+    assert grew("vllm:image_batch_size_count") == 1
+    assert grew("vllm:image_batch_size_sum") == 2
+    assert grew("vllm:image_queue_wait_seconds_count") == 1
+    assert grew("vllm:image_engine_seconds_count") == 1
+    assert grew("vllm:image_encode_seconds_count") == 1
+    assert grew("vllm:image_denoise_step_seconds_count") == 2
+    assert metric_value(after, "vllm:image_queue_images", **labels) == 0
+
+    [line] = [r.getMessage() for r in caplog.records if "req-metrics-1" in r.getMessage()]
+    for fragment in ("ok", "64x64", "n=2", "steps=2", "queue=", "engine=", "encode="):
+        assert fragment in line
+
+
+async def test_concurrent_mixed_requests_all_get_their_own_images(make_app, tiny_engine) -> None:
+    app = await make_app(tiny_engine)
+    sizes = ["64x64", "128x64", "64x128"]
+    async with http_client(app) as client:
+
+        async def one(index: int) -> tuple[int, httpx.Response]:
+            size = sizes[index % len(sizes)]
+            n = 1 + index % 2
+            return index, await generate(client, size=size, n=n, num_inference_steps=2)
+
+        results = await asyncio.gather(*(one(i) for i in range(12)))
+    for index, response in results:
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["size"] == sizes[index % len(sizes)]
+        assert len(body["data"]) == 1 + index % 2
