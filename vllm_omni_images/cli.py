@@ -49,9 +49,11 @@ def add_image_cli_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--image-batch-delay-ms",
         type=_non_negative_float,
-        default=10.0,
-        help="How long a batch that is not full waits for compatible company, counted from "
-        "the arrival of its oldest request.",
+        default=0.0,
+        help="How long an idle engine holds a batch that is not full, waiting for compatible "
+        "company (counted from the arrival of its oldest request). Batches form anyway from "
+        "requests that queue while the engine is busy, so 0 adds no latency to a lone "
+        "request; a few ms can group bursts that arrive at an idle engine.",
     )
     group.add_argument(
         "--image-max-queue",

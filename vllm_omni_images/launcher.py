@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import socket
+import sys
 from typing import Any, cast
 
 import uvloop
@@ -125,5 +126,11 @@ async def run_image_server(args: argparse.Namespace) -> None:
         sock.close()
 
 
+# The engine thread runs Python between torch ops while holding the GIL; the default 5 ms
+# switch interval would let it keep the event loop waiting that long for every handover.
+SERVER_SWITCH_INTERVAL_S = 0.001
+
+
 def run_image_server_cli(args: argparse.Namespace) -> None:
+    sys.setswitchinterval(SERVER_SWITCH_INTERVAL_S)
     uvloop.run(run_image_server(args))

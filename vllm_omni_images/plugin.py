@@ -7,6 +7,7 @@ cheap and idempotent, and it changes nothing unless the command line is `vllm se
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from vllm_omni_images.cli import asks_for_image_task, asks_for_serve_help
@@ -18,9 +19,22 @@ def _run_image_server(args: argparse.Namespace) -> None:
     run_image_server_cli(args)
 
 
+def log_through_vllm() -> None:
+    """Print our logs as vLLM prints its own: vLLM configures only its `vllm` logger, so
+    without this our INFO lines (one per image request) would never show."""
+    ours = logging.getLogger("vllm_omni_images")
+    vllm_root = logging.getLogger("vllm")
+    for handler in vllm_root.handlers:
+        if handler not in ours.handlers:
+            ours.addHandler(handler)
+    ours.setLevel(vllm_root.level)
+
+
 def register() -> None:
     from vllm_omni_images import vllm_patches
 
+    if asks_for_image_task(sys.argv):
+        log_through_vllm()
     if asks_for_image_task(sys.argv) or asks_for_serve_help(sys.argv):
         vllm_patches.fall_back_to_cpu_platform()
     vllm_patches.patch_engine_args_cli()

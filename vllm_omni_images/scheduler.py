@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -52,7 +53,7 @@ class SchedulerConfig:
 
     max_batch_size: int = 4
     """Images per engine call; a single request with more images still runs, alone."""
-    batch_delay_s: float = 0.005
+    batch_delay_s: float = 0.0
     """How long a non-full batch waits for compatible company, counted from its oldest
     request's arrival."""
     max_queue_images: int = 256
@@ -204,6 +205,23 @@ class _Batch:
         return sum(item.request.num_images for item in self.items)
 
 
+ENGINE_THREAD_NICENESS = 10
+
+
+def yield_cpu_to_serving() -> None:
+    """Run the calling thread, and the compute threads it starts, at a lower CPU priority.
+
+    Denoising keeps every core busy; the event loop (health checks, new requests, responses)
+    needs a core for a moment now and then. On Linux niceness is per thread and inherited by
+    the threads a thread creates, so torch's intra-op pool, started from the engine thread,
+    steps aside too. The engine loses only what serving actually uses.
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), ENGINE_THREAD_NICENESS)
+    except (AttributeError, OSError):  # not Linux-like, or not permitted: serve as is
+        logger.debug("Could not lower the engine thread's priority", exc_info=True)
+
+
 class ImageScheduler:
     """Queues requests for one engine and runs them in batches, one batch at a time."""
 
@@ -221,7 +239,7 @@ class ImageScheduler:
         self._clock = clock
         self._owns_executor = executor is None
         self._executor = executor or concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="image-scheduler"
+            max_workers=1, thread_name_prefix="image-engine", initializer=yield_cpu_to_serving
         )
         self._observer: SchedulerObserver = observer or _NoObserver()
         self._queue: list[_Pending] = []

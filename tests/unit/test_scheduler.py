@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import random
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -24,6 +25,7 @@ from vllm_omni_images.engine.base import (
     batch_key,
 )
 from vllm_omni_images.scheduler import (
+    ENGINE_THREAD_NICENESS,
     ImageScheduler,
     QueueFullError,
     RequestTimeoutError,
@@ -583,3 +585,20 @@ async def test_a_broken_observer_does_not_stop_the_worker(engine: FakeEngine) ->
         images = await asyncio.gather(scheduler.submit(req(1)), scheduler.submit(req(2)))
         assert_images_of(req(1), images[0])
         assert_images_of(req(2), images[1])
+
+
+async def test_the_engine_runs_at_a_lower_cpu_priority_than_serving() -> None:
+    class PriorityProbe(FakeEngine):
+        def generate(
+            self, requests: Sequence[EngineRequest], on_step: StepCallback | None = None
+        ) -> list[list[Image.Image]]:
+            self.niceness = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+            return super().generate(requests, on_step)
+
+    probe = PriorityProbe()
+    serving_niceness = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    async with running(probe) as scheduler:
+        await scheduler.submit(req(1))
+    expected = min(19, serving_niceness + ENGINE_THREAD_NICENESS)
+    assert probe.niceness == expected > serving_niceness
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == serving_niceness

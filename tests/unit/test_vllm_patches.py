@@ -86,3 +86,17 @@ def test_launcher_uses_vllms_own_server_functions(name):
 
     function = getattr(launcher, name)
     assert function.__module__.startswith("vllm.")
+
+
+def test_our_logs_print_where_vllms_do():
+    import logging
+
+    from vllm_omni_images.plugin import log_through_vllm
+
+    log_through_vllm()
+    log_through_vllm()  # idempotent
+    ours = logging.getLogger("vllm_omni_images")
+    vllm_root = logging.getLogger("vllm")
+    assert vllm_root.handlers
+    assert ours.handlers == vllm_root.handlers
+    assert logging.getLogger("vllm_omni_images.serving").getEffectiveLevel() == vllm_root.level

@@ -1,0 +1,126 @@
+"""Throughput and latency at concurrency 1-16: batching on, batching off, and the naive
+baseline server, measured side by side in one run on the same model.
+
+    .venv/bin/python -m benchmarks.throughput            # writes docs/benchmarks/throughput.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks.load import closed_loop, machine, markdown_table, write_results
+from benchmarks.server_process import free_port, running_server, vllm_serve_command
+from vllm_omni_images.tiny_model import ensure_tiny_model
+
+
+def servers(model: str, max_batch_size: int) -> dict[str, tuple[list[str], int]]:
+    on, off, naive = free_port(), free_port(), free_port()
+    return {
+        f"batching on (max {max_batch_size})": (
+            vllm_serve_command(model, on, "--image-max-batch-size", str(max_batch_size)),
+            on,
+        ),
+        "batching off": (vllm_serve_command(model, off, "--image-max-batch-size", "1"), off),
+        "naive baseline": (
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.naive_server",
+                "--model",
+                model,
+                "--port",
+                str(naive),
+            ],
+            naive,
+        ),
+    }
+
+
+async def measure(
+    base_url: str, levels: list[int], per_worker: int, size: str, steps: int, label: str
+) -> list[dict[str, Any]]:
+    def body(index: int) -> dict[str, Any]:
+        return {
+            "prompt": f"benchmark request {index}",
+            "size": size,
+            "num_inference_steps": steps,
+            "seed": index,
+        }
+
+    # Warm-up: first calls pay for lazy initialisation in torch and the server.
+    await closed_loop(base_url, 2, 4, body)
+    rows = []
+    for concurrency in levels:
+        result = await closed_loop(base_url, concurrency, max(16, concurrency * per_worker), body)
+        row = {"server": label, **result.summary()}
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny-qwen-image")
+    parser.add_argument("--size", default="128x128")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--levels", default="1,2,4,8,16")
+    parser.add_argument("--per-worker", type=int, default=4, help="requests per worker")
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    args = parser.parse_args()
+    ensure_tiny_model()
+    levels = [int(level) for level in args.levels.split(",")]
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as logs:
+        for label, (command, port) in servers(args.model, args.max_batch_size).items():
+            log = Path(logs) / f"{port}.log"
+            with running_server(command, port, log) as base_url:
+                rows += asyncio.run(
+                    measure(base_url, levels, args.per_worker, args.size, args.steps, label)
+                )
+    by = {(row["server"], row["concurrency"]): row for row in rows}
+    labels = list(dict.fromkeys(row["server"] for row in rows))
+    on, off, naive = labels
+    verdict = {
+        "c8_vs_c1_batching_on": round(by[(on, 8)]["images_per_s"] / by[(on, 1)]["images_per_s"], 2),
+        "c8_on_vs_naive": round(by[(on, 8)]["images_per_s"] / by[(naive, 8)]["images_per_s"], 2),
+        "c8_on_vs_off": round(by[(on, 8)]["images_per_s"] / by[(off, 8)]["images_per_s"], 2),
+        "lost_or_failed": sum(row["lost_or_failed"] for row in rows),
+        "duplicated_images": sum(row["duplicated_images"] for row in rows),
+    }
+    info = machine()
+    invocation = "python -m benchmarks.throughput " + " ".join(sys.argv[1:])
+    markdown = (
+        f"# Throughput and latency ({args.model}, {args.size}, {args.steps} steps)\n\n"
+        f"`{invocation.strip()}` on {info['cores']} cores ({info['cpu']}, GPU: {info['gpu']}), "
+        f"commit {info['commit']}, {info['date']}. Closed loop: each of `concurrency` clients "
+        f"sends its next request when the last one is answered, {args.per_worker} requests "
+        "each (at least 16 in all).\n\n"
+        + markdown_table(
+            rows,
+            [
+                "server",
+                "concurrency",
+                "requests",
+                "ok",
+                "lost_or_failed",
+                "duplicated_images",
+                "images_per_s",
+                "p50_ms",
+                "p99_ms",
+            ],
+        )
+        + "\n"
+        + markdown_table([verdict], list(verdict))
+    )
+    path = write_results("throughput", {"machine": info, "rows": rows, "ratios": verdict}, markdown)
+    print(markdown)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
