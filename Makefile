@@ -40,5 +40,14 @@ pytest: install
 
 test: lint typecheck pytest
 
+# All benchmarks, side by side in one run on the embedded model; each writes its table to
+# docs/benchmarks/ (summarised in docs/performance.md). About 10 minutes on 2 CPU cores.
+BENCHMARKS := encoding batch_invariance overhead liveness throughput
+
+benchmark: install
+	for name in $(BENCHMARKS); do \
+		HF_HUB_OFFLINE=1 $(VENV)/bin/python -m benchmarks.$$name || exit 1; \
+	done
+
 clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache
