@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--size", default="256x256")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--samples", type=int, default=300)
+    parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--interval-ms", type=float, default=20.0)
     args = parser.parse_args()
     ensure_tiny_model()

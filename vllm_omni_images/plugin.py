@@ -25,7 +25,8 @@ def log_through_vllm() -> None:
     ours = logging.getLogger("vllm_omni_images")
     vllm_root = logging.getLogger("vllm")
     for handler in vllm_root.handlers:
-        if handler not in ours.handlers:
+        # vLLM's logging config names its handler "vllm"; others (a test harness's) stay put.
+        if handler.name == "vllm" and handler not in ours.handlers:
             ours.addHandler(handler)
     ours.setLevel(vllm_root.level)
 

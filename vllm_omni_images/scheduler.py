@@ -211,10 +211,10 @@ ENGINE_THREAD_NICENESS = 10
 def yield_cpu_to_serving() -> None:
     """Run the calling thread, and the compute threads it starts, at a lower CPU priority.
 
-    Denoising keeps every core busy; the event loop (health checks, new requests, responses)
-    needs a core for a moment now and then. On Linux niceness is per thread and inherited by
-    the threads a thread creates, so torch's intra-op pool, started from the engine thread,
-    steps aside too. The engine loses only what serving actually uses.
+    Denoising (and encoding) keep every core busy; the event loop (health checks, new
+    requests, responses) needs a core for a moment now and then. On Linux niceness is per
+    thread and inherited by the threads a thread creates, so torch's intra-op pool, started
+    from the engine thread, steps aside too. The engine loses only what serving uses.
     """
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), ENGINE_THREAD_NICENESS)

@@ -42,6 +42,7 @@ from vllm_omni_images.scheduler import (
     RequestTimeoutError,
     RequestTimings,
     SchedulerClosedError,
+    yield_cpu_to_serving,
 )
 
 logger = init_logger(__name__)
@@ -152,9 +153,12 @@ class OpenAIServingImage:
         self.log_error_stack = log_error_stack
         self.metrics = engine_client.metrics
         # Encoding is CPU work in C code that releases the GIL: a few threads encode one
-        # request's images in parallel without touching the event loop.
+        # request's images in parallel without touching the event loop. Like denoising it is
+        # bulk work, so it too yields the CPU to the event loop.
         self._encode_executor = encode_executor or ThreadPoolExecutor(
-            max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="image-encode"
+            max_workers=min(8, os.cpu_count() or 1),
+            thread_name_prefix="image-encode",
+            initializer=yield_cpu_to_serving,
         )
 
     @staticmethod

@@ -29,13 +29,22 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir: Path, model_cache: Path, tmp_path_factory) -> Iterator[str]:
+def server_log(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("server") / "vllm-serve.log"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path, model_cache: Path, server_log: Path) -> Iterator[str]:
     port = free_port()
-    log_path = tmp_path_factory.mktemp("server") / "vllm-serve.log"
+    log_path = server_log
     command = vllm_serve_command("tiny-qwen-image", port, "--api-key", API_KEY)
     try:
         with running_server(
-            command, port, log_path, env={"VLLM_OMNI_IMAGES_CACHE": str(model_cache)}
+            command,
+            port,
+            log_path,
+            # vLLM's default level, as a user runs it (this test session quiets its own).
+            env={"VLLM_OMNI_IMAGES_CACHE": str(model_cache), "VLLM_LOGGING_LEVEL": "INFO"},
         ) as base_url:
             yield base_url
     except ServerFailedError as error:
@@ -85,6 +94,19 @@ def test_raw_http_with_and_without_key(server):
     second = httpx.post(f"{server}/v1/images/generations", json=body, headers=AUTH, timeout=60)
     assert first.status_code == 200, first.text
     assert first.json()["data"] == second.json()["data"]
+
+
+def test_each_request_logs_one_line_with_its_timings(server, server_log):
+    body = {"prompt": "a boat", "size": "64x64", "num_inference_steps": 2}
+    headers = {**AUTH, "X-Request-Id": "e2e-log-line"}
+    response = httpx.post(f"{server}/v1/images/generations", json=body, headers=headers)
+    assert response.status_code == 200
+    deadline = time.monotonic() + 10
+    while "e2e-log-line" not in server_log.read_text():
+        assert time.monotonic() < deadline, "the request's log line never appeared"
+        time.sleep(0.1)
+    [line] = [line for line in server_log.read_text().splitlines() if "e2e-log-line" in line]
+    assert "INFO" in line and "ok, 64x64, n=1, steps=2, queue=" in line
 
 
 def test_core_routes(server):

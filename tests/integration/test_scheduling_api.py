@@ -206,3 +206,24 @@ async def test_concurrent_mixed_requests_all_get_their_own_images(make_app, tiny
         body = response.json()
         assert body["size"] == sizes[index % len(sizes)]
         assert len(body["data"]) == 1 + index % 2
+
+
+async def test_shutdown_answers_every_accepted_request(make_app, engine: ObservedEngine) -> None:
+    app = await make_app(engine, ["--image-max-batch-size", "1"])
+    engine_client = app.state.engine_client
+    engine.gate.clear()
+    async with http_client(app) as client:
+        running = asyncio.create_task(generate(client, **FAST))
+        await asyncio.to_thread(engine.started.wait, WAIT_S)
+        queued = asyncio.create_task(generate(client, **FAST))
+        await wait_until(lambda: engine_client.scheduler.queued_images == 1, "queued")
+
+        # As vLLM does on SIGTERM: the synchronous hook, from a worker thread.
+        shutdown = asyncio.create_task(asyncio.to_thread(engine_client.shutdown, 0))
+        refused = await queued
+        assert "shut down" in assert_openai_error(refused, 503)["message"]
+        engine.gate.set()
+        assert (await running).status_code == 200  # the running batch finishes first
+        await shutdown
+        assert (await client.get("/health")).status_code == 503
+        assert_openai_error(await generate(client, **FAST), 503)
