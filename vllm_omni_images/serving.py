@@ -298,6 +298,3 @@ class OpenAIServingImage:
             err_type="InternalServerError",
             status_code=HTTPStatus.INTERNAL_SERVER_ERROR,
         )
-
-    def close(self) -> None:
-        self._encode_executor.shutdown(wait=False, cancel_futures=True)
