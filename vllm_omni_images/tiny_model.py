@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,6 @@ DEFAULTS_FILE = "vllm_omni_images.json"
 TINY_MODEL_DEFAULTS = {"width": 256, "height": 256, "num_inference_steps": 4}
 
 _SEED = 0
-_TEXT_HIDDEN = 16
-_TRANSFORMER_WEIGHT_GAIN = 3.0
 # Qwen-Image's scheduler settings (scheduler/scheduler_config.json of Qwen/Qwen-Image).
 _SCHEDULER_CONFIG = {
     "base_image_seq_len": 256,
@@ -104,8 +103,77 @@ def resolve_model_path(model: str) -> str:
     return model
 
 
+@dataclass(frozen=True)
+class QwenImageShape:
+    """The sizes of a Qwen-Image pipeline; the classes and wiring are always the real ones."""
+
+    layers: int
+    heads: int
+    head_dim: int
+    axes_dims_rope: tuple[int, int, int]  # sums to head_dim
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    text_kv_heads: int
+    text_intermediate: int
+    mrope_section: tuple[int, int, int]  # sums to text head_dim / 2
+    vae_base_dim: int
+    vae_res_blocks: int
+    weight_gain: float = 1.0
+    """Multiplies the transformer's linear weights after PyTorch's default init."""
+
+
+TINY_SHAPE = QwenImageShape(
+    layers=2,
+    heads=2,
+    head_dim=8,
+    axes_dims_rope=(2, 2, 4),
+    text_hidden=16,
+    text_layers=2,
+    text_heads=2,
+    text_kv_heads=1,
+    text_intermediate=32,
+    mrope_section=(1, 1, 2),  # Qwen2.5-VL's split of head_dim 128 is (16, 24, 24)
+    vae_base_dim=8,
+    vae_res_blocks=1,
+    # PyTorch's default init leaves a 2-layer model nearly blind to its text input; a wider
+    # spread makes the prompt (and the negative prompt) visibly change the image.
+    weight_gain=3.0,
+)
+
+
+def wide_shape(layers: int = 4, text_layers: int = 2) -> QwenImageShape:
+    """Qwen/Qwen-Image's real widths (a 3072-wide transformer, the 7B text encoder's 3584-wide
+    layers, the full VAE) with fewer layers: loads a GPU like the real model, per layer."""
+    return QwenImageShape(
+        layers=layers,
+        heads=24,
+        head_dim=128,
+        axes_dims_rope=(16, 56, 56),
+        text_hidden=3584,
+        text_layers=text_layers,
+        text_heads=28,
+        text_kv_heads=4,
+        text_intermediate=18944,
+        mrope_section=(16, 24, 24),
+        vae_base_dim=96,
+        vae_res_blocks=2,
+    )
+
+
 def build_tiny_model(path: Path) -> None:
     """Build the tiny pipeline into `path` (deterministic: same weights on every machine)."""
+    pipeline = build_qwen_image_pipeline(TINY_SHAPE)
+    pipeline.save_pretrained(path, safe_serialization=True)
+    (path / DEFAULTS_FILE).write_text(json.dumps(TINY_MODEL_DEFAULTS, indent=2) + "\n")
+    (path / MARKER_FILE).write_text(json.dumps({"version": TINY_MODEL_VERSION}) + "\n")
+
+
+def build_qwen_image_pipeline(shape: QwenImageShape, device: str | None = None) -> Any:
+    """A random-weight `QwenImagePipeline` of `shape`, seeded so every build is the same.
+
+    `device` builds the weights there directly (a wide model is too slow to initialise on a
+    CPU and then move)."""
     import torch
     from diffusers import (
         AutoencoderKLQwenImage,
@@ -114,45 +182,41 @@ def build_tiny_model(path: Path) -> None:
         QwenImageTransformer2DModel,
     )
 
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):
         torch.manual_seed(_SEED)
         transformer: Any = QwenImageTransformer2DModel(
             patch_size=2,
             in_channels=64,  # 16 latent channels packed into 2x2 patches
             out_channels=16,
-            num_layers=2,
-            attention_head_dim=8,
-            num_attention_heads=2,
-            joint_attention_dim=_TEXT_HIDDEN,
-            axes_dims_rope=(2, 2, 4),
+            num_layers=shape.layers,
+            attention_head_dim=shape.head_dim,
+            num_attention_heads=shape.heads,
+            joint_attention_dim=shape.text_hidden,
+            axes_dims_rope=shape.axes_dims_rope,
         )
-        # PyTorch's default init leaves a 2-layer model nearly blind to its text input; a wider
-        # spread makes the prompt (and the negative prompt) visibly change the image.
-        with torch.no_grad():
-            for module in transformer.modules():
-                if isinstance(module, torch.nn.Linear):
-                    module.weight.mul_(_TRANSFORMER_WEIGHT_GAIN)
+        if shape.weight_gain != 1.0:
+            with torch.no_grad():
+                for module in transformer.modules():
+                    if isinstance(module, torch.nn.Linear):
+                        module.weight.mul_(shape.weight_gain)
         torch.manual_seed(_SEED)
         vae = AutoencoderKLQwenImage(
-            base_dim=8,
+            base_dim=shape.vae_base_dim,
             z_dim=16,
             dim_mult=[1, 2, 4, 4],
-            num_res_blocks=1,
+            num_res_blocks=shape.vae_res_blocks,
             temperal_downsample=[False, True, True],
         )
         tokenizer = _build_tokenizer()
         torch.manual_seed(_SEED)
-        text_encoder = _build_text_encoder(vocab_size=len(tokenizer))
-    pipeline: Any = QwenImagePipeline(
+        text_encoder = _build_text_encoder(shape, vocab_size=len(tokenizer))
+    return QwenImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**_SCHEDULER_CONFIG),
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         transformer=transformer,
     )
-    pipeline.save_pretrained(path, safe_serialization=True)
-    (path / DEFAULTS_FILE).write_text(json.dumps(TINY_MODEL_DEFAULTS, indent=2) + "\n")
-    (path / MARKER_FILE).write_text(json.dumps({"version": TINY_MODEL_VERSION}) + "\n")
 
 
 # The words of QwenImagePipeline's prompt template. Merging each into one token makes the
@@ -192,7 +256,7 @@ def _build_tokenizer():  # type: ignore[no-untyped-def]  # transformers' class i
     return tokenizer
 
 
-def _build_text_encoder(vocab_size: int):  # type: ignore[no-untyped-def]
+def _build_text_encoder(shape: QwenImageShape, vocab_size: int):  # type: ignore[no-untyped-def]
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     # Four ids after the tokenizer's own for the vision markers, so that text-only prompts
@@ -202,26 +266,27 @@ def _build_text_encoder(vocab_size: int):  # type: ignore[no-untyped-def]
     config = Qwen2_5_VLConfig(
         text_config={
             "vocab_size": vocab_size,
-            "hidden_size": _TEXT_HIDDEN,
-            "intermediate_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
+            "hidden_size": shape.text_hidden,
+            "intermediate_size": shape.text_intermediate,
+            "num_hidden_layers": shape.text_layers,
+            "num_attention_heads": shape.text_heads,
+            "num_key_value_heads": shape.text_kv_heads,
             "max_position_embeddings": 4096,
             "bos_token_id": None,
             "eos_token_id": None,
             "rope_parameters": {
                 "rope_type": "default",
                 "rope_theta": 1000000.0,
-                "mrope_section": [1, 1, 2],  # halves of head_dim 8, as Qwen2.5-VL splits 128
+                "mrope_section": list(shape.mrope_section),
             },
         },
+        # Qwen-Image never passes images to its text encoder; a minimal vision tower suffices.
         vision_config={
             "depth": 1,
             "hidden_size": 16,
             "intermediate_size": 32,
             "num_heads": 2,
-            "out_hidden_size": _TEXT_HIDDEN,
+            "out_hidden_size": shape.text_hidden,
             "fullatt_block_indexes": [0],
         },
         image_token_id=text_tokens,

@@ -54,14 +54,19 @@ class DiffusersEngine(ImageEngine):
         model_path: str,
         device: str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        pipeline: Any = None,
     ) -> None:
-        from diffusers import DiffusionPipeline
-
+        """Load the pipeline folder (or hub id) `model_path`; or serve `pipeline`, already
+        built in memory, under that name."""
         self.device = device or default_device()
         self.dtype = dtype or default_dtype(self.device)
         self.model_path = model_path
-        self._pipe: Any = DiffusionPipeline.from_pretrained(model_path, dtype=self.dtype)
-        self._pipe.to(self.device)
+        if pipeline is None:
+            from diffusers import DiffusionPipeline
+
+            pipeline = DiffusionPipeline.from_pretrained(model_path, dtype=self.dtype)
+        self._pipe: Any = pipeline.to(self.device, self.dtype)
         self._pipe.set_progress_bar_config(disable=True)
         self._call_params = frozenset(inspect.signature(self._pipe.__call__).parameters)
         self._defaults = read_defaults(self._pipe, model_path)

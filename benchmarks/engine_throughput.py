@@ -1,0 +1,147 @@
+"""Engine-level throughput, batching on and off: the scheduler and the diffusers engine alone,
+without vLLM or HTTP, so it runs on a GPU machine that has only torch, transformers and
+diffusers. Concurrent submitters in a closed loop, as in `benchmarks.throughput`.
+
+    .venv/bin/python -m benchmarks.engine_throughput                       # tiny model, CPU
+    python3 -m benchmarks.engine_throughput --shape wide --layers 4 \\
+        --device cuda --size 1024x1024 --steps 20                          # on a GPU
+
+`--shape wide` builds a random-weight Qwen-Image with the real model's widths and fewer
+layers (`tiny_model.wide_shape`), directly on the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from typing import Any
+
+import torch
+
+from benchmarks.load import machine, markdown_table, percentile, write_results
+from vllm_omni_images.engine import EngineRequest
+from vllm_omni_images.engine.diffusers_engine import DiffusersEngine
+from vllm_omni_images.scheduler import ImageScheduler, SchedulerConfig
+from vllm_omni_images.tiny_model import (
+    build_qwen_image_pipeline,
+    ensure_tiny_model,
+    wide_shape,
+)
+
+
+def load_engine(shape: str, layers: int, device: str) -> DiffusersEngine:
+    if shape == "tiny":
+        return DiffusersEngine(str(ensure_tiny_model()), device=device)
+    pipeline = build_qwen_image_pipeline(wide_shape(layers=layers), device=device)
+    return DiffusersEngine(f"wide-qwen-image-{layers}-layers", device=device, pipeline=pipeline)
+
+
+async def closed_loop(
+    scheduler: ImageScheduler, concurrency: int, requests: int, width: int, height: int, steps: int
+) -> dict[str, Any]:
+    next_index = 0
+    latencies: list[float] = []
+    images = 0
+
+    async def worker() -> None:
+        nonlocal next_index, images
+        while next_index < requests:
+            index = next_index
+            next_index += 1
+            request = EngineRequest(
+                prompt=f"benchmark request {index}",
+                seeds=(index,),
+                width=width,
+                height=height,
+                num_inference_steps=steps,
+            )
+            start = time.perf_counter()
+            result = await scheduler.submit(request)
+            latencies.append(time.perf_counter() - start)
+            images += len(result)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall_s = time.perf_counter() - start
+    return {
+        "concurrency": concurrency,
+        "requests": requests,
+        "images_per_s": round(images / wall_s, 3),
+        "p50_ms": round(percentile(latencies, 0.5) * 1e3, 1),
+        "p99_ms": round(percentile(latencies, 0.99) * 1e3, 1),
+    }
+
+
+async def run(engine: DiffusersEngine, args: argparse.Namespace) -> list[dict[str, Any]]:
+    width, height = (int(v) for v in args.size.split("x"))
+    levels = [int(v) for v in args.levels.split(",")]
+    rows = []
+    for max_batch in (int(v) for v in args.max_batch_sizes.split(",")):
+        config = SchedulerConfig(
+            max_batch_size=max_batch, max_queue_images=4096, request_timeout_s=None
+        )
+        scheduler = ImageScheduler(engine, config)
+        try:
+            # Warm-up at every batch size this run will see (kernels, allocator, autotuning).
+            await closed_loop(scheduler, max(levels), max(levels), width, height, args.steps)
+            for concurrency in levels:
+                requests = max(args.min_requests, concurrency * args.per_worker)
+                row = await closed_loop(scheduler, concurrency, requests, width, height, args.steps)
+                rows.append({"max_batch_size": max_batch, **row})
+                print(rows[-1], flush=True)
+        finally:
+            await scheduler.close()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=("tiny", "wide"), default="tiny")
+    parser.add_argument("--layers", type=int, default=4, help="transformer layers (wide)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--size", default="128x128")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--levels", default="1,2,4,8")
+    parser.add_argument("--max-batch-sizes", default="1,8", help="1 = batching off")
+    parser.add_argument("--per-worker", type=int, default=4)
+    parser.add_argument("--min-requests", type=int, default=16)
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    engine = load_engine(args.shape, args.layers, args.device)
+    load_s = time.perf_counter() - started
+    rows = asyncio.run(run(engine, args))
+    info = machine()
+    peak_gib = None
+    if args.device.startswith("cuda"):
+        peak_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    by = {(row["max_batch_size"], row["concurrency"]): row for row in rows}
+    batch_sizes = sorted({row["max_batch_size"] for row in rows})
+    top = max(row["concurrency"] for row in rows)
+    ratio = None
+    if len(batch_sizes) > 1:
+        on, off = by[(batch_sizes[-1], top)], by[(batch_sizes[0], top)]
+        ratio = round(on["images_per_s"] / off["images_per_s"], 2)
+    name = f"engine_throughput_{args.shape}_{args.device.split(':')[0]}"
+    invocation = ("python -m benchmarks.engine_throughput " + " ".join(sys.argv[1:])).strip()
+    markdown = (
+        f"# Engine throughput, batching on and off ({engine.model_path}, {args.size}, "
+        f"{args.steps} steps, {args.device}, {engine.dtype})\n\n"
+        f"`{invocation}`; {info['cores']} cores, GPU: {info['gpu']}, torch {info['torch']}, "
+        f"commit {info['commit']}, {info['date']}. Model built/loaded in {load_s:.1f} s; peak "
+        f"GPU memory {peak_gib} GiB.\n\n"
+        + markdown_table(
+            rows, ["max_batch_size", "concurrency", "requests", "images_per_s", "p50_ms", "p99_ms"]
+        )
+        + f"\nThroughput at concurrency {top}, largest batch / batch 1: **{ratio}**.\n"
+    )
+    results = {"machine": info, "rows": rows, "ratio": ratio, "peak_gib": peak_gib}
+    path = write_results(name, results, markdown)
+    print(markdown)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
