@@ -8,12 +8,11 @@ difference per image.
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 import numpy as np
 
-from benchmarks.load import machine, markdown_table, write_results
+from benchmarks.load import machine, markdown_table, run_description, write_results
 from vllm_omni_images.engine import EngineRequest
 from vllm_omni_images.engine.diffusers_engine import DiffusersEngine
 from vllm_omni_images.tiny_model import ensure_tiny_model
@@ -88,11 +87,10 @@ def main() -> None:
             )
             print(rows[-1], flush=True)
     info = machine()
-    invocation = ("python -m benchmarks.batch_invariance " + " ".join(sys.argv[1:])).strip()
     markdown = (
         "# Seed invariance under batching\n\n"
-        f"`{invocation}` on {info['cores']} cores ({info['cpu']}, GPU: {info['gpu']}, "
-        f"float32), commit {info['commit']}, {info['date']}. {len(PROMPTS)} requests of "
+        f"{run_description('benchmarks.batch_invariance', info)} float32; "
+        f"{len(PROMPTS)} requests of "
         f"different prompts and `n` (1 or 2), each generated alone and then in batches; "
         "the largest difference of any pixel value (0-255) between the two.\n\n"
         + markdown_table(rows, COLUMNS)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import sys
 import time
 from typing import Any
 
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.load import machine, markdown_table, median, write_results
+from benchmarks.load import machine, markdown_table, median, run_description, write_results
 from vllm_omni_images.encoding import PNG_COMPRESS_LEVEL
 from vllm_omni_images.tiny_model import ensure_tiny_model
 
@@ -86,11 +85,10 @@ def main() -> None:
                 )
                 print(rows[-1], flush=True)
     info = machine()
-    invocation = ("python -m benchmarks.encoding " + " ".join(sys.argv[1:])).strip()
     markdown = (
         "# PNG encoding cost by zlib level\n\n"
-        f"`{invocation}` on {info['cores']} cores ({info['cpu']}), commit {info['commit']}, "
-        f"{info['date']}. Median of {args.repeats} encodes of one image; ratios against "
+        f"{run_description('benchmarks.encoding', info)} Median of {args.repeats} "
+        "encodes of one image; ratios against "
         f"level 6 (PIL's default). The server uses level {PNG_COMPRESS_LEVEL}.\n\n"
         + markdown_table(
             rows, ["image", "px", "level", "ms", "KiB", "time_vs_default", "size_vs_default"]

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 import time
 from typing import Any
 
 import torch
 
-from benchmarks.load import machine, markdown_table, percentile, write_results
+from benchmarks.load import machine, markdown_table, percentile, run_description, write_results
 from vllm_omni_images.engine import EngineRequest
 from vllm_omni_images.engine.diffusers_engine import DiffusersEngine
 from vllm_omni_images.scheduler import ImageScheduler, SchedulerConfig
@@ -125,12 +124,11 @@ def main() -> None:
         on, off = by[(batch_sizes[-1], top)], by[(batch_sizes[0], top)]
         ratio = round(on["images_per_s"] / off["images_per_s"], 2)
     name = f"engine_throughput_{args.shape}_{args.device.split(':')[0]}"
-    invocation = ("python -m benchmarks.engine_throughput " + " ".join(sys.argv[1:])).strip()
     markdown = (
         f"# Engine throughput, batching on and off ({engine.model_path}, {args.size}, "
         f"{args.steps} steps, {args.device}, {engine.dtype})\n\n"
-        f"`{invocation}`; {info['cores']} cores, GPU: {info['gpu']}, torch {info['torch']}, "
-        f"commit {info['commit']}, {info['date']}. Model built/loaded in {load_s:.1f} s; peak "
+        f"{run_description('benchmarks.engine_throughput', info)} Model built/loaded in "
+        f"{load_s:.1f} s; peak "
         f"GPU memory {peak_gib} GiB.\n\n"
         + markdown_table(
             rows, ["max_batch_size", "concurrency", "requests", "images_per_s", "p50_ms", "p99_ms"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.load import machine, markdown_table, percentile, write_results
+from benchmarks.load import machine, markdown_table, percentile, run_description, write_results
 from benchmarks.server_process import free_port, running_server, vllm_serve_command
 from vllm_omni_images.tiny_model import ensure_tiny_model
 
@@ -111,12 +110,10 @@ def main() -> None:
     ratio = rows[1]["p99_ms"] / rows[0]["p99_ms"]
     meets = ratio <= P99_RATIO_TARGET and rows[1]["p99_ms"] <= P99_MS_TARGET
     info = machine()
-    invocation = ("python -m benchmarks.liveness " + " ".join(sys.argv[1:])).strip()
     markdown = (
         f"# `/health` latency, idle and saturated ({args.model}, {args.size}, "
         f"{args.steps} steps)\n\n"
-        f"`{invocation}` on {info['cores']} cores ({info['cpu']}, GPU: {info['gpu']}), commit "
-        f"{info['commit']}, {info['date']}. {args.samples} sequential probes "
+        f"{run_description('benchmarks.liveness', info)} {args.samples} sequential probes "
         f"{args.interval_ms:g} ms apart; the load process keeps {args.concurrency} requests in "
         f"flight (images queued or running when probing began/ended: {busy_before:g}/"
         f"{busy_after:g}).\n\n"

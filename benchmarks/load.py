@@ -7,6 +7,7 @@ import json
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -131,6 +132,15 @@ def machine() -> dict[str, Any]:
     }
 
 
+def run_description(module: str, info: dict[str, Any]) -> str:
+    """How a result was produced: the exact command, the machine, the commit and the date."""
+    command = " ".join(["python -m", module, *sys.argv[1:]])
+    return (
+        f"`{command}` on {info['cores']} cores ({info['cpu']}), GPU: {info['gpu']}, "
+        f"torch {info['torch']}, commit {info['commit']}, {info['date']}."
+    )
+
+
 def _git_commit() -> str:
     try:
         return subprocess.run(
@@ -167,5 +177,6 @@ __all__ = [
     "markdown_table",
     "median",
     "percentile",
+    "run_description",
     "write_results",
 ]

@@ -7,7 +7,6 @@ against the same pipeline call made directly in this process, interleaved one fo
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -16,7 +15,14 @@ from typing import Any
 import openai
 import torch
 
-from benchmarks.load import machine, markdown_table, median, percentile, write_results
+from benchmarks.load import (
+    machine,
+    markdown_table,
+    median,
+    percentile,
+    run_description,
+    write_results,
+)
 from benchmarks.server_process import free_port, running_server, vllm_serve_command
 from vllm_omni_images.tiny_model import ensure_tiny_model, resolve_model_path
 
@@ -87,12 +93,11 @@ def main() -> None:
         for name, samples in (("openai SDK -> vllm serve", served), ("direct pipeline", called))
     ]
     info = machine()
-    invocation = ("python -m benchmarks.overhead " + " ".join(sys.argv[1:])).strip()
     verdict = "meets" if ratio <= TARGET_RATIO else "misses"
     markdown = (
         f"# Serving overhead ({args.model}, {args.size}, {args.steps} steps)\n\n"
-        f"`{invocation}` on {info['cores']} cores ({info['cpu']}, GPU: {info['gpu']}), commit "
-        f"{info['commit']}, {info['date']}. {args.iterations} requests each way, interleaved.\n\n"
+        f"{run_description('benchmarks.overhead', info)} {args.iterations} requests each "
+        "way, interleaved.\n\n"
         + markdown_table(rows, ["path", "p50_ms", "p99_ms"])
         + f"\nRatio of medians, served / direct: **{ratio:.3f}** ({verdict} the target "
         f"{TARGET_RATIO}).\n"

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.load import closed_loop, machine, markdown_table, write_results
+from benchmarks.load import closed_loop, machine, markdown_table, run_description, write_results
 from benchmarks.server_process import free_port, running_server, vllm_serve_command
 from vllm_omni_images.tiny_model import ensure_tiny_model
 
@@ -93,11 +93,10 @@ def main() -> None:
         "duplicated_images": sum(row["duplicated_images"] for row in rows),
     }
     info = machine()
-    invocation = "python -m benchmarks.throughput " + " ".join(sys.argv[1:])
     markdown = (
         f"# Throughput and latency ({args.model}, {args.size}, {args.steps} steps)\n\n"
-        f"`{invocation.strip()}` on {info['cores']} cores ({info['cpu']}, GPU: {info['gpu']}), "
-        f"commit {info['commit']}, {info['date']}. Closed loop: each of `concurrency` clients "
+        f"{run_description('benchmarks.throughput', info)} Closed loop: each of "
+        "`concurrency` clients "
         f"sends its next request when the last one is answered, {args.per_worker} requests "
         "each (at least 16 in all).\n\n"
         + markdown_table(
