@@ -20,6 +20,7 @@ from vllm_omni_images.metrics import ModelMetrics
 from vllm_omni_images.scheduler import (
     ImageScheduler,
     RequestTimings,
+    SchedulerClosedError,
     SchedulerConfig,
 )
 
@@ -97,6 +98,8 @@ class ImageEngineClient:
         `ImageScheduler.submit` for what it raises)."""
         self.engine  # noqa: B018 - raises EngineNotReadyError when there is no model
         assert self.scheduler is not None
+        if self._closing:  # draining: finish what was accepted, take nothing new
+            raise SchedulerClosedError()
         self._loop = asyncio.get_running_loop()
         return await self.scheduler.submit(request, timings)
 

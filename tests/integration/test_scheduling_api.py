@@ -227,3 +227,25 @@ async def test_shutdown_answers_every_accepted_request(make_app, engine: Observe
         await shutdown
         assert (await client.get("/health")).status_code == 503
         assert_openai_error(await generate(client, **FAST), 503)
+
+
+async def test_a_draining_shutdown_finishes_accepted_work_and_takes_no_new(
+    make_app, engine: ObservedEngine
+) -> None:
+    app = await make_app(engine, ["--image-max-batch-size", "1"])
+    engine_client = app.state.engine_client
+    engine.gate.clear()
+    async with http_client(app) as client:
+        running = asyncio.create_task(generate(client, **FAST))
+        await asyncio.to_thread(engine.started.wait, WAIT_S)
+        queued = asyncio.create_task(generate(client, **FAST))
+        await wait_until(lambda: engine_client.scheduler.queued_images == 1, "queued")
+
+        shutdown = asyncio.create_task(asyncio.to_thread(engine_client.shutdown, 30))
+        await wait_until(lambda: engine_client._closing, "draining")
+        late = await generate(client, **FAST)
+        assert "shut down" in assert_openai_error(late, 503)["message"]
+        engine.gate.set()
+        assert (await running).status_code == 200
+        assert (await queued).status_code == 200  # drained, not dropped
+        await shutdown
