@@ -115,6 +115,9 @@ class ImageEngineClient:
             while self._busy() and time.monotonic() < deadline:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
             await self.scheduler.close()
+        self._release_engine()
+
+    def _release_engine(self) -> None:
         self._closed.set()
         if self._engine is not None:
             self._engine.close()
@@ -133,9 +136,7 @@ class ImageEngineClient:
             asyncio.run_coroutine_threadsafe(self.close(timeout or 0.0), loop).result()
             return
         # No request ever ran (so no worker to stop), or we are past the loop.
-        self._closed.set()
-        if self._engine is not None:
-            self._engine.close()
+        self._release_engine()
 
 
 def _on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:

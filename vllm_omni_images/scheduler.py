@@ -417,7 +417,7 @@ class ImageScheduler:
         self._notify(
             self._observer.on_batch_start,
             requests,
-            [start - pending.arrival for pending in batch.items],
+            [pending.timings.queue_s for pending in batch.items],
         )
         last_step = start
 

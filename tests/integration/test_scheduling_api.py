@@ -61,6 +61,19 @@ async def wait_until(condition: Callable[[], bool], what: str) -> None:
         await asyncio.sleep(0.005)
 
 
+async def one_running_one_queued(
+    client: httpx.AsyncClient, app, engine: ObservedEngine, queued_n: int = 1
+) -> tuple[asyncio.Task[httpx.Response], asyncio.Task[httpx.Response]]:
+    """Hold a first request in the engine (the gate is closed) and queue a second behind it."""
+    engine.gate.clear()
+    running = asyncio.create_task(generate(client, **FAST))
+    await asyncio.to_thread(engine.started.wait, WAIT_S)
+    queued = asyncio.create_task(generate(client, **FAST, n=queued_n))
+    scheduler = app.state.engine_client.scheduler
+    await wait_until(lambda: scheduler.queued_images == queued_n, "queued")
+    return running, queued
+
+
 def metric_value(text: str, name: str, **labels: str) -> float:
     total = 0.0
     for family in text_string_to_metric_families(text):
@@ -91,12 +104,8 @@ async def test_concurrent_requests_share_batches(make_app, engine: ObservedEngin
 
 async def test_a_full_queue_answers_429_with_retry_after(make_app, engine: ObservedEngine) -> None:
     app = await make_app(engine, ["--image-max-batch-size", "1", "--image-max-queue", "2"])
-    engine.gate.clear()
     async with http_client(app) as client:
-        running = asyncio.create_task(generate(client, **FAST))
-        await asyncio.to_thread(engine.started.wait, WAIT_S)
-        queued = asyncio.create_task(generate(client, **FAST, n=2))
-        await wait_until(lambda: app.state.engine_client.scheduler.queued_images == 2, "queued")
+        running, queued = await one_running_one_queued(client, app, engine, queued_n=2)
 
         refused = await generate(client, **FAST)
         error = assert_openai_error(refused, 429)
@@ -211,12 +220,8 @@ async def test_concurrent_mixed_requests_all_get_their_own_images(make_app, tiny
 async def test_shutdown_answers_every_accepted_request(make_app, engine: ObservedEngine) -> None:
     app = await make_app(engine, ["--image-max-batch-size", "1"])
     engine_client = app.state.engine_client
-    engine.gate.clear()
     async with http_client(app) as client:
-        running = asyncio.create_task(generate(client, **FAST))
-        await asyncio.to_thread(engine.started.wait, WAIT_S)
-        queued = asyncio.create_task(generate(client, **FAST))
-        await wait_until(lambda: engine_client.scheduler.queued_images == 1, "queued")
+        running, queued = await one_running_one_queued(client, app, engine)
 
         # As vLLM does on SIGTERM: the synchronous hook, from a worker thread.
         shutdown = asyncio.create_task(asyncio.to_thread(engine_client.shutdown, 0))
@@ -234,12 +239,8 @@ async def test_a_draining_shutdown_finishes_accepted_work_and_takes_no_new(
 ) -> None:
     app = await make_app(engine, ["--image-max-batch-size", "1"])
     engine_client = app.state.engine_client
-    engine.gate.clear()
     async with http_client(app) as client:
-        running = asyncio.create_task(generate(client, **FAST))
-        await asyncio.to_thread(engine.started.wait, WAIT_S)
-        queued = asyncio.create_task(generate(client, **FAST))
-        await wait_until(lambda: engine_client.scheduler.queued_images == 1, "queued")
+        running, queued = await one_running_one_queued(client, app, engine)
 
         shutdown = asyncio.create_task(asyncio.to_thread(engine_client.shutdown, 30))
         await wait_until(lambda: engine_client._closing, "draining")
