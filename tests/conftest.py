@@ -36,7 +36,7 @@ def serve_parser():
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    from vllm_omni_images import vllm_patches
+    from vllm_omni_images.server import vllm_patches
 
     vllm_patches.fall_back_to_cpu_platform()
     return make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))

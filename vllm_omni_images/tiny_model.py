@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vllm_omni_images.engine.base import DEFAULTS_FILE
+
 TINY_MODEL_NAME = "tiny-qwen-image"
 CACHE_ENV_VAR = "VLLM_OMNI_IMAGES_CACHE"
 DEFAULT_CACHE_DIR = Path("~/.cache/vllm-omni-images")
@@ -27,9 +29,7 @@ DEFAULT_CACHE_DIR = Path("~/.cache/vllm-omni-images")
 TINY_MODEL_VERSION = 1
 MARKER_FILE = "tiny_model_version.json"
 
-# Per-model serving defaults that a pipeline does not record itself. Any model folder may hold
-# one; the diffusers engine reads it.
-DEFAULTS_FILE = "vllm_omni_images.json"
+# The serving defaults the pipeline does not record itself (see `engine.base.DEFAULTS_FILE`).
 TINY_MODEL_DEFAULTS = {"width": 256, "height": 256, "num_inference_steps": 4}
 
 _SEED = 0

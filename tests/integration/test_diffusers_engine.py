@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from vllm_omni_images.engine import (
+from vllm_omni_images.engine.base import EngineRequest, ModelDefaults
+from vllm_omni_images.engine.diffusers_engine import DiffusersEngine, read_defaults
+from vllm_omni_images.engine.errors import (
     EngineError,
     EngineOutOfMemoryError,
-    EngineRequest,
     EngineUnavailableError,
     GenerationCancelled,
-    ModelDefaults,
-    create_engine,
-    resolve_engine_name,
 )
-from vllm_omni_images.engine.diffusers_engine import DiffusersEngine, read_defaults
+from vllm_omni_images.engine.selection import create_engine, resolve_engine_name
 
 
 def request(prompt: str = "a red fox", seeds: tuple[int, ...] = (1,), **knobs) -> EngineRequest:
@@ -130,8 +129,10 @@ def test_the_omni_engine_is_refused_clearly() -> None:
         create_engine("tiny-qwen-image", "omni")
 
 
-def test_create_engine_loads_the_embedded_model_by_name(tiny_model_dir: Path) -> None:
-    engine = create_engine("tiny-qwen-image", "auto", device="cpu")
+def test_the_server_loads_the_embedded_model_by_name(tiny_model_dir: Path) -> None:
+    from vllm_omni_images.server.launcher import load_engine
+
+    engine = load_engine(argparse.Namespace(model="tiny-qwen-image", image_engine="auto"))
     assert isinstance(engine, DiffusersEngine)
     assert engine.model_path == str(tiny_model_dir)
 

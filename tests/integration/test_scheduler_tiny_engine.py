@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from vllm_omni_images.engine.base import EngineRequest, ImageEngine
-from vllm_omni_images.scheduler import ImageScheduler, SchedulerConfig, SchedulerObserver
+from vllm_omni_images.engine.scheduler import ImageScheduler, SchedulerConfig, SchedulerObserver
 
 
 class BatchSizes(SchedulerObserver):

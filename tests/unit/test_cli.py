@@ -2,7 +2,11 @@ import argparse
 
 import pytest
 
-from vllm_omni_images.cli import add_image_cli_args, asks_for_image_task, asks_for_serve_help
+from vllm_omni_images.server.cli_args import (
+    add_image_cli_args,
+    asks_for_image_task,
+    asks_for_serve_help,
+)
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vllm_omni_images.encoding import decode_image_base64, encode_image_base64
+from vllm_omni_images.images.encoding import decode_image_base64, encode_image_base64
 
 
 @pytest.fixture

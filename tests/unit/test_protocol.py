@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from vllm_omni_images.protocol import (
+from vllm_omni_images.images.protocol import (
     INT64_MAX,
     INT64_MIN,
     ImageGenerationRequest,

@@ -1,8 +1,8 @@
 import pytest
+from vllm.exceptions import VLLMValidationError
 
-from vllm_omni_images.engine import ModelDefaults
-from vllm_omni_images.protocol import ImageGenerationRequest
-from vllm_omni_images.serving import RequestError, image_seeds, resolve_size, to_engine_request
+from vllm_omni_images.engine.base import ModelDefaults
+from vllm_omni_images.images.protocol import ImageGenerationRequest, image_seeds, resolve_size
 
 DEFAULTS = ModelDefaults(
     width=256,
@@ -25,14 +25,14 @@ def test_size_is_width_then_height():
 
 @pytest.mark.parametrize("size", ["250x256", "256x100", "8x8", "0x256"])
 def test_size_must_follow_the_architecture_rule(size):
-    with pytest.raises(RequestError) as info:
+    with pytest.raises(VLLMValidationError) as info:
         resolve_size(size, DEFAULTS)
-    assert info.value.param == "size"
+    assert info.value.parameter == "size"
     assert "multiples of 16" in str(info.value)
 
 
 def test_size_is_bounded():
-    with pytest.raises(RequestError) as info:
+    with pytest.raises(VLLMValidationError) as info:
         resolve_size("2048x2048", DEFAULTS)
     assert "too large" in str(info.value)
 
@@ -53,7 +53,7 @@ def test_random_seeds_differ_between_requests_and_images():
 
 
 def test_mapping_applies_defaults():
-    request = to_engine_request(ImageGenerationRequest(prompt="a cat"), DEFAULTS, "id-1")
+    request = ImageGenerationRequest(prompt="a cat").to_engine_request(DEFAULTS, "id-1")
     assert (request.width, request.height) == (256, 256)
     assert request.num_inference_steps == 4
     assert request.true_cfg_scale == 4.0
@@ -64,20 +64,16 @@ def test_mapping_applies_defaults():
 
 
 def test_mapping_passes_every_extension_through():
-    request = to_engine_request(
-        ImageGenerationRequest(
-            prompt="a cat",
-            negative_prompt="blurry",
-            n=3,
-            size="128x64",
-            num_inference_steps=7,
-            guidance_scale=2.5,
-            true_cfg_scale=6.0,
-            seed=10,
-        ),
-        DEFAULTS,
-        "id-2",
-    )
+    request = ImageGenerationRequest(
+        prompt="a cat",
+        negative_prompt="blurry",
+        n=3,
+        size="128x64",
+        num_inference_steps=7,
+        guidance_scale=2.5,
+        true_cfg_scale=6.0,
+        seed=10,
+    ).to_engine_request(DEFAULTS, "id-2")
     assert request.prompt == "a cat"
     assert request.negative_prompt == "blurry"
     assert request.seeds == (10, 11, 12)
@@ -91,7 +87,7 @@ def test_mapping_passes_every_extension_through():
     ("field", "value"), [("response_format", "url"), ("background", "transparent")]
 )
 def test_unsupported_options_name_their_field(field, value):
-    with pytest.raises(RequestError) as info:
-        to_engine_request(ImageGenerationRequest(prompt="p", **{field: value}), DEFAULTS, "id")
-    assert info.value.param == field
+    with pytest.raises(VLLMValidationError) as info:
+        ImageGenerationRequest(prompt="p", **{field: value}).to_engine_request(DEFAULTS, "id")
+    assert info.value.parameter == field
     assert "not supported" in str(info.value)

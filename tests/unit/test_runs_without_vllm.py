@@ -21,9 +21,9 @@ sys.meta_path.insert(0, NoVllm())
 
 def test_engine_scheduler_and_engine_benchmark_import_without_vllm() -> None:
     code = BLOCK_VLLM + (
-        "import vllm_omni_images.engine.diffusers_engine, vllm_omni_images.scheduler\n"
+        "import vllm_omni_images.engine.diffusers_engine, vllm_omni_images.engine.scheduler\n"
         "import vllm_omni_images.tiny_model, benchmarks.engine_throughput\n"
-        "from vllm_omni_images.engine import create_engine\n"
+        "from vllm_omni_images.engine.selection import create_engine\n"
         "print('ok')\n"
     )
     result = subprocess.run(
@@ -34,7 +34,7 @@ def test_engine_scheduler_and_engine_benchmark_import_without_vllm() -> None:
 
 
 def test_the_blocker_really_blocks() -> None:
-    code = BLOCK_VLLM + "import vllm_omni_images.serving\n"
+    code = BLOCK_VLLM + "import vllm_omni_images.images.serving\n"
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
     )

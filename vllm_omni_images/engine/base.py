@@ -1,8 +1,9 @@
 """The small interface every image engine implements.
 
 Everything above this module (scheduler, serving, HTTP) talks only to `ImageEngine`, so an
-engine can be swapped by platform or model without touching a caller. This module must stay
-importable without vLLM: the GPU benchmarks run engines where only diffusers is installed.
+engine can be swapped by platform or model without touching a caller. Its exceptions are in
+`errors.py`. This module must stay importable without vLLM: the GPU benchmarks run engines
+where only diffusers is installed.
 """
 
 from __future__ import annotations
@@ -14,17 +15,9 @@ from typing import NamedTuple
 
 from PIL import Image
 
-
-class EngineError(Exception):
-    """Generation failed inside the engine; the engine itself can keep serving."""
-
-
-class EngineOutOfMemoryError(EngineError):
-    """The device ran out of memory for this batch; smaller or fewer images may still fit."""
-
-
-class GenerationCancelled(Exception):  # noqa: N818 - a control-flow signal, not a failure
-    """Every request of a running batch was abandoned; the engine stopped between steps."""
+DEFAULTS_FILE = "vllm_omni_images.json"
+"""A model folder may hold this file: `ModelDefaults` fields that override what an engine reads
+from the pipeline (sizes, steps), for the defaults a pipeline does not record itself."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +82,7 @@ def batch_key(request: EngineRequest) -> BatchKey:
 
 StepCallback = Callable[[int, int], None]
 """Called after each denoising step with (step index, total steps). It may raise
-`GenerationCancelled` to stop the batch at once."""
+`errors.GenerationCancelled` to stop the batch at once."""
 
 
 class ImageEngine(abc.ABC):

@@ -16,16 +16,14 @@ import torch
 from PIL import Image
 
 from vllm_omni_images.engine.base import (
-    EngineError,
-    EngineOutOfMemoryError,
+    DEFAULTS_FILE,
     EngineRequest,
-    GenerationCancelled,
     ImageEngine,
     ModelDefaults,
     StepCallback,
     batch_key,
 )
-from vllm_omni_images.tiny_model import DEFAULTS_FILE
+from vllm_omni_images.engine.errors import EngineError, EngineOutOfMemoryError, GenerationCancelled
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI
 from starlette.datastructures import State
 
-from vllm_omni_images.cli import IMAGE_TASK
+from vllm_omni_images.server.cli_args import IMAGE_TASK
 
 if TYPE_CHECKING:
     from vllm.engine.protocol import EngineClient
@@ -23,15 +23,17 @@ class ImagesEndpointPlugin:
     required_tasks: Any = (IMAGE_TASK,)
 
     def attach_router(self, app: FastAPI) -> None:
-        from vllm_omni_images.api_router import attach_router
+        from vllm_omni_images.images.api_router import TEXT_ONLY_PATHS, attach_router
+        from vllm_omni_images.server.vllm_patches import remove_core_routes
 
+        remove_core_routes(app, TEXT_ONLY_PATHS)
         attach_router(app)
 
     async def init_state(
         self, engine_client: EngineClient | None, state: State, args: Namespace
     ) -> None:
-        from vllm_omni_images.engine_client import ImageEngineClient
-        from vllm_omni_images.serving import OpenAIServingImage
+        from vllm_omni_images.engine.client import ImageEngineClient
+        from vllm_omni_images.images.serving import OpenAIServingImage
 
         if not isinstance(engine_client, ImageEngineClient):
             state.openai_serving_image = None

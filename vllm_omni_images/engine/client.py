@@ -1,8 +1,13 @@
-"""The object vLLM's server keeps as `app.state.engine_client` for the image task.
+"""`ImageEngineClient`: the one seam between the HTTP layers and an image engine.
 
-vLLM's core routes and its server loop ask it for `check_health()`, `errored`,
-`is_running`, `do_log_stats()` and `shutdown()`; our serving layer asks it for images, which
-it gets through the scheduler (batching, queue limit, timeouts), never on the event loop.
+vLLM's server keeps it as `app.state.engine_client` (as it keeps `AsyncLLM` for a text
+model): its core routes and server loop ask it for `check_health()`, `errored`, `is_running`,
+`do_log_stats()` and `shutdown()`. The Images API asks it for the model's defaults, for
+images, which it gets through the scheduler (admission, batching, timeouts), never on the
+event loop, and records each request's outcome through it. Nothing above it touches the
+scheduler, the engine or the metrics directly.
+
+Importable without vLLM: vLLM's own exception is imported only to report a dead engine.
 """
 
 from __future__ import annotations
@@ -11,22 +16,16 @@ import asyncio
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from PIL import Image
-from vllm.v1.engine.exceptions import EngineDeadError
 
-from vllm_omni_images.engine import EngineRequest, ImageEngine, ModelDefaults
-from vllm_omni_images.metrics import ModelMetrics
-from vllm_omni_images.scheduler import (
-    ImageScheduler,
-    RequestTimings,
-    SchedulerClosedError,
-    SchedulerConfig,
-)
+from vllm_omni_images.engine.base import EngineRequest, ImageEngine, ModelDefaults
+from vllm_omni_images.engine.errors import EngineNotReadyError, SchedulerClosedError
+from vllm_omni_images.engine.scheduler import ImageScheduler, RequestTimings, SchedulerConfig
 
-
-class EngineNotReadyError(RuntimeError):
-    """The model is not loaded (yet, or any more)."""
+if TYPE_CHECKING:
+    from vllm_omni_images.engine.metrics import ModelMetrics, Outcome
 
 
 @dataclass(frozen=True)
@@ -54,7 +53,7 @@ class ImageEngineClient:
             self.scheduler = ImageScheduler(
                 engine, scheduler_config or SchedulerConfig(), observer=metrics
             )
-        self.metrics = metrics
+        self._metrics = metrics
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self._closed = threading.Event()
@@ -85,6 +84,8 @@ class ImageEngineClient:
 
     async def check_health(self) -> None:
         if not self.is_ready:
+            from vllm.v1.engine.exceptions import EngineDeadError  # what /health turns into 503
+
             raise EngineDeadError()
         self.engine.check_health()
 
@@ -94,14 +95,22 @@ class ImageEngineClient:
     async def generate(
         self, request: EngineRequest, timings: RequestTimings | None = None
     ) -> list[Image.Image]:
-        """Queue `request` with the scheduler and wait for its images (see
-        `ImageScheduler.submit` for what it raises)."""
+        """Queue `request` with the scheduler and wait for its images. Raises
+        `EngineNotReadyError` without a model, `SchedulerClosedError` while shutting down, and
+        whatever `ImageScheduler.submit` raises."""
         self.engine  # noqa: B018 - raises EngineNotReadyError when there is no model
         assert self.scheduler is not None
         if self._closing:  # draining: finish what was accepted, take nothing new
             raise SchedulerClosedError()
         self._loop = asyncio.get_running_loop()
         return await self.scheduler.submit(request, timings)
+
+    def record_request(
+        self, outcome: Outcome, images: int = 0, encode_s: float | None = None
+    ) -> None:
+        """Count one answered API request (called once per request, whatever its outcome)."""
+        if self._metrics is not None:
+            self._metrics.record_request(outcome, images, encode_s)
 
     async def close(self, drain_timeout_s: float = 0.0) -> None:
         """Stop taking work and free the model. Waiting requests get a shutdown error after

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -21,22 +20,21 @@ from typing import ParamSpec, Protocol
 
 from PIL import Image
 
-from vllm_omni_images.engine.base import (
+from vllm_omni_images.engine.base import EngineRequest, ImageEngine, batch_key
+from vllm_omni_images.engine.cpu_priority import yield_cpu_to_serving
+from vllm_omni_images.engine.errors import (
     EngineError,
-    EngineRequest,
     GenerationCancelled,
-    ImageEngine,
-    batch_key,
+    QueueFullError,
+    RequestTimeoutError,
+    RequestTooLargeError,
+    SchedulerClosedError,
 )
 
 __all__ = [
     "ImageScheduler",
-    "QueueFullError",
-    "RequestTimeoutError",
     "RequestTimings",
-    "SchedulerClosedError",
     "SchedulerConfig",
-    "SchedulerError",
     "SchedulerObserver",
     "company_wait_s",
     "form_batch",
@@ -70,33 +68,6 @@ class SchedulerConfig:
             raise ValueError(f"max_queue_images must be >= 1, got {self.max_queue_images}")
         if self.request_timeout_s is not None and self.request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
-
-
-class SchedulerError(Exception):
-    """Base of the scheduler's own refusals and failures."""
-
-
-class QueueFullError(SchedulerError):
-    """Too many images are waiting; the client may retry after `retry_after_s`."""
-
-    def __init__(self, retry_after_s: float) -> None:
-        super().__init__(f"Too many images are waiting; retry after {retry_after_s:.1f} s.")
-        self.retry_after_s = retry_after_s
-
-
-class RequestTimeoutError(SchedulerError):
-    """The request waited and ran longer than `request_timeout_s`."""
-
-    def __init__(self, timeout_s: float) -> None:
-        super().__init__(f"The request did not finish within {timeout_s:g} s.")
-        self.timeout_s = timeout_s
-
-
-class SchedulerClosedError(SchedulerError):
-    """The scheduler is shutting down and takes or finishes no more work."""
-
-    def __init__(self) -> None:
-        super().__init__("The image scheduler is shut down.")
 
 
 class SchedulerObserver(Protocol):
@@ -205,23 +176,6 @@ class _Batch:
         return sum(item.request.num_images for item in self.items)
 
 
-ENGINE_THREAD_NICENESS = 10
-
-
-def yield_cpu_to_serving() -> None:
-    """Run the calling thread, and the compute threads it starts, at a lower CPU priority.
-
-    Denoising (and encoding) keep every core busy; the event loop (health checks, new
-    requests, responses) needs a core for a moment now and then. On Linux niceness is per
-    thread and inherited by the threads a thread creates, so torch's intra-op pool, started
-    from the engine thread, steps aside too. The engine loses only what serving uses.
-    """
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), ENGINE_THREAD_NICENESS)
-    except (AttributeError, OSError):  # not Linux-like, or not permitted: serve as is
-        logger.debug("Could not lower the engine thread's priority", exc_info=True)
-
-
 class ImageScheduler:
     """Queues requests for one engine and runs them in batches, one batch at a time."""
 
@@ -292,14 +246,18 @@ class ImageScheduler:
         """Queue `request` and wait for its images, in seed order; `timings`, if given, is
         filled in with where the request's time went.
 
-        Raises `QueueFullError` at once when the queue has no room, `RequestTimeoutError`
-        after `request_timeout_s`, `SchedulerClosedError` on shutdown, and the engine's own
-        exception when its batch fails. Cancelling the caller withdraws the request.
+        Raises at once `RequestTooLargeError` when the request has more images than the
+        whole queue holds and `QueueFullError` when the queue has no room now; later
+        `RequestTimeoutError` after `request_timeout_s`, `SchedulerClosedError` on shutdown,
+        and the engine's own exception when its batch fails. Cancelling the caller withdraws
+        the request.
         """
         if request.num_images < 1:
             raise ValueError("A request needs at least one seed.")
         if self._closed:
             raise SchedulerClosedError()
+        if request.num_images > self._config.max_queue_images:
+            raise RequestTooLargeError(request.num_images, self._config.max_queue_images)
         if self._queued_images + request.num_images > self._config.max_queue_images:
             self._notify(self._observer.on_rejected, request)
             raise QueueFullError(self._retry_after_s(request.num_images))

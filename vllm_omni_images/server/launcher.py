@@ -5,27 +5,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import socket
-import sys
 from typing import Any, cast
 
 import uvloop
 from fastapi import FastAPI
 from starlette.datastructures import State
 from vllm import envs
-from vllm.engine.protocol import EngineClient
 from vllm.entrypoints.launchers.app import build_app
 from vllm.entrypoints.launchers.launcher import serve_http, setup_server
 from vllm.entrypoints.launchers.utils.server_utils import get_uvicorn_log_config
 from vllm.logger import init_logger
-from vllm.plugins.endpoint_plugins.interface import init_endpoint_plugins_state
 from vllm.tasks import SupportedTask
 
-from vllm_omni_images.cli import IMAGE_TASK, scheduler_config_from_args
-from vllm_omni_images.endpoint import PLUGIN_NAME, ImagesEndpointPlugin
-from vllm_omni_images.engine import ImageEngine, create_engine
-from vllm_omni_images.engine_client import ImageEngineClient
-from vllm_omni_images.metrics import ModelMetrics, image_metrics
-from vllm_omni_images.models import registry_from_args
+from vllm_omni_images.engine.base import ImageEngine
+from vllm_omni_images.engine.client import ImageEngineClient
+from vllm_omni_images.engine.metrics import ModelMetrics, image_metrics
+from vllm_omni_images.engine.scheduler import SchedulerConfig
+from vllm_omni_images.engine.selection import create_engine
+from vllm_omni_images.server import vllm_patches
+from vllm_omni_images.server.cli_args import IMAGE_TASK
+from vllm_omni_images.server.endpoint import ImagesEndpointPlugin
+from vllm_omni_images.server.model_registry import registry_from_args
+from vllm_omni_images.tiny_model import resolve_model_path
 
 logger = init_logger(__name__)
 
@@ -33,38 +34,24 @@ IMAGE_TASKS = cast(tuple[SupportedTask, ...], (IMAGE_TASK,))
 
 
 def build_image_app(args: argparse.Namespace) -> FastAPI:
-    """vLLM's `build_app` for the image task, with our endpoint plugin attached.
-
-    The user asked for `--task image`, so the Images API is attached even when
-    `VLLM_PLUGINS` does not allowlist it.
-    """
+    """vLLM's `build_app` for the image task, with the Images API attached."""
     app = build_app(args, IMAGE_TASKS, None)
-    plugins: list[Any] = list(getattr(app.state, "endpoint_plugins", []))
-    if not any(getattr(plugin, "name", None) == PLUGIN_NAME for plugin in plugins):
-        plugin = ImagesEndpointPlugin()
-        plugin.attach_router(app)
-        plugins.append(plugin)
+    plugin = ImagesEndpointPlugin()
+    if vllm_patches.attach_endpoint_plugin(app, plugin):
         logger.info(
             "Attached the '%s' endpoint plugin for --task image; VLLM_PLUGINS need not name it.",
-            PLUGIN_NAME,
+            plugin.name,
         )
-    app.state.endpoint_plugins = plugins
     return app
 
 
-async def init_image_app_state(
-    engine_client: ImageEngineClient, state: State, args: argparse.Namespace
-) -> None:
-    """The part of vLLM's `init_app_state` that applies to an image model."""
-    state.engine_client = engine_client
-    state.log_stats = not args.disable_log_stats
-    state.args = args
-    state.openai_serving_models = registry_from_args(args)
-    state.enable_server_load_tracking = args.enable_server_load_tracking
-    state.server_load_metrics = 0
-    # vLLM's core routes and server loop use only the parts of `EngineClient` that
-    # `ImageEngineClient` provides (see its docstring).
-    await init_endpoint_plugins_state(cast(EngineClient, engine_client), state, args)
+def scheduler_config_from_args(args: argparse.Namespace) -> SchedulerConfig:
+    return SchedulerConfig(
+        max_batch_size=args.image_max_batch_size,
+        batch_delay_s=args.image_batch_delay_ms / 1000,
+        max_queue_images=args.image_max_queue,
+        request_timeout_s=args.image_request_timeout or None,
+    )
 
 
 def make_engine_client(engine: ImageEngine | None, args: argparse.Namespace) -> ImageEngineClient:
@@ -79,9 +66,20 @@ def make_engine_client(engine: ImageEngine | None, args: argparse.Namespace) -> 
     )
 
 
+async def init_image_app_state(
+    engine_client: ImageEngineClient, state: State, args: argparse.Namespace
+) -> None:
+    await vllm_patches.init_image_app_state(engine_client, state, args, registry_from_args(args))
+
+
+def load_engine(args: argparse.Namespace) -> ImageEngine:
+    """Load `args.model` (a diffusers folder, a hub id, or the embedded `tiny-qwen-image`)."""
+    return create_engine(resolve_model_path(args.model), args.image_engine)
+
+
 async def load_engine_client(args: argparse.Namespace) -> ImageEngineClient:
     logger.info("Loading image model %s (engine: %s)", args.model, args.image_engine)
-    engine = await asyncio.to_thread(create_engine, args.model, args.image_engine)
+    engine = await asyncio.to_thread(load_engine, args)
     return make_engine_client(engine, args)
 
 
@@ -126,11 +124,6 @@ async def run_image_server(args: argparse.Namespace) -> None:
         sock.close()
 
 
-# The engine thread runs Python between torch ops while holding the GIL; the default 5 ms
-# switch interval would let it keep the event loop waiting that long for every handover.
-SERVER_SWITCH_INTERVAL_S = 0.001
-
-
 def run_image_server_cli(args: argparse.Namespace) -> None:
-    sys.setswitchinterval(SERVER_SWITCH_INTERVAL_S)
+    vllm_patches.set_server_switch_interval()
     uvloop.run(run_image_server(args))

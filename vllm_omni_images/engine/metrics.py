@@ -1,6 +1,7 @@
 """Prometheus metrics of the image server, in vLLM's own registry (served at `/metrics`).
 
-Names follow vLLM's (`vllm:` prefix, a `model_name` label with the served name).
+Names follow vLLM's (`vllm:` prefix, a `model_name` label with the served name). Importable
+without vLLM: only `image_metrics()` reaches for vLLM's registry.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from typing import Literal, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from vllm_omni_images.engine import EngineRequest
-from vllm_omni_images.scheduler import SchedulerObserver
+from vllm_omni_images.engine.base import EngineRequest
+from vllm_omni_images.engine.scheduler import SchedulerObserver
 
 Outcome = Literal[
     "ok",  # images returned
@@ -125,7 +126,7 @@ def image_metrics() -> ImageMetrics:
 
 class ModelMetrics(SchedulerObserver):
     """The metrics of one served model: the scheduler reports into it as an observer, the
-    serving layer records each request's outcome and encoding time."""
+    engine client records each API request's outcome and encoding time."""
 
     def __init__(self, metrics: ImageMetrics, model_name: str) -> None:
         self._requests = {

@@ -1,12 +1,15 @@
-"""The `vllm serve` flags this plugin adds, and how to tell that a command line asks for them."""
+"""The `vllm serve` flags this plugin adds, and how to tell that a command line asks for them.
+
+Imported by the general plugin in every vLLM process, so it imports nothing heavy: the
+launcher turns the parsed flags into engine and scheduler settings.
+"""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
 
-from vllm_omni_images.engine import ENGINE_NAMES
-from vllm_omni_images.scheduler import SchedulerConfig
+from vllm_omni_images.engine.selection import ENGINE_NAMES
 
 IMAGE_TASK = "image"
 HELP_GROUP = "ImageTask"  # `vllm serve --help=ImageTask` lists the image options
@@ -68,15 +71,6 @@ def add_image_cli_args(parser: argparse.ArgumentParser) -> None:
         default=600.0,
         help="Seconds a request may wait and run before it fails with a timeout error "
         "(504); its work stops at the next denoising step. 0 means no limit.",
-    )
-
-
-def scheduler_config_from_args(args: argparse.Namespace) -> SchedulerConfig:
-    return SchedulerConfig(
-        max_batch_size=args.image_max_batch_size,
-        batch_delay_s=args.image_batch_delay_ms / 1000,
-        max_queue_images=args.image_max_queue,
-        request_timeout_s=args.image_request_timeout or None,
     )
 
 

@@ -10,11 +10,11 @@ import argparse
 import logging
 import sys
 
-from vllm_omni_images.cli import asks_for_image_task, asks_for_serve_help
+from vllm_omni_images.server.cli_args import asks_for_image_task, asks_for_serve_help
 
 
 def _run_image_server(args: argparse.Namespace) -> None:
-    from vllm_omni_images.launcher import run_image_server_cli
+    from vllm_omni_images.server.launcher import run_image_server_cli
 
     run_image_server_cli(args)
 
@@ -32,7 +32,7 @@ def log_through_vllm() -> None:
 
 
 def register() -> None:
-    from vllm_omni_images import vllm_patches
+    from vllm_omni_images.server import vllm_patches
 
     if asks_for_image_task(sys.argv):
         log_through_vllm()

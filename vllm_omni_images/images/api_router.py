@@ -14,8 +14,9 @@ from vllm.entrypoints.serve.utils.api_utils import (
     with_cancellation,
 )
 
-from vllm_omni_images.protocol import ImageGenerationRequest
-from vllm_omni_images.serving import OpenAIServingImage, RetryLaterResponse
+from vllm_omni_images.images.errors import response_headers
+from vllm_omni_images.images.protocol import ImageGenerationRequest
+from vllm_omni_images.images.serving import OpenAIServingImage
 
 router = APIRouter()
 
@@ -58,14 +59,12 @@ async def create_image(request: ImageGenerationRequest, raw_request: Request) ->
     if handler is None:
         raise NotImplementedError("The model does not support the Images API")
     result = await handler.create_image(request, raw_request)
-    if isinstance(result, RetryLaterResponse):
+    if isinstance(result, ErrorResponse):
         return JSONResponse(
             content=result.model_dump(),
             status_code=result.error.code,
-            headers={"Retry-After": str(result.retry_after_s)},
+            headers=response_headers(result),
         )
-    if isinstance(result, ErrorResponse):
-        return JSONResponse(content=result.model_dump(), status_code=result.error.code)
     return JSONResponse(content=result.model_dump())
 
 
@@ -84,13 +83,5 @@ for _path in TEXT_ONLY_PATHS:
     router.add_api_route(_path, text_only_route, methods=["POST"], include_in_schema=False)
 
 
-def remove_text_only_core_routes(app: FastAPI) -> None:
-    """Drop vLLM's own handlers for these paths, should its app ever carry them for our task."""
-    app.router.routes[:] = [
-        route for route in app.router.routes if getattr(route, "path", None) not in TEXT_ONLY_PATHS
-    ]
-
-
 def attach_router(app: FastAPI) -> None:
-    remove_text_only_core_routes(app)
     app.include_router(router)

@@ -1,0 +1,66 @@
+"""Every exception the engine layer raises, defined once.
+
+The first group is what a client can see: `vllm_omni_images.images.errors` maps each one to
+its HTTP status, OpenAI error type and metrics outcome. `GenerationCancelled` is a signal
+between the scheduler and an engine and never leaves this layer.
+"""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Generation failed inside the engine; the engine itself can keep serving."""
+
+
+class EngineOutOfMemoryError(EngineError):
+    """The device ran out of memory for this batch; smaller or fewer images may still fit."""
+
+
+class EngineNotReadyError(RuntimeError):
+    """The model is not loaded (yet, or any more)."""
+
+
+class EngineUnavailableError(RuntimeError):
+    """The requested engine cannot serve this model on this machine (a start-up error)."""
+
+
+class SchedulerError(Exception):
+    """Base of the scheduler's own refusals and failures."""
+
+
+class RequestTooLargeError(SchedulerError):
+    """The request asks for more images than the queue holds at once: it can never fit."""
+
+    def __init__(self, num_images: int, max_queue_images: int) -> None:
+        super().__init__(
+            f"{num_images} images are more than this server queues at once ({max_queue_images})."
+        )
+        self.num_images = num_images
+        self.max_queue_images = max_queue_images
+
+
+class QueueFullError(SchedulerError):
+    """Too many images are waiting; the client may retry after `retry_after_s`."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__(f"Too many images are waiting; retry after {retry_after_s:.1f} s.")
+        self.retry_after_s = retry_after_s
+
+
+class RequestTimeoutError(SchedulerError):
+    """The request waited and ran longer than `request_timeout_s`."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(f"The request did not finish within {timeout_s:g} s.")
+        self.timeout_s = timeout_s
+
+
+class SchedulerClosedError(SchedulerError):
+    """The scheduler is shutting down and takes or finishes no more work."""
+
+    def __init__(self) -> None:
+        super().__init__("The image scheduler is shut down.")
+
+
+class GenerationCancelled(Exception):  # noqa: N818 - a control-flow signal, not a failure
+    """Every request of a running batch was abandoned; the engine stopped between steps."""

@@ -1,0 +1,153 @@
+"""Pydantic models of the OpenAI Images API (`POST /v1/images/generations`).
+
+Field names, types and defaults follow OpenAI's API; the extensions (`negative_prompt`,
+`num_inference_steps`, `guidance_scale`, `true_cfg_scale`, `seed`) are the diffusion knobs
+OpenAI's models do not expose. A request maps itself onto engine work with
+`to_engine_request(defaults, request_id)`, as vLLM's requests map themselves to sampling
+parameters: that is where the served model's defaults and limits (the size rule) apply.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from typing import Literal
+
+from pydantic import Field, field_validator
+from vllm.entrypoints.serve.engine.protocol import OpenAIBaseModel
+from vllm.exceptions import VLLMValidationError
+
+from vllm_omni_images.engine.base import EngineRequest, ModelDefaults
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+UINT64_MASK = 2**64 - 1
+MAX_PROMPT_CHARS = 32_000
+SIZE_PATTERN = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
+
+ResponseFormat = Literal["b64_json", "url"]
+OutputFormat = Literal["png", "jpeg", "webp"]
+
+
+class ImageGenerationRequest(OpenAIBaseModel):
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    model: str | None = None
+    n: int = Field(default=1, ge=1, le=10)
+    size: str | None = Field(
+        default=None,
+        description="`WIDTHxHEIGHT` in pixels, or `auto` for the model's default size.",
+    )
+    response_format: ResponseFormat | None = "b64_json"
+    output_format: OutputFormat = "png"
+    output_compression: int | None = Field(default=None, ge=0, le=100)
+    quality: Literal["auto", "standard", "hd", "low", "medium", "high"] | None = None
+    style: Literal["vivid", "natural"] | None = None
+    background: Literal["auto", "opaque", "transparent"] | None = None
+    user: str | None = None
+
+    # Diffusion extensions.
+    negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    num_inference_steps: int | None = Field(default=None, ge=1, le=200)
+    guidance_scale: float | None = Field(default=None, ge=0.0, le=20.0)
+    true_cfg_scale: float | None = Field(default=None, ge=0.0, le=20.0)
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_has_text(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("prompt must contain text, not only whitespace")
+        return prompt
+
+    @field_validator("size")
+    @classmethod
+    def _size_is_width_x_height(cls, size: str | None) -> str | None:
+        if size is None or size == "auto" or SIZE_PATTERN.match(size):
+            return size
+        raise ValueError("size must be 'WIDTHxHEIGHT' in pixels (e.g. '1024x1024') or 'auto'")
+
+    def to_engine_request(self, defaults: ModelDefaults, request_id: str) -> EngineRequest:
+        """This request as engine work: the served model's defaults fill what it leaves unset.
+
+        Raises `VLLMValidationError`, naming the field, for what the model cannot honour.
+        """
+        if self.response_format == "url":
+            raise VLLMValidationError(
+                "response_format 'url' is not supported yet: this server returns images "
+                "inline; use 'b64_json'.",
+                parameter="response_format",
+            )
+        if self.background == "transparent":
+            raise VLLMValidationError(
+                "background 'transparent' is not supported: this model generates opaque images.",
+                parameter="background",
+            )
+        width, height = resolve_size(self.size, defaults)
+        return EngineRequest(
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            seeds=image_seeds(self.seed, self.n),
+            width=width,
+            height=height,
+            num_inference_steps=self.num_inference_steps or defaults.num_inference_steps,
+            true_cfg_scale=_first_set(self.true_cfg_scale, defaults.true_cfg_scale),
+            guidance_scale=_first_set(self.guidance_scale, defaults.guidance_scale),
+            request_id=request_id,
+        )
+
+
+# The size rule, in one place: the pattern (checked as the request is parsed), then what the
+# served model can generate (checked as it is mapped to engine work).
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """`"1024x768"` -> `(1024, 768)` (width, height)."""
+    match = SIZE_PATTERN.match(size)
+    if match is None:
+        raise ValueError(f"size must be 'WIDTHxHEIGHT' in pixels, got {size!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def resolve_size(size: str | None, defaults: ModelDefaults) -> tuple[int, int]:
+    """The `(width, height)` to generate: the model's default size for `None` or `auto`."""
+    if size is None or size == "auto":
+        return defaults.width, defaults.height
+    width, height = parse_size(size)
+    multiple = defaults.size_multiple
+    if width < multiple or height < multiple or width % multiple or height % multiple:
+        raise VLLMValidationError(
+            f"size {size!r} is not supported by this model: width and height must be "
+            f"positive multiples of {multiple} (e.g. '{defaults.width}x{defaults.height}').",
+            parameter="size",
+        )
+    if width * height > defaults.max_pixels:
+        raise VLLMValidationError(
+            f"size {size!r} is too large: this server generates at most "
+            f"{defaults.max_pixels} pixels per image.",
+            parameter="size",
+        )
+    return width, height
+
+
+def image_seeds(seed: int | None, n: int) -> tuple[int, ...]:
+    """One seed per image: `seed, seed+1, ...` so the `n` images of a request differ and a
+    request is reproducible; a random base seed when none is given."""
+    base = secrets.randbits(63) if seed is None else seed
+    # torch's generators take 64-bit unsigned seeds; wrapping keeps int64 input valid.
+    return tuple((base + offset) & UINT64_MASK for offset in range(n))
+
+
+def _first_set(requested: float | None, default: float | None) -> float | None:
+    return default if requested is None else requested
+
+
+class ImageObject(OpenAIBaseModel):
+    b64_json: str
+
+
+class ImageGenerationResponse(OpenAIBaseModel):
+    created: int = Field(default_factory=lambda: int(time.time()))
+    data: list[ImageObject]
+    size: str
+    output_format: OutputFormat

@@ -1,0 +1,164 @@
+"""`OpenAIServingImage`: turns an Images API request into engine work and back.
+
+Like vLLM's `OpenAIServing*` handlers, it returns either the response model or vLLM's
+`ErrorResponse`, so the router only serialises what it gets. It talks to the engine client
+alone; every failure is answered from the error table in `errors.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from PIL import Image
+from vllm.entrypoints.openai.models.serving import OpenAIModelRegistry
+from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+from vllm.logger import init_logger
+from vllm.utils import random_uuid
+
+from vllm_omni_images.engine.base import EngineRequest
+from vllm_omni_images.engine.client import ImageEngineClient
+from vllm_omni_images.engine.cpu_priority import yield_cpu_to_serving
+from vllm_omni_images.engine.metrics import Outcome
+from vllm_omni_images.engine.scheduler import RequestTimings
+from vllm_omni_images.images.encoding import encode_image_base64
+from vllm_omni_images.images.errors import error_kind, error_response
+from vllm_omni_images.images.protocol import (
+    ImageGenerationRequest,
+    ImageGenerationResponse,
+    ImageObject,
+)
+
+logger = init_logger(__name__)
+
+
+@dataclass
+class _RequestRecord:
+    """What the per-request log line and the metrics need to know."""
+
+    request_id: str
+    user: str | None
+    engine_request: EngineRequest | None = None
+    timings: RequestTimings = field(default_factory=RequestTimings)
+    encode_s: float | None = None
+    images: int = 0
+
+
+class OpenAIServingImage:
+    def __init__(
+        self,
+        engine_client: ImageEngineClient,
+        models: OpenAIModelRegistry,
+        *,
+        log_error_stack: bool = False,
+        encode_executor: Executor | None = None,
+    ) -> None:
+        self.engine_client = engine_client
+        self.models = models
+        self.log_error_stack = log_error_stack
+        # Encoding is CPU work in C code that releases the GIL: a few threads encode one
+        # request's images in parallel without touching the event loop. Like denoising it is
+        # bulk work, so it too yields the CPU to the event loop.
+        self._encode_executor = encode_executor or ThreadPoolExecutor(
+            max_workers=min(8, os.cpu_count() or 1),
+            thread_name_prefix="image-encode",
+            initializer=yield_cpu_to_serving,
+        )
+
+    @staticmethod
+    def _request_id(raw_request: Request | None) -> str:
+        header = raw_request.headers.get("X-Request-Id") if raw_request is not None else None
+        return header or f"img-{random_uuid()}"
+
+    async def create_image(
+        self, request: ImageGenerationRequest, raw_request: Request | None = None
+    ) -> ImageGenerationResponse | ErrorResponse:
+        record = _RequestRecord(self._request_id(raw_request), request.user)
+        outcome: Outcome = "cancelled"  # unless the handler gets to say otherwise
+        try:
+            outcome, result = await self._create_image(request, record)
+            return result
+        except Exception:
+            outcome = "error"
+            raise
+        finally:
+            self._finish(record, outcome)
+
+    async def _create_image(
+        self, request: ImageGenerationRequest, record: _RequestRecord
+    ) -> tuple[Outcome, ImageGenerationResponse | ErrorResponse]:
+        if (error := await self.models.check_model(request.model)) is not None:
+            return "invalid", error
+        try:
+            engine_request = request.to_engine_request(
+                self.engine_client.defaults, record.request_id
+            )
+            record.engine_request = engine_request
+            images = await self.engine_client.generate(engine_request, record.timings)
+            encoded = await self._encode(images, request, record)
+        except Exception as exc:
+            return self._failed(record, exc)
+        return "ok", ImageGenerationResponse(
+            data=[ImageObject(b64_json=data) for data in encoded],
+            size=f"{engine_request.width}x{engine_request.height}",
+            output_format=request.output_format,
+        )
+
+    async def _encode(
+        self, images: list[Image.Image], request: ImageGenerationRequest, record: _RequestRecord
+    ) -> list[str]:
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        encoded = await asyncio.gather(
+            *(
+                loop.run_in_executor(
+                    self._encode_executor,
+                    encode_image_base64,
+                    image,
+                    request.output_format,
+                    request.output_compression,
+                )
+                for image in images
+            )
+        )
+        record.encode_s = time.perf_counter() - started
+        record.images = len(encoded)
+        return encoded
+
+    def _failed(self, record: _RequestRecord, exc: Exception) -> tuple[Outcome, ErrorResponse]:
+        """The answer to a request that raised, from the error table."""
+        kind = error_kind(exc)
+        if kind.outcome == "error":
+            logger.error(
+                "Image request %s failed: %s", record.request_id, exc, exc_info=self.log_error_stack
+            )
+        elif kind.outcome == "out_of_memory":
+            logger.warning("Image request %s ran out of device memory: %s", record.request_id, exc)
+        return kind.outcome, error_response(exc)
+
+    def _finish(self, record: _RequestRecord, outcome: Outcome) -> None:
+        self.engine_client.record_request(outcome, record.images, record.encode_s)
+        work = record.engine_request
+        if work is None:
+            logger.info("Image request %s: %s", record.request_id, outcome)
+            return
+        timings = record.timings
+        logger.info(
+            "Image request %s: %s, %dx%d, n=%d, steps=%d, queue=%.0fms, engine=%.0fms "
+            "(batch of %d), encode=%.0fms, user=%s",
+            record.request_id,
+            outcome,
+            work.width,
+            work.height,
+            work.num_images,
+            work.num_inference_steps,
+            timings.queue_s * 1e3,
+            timings.engine_s * 1e3,
+            timings.batch_images,
+            (record.encode_s or 0.0) * 1e3,
+            record.user,
+        )

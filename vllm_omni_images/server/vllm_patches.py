@@ -1,0 +1,171 @@
+"""Every change this package makes to vLLM's own objects and to the process vLLM runs in.
+
+vLLM 0.30 has no `--task` flag, no hook to add a subcommand mode and no app state for a model
+without a text `ModelConfig`, so:
+
+- the general plugin (`plugin.py`) wraps `EngineArgs.add_cli_args` (the serve parser gains
+  the image flags) and `ServeSubcommand.cmd` (`--task image` runs our launcher), and switches
+  to vLLM's CPU platform where no accelerator is found (`fall_back_to_cpu_platform`);
+- the launcher (`launcher.py`) builds vLLM's own app and then removes the text-only core
+  routes (`remove_core_routes`), attaches the `images` endpoint plugin when `VLLM_PLUGINS`
+  does not name it (`attach_endpoint_plugin`), fills the app state that vLLM's
+  `init_app_state` would (`init_image_app_state`), and sets the interpreter's switch
+  interval (`set_server_switch_interval`).
+
+Nothing else in the package writes to vLLM's objects. Two stand-ins are subclasses or duck
+types, not patches: `model_registry.ImageModelRegistry` (vLLM's registry without a
+`ModelConfig`) and `engine.client.ImageEngineClient` (the `EngineClient` that vLLM's server
+loop and core routes use). `tests/unit/test_vllm_patches.py` checks each patched behaviour
+against the installed vLLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Collection
+from typing import TYPE_CHECKING, Any, cast
+
+from vllm.logger import init_logger
+
+from vllm_omni_images.server.cli_args import IMAGE_TASK, add_image_cli_args
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+    from starlette.datastructures import State
+    from vllm.entrypoints.openai.models.serving import OpenAIModelRegistry
+
+    from vllm_omni_images.engine.client import ImageEngineClient
+
+logger = init_logger(__name__)
+
+SERVE_CLI_MODULE = "vllm.entrypoints.cli.serve"
+_PATCHED_MARK = "_vllm_omni_images_patched"
+
+
+def _is_serve_parser(parser: argparse.ArgumentParser) -> bool:
+    words = parser.prog.split()
+    return bool(words) and words[-1] == "serve" and "bench" not in words
+
+
+def patch_engine_args_cli() -> None:
+    """Add our flags to every `vllm serve` parser that vLLM builds.
+
+    `AsyncEngineArgs.add_cli_args` loads general plugins and then calls
+    `EngineArgs.add_cli_args`, looked up on the class at call time, so wrapping it here takes
+    effect for the parser being built.
+    """
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.add_cli_args
+    if getattr(original, _PATCHED_MARK, False):
+        return
+
+    def add_cli_args(parser: Any, *args: Any, **kwargs: Any) -> Any:
+        parser = original(parser, *args, **kwargs)
+        if _is_serve_parser(parser):
+            add_image_cli_args(parser)
+        return parser
+
+    setattr(add_cli_args, _PATCHED_MARK, True)
+    EngineArgs.add_cli_args = staticmethod(add_cli_args)  # type: ignore[method-assign]
+
+
+def patch_serve_command(run_image_server: Callable[[argparse.Namespace], None]) -> None:
+    """Route `vllm serve --task image` to our launcher; every other serve runs as before.
+
+    `vllm`'s CLI reads `ServeSubcommand.cmd` after building the serve parser (which loads the
+    general plugins), so replacing it on the class here is what the CLI dispatches to. The
+    module is only patched where the CLI already imported it: engine and worker processes
+    load general plugins too and must not pay for importing the CLI.
+    """
+    serve_module = sys.modules.get(SERVE_CLI_MODULE)
+    if serve_module is None:
+        return
+    serve_subcommand = serve_module.ServeSubcommand
+    original = serve_subcommand.cmd
+    if getattr(original, _PATCHED_MARK, False):
+        return
+
+    def cmd(args: argparse.Namespace) -> None:
+        if getattr(args, "task", None) != IMAGE_TASK:
+            original(args)
+            return
+        if getattr(args, "model_tag", None) is not None:
+            args.model = args.model_tag
+        run_image_server(args)
+
+    setattr(cmd, _PATCHED_MARK, True)
+    serve_subcommand.cmd = staticmethod(cmd)
+
+
+def fall_back_to_cpu_platform() -> bool:
+    """Use vLLM's CPU platform when no accelerator is found; True if it switched.
+
+    vLLM cannot even build its `serve` parser on an unspecified platform. It does the same
+    switch itself for `vllm bench`; we do it only for the image task and for `serve --help`.
+    """
+    from vllm import platforms
+
+    if not platforms.current_platform.is_unspecified():
+        return False
+    from vllm.platforms.cpu import CpuPlatform
+
+    platforms.current_platform = CpuPlatform()
+    logger.info("No accelerator found: using vLLM's CPU platform for the image task.")
+    return True
+
+
+def remove_core_routes(app: FastAPI, paths: Collection[str]) -> None:
+    """Drop vLLM's own handlers for `paths` from its app, should it carry them for our task,
+    so the routes we attach for those paths answer instead."""
+    app.router.routes[:] = [
+        route for route in app.router.routes if getattr(route, "path", None) not in paths
+    ]
+
+
+def attach_endpoint_plugin(app: FastAPI, plugin: Any) -> bool:
+    """Attach `plugin` to vLLM's app as vLLM attaches the endpoint plugins `VLLM_PLUGINS`
+    names, unless vLLM already did; True if it was added here.
+
+    `--task image` asks for the Images API, so it must not depend on the allowlist.
+    """
+    plugins: list[Any] = list(getattr(app.state, "endpoint_plugins", []))
+    if any(getattr(attached, "name", None) == plugin.name for attached in plugins):
+        return False
+    plugin.attach_router(app)
+    app.state.endpoint_plugins = [*plugins, plugin]
+    return True
+
+
+async def init_image_app_state(
+    engine_client: ImageEngineClient,
+    state: State,
+    args: argparse.Namespace,
+    models: OpenAIModelRegistry,
+) -> None:
+    """The part of vLLM's `init_app_state` that applies to an image model (vLLM's own needs a
+    text `ModelConfig`), then vLLM's endpoint-plugin initialisation."""
+    from vllm.engine.protocol import EngineClient
+    from vllm.plugins.endpoint_plugins.interface import init_endpoint_plugins_state
+
+    state.engine_client = engine_client
+    state.log_stats = not args.disable_log_stats
+    state.args = args
+    state.openai_serving_models = models
+    state.enable_server_load_tracking = args.enable_server_load_tracking
+    state.server_load_metrics = 0
+    # vLLM's core routes and server loop use only the parts of `EngineClient` that
+    # `ImageEngineClient` provides (see its docstring).
+    await init_endpoint_plugins_state(cast(EngineClient, engine_client), state, args)
+
+
+# The engine thread runs Python between torch ops while holding the GIL; the default 5 ms
+# switch interval would let it keep the event loop waiting that long for every handover.
+SERVER_SWITCH_INTERVAL_S = 0.001
+
+
+def set_server_switch_interval() -> None:
+    """Process-wide: hand the GIL over every 1 ms, so `/health` and new requests are answered
+    while the engine thread denoises (see docs/performance.md)."""
+    sys.setswitchinterval(SERVER_SWITCH_INTERVAL_S)
