@@ -1,102 +1,165 @@
-"""Fails loudly when vLLM moves anything `vllm_patches` and the launcher rely on."""
+"""Each change in `vllm_patches` does what it says on the installed vLLM.
+
+The tests drive vLLM's own objects (its CLI `main`, its parser, its platform switch, a FastAPI
+app) and check the patched behaviour, so they fail when a vLLM release moves what a patch
+relies on.
+"""
 
 import argparse
-import inspect
+import logging
 import sys
 
 import pytest
-from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
+from fastapi import FastAPI
+from vllm.engine.arg_utils import EngineArgs
 
-from vllm_omni_images import vllm_patches
-
-
-def test_async_engine_args_loads_plugins_before_engine_args():
-    source = inspect.getsource(AsyncEngineArgs.add_cli_args)
-    assert source.index("load_general_plugins()") < source.index("EngineArgs.add_cli_args(parser)")
+from vllm_omni_images.server import launcher, vllm_patches
+from vllm_omni_images.server.endpoint import ImagesEndpointPlugin
+from vllm_omni_images.server.plugin import log_through_vllm, register
 
 
-def test_cli_reads_the_serve_command_after_building_its_parser():
-    import vllm.entrypoints.cli.main as cli_main
+def run_vllm_cli(monkeypatch: pytest.MonkeyPatch, *argv: str) -> None:
+    """Run vLLM's real `vllm` command line in this process."""
+    from vllm.entrypoints.cli.main import main
 
-    source = inspect.getsource(cli_main.main)
-    assert "cmd.subparser_init(subparsers).set_defaults(dispatch_function=cmd.cmd)" in source
-
-
-def test_vllm_cli_imports_the_serve_module_first():
-    import vllm.entrypoints.cli.main as cli_main
-
-    assert "import vllm.entrypoints.cli.serve" in inspect.getsource(cli_main.main)
-    assert vllm_patches.SERVE_CLI_MODULE == "vllm.entrypoints.cli.serve"
+    monkeypatch.setattr(sys, "argv", ["vllm", *argv])
+    # vLLM's CLI sets this for its subprocesses; keep it out of the rest of the test run.
+    monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    main()
 
 
-def test_platform_switch_is_possible():
-    from vllm import platforms
-    from vllm.platforms.cpu import CpuPlatform
+@pytest.fixture
+def launched(monkeypatch: pytest.MonkeyPatch, serve_parser) -> list[argparse.Namespace]:
+    """The arguments our launcher is started with (it starts nothing here)."""
+    calls: list[argparse.Namespace] = []
+    monkeypatch.setattr(launcher, "run_image_server_cli", calls.append)
+    register()  # what vLLM runs in each process; idempotent
+    return calls
 
-    assert hasattr(platforms, "current_platform")
-    assert callable(CpuPlatform().is_unspecified)
 
-
-def test_serve_parser_gets_the_image_flags(serve_parser):
-    args = serve_parser.parse_args(["tiny-qwen-image", "--task", "image", "--api-key", "k"])
-    assert args.task == "image"
+def test_vllm_serve_task_image_runs_our_launcher_with_the_image_flags(monkeypatch, launched):
+    run_vllm_cli(
+        monkeypatch,
+        "serve",
+        "tiny-qwen-image",
+        "--task",
+        "image",
+        "--image-max-batch-size",
+        "3",
+        "--api-key",
+        "k",
+    )
+    [args] = launched
+    assert args.model == "tiny-qwen-image"
+    assert args.image_max_batch_size == 3
     assert args.image_engine == "auto"
-    assert args.model_tag == "tiny-qwen-image"
-    assert args.api_key == ["k"]
-    assert serve_parser.parse_args(["some-llm"]).task is None
+    assert args.api_key == ["k"]  # vLLM's own flags still parse
 
 
-def test_engine_args_patch_is_idempotent():
-    before = EngineArgs.add_cli_args
-    vllm_patches.patch_engine_args_cli()
-    assert EngineArgs.add_cli_args is before
+def test_plain_vllm_serve_still_runs_vllms_server(monkeypatch, launched):
+    import vllm.entrypoints.cli.serve as serve_cli
+
+    served: list[str] = []
+    # vLLM's own serve command (which reads the positional `model_tag`), standing in
+    # underneath our patch.
+    monkeypatch.setattr(
+        serve_cli.ServeSubcommand, "cmd", staticmethod(lambda args: served.append(args.model_tag))
+    )
+    vllm_patches.patch_serve_command(launcher.run_image_server_cli)
+    run_vllm_cli(monkeypatch, "serve", "some-llm")
+    run_vllm_cli(monkeypatch, "serve", "tiny-qwen-image", "--task", "image")
+    assert served == ["some-llm"]
+    assert [args.model for args in launched] == ["tiny-qwen-image"]
 
 
-def test_other_parsers_get_no_image_flags():
+def test_serve_help_lists_the_image_options(monkeypatch, launched, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_vllm_cli(monkeypatch, "serve", "--help=ImageTask")
+    assert exit_info.value.code in (0, None)
+    help_text = capsys.readouterr().out
+    for flag in ("--task", "--image-engine", "--image-max-batch-size", "--image-max-queue"):
+        assert flag in help_text
+
+
+def test_other_subcommands_get_no_image_flags(monkeypatch, launched, capsys):
+    with pytest.raises(SystemExit):
+        run_vllm_cli(monkeypatch, "run-batch", "--help")
+    assert "--image-max-batch-size" not in capsys.readouterr().out
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = EngineArgs.add_cli_args(FlexibleArgumentParser(prog="vllm bench throughput"))
     assert not any("--task" in action.option_strings for action in parser._actions)
 
 
-def test_serve_command_routes_only_the_image_task(monkeypatch):
+def test_patches_are_idempotent(serve_parser):
     import vllm.entrypoints.cli.serve as serve_cli
 
-    calls: list[tuple[str, str]] = []
-    monkeypatch.setattr(
-        serve_cli.ServeSubcommand,
-        "cmd",
-        staticmethod(lambda args: calls.append(("vllm", args.model))),
-    )
-    assert vllm_patches.SERVE_CLI_MODULE in sys.modules
-    vllm_patches.patch_serve_command(lambda args: calls.append(("image", args.model)))
+    add_cli_args, cmd = EngineArgs.add_cli_args, serve_cli.ServeSubcommand.cmd
+    register()
+    vllm_patches.patch_engine_args_cli()
+    vllm_patches.patch_serve_command(launcher.run_image_server_cli)
+    assert EngineArgs.add_cli_args is add_cli_args
+    assert serve_cli.ServeSubcommand.cmd is cmd
 
-    image_args = argparse.Namespace(task="image", model_tag="tiny", model="default")
-    serve_cli.ServeSubcommand.cmd(image_args)
-    serve_cli.ServeSubcommand.cmd(argparse.Namespace(task=None, model_tag="llm", model="llm"))
-    assert calls == [("image", "tiny"), ("vllm", "llm")]
+
+def test_an_unspecified_platform_falls_back_to_vllms_cpu_platform(monkeypatch):
+    from vllm import platforms
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.platforms.interface import UnspecifiedPlatform
+
+    monkeypatch.setattr(platforms, "current_platform", UnspecifiedPlatform())
+    assert vllm_patches.fall_back_to_cpu_platform() is True
+    assert isinstance(platforms.current_platform, CpuPlatform)
+    assert vllm_patches.fall_back_to_cpu_platform() is False
+
+
+def test_core_routes_are_removed_for_the_given_paths_only():
+    app = FastAPI()
+    for path in ("/v1/completions", "/health"):
+        app.add_api_route(path, lambda: None, methods=["POST"])
+    vllm_patches.remove_core_routes(app, ("/v1/completions",))
+    paths = {getattr(route, "path", None) for route in app.router.routes}
+    assert "/health" in paths
+    assert "/v1/completions" not in paths
+
+
+def test_the_images_plugin_is_attached_once_whatever_vllm_plugins_says():
+    app = FastAPI()
+    assert vllm_patches.attach_endpoint_plugin(app, ImagesEndpointPlugin()) is True
+    assert vllm_patches.attach_endpoint_plugin(app, ImagesEndpointPlugin()) is False
+    assert [plugin.name for plugin in app.state.endpoint_plugins] == ["images"]
+    generation_routes = [
+        route
+        for route in app.router.routes
+        if getattr(route, "path", "") == "/v1/images/generations"
+    ]
+    assert len(generation_routes) == 1
+
+
+def test_the_server_switch_interval_is_one_millisecond():
+    before = sys.getswitchinterval()
+    try:
+        vllm_patches.set_server_switch_interval()
+        assert sys.getswitchinterval() == pytest.approx(0.001)
+    finally:
+        sys.setswitchinterval(before)
 
 
 @pytest.mark.parametrize(
     "name",
-    ["build_app", "serve_http", "setup_server", "init_endpoint_plugins_state"],
+    ["build_app", "serve_http", "setup_server"],
 )
 def test_launcher_uses_vllms_own_server_functions(name):
-    from vllm_omni_images import launcher
-
     function = getattr(launcher, name)
     assert function.__module__.startswith("vllm.")
 
 
 def test_our_logs_print_where_vllms_do():
-    import logging
-
-    from vllm_omni_images.plugin import log_through_vllm
-
     log_through_vllm()
     log_through_vllm()  # idempotent
     ours = logging.getLogger("vllm_omni_images")
     vllm_root = logging.getLogger("vllm")
     [vllm_handler] = [handler for handler in vllm_root.handlers if handler.name == "vllm"]
     assert ours.handlers == [vllm_handler]
-    assert logging.getLogger("vllm_omni_images.serving").getEffectiveLevel() == vllm_root.level
+    served = logging.getLogger("vllm_omni_images.images.serving")
+    assert served.getEffectiveLevel() == vllm_root.level
