@@ -9,8 +9,10 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from vllm_omni_images.engine import ImageEngine
-from vllm_omni_images.engine_client import ImageEngineClient
+from vllm_omni_images.engine.base import ImageEngine
+from vllm_omni_images.engine.client import ImageEngineClient
+
+from .helpers import http_client
 
 AppFactory = Callable[..., Awaitable[FastAPI]]
 
@@ -25,7 +27,7 @@ def tiny_engine(tiny_model_dir: Path) -> ImageEngine:
 @pytest.fixture
 async def make_app(serve_parser) -> AsyncIterator[AppFactory]:
     """Build the app as `vllm serve tiny-qwen-image --task image <flags>` would."""
-    from vllm_omni_images.launcher import (
+    from vllm_omni_images.server.launcher import (
         build_image_app,
         init_image_app_state,
         make_engine_client,
@@ -45,10 +47,6 @@ async def make_app(serve_parser) -> AsyncIterator[AppFactory]:
     for client in clients:
         if client.scheduler is not None:
             await client.scheduler.close()
-
-
-def http_client(app: FastAPI) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
 
 
 @pytest.fixture

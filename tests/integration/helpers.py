@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import httpx
 import numpy as np
+from fastapi import FastAPI
 
-from vllm_omni_images.encoding import decode_image_base64
+from vllm_omni_images.images.encoding import decode_image_base64
 
 FAST = {"size": "64x64", "num_inference_steps": 2}
+
+
+def http_client(app: FastAPI) -> httpx.AsyncClient:
+    """A client that calls `app` in-process; use it as `async with http_client(app) as client`."""
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
 
 
 def pixels(b64: str) -> np.ndarray:

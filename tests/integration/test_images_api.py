@@ -3,24 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from vllm_omni_images.encoding import decode_image_base64
-from vllm_omni_images.engine import (
-    EngineError,
-    EngineOutOfMemoryError,
-    EngineRequest,
-    ImageEngine,
-    ModelDefaults,
-    StepCallback,
-)
+from tests.support.engines import FailingEngine
+from vllm_omni_images.images.encoding import decode_image_base64
 
-from .conftest import http_client
-from .helpers import FAST, assert_openai_error, generate, pixels
+from .helpers import FAST, assert_openai_error, generate, http_client, pixels
 
 
 async def test_one_image_at_the_model_default_size(client):
@@ -200,29 +190,6 @@ async def test_model_not_loaded_is_a_503(make_app):
         assert (await client.get("/health")).status_code == 503
         error = assert_openai_error(await generate(client, **FAST), 503)
         assert "not loaded" in error["message"]
-
-
-class FailingEngine(ImageEngine):
-    """The real tiny engine, except for prompts that ask it to fail."""
-
-    def __init__(self, engine: ImageEngine) -> None:
-        self.inner = engine
-
-    @property
-    def defaults(self) -> ModelDefaults:
-        return self.inner.defaults
-
-    def generate(
-        self, requests: Sequence[EngineRequest], on_step: StepCallback | None = None
-    ) -> list[list[Image.Image]]:
-        prompt = requests[0].prompt
-        if prompt == "oom":
-            raise EngineOutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
-        if prompt == "fail":
-            raise EngineError("the VAE produced NaNs")
-        if prompt == "bug":
-            raise KeyError("unexpected")
-        return self.inner.generate(requests, on_step)
 
 
 @pytest.mark.parametrize(

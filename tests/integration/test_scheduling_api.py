@@ -5,60 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-from collections.abc import Callable, Sequence
 
 import httpx
 import pytest
-from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from vllm_omni_images.engine import EngineRequest, ImageEngine, ModelDefaults, StepCallback
-from vllm_omni_images.protocol import ImageGenerationRequest
+from tests.support.engines import ObservedEngine
+from tests.support.waiting import ENGINE_WAIT_S, until
+from vllm_omni_images.engine.base import ImageEngine
+from vllm_omni_images.images.protocol import ImageGenerationRequest
 
-from .conftest import http_client
-from .helpers import FAST, assert_openai_error, generate
-
-WAIT_S = 10.0
-"""The longest a test waits for something that should happen soon."""
-
-
-class ObservedEngine(ImageEngine):
-    """The real tiny engine that can hold batches at a gate and counts batches and steps."""
-
-    def __init__(self, engine: ImageEngine) -> None:
-        self.inner = engine
-        self.gate = threading.Event()
-        self.gate.set()
-        self.started = threading.Event()
-        self.batches: list[int] = []
-        self.steps = 0
-
-    @property
-    def defaults(self) -> ModelDefaults:
-        return self.inner.defaults
-
-    def generate(
-        self, requests: Sequence[EngineRequest], on_step: StepCallback | None = None
-    ) -> list[list[Image.Image]]:
-        self.batches.append(sum(request.num_images for request in requests))
-        self.started.set()
-        self.gate.wait(WAIT_S)
-
-        def counting(step: int, total: int) -> None:
-            self.steps += 1
-            if on_step is not None:
-                on_step(step, total)
-
-        return self.inner.generate(requests, counting)
-
-
-async def wait_until(condition: Callable[[], bool], what: str) -> None:
-    """Poll state the scheduler exposes no event for (tests only)."""
-    deadline = asyncio.get_running_loop().time() + WAIT_S
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting: {what}"
-        await asyncio.sleep(0.005)
+from .helpers import FAST, assert_openai_error, generate, http_client
 
 
 async def one_running_one_queued(
@@ -67,10 +24,10 @@ async def one_running_one_queued(
     """Hold a first request in the engine (the gate is closed) and queue a second behind it."""
     engine.gate.clear()
     running = asyncio.create_task(generate(client, **FAST))
-    await asyncio.to_thread(engine.started.wait, WAIT_S)
+    await asyncio.to_thread(engine.started.wait, ENGINE_WAIT_S)
     queued = asyncio.create_task(generate(client, **FAST, n=queued_n))
     scheduler = app.state.engine_client.scheduler
-    await wait_until(lambda: scheduler.queued_images == queued_n, "queued")
+    await until(lambda: scheduler.queued_images == queued_n, "queued", timeout_s=ENGINE_WAIT_S)
     return running, queued
 
 
@@ -93,9 +50,10 @@ async def test_concurrent_requests_share_batches(make_app, engine: ObservedEngin
     engine.gate.clear()  # the first batch waits, so the rest queue up behind it
     async with http_client(app) as client:
         first = asyncio.create_task(generate(client, **FAST, seed=0))
-        await asyncio.to_thread(engine.started.wait, WAIT_S)
+        await asyncio.to_thread(engine.started.wait, ENGINE_WAIT_S)
         rest = [asyncio.create_task(generate(client, **FAST, seed=s)) for s in range(1, 9)]
-        await wait_until(lambda: app.state.engine_client.scheduler.queued_images == 8, "queued")
+        scheduler = app.state.engine_client.scheduler
+        await until(lambda: scheduler.queued_images == 8, "queued", timeout_s=ENGINE_WAIT_S)
         engine.gate.set()
         responses = await asyncio.gather(first, *rest)
     assert [r.status_code for r in responses] == [200] * 9
@@ -145,14 +103,14 @@ async def test_a_client_that_goes_away_frees_its_place(make_app, engine: Observe
 
     # Gone while running: the engine stops at the next denoising step.
     running = asyncio.create_task(serving.create_image(request))
-    await wait_until(lambda: engine.steps > 0, "running")
+    await until(lambda: engine.steps > 0, "running", timeout_s=ENGINE_WAIT_S)
     # Gone while queued: dropped from the queue, never run.
     queued = asyncio.create_task(serving.create_image(request))
-    await wait_until(lambda: scheduler.queued_images == 1, "queued")
+    await until(lambda: scheduler.queued_images == 1, "queued", timeout_s=ENGINE_WAIT_S)
     queued.cancel()
     running.cancel()
     await asyncio.gather(running, queued, return_exceptions=True)
-    await wait_until(lambda: scheduler.running_images == 0, "engine free")
+    await until(lambda: scheduler.running_images == 0, "engine free", timeout_s=ENGINE_WAIT_S)
     assert scheduler.queued_images == 0
     assert engine.batches == [1]
     assert engine.steps < 200
@@ -170,7 +128,7 @@ async def test_metrics_and_the_request_log_line(
     labels = {"model_name": "metrics-model"}
     async with http_client(app) as client:
         before = (await client.get("/metrics")).text
-        with caplog.at_level(logging.INFO, logger="vllm_omni_images.serving"):
+        with caplog.at_level(logging.INFO, logger="vllm_omni_images.images.serving"):
             response = await client.post(
                 "/v1/images/generations",
                 json={"prompt": "a red fox", "n": 2, **FAST},
@@ -243,7 +201,7 @@ async def test_a_draining_shutdown_finishes_accepted_work_and_takes_no_new(
         running, queued = await one_running_one_queued(client, app, engine)
 
         shutdown = asyncio.create_task(asyncio.to_thread(engine_client.shutdown, 30))
-        await wait_until(lambda: engine_client._closing, "draining")
+        await until(lambda: engine_client._closing, "draining", timeout_s=ENGINE_WAIT_S)
         late = await generate(client, **FAST)
         assert "shut down" in assert_openai_error(late, 503)["message"]
         engine.gate.set()

@@ -14,97 +14,25 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from vllm_omni_images.engine.base import (
+from tests.support.engines import FakeClock, FakeEngine, colour, req
+from tests.support.waiting import WAIT_S, until
+from vllm_omni_images.engine.base import EngineRequest, StepCallback, batch_key
+from vllm_omni_images.engine.cpu_priority import ENGINE_THREAD_NICENESS
+from vllm_omni_images.engine.errors import (
     EngineError,
     EngineOutOfMemoryError,
-    EngineRequest,
-    GenerationCancelled,
-    ImageEngine,
-    ModelDefaults,
-    StepCallback,
-    batch_key,
-)
-from vllm_omni_images.scheduler import (
-    ENGINE_THREAD_NICENESS,
-    ImageScheduler,
     QueueFullError,
     RequestTimeoutError,
+    RequestTooLargeError,
     SchedulerClosedError,
+)
+from vllm_omni_images.engine.scheduler import (
+    ImageScheduler,
     SchedulerConfig,
     SchedulerObserver,
     company_wait_s,
     form_batch,
 )
-
-WAIT_S = 2.0
-"""The longest any test waits for something that should happen at once."""
-
-
-def colour(seed: int) -> tuple[int, int, int]:
-    return (seed % 256, seed // 256 % 256, 99)
-
-
-def req(*seeds: int, **fields: Any) -> EngineRequest:
-    values: dict[str, Any] = {
-        "prompt": "a red fox",
-        "width": 64,
-        "height": 64,
-        "num_inference_steps": 2,
-        **fields,
-    }
-    return EngineRequest(seeds=seeds or (1,), **values)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class FakeEngine(ImageEngine):
-    """Records its batches and makes one 8x8 image per seed, coloured by the seed.
-
-    Before each step it waits for `gate`, so a test holds a batch mid-run by clearing it.
-    """
-
-    def __init__(self, steps: int = 2, clock: FakeClock | None = None) -> None:
-        self.steps = steps
-        self.clock = clock
-        self.gate = threading.Event()
-        self.gate.set()
-        self.batches: list[list[EngineRequest]] = []
-        self.steps_run: list[int] = []
-        self.finished: list[str] = []
-        self.fail_with: dict[str, BaseException] = {}
-        """Raise this error for a batch whose first prompt is the key."""
-
-    @property
-    def defaults(self) -> ModelDefaults:
-        return ModelDefaults(width=64, height=64, num_inference_steps=2, size_multiple=8)
-
-    def generate(
-        self, requests: Sequence[EngineRequest], on_step: StepCallback | None = None
-    ) -> list[list[Image.Image]]:
-        self.batches.append(list(requests))
-        self.steps_run.append(0)
-        if requests[0].prompt in self.fail_with:
-            self.finished.append("error")
-            raise self.fail_with[requests[0].prompt]
-        try:
-            for step in range(self.steps):
-                assert self.gate.wait(WAIT_S), "the test never opened the gate"
-                if self.clock is not None:
-                    self.clock.now += 1.0
-                self.steps_run[-1] += 1
-                if on_step is not None:
-                    on_step(step, self.steps)
-        except GenerationCancelled:
-            self.finished.append("cancelled")
-            raise
-        self.finished.append("ok")
-        return [[Image.new("RGB", (8, 8), colour(seed)) for seed in r.seeds] for r in requests]
 
 
 class RecordingObserver(SchedulerObserver):
@@ -181,13 +109,6 @@ async def running(
     finally:
         engine.gate.set()
         await scheduler.close()
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Poll: some conditions change on the engine thread, where no asyncio.Event can be set."""
-    async with asyncio.timeout(WAIT_S):
-        while not condition():  # noqa: ASYNC110
-            await asyncio.sleep(0.001)
 
 
 async def hold(
@@ -399,8 +320,6 @@ async def test_queue_limit_refuses_and_cancelled_requests_free_their_place(
         with pytest.raises(QueueFullError) as refused:
             await scheduler.submit(req(4, 5, request_id="refused"))
         assert refused.value.retry_after_s >= 1.0
-        with pytest.raises(QueueFullError):
-            await scheduler.submit(req(*range(10, 15)))
         assert observer.of("rejected")[0] == "refused"
 
         first.cancel()
@@ -411,6 +330,28 @@ async def test_queue_limit_refuses_and_cancelled_requests_free_their_place(
         with pytest.raises(asyncio.CancelledError):
             await first
     assert all(req(1, 2) not in batch for batch in engine.batches)
+
+
+async def test_a_request_larger_than_the_whole_queue_is_refused_at_once(
+    engine: FakeEngine,
+) -> None:
+    too_large = req(*range(10, 15))
+    async with running(engine, max_queue_images=4) as scheduler:
+        # Refused on an idle scheduler too: it could never fit, however long it waited.
+        with pytest.raises(RequestTooLargeError) as refused:
+            await scheduler.submit(too_large)
+        assert (refused.value.num_images, refused.value.max_queue_images) == (5, 4)
+        assert scheduler.queued_images == 0
+
+        held = await hold(scheduler, engine, req(100, 101, 102, 103))
+        [queued] = await submit_queued(scheduler, req(1, 2, 3))
+        with pytest.raises(QueueFullError):
+            await scheduler.submit(req(4, 5))  # fits the queue, just not now
+        with pytest.raises(RequestTooLargeError):
+            await scheduler.submit(too_large)
+        engine.gate.set()
+        await asyncio.gather(held, queued)
+    assert engine.batches == [[req(100, 101, 102, 103)], [req(1, 2, 3)]]
 
 
 async def test_timeout_while_queued(engine: FakeEngine) -> None:

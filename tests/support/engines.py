@@ -1,0 +1,156 @@
+"""Engines for tests: a fake one for the scheduler, and wrappers around the real tiny engine.
+
+`FakeEngine` paints one small image per seed in `colour(seed)` and can hold a batch at a gate;
+`req` builds requests for it. `DelegatingEngine` forwards to a real engine, and its subclasses
+change only `generate`: to fail on purpose, or to hold and count batches and steps.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from PIL import Image
+
+from vllm_omni_images.engine.base import EngineRequest, ImageEngine, ModelDefaults, StepCallback
+from vllm_omni_images.engine.errors import EngineError, EngineOutOfMemoryError, GenerationCancelled
+
+from .waiting import ENGINE_WAIT_S, WAIT_S
+
+
+def colour(seed: int) -> tuple[int, int, int]:
+    """The colour `FakeEngine` paints the image of `seed`."""
+    return (seed % 256, seed // 256 % 256, 99)
+
+
+def req(*seeds: int, **fields: Any) -> EngineRequest:
+    """A request of `FakeEngine`'s default size and steps, with one image per seed (default 1)."""
+    values: dict[str, Any] = {
+        "prompt": "a red fox",
+        "width": 64,
+        "height": 64,
+        "num_inference_steps": 2,
+        **fields,
+    }
+    return EngineRequest(seeds=seeds or (1,), **values)
+
+
+class FakeClock:
+    """A clock that moves only when a test (or `FakeEngine`) moves `now`."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeEngine(ImageEngine):
+    """Records its batches and makes one 8x8 image per seed, coloured by the seed.
+
+    Before each step it waits for `gate`, so a test holds a batch mid-run by clearing it.
+    """
+
+    def __init__(self, steps: int = 2, clock: FakeClock | None = None) -> None:
+        self.steps = steps
+        self.clock = clock
+        self.gate = threading.Event()
+        self.gate.set()
+        self.batches: list[list[EngineRequest]] = []
+        self.steps_run: list[int] = []
+        self.finished: list[str] = []
+        self.fail_with: dict[str, BaseException] = {}
+        """Raise this error for a batch whose first prompt is the key."""
+
+    @property
+    def defaults(self) -> ModelDefaults:
+        return ModelDefaults(width=64, height=64, num_inference_steps=2, size_multiple=8)
+
+    def generate(
+        self, requests: Sequence[EngineRequest], on_step: StepCallback | None = None
+    ) -> list[list[Image.Image]]:
+        self.batches.append(list(requests))
+        self.steps_run.append(0)
+        if requests[0].prompt in self.fail_with:
+            self.finished.append("error")
+            raise self.fail_with[requests[0].prompt]
+        try:
+            for step in range(self.steps):
+                assert self.gate.wait(WAIT_S), "the test never opened the gate"
+                if self.clock is not None:
+                    self.clock.now += 1.0
+                self.steps_run[-1] += 1
+                if on_step is not None:
+                    on_step(step, self.steps)
+        except GenerationCancelled:
+            self.finished.append("cancelled")
+            raise
+        self.finished.append("ok")
+        return [[Image.new("RGB", (8, 8), colour(seed)) for seed in r.seeds] for r in requests]
+
+
+class DelegatingEngine(ImageEngine):
+    """An engine that forwards to `inner`; subclasses override what they change.
+
+    `close` does not close `inner`: the inner engine is the session-wide tiny engine, which
+    every later test still uses after an app built on a wrapper shuts down.
+    """
+
+    def __init__(self, inner: ImageEngine) -> None:
+        self.inner = inner
+
+    @property
+    def defaults(self) -> ModelDefaults:
+        return self.inner.defaults
+
+    def generate(
+        self, requests: Sequence[EngineRequest], on_step: StepCallback | None = None
+    ) -> list[list[Image.Image]]:
+        return self.inner.generate(requests, on_step)
+
+    def check_health(self) -> None:
+        self.inner.check_health()
+
+
+class FailingEngine(DelegatingEngine):
+    """The inner engine, except for the prompts "oom", "fail" and "bug", which fail as named."""
+
+    def generate(
+        self, requests: Sequence[EngineRequest], on_step: StepCallback | None = None
+    ) -> list[list[Image.Image]]:
+        prompt = requests[0].prompt
+        if prompt == "oom":
+            raise EngineOutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+        if prompt == "fail":
+            raise EngineError("the VAE produced NaNs")
+        if prompt == "bug":
+            raise KeyError("unexpected")
+        return super().generate(requests, on_step)
+
+
+class ObservedEngine(DelegatingEngine):
+    """The inner engine, holding each batch at `gate` and counting batches and steps."""
+
+    def __init__(self, inner: ImageEngine) -> None:
+        super().__init__(inner)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.started = threading.Event()
+        self.batches: list[int] = []
+        """The number of images of each batch, in order."""
+        self.steps = 0
+
+    def generate(
+        self, requests: Sequence[EngineRequest], on_step: StepCallback | None = None
+    ) -> list[list[Image.Image]]:
+        self.batches.append(sum(request.num_images for request in requests))
+        self.started.set()
+        self.gate.wait(ENGINE_WAIT_S)
+
+        def counting(step: int, total: int) -> None:
+            self.steps += 1
+            if on_step is not None:
+                on_step(step, total)
+
+        return super().generate(requests, counting)
