@@ -7,13 +7,12 @@ difference per image.
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import numpy as np
 
-from benchmarks.load import machine, markdown_table, run_description, write_results
-from vllm_omni_images.engine import EngineRequest
+from benchmarks.report import benchmark_parser, markdown_table, publish
+from vllm_omni_images.engine.base import EngineRequest
 from vllm_omni_images.engine.diffusers_engine import DiffusersEngine
 from vllm_omni_images.tiny_model import ensure_tiny_model
 
@@ -40,9 +39,8 @@ COLUMNS = [
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchmark_parser(__doc__, model=False, steps=4)
     parser.add_argument("--sizes", default="64x64,128x128,256x256")
-    parser.add_argument("--steps", type=int, default=4)
     args = parser.parse_args()
     engine = DiffusersEngine(str(ensure_tiny_model()), device="cpu")
     rows: list[dict[str, Any]] = []
@@ -86,19 +84,15 @@ def main() -> None:
                 }
             )
             print(rows[-1], flush=True)
-    info = machine()
-    markdown = (
-        "# Seed invariance under batching\n\n"
-        f"{run_description('benchmarks.batch_invariance', info)} float32; "
-        f"{len(PROMPTS)} requests of "
-        f"different prompts and `n` (1 or 2), each generated alone and then in batches; "
-        "the largest difference of any pixel value (0-255) between the two.\n\n"
-        + markdown_table(rows, COLUMNS)
-        + f"\nLargest difference anywhere: **{worst}/255**.\n"
+    publish(
+        "batch_invariance",
+        title="Seed invariance under batching",
+        intro=f"float32; {len(PROMPTS)} requests of different prompts and `n` (1 or 2), each "
+        "generated alone and then in batches; the largest difference of any pixel value (0-255) "
+        "between the two.",
+        body=markdown_table(rows, COLUMNS) + f"\nLargest difference anywhere: **{worst}/255**.\n",
+        results={"rows": rows},
     )
-    path = write_results("batch_invariance", {"machine": info, "rows": rows}, markdown)
-    print(markdown)
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

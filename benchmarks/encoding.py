@@ -6,7 +6,6 @@ images (noise-like, the hardest case) and on a smooth synthetic image (closer to
 
 from __future__ import annotations
 
-import argparse
 import io
 import time
 from typing import Any
@@ -15,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.load import machine, markdown_table, median, run_description, write_results
-from vllm_omni_images.encoding import PNG_COMPRESS_LEVEL
+from benchmarks.report import benchmark_parser, markdown_table, median, publish
+from vllm_omni_images.images.encoding import PNG_COMPRESS_LEVEL
 from vllm_omni_images.tiny_model import ensure_tiny_model
 
 SIZES = (256, 512, 1024)
@@ -63,7 +62,7 @@ def png_cost(image: Image.Image, level: int, repeats: int) -> tuple[float, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchmark_parser(__doc__, model=False)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     rows: list[dict[str, Any]] = []
@@ -84,18 +83,15 @@ def main() -> None:
                     }
                 )
                 print(rows[-1], flush=True)
-    info = machine()
-    markdown = (
-        "# PNG encoding cost by zlib level\n\n"
-        f"{run_description('benchmarks.encoding', info)} Median of {args.repeats} "
-        "encodes of one image; ratios against "
-        f"level 6 (PIL's default). The server uses level {PNG_COMPRESS_LEVEL}.\n\n"
-        + markdown_table(
-            rows, ["image", "px", "level", "ms", "KiB", "time_vs_default", "size_vs_default"]
-        )
+    columns = ["image", "px", "level", "ms", "KiB", "time_vs_default", "size_vs_default"]
+    publish(
+        "encoding",
+        title="PNG encoding cost by zlib level",
+        intro=f"Median of {args.repeats} encodes of one image; ratios against level 6 (PIL's "
+        f"default). The server uses level {PNG_COMPRESS_LEVEL}.",
+        body=markdown_table(rows, columns),
+        results={"rows": rows},
     )
-    path = write_results("encoding", {"machine": info, "rows": rows}, markdown)
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from benchmarks.load import machine, markdown_table, percentile, run_description, write_results
-from vllm_omni_images.engine import EngineRequest
+from benchmarks.report import benchmark_parser, markdown_table, percentile, publish
+from vllm_omni_images.engine.base import EngineRequest
 from vllm_omni_images.engine.diffusers_engine import DiffusersEngine
-from vllm_omni_images.scheduler import ImageScheduler, SchedulerConfig
+from vllm_omni_images.engine.scheduler import ImageScheduler, SchedulerConfig
 from vllm_omni_images.tiny_model import (
     build_qwen_image_pipeline,
     ensure_tiny_model,
@@ -96,12 +96,10 @@ async def run(engine: DiffusersEngine, args: argparse.Namespace) -> list[dict[st
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchmark_parser(__doc__, model=False, size="128x128", steps=4)
     parser.add_argument("--shape", choices=("tiny", "wide"), default="tiny")
     parser.add_argument("--layers", type=int, default=4, help="transformer layers (wide)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--size", default="128x128")
-    parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--levels", default="1,2,4,8")
     parser.add_argument("--max-batch-sizes", default="1,8", help="1 = batching off")
     parser.add_argument("--per-worker", type=int, default=4)
@@ -112,7 +110,6 @@ def main() -> None:
     engine = load_engine(args.shape, args.layers, args.device)
     load_s = time.perf_counter() - started
     rows = asyncio.run(run(engine, args))
-    info = machine()
     peak_gib = None
     if args.device.startswith("cuda"):
         peak_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -123,22 +120,17 @@ def main() -> None:
     if len(batch_sizes) > 1:
         on, off = by[(batch_sizes[-1], top)], by[(batch_sizes[0], top)]
         ratio = round(on["images_per_s"] / off["images_per_s"], 2)
-    name = f"engine_throughput_{args.shape}_{args.device.split(':')[0]}"
-    markdown = (
-        f"# Engine throughput, batching on and off ({engine.model_path}, {args.size}, "
-        f"{args.steps} steps, {args.device}, {engine.dtype})\n\n"
-        f"{run_description('benchmarks.engine_throughput', info)} Model built/loaded in "
-        f"{load_s:.1f} s; peak "
-        f"GPU memory {peak_gib} GiB.\n\n"
-        + markdown_table(
-            rows, ["max_batch_size", "concurrency", "requests", "images_per_s", "p50_ms", "p99_ms"]
-        )
-        + f"\nThroughput at concurrency {top}, largest batch / batch 1: **{ratio}**.\n"
+    columns = ["max_batch_size", "concurrency", "requests", "images_per_s", "p50_ms", "p99_ms"]
+    publish(
+        f"engine_throughput_{args.shape}_{args.device.split(':')[0]}",
+        module="benchmarks.engine_throughput",
+        title=f"Engine throughput, batching on and off ({engine.model_path}, {args.size}, "
+        f"{args.steps} steps, {args.device}, {engine.dtype})",
+        intro=f"Model built/loaded in {load_s:.1f} s; peak GPU memory {peak_gib} GiB.",
+        body=markdown_table(rows, columns)
+        + f"\nThroughput at concurrency {top}, largest batch / batch 1: **{ratio}**.\n",
+        results={"rows": rows, "ratio": ratio, "peak_gib": peak_gib},
     )
-    results = {"machine": info, "rows": rows, "ratio": ratio, "peak_gib": peak_gib}
-    path = write_results(name, results, markdown)
-    print(markdown)
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ The load runs in a separate process, so the prober's timings measure the server 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import multiprocessing
 import tempfile
@@ -18,8 +17,8 @@ from typing import Any
 
 import httpx
 
-from benchmarks.load import machine, markdown_table, percentile, run_description, write_results
-from benchmarks.server_process import free_port, running_server, vllm_serve_command
+from benchmarks.report import benchmark_parser, markdown_table, percentile, publish
+from testing.server_process import free_port, running_server, vllm_serve_command
 from vllm_omni_images.tiny_model import ensure_tiny_model
 
 P99_RATIO_TARGET = 3.0
@@ -66,10 +65,7 @@ def queue_images(base_url: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny-qwen-image")
-    parser.add_argument("--size", default="256x256")
-    parser.add_argument("--steps", type=int, default=4)
+    parser = benchmark_parser(__doc__, size="256x256", steps=4)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--interval-ms", type=float, default=20.0)
@@ -109,22 +105,18 @@ def main() -> None:
     rows = [stats("idle", idle), stats(f"saturated ({args.concurrency} in flight)", saturated)]
     ratio = rows[1]["p99_ms"] / rows[0]["p99_ms"]
     meets = ratio <= P99_RATIO_TARGET and rows[1]["p99_ms"] <= P99_MS_TARGET
-    info = machine()
-    markdown = (
-        f"# `/health` latency, idle and saturated ({args.model}, {args.size}, "
-        f"{args.steps} steps)\n\n"
-        f"{run_description('benchmarks.liveness', info)} {args.samples} sequential probes "
-        f"{args.interval_ms:g} ms apart; the load process keeps {args.concurrency} requests in "
-        f"flight (images queued or running when probing began/ended: {busy_before:g}/"
-        f"{busy_after:g}).\n\n"
-        + markdown_table(rows, ["server", "p50_ms", "p99_ms", "max_ms"])
+    publish(
+        "liveness",
+        title=f"`/health` latency, idle and saturated ({args.model}, {args.size}, "
+        f"{args.steps} steps)",
+        intro=f"{args.samples} sequential probes {args.interval_ms:g} ms apart; the load process "
+        f"keeps {args.concurrency} requests in flight (images queued or running when probing "
+        f"began/ended: {busy_before:g}/{busy_after:g}).",
+        body=markdown_table(rows, ["server", "p50_ms", "p99_ms", "max_ms"])
         + f"\np99 saturated / idle: **{ratio:.2f}** ({'meets' if meets else 'misses'} the "
-        f"targets: at most {P99_RATIO_TARGET:g}x idle and under {P99_MS_TARGET:g} ms).\n"
+        f"targets: at most {P99_RATIO_TARGET:g}x idle and under {P99_MS_TARGET:g} ms).\n",
+        results={"rows": rows, "p99_ratio": round(ratio, 3)},
     )
-    results = {"machine": info, "rows": rows, "p99_ratio": round(ratio, 3)}
-    path = write_results("liveness", results, markdown)
-    print(markdown)
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -1,30 +1,17 @@
-"""A closed-loop HTTP load generator and the statistics the benchmarks report."""
+"""A closed-loop HTTP load generator: concurrent clients of `/v1/images/generations`."""
 
 from __future__ import annotations
 
 import asyncio
-import json
-import platform
-import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from benchmarks.report import percentile
 
 if TYPE_CHECKING:
     import httpx
-
-RESULTS_DIR = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    """Nearest-rank percentile (the value at or below which `fraction` of samples lie)."""
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(fraction * len(ordered) + 0.5)))
-    return ordered[rank - 1]
 
 
 @dataclass
@@ -113,70 +100,3 @@ async def closed_loop(
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         wall_s = time.perf_counter() - start
     return LoadResult(concurrency, requests, ok, images, wall_s, latencies, failures, duplicated)
-
-
-def machine() -> dict[str, Any]:
-    import os
-
-    import torch
-
-    return {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "commit": _git_commit(),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-    }
-
-
-def run_description(module: str, info: dict[str, Any]) -> str:
-    """How a result was produced: the exact command, the machine, the commit and the date."""
-    command = " ".join(["python -m", module, *sys.argv[1:]])
-    return (
-        f"`{command}` on {info['cores']} cores ({info['cpu']}), GPU: {info['gpu']}, "
-        f"torch {info['torch']}, commit {info['commit']}, {info['date']}."
-    )
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def write_results(name: str, results: dict[str, Any], markdown: str) -> Path:
-    """Write `docs/benchmarks/<name>.json` and `<name>.md`; return the markdown's path."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
-    path = RESULTS_DIR / f"{name}.md"
-    path.write_text(markdown)
-    return path
-
-
-def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)
-
-
-__all__ = [
-    "LoadResult",
-    "asdict",
-    "closed_loop",
-    "machine",
-    "markdown_table",
-    "median",
-    "percentile",
-    "run_description",
-    "write_results",
-]

@@ -6,7 +6,6 @@ against the same pipeline call made directly in this process, interleaved one fo
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -15,25 +14,15 @@ from typing import Any
 import openai
 import torch
 
-from benchmarks.load import (
-    machine,
-    markdown_table,
-    median,
-    percentile,
-    run_description,
-    write_results,
-)
-from benchmarks.server_process import free_port, running_server, vllm_serve_command
+from benchmarks.report import benchmark_parser, markdown_table, median, percentile, publish
+from testing.server_process import free_port, running_server, vllm_serve_command
 from vllm_omni_images.tiny_model import ensure_tiny_model, resolve_model_path
 
 TARGET_RATIO = 1.10
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny-qwen-image")
-    parser.add_argument("--size", default="128x128")
-    parser.add_argument("--steps", type=int, default=2)
+    parser = benchmark_parser(__doc__, size="128x128", steps=2)
     parser.add_argument("--iterations", type=int, default=50)
     parser.add_argument("--pause-s", type=float, default=0.2)
     args = parser.parse_args()
@@ -92,21 +81,16 @@ def main() -> None:
         }
         for name, samples in (("openai SDK -> vllm serve", served), ("direct pipeline", called))
     ]
-    info = machine()
     verdict = "meets" if ratio <= TARGET_RATIO else "misses"
-    markdown = (
-        f"# Serving overhead ({args.model}, {args.size}, {args.steps} steps)\n\n"
-        f"{run_description('benchmarks.overhead', info)} {args.iterations} requests each "
-        "way, interleaved.\n\n"
-        + markdown_table(rows, ["path", "p50_ms", "p99_ms"])
+    publish(
+        "overhead",
+        title=f"Serving overhead ({args.model}, {args.size}, {args.steps} steps)",
+        intro=f"{args.iterations} requests each way, interleaved.",
+        body=markdown_table(rows, ["path", "p50_ms", "p99_ms"])
         + f"\nRatio of medians, served / direct: **{ratio:.3f}** ({verdict} the target "
-        f"{TARGET_RATIO}).\n"
+        f"{TARGET_RATIO}).\n",
+        results={"rows": rows, "ratio": round(ratio, 4)},
     )
-    path = write_results(
-        "overhead", {"machine": info, "rows": rows, "ratio": round(ratio, 4)}, markdown
-    )
-    print(markdown)
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

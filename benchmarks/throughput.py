@@ -6,15 +6,15 @@ baseline server, measured side by side in one run on the same model.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.load import closed_loop, machine, markdown_table, run_description, write_results
-from benchmarks.server_process import free_port, running_server, vllm_serve_command
+from benchmarks.load import closed_loop
+from benchmarks.report import benchmark_parser, markdown_table, publish
+from testing.server_process import free_port, running_server, vllm_serve_command
 from vllm_omni_images.tiny_model import ensure_tiny_model
 
 
@@ -64,16 +64,15 @@ async def measure(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny-qwen-image")
-    parser.add_argument("--size", default="128x128")
-    parser.add_argument("--steps", type=int, default=4)
+    parser = benchmark_parser(__doc__, size="128x128", steps=4)
     parser.add_argument("--levels", default="1,2,4,8,16")
     parser.add_argument("--per-worker", type=int, default=4, help="requests per worker")
     parser.add_argument("--max-batch-size", type=int, default=8)
     args = parser.parse_args()
     ensure_tiny_model()
     levels = [int(level) for level in args.levels.split(",")]
+    if not {1, 8} <= set(levels):
+        parser.error("--levels must include 1 and 8: the ratios compare them")
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as logs:
         for label, (command, port) in servers(args.model, args.max_batch_size).items():
@@ -92,33 +91,16 @@ def main() -> None:
         "lost_or_failed": sum(row["lost_or_failed"] for row in rows),
         "duplicated_images": sum(row["duplicated_images"] for row in rows),
     }
-    info = machine()
-    markdown = (
-        f"# Throughput and latency ({args.model}, {args.size}, {args.steps} steps)\n\n"
-        f"{run_description('benchmarks.throughput', info)} Closed loop: each of "
-        "`concurrency` clients "
-        f"sends its next request when the last one is answered, {args.per_worker} requests "
-        "each (at least 16 in all).\n\n"
-        + markdown_table(
-            rows,
-            [
-                "server",
-                "concurrency",
-                "requests",
-                "ok",
-                "lost_or_failed",
-                "duplicated_images",
-                "images_per_s",
-                "p50_ms",
-                "p99_ms",
-            ],
-        )
-        + "\n"
-        + markdown_table([verdict], list(verdict))
+    columns = ["server", "concurrency", "requests", "ok", "lost_or_failed", "duplicated_images",
+               "images_per_s", "p50_ms", "p99_ms"]  # fmt: skip
+    publish(
+        "throughput",
+        title=f"Throughput and latency ({args.model}, {args.size}, {args.steps} steps)",
+        intro="Closed loop: each of `concurrency` clients sends its next request when the last "
+        f"one is answered, {args.per_worker} requests each (at least 16 in all).",
+        body=markdown_table(rows, columns) + "\n" + markdown_table([verdict], list(verdict)),
+        results={"rows": rows, "ratios": verdict},
     )
-    path = write_results("throughput", {"machine": info, "rows": rows, "ratios": verdict}, markdown)
-    print(markdown)
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -13,14 +13,14 @@ import numpy as np
 import openai
 import pytest
 
-from benchmarks.server_process import (
+from testing.server_process import (
     VLLM,
     ServerFailedError,
     free_port,
     running_server,
     vllm_serve_command,
 )
-from vllm_omni_images.encoding import decode_image_base64
+from vllm_omni_images.images.encoding import decode_image_base64
 
 pytestmark = pytest.mark.e2e
 
