@@ -41,8 +41,8 @@ pytest: install
 test: lint typecheck pytest
 
 # All benchmarks, side by side in one run on the embedded model; each writes its table to
-# docs/benchmarks/ (summarised in docs/performance.md). About 12 minutes on 2 CPU cores.
-BENCHMARKS := encoding batch_invariance overhead liveness throughput engine_throughput
+# docs/benchmarks/ (summarised in docs/performance.md). About 15 minutes on 2 CPU cores.
+BENCHMARKS := encoding batch_invariance overhead liveness throughput engine_throughput startup
 
 benchmark: install
 	for name in $(BENCHMARKS); do \
