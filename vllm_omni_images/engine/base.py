@@ -9,9 +9,10 @@ where only diffusers is installed.
 from __future__ import annotations
 
 import abc
+import concurrent.futures
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Protocol, TypeAlias
 
 from PIL import Image
 
@@ -86,7 +87,8 @@ StepCallback = Callable[[int, int], None]
 
 
 class ImageEngine(abc.ABC):
-    """A loaded model that turns batches of `EngineRequest`s into images.
+    """A loaded model that turns batches of `EngineRequest`s into images; the scheduler forms
+    the batches.
 
     `generate` is blocking and is never called on the event loop; callers run it in a worker
     thread, one batch at a time per engine.
@@ -115,3 +117,51 @@ class ImageEngine(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - engines with nothing to release keep this
         """Release the model's memory."""
+
+
+ImagesStarted = Callable[[int], None]
+"""Called, from any thread, with a number of a request's images that just left the engine's
+waiting queue and began to run."""
+
+
+class EngineJob(Protocol):
+    """One request submitted to a `QueueingImageEngine`."""
+
+    @property
+    def future(self) -> concurrent.futures.Future[list[Image.Image]]:
+        """Settles once: the request's images in seed order, or the engine's exception."""
+        ...
+
+    def abort(self) -> None:
+        """Withdraw the request: a waiting one leaves the engine's queue at once, a running
+        one stops as soon as the engine allows. Its future then fails. Idempotent."""
+        ...
+
+
+class QueueingImageEngine(abc.ABC):
+    """An engine that queues and batches requests itself, as vllm-omni's `DiffusionEngine` does.
+
+    The scheduler above keeps admission (queue limit, timeouts, cancellation, metrics) and hands
+    each accepted request over at once; the engine decides what runs together. Every method is
+    thread-safe and none needs the caller's event loop.
+    """
+
+    name: str = "engine"
+
+    @property
+    @abc.abstractmethod
+    def defaults(self) -> ModelDefaults: ...
+
+    @abc.abstractmethod
+    def submit(self, request: EngineRequest, on_started: ImagesStarted) -> EngineJob:
+        """Queue `request`; raises at once (e.g. `EngineDiedError`) if it cannot be taken."""
+
+    def check_health(self) -> None:  # noqa: B027 - engines with nothing to check keep this
+        """Raise `errors.EngineDiedError` if the engine can no longer serve."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stop the engine and release the model's memory."""
+
+
+AnyImageEngine: TypeAlias = ImageEngine | QueueingImageEngine

@@ -20,8 +20,12 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from vllm_omni_images.engine.base import EngineRequest, ImageEngine, ModelDefaults
-from vllm_omni_images.engine.errors import EngineNotReadyError, SchedulerClosedError
+from vllm_omni_images.engine.base import AnyImageEngine, EngineRequest, ModelDefaults
+from vllm_omni_images.engine.errors import (
+    EngineDiedError,
+    EngineNotReadyError,
+    SchedulerClosedError,
+)
 from vllm_omni_images.engine.scheduler import ImageScheduler, RequestTimings, SchedulerConfig
 
 if TYPE_CHECKING:
@@ -38,7 +42,7 @@ class ShutdownConfig:
 class ImageEngineClient:
     def __init__(
         self,
-        engine: ImageEngine | None,
+        engine: AnyImageEngine | None,
         model_name: str,
         scheduler_config: SchedulerConfig | None = None,
         *,
@@ -59,7 +63,7 @@ class ImageEngineClient:
         self._closed = threading.Event()
 
     @property
-    def engine(self) -> ImageEngine:
+    def engine(self) -> AnyImageEngine:
         if self._engine is None or self._closed.is_set():
             raise EngineNotReadyError(f"The model `{self.model_name}` is not loaded.")
         return self._engine
@@ -83,11 +87,14 @@ class ImageEngineClient:
         return self.is_ready
 
     async def check_health(self) -> None:
-        if not self.is_ready:
-            from vllm.v1.engine.exceptions import EngineDeadError  # what /health turns into 503
+        """Raise vLLM's `EngineDeadError` (which `/health` answers with 503) when no model is
+        loaded or the engine died."""
+        try:
+            self.engine.check_health()  # raises EngineNotReadyError without a model
+        except (EngineNotReadyError, EngineDiedError) as error:
+            from vllm.v1.engine.exceptions import EngineDeadError
 
-            raise EngineDeadError()
-        self.engine.check_health()
+            raise EngineDeadError(str(error)) from error
 
     async def do_log_stats(self) -> None:
         return None

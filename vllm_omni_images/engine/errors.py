@@ -16,6 +16,14 @@ class EngineOutOfMemoryError(EngineError):
     """The device ran out of memory for this batch; smaller or fewer images may still fit."""
 
 
+class EngineRequestError(EngineError):
+    """The engine refused this request's parameters (e.g. a size its pipeline cannot make)."""
+
+
+class EngineDiedError(EngineError):
+    """The engine or its worker died: nothing more can be generated until a restart."""
+
+
 class EngineNotReadyError(RuntimeError):
     """The model is not loaded (yet, or any more)."""
 

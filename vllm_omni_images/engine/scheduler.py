@@ -1,8 +1,18 @@
-"""An asyncio scheduler that groups compatible image requests into engine batches.
+"""An asyncio scheduler: admission for every engine, and batching for engines that do not batch.
 
-One worker per engine takes the oldest waiting request, adds compatible waiting requests up to
-`max_batch_size` images, and runs the batch on a single engine thread. Callers `await
-submit(request)` and get exactly one outcome: their images or one exception.
+Callers `await submit(request)` and get exactly one outcome: their images or one exception.
+Admission is the same for every engine: the queue limit (429), the request timeout, withdrawal
+when the caller goes away, and the metrics hooks.
+
+What happens to an admitted request depends on the engine, so that requests are batched once,
+by one queue (docs/architecture.md, "One queue, one batcher"):
+
+- An `ImageEngine` (diffusers) cannot batch by itself. One worker per engine takes the oldest
+  waiting request, adds compatible waiting requests up to `max_batch_size` images, and runs the
+  batch on a single engine thread.
+- A `QueueingImageEngine` (vllm-omni) batches with its own scheduler, which knows what its
+  pipeline can run together. Each admitted request is handed over at once; it counts as queued
+  until the engine reports its images started, and a timeout or a cancel aborts it there.
 
 This module must stay importable without vLLM (the GPU benchmarks run it with diffusers only).
 """
@@ -11,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -20,7 +31,14 @@ from typing import ParamSpec, Protocol
 
 from PIL import Image
 
-from vllm_omni_images.engine.base import EngineRequest, ImageEngine, batch_key
+from vllm_omni_images.engine.base import (
+    AnyImageEngine,
+    EngineJob,
+    EngineRequest,
+    ImageEngine,
+    QueueingImageEngine,
+    batch_key,
+)
 from vllm_omni_images.engine.cpu_priority import yield_cpu_to_serving
 from vllm_omni_images.engine.errors import (
     EngineError,
@@ -50,10 +68,11 @@ class SchedulerConfig:
     """How requests are batched and how much waiting work is accepted."""
 
     max_batch_size: int = 4
-    """Images per engine call; a single request with more images still runs, alone."""
+    """Images per engine call; a single request with more images still runs, alone. (A
+    `QueueingImageEngine` is built with this limit and applies it itself.)"""
     batch_delay_s: float = 0.0
     """How long a non-full batch waits for compatible company, counted from its oldest
-    request's arrival."""
+    request's arrival. (Likewise applied by a `QueueingImageEngine` itself.)"""
     max_queue_images: int = 256
     """Waiting images beyond which new requests are refused."""
     request_timeout_s: float | None = 600.0
@@ -163,6 +182,12 @@ class _Pending:
     timings: RequestTimings = field(default_factory=RequestTimings)
     batch: _Batch | None = None
     abandoned: bool = False
+    # Hand-over mode only: the engine's handle, and how many images wait or run in it.
+    job: EngineJob | None = None
+    waiting_images: int = 0
+    started_images: int = 0
+    started_at: float | None = None
+    settled: bool = False
 
 
 @dataclass(eq=False)
@@ -177,11 +202,12 @@ class _Batch:
 
 
 class ImageScheduler:
-    """Queues requests for one engine and runs them in batches, one batch at a time."""
+    """Queues requests for one engine: runs them in batches, one batch at a time, or hands them
+    to an engine that queues and batches by itself."""
 
     def __init__(
         self,
-        engine: ImageEngine,
+        engine: AnyImageEngine,
         config: SchedulerConfig,
         *,
         clock: Callable[[], float] = time.monotonic,
@@ -198,6 +224,7 @@ class ImageScheduler:
         self._observer: SchedulerObserver = observer or _NoObserver()
         self._queue: list[_Pending] = []
         self._queued_images = 0
+        self._handed_over_running = 0
         self._batch: _Batch | None = None
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
@@ -215,8 +242,9 @@ class ImageScheduler:
 
     @property
     def running_images(self) -> int:
-        """Images of the batch the engine is working on."""
-        return self._batch.num_images if self._batch is not None else 0
+        """Images the engine is working on."""
+        batch = self._batch.num_images if self._batch is not None else 0
+        return batch + self._handed_over_running
 
     @property
     def queue_depth(self) -> int:
@@ -231,7 +259,8 @@ class ImageScheduler:
             )
 
     async def close(self) -> None:
-        """Refuse new work, fail waiting requests, and let the running batch finish."""
+        """Refuse new work, fail waiting requests, and let the running batch finish. (A
+        `QueueingImageEngine`'s running requests end when the engine is closed.)"""
         self._closed = True
         self._fail_queued(SchedulerClosedError())
         self._arrived.set()
@@ -261,12 +290,16 @@ class ImageScheduler:
         if self._queued_images + request.num_images > self._config.max_queue_images:
             self._notify(self._observer.on_rejected, request)
             raise QueueFullError(self._retry_after_s(request.num_images))
-        self.start()
         pending = _Pending(request, asyncio.get_running_loop().create_future(), self._clock())
         if timings is not None:
             pending.timings = timings
+        if isinstance(self._engine, QueueingImageEngine):
+            self._hand_over(self._engine, pending)  # raises if the engine cannot take it
+        else:
+            self.start()
         self._queue.append(pending)
         self._queued_images += request.num_images
+        pending.waiting_images = request.num_images
         self._notify(self._observer.on_queued, request)
         self._notify(self._observer.on_queue_depth, self._queued_images)
         self._arrived.set()
@@ -292,6 +325,12 @@ class ImageScheduler:
 
     def _withdraw(self, pending: _Pending) -> None:
         """The caller gave up: drop a queued request, or abandon a running one."""
+        if pending.job is not None:
+            pending.job.abort()
+            if pending.started_images == 0:  # the engine drops a waiting request at once
+                pending.timings.queue_s = self._clock() - pending.arrival
+                self._forget_waiting(pending)
+            return
         if pending.batch is None:
             pending.timings.queue_s = self._clock() - pending.arrival
             if pending in self._queue:
@@ -305,12 +344,87 @@ class ImageScheduler:
             batch.cancel.set()
 
     def _fail_queued(self, error: BaseException) -> None:
-        queued, self._queue = self._queue, []
-        self._queued_images = 0
+        queued = [p for p in self._queue if p.started_images == 0]
         for pending in queued:
+            if pending.job is not None:
+                pending.job.abort()
+            self._forget_waiting(pending)
             _set_exception(pending.future, error)
-        if queued:
-            self._notify(self._observer.on_queue_depth, 0)
+
+    # Hand-over mode: the engine queues and batches; these keep the counts and outcomes.
+
+    def _hand_over(self, engine: QueueingImageEngine, pending: _Pending) -> None:
+        loop = asyncio.get_running_loop()
+
+        def on_started(images: int) -> None:  # any thread
+            _call_soon(loop, self._images_started, pending, images)
+
+        job = engine.submit(pending.request, on_started)
+        pending.job = job
+        job.future.add_done_callback(lambda _: _call_soon(loop, self._job_done, pending))
+
+    def _images_started(self, pending: _Pending, images: int) -> None:
+        if pending.settled or pending.waiting_images == 0:
+            return
+        images = min(images, pending.waiting_images)
+        pending.waiting_images -= images
+        pending.started_images += images
+        self._queued_images -= images
+        self._handed_over_running += images
+        if pending.waiting_images == 0 and pending in self._queue:
+            self._queue.remove(pending)
+        if pending.started_at is None:
+            pending.started_at = self._clock()
+            pending.timings.queue_s = pending.started_at - pending.arrival
+            pending.timings.batch_images = pending.request.num_images
+            self._notify(
+                self._observer.on_batch_start, [pending.request], [pending.timings.queue_s]
+            )
+        self._notify(self._observer.on_queue_depth, self._queued_images)
+
+    def _job_done(self, pending: _Pending) -> None:
+        assert pending.job is not None
+        if pending.settled:
+            return
+        pending.settled = True
+        self._forget_waiting(pending)
+        self._handed_over_running -= pending.started_images
+        engine_s = 0.0
+        if pending.started_at is not None:
+            engine_s = self._clock() - pending.started_at
+        pending.timings.engine_s = engine_s
+        future = pending.job.future
+        error = future.exception()
+        if error is None:
+            images = future.result()
+            outcome = "ok"
+            try:
+                _check_results([pending.request], [images])
+            except EngineError as mismatch:
+                error, outcome = mismatch, "error"
+            else:
+                if not pending.future.done():
+                    pending.future.set_result(images)
+                self._update_speed(engine_s / pending.request.num_images)
+        else:
+            outcome = "cancelled" if isinstance(error, GenerationCancelled) else "error"
+            if self._closed and outcome == "error":
+                error = SchedulerClosedError()  # the engine was closed under it
+            elif outcome == "error":
+                logger.warning("Image request failed in the engine: %r", error)
+        if error is not None:
+            _set_exception(pending.future, error)
+        if pending.started_at is not None:
+            self._notify(self._observer.on_batch_end, [pending.request], engine_s, outcome)
+
+    def _forget_waiting(self, pending: _Pending) -> None:
+        """Stop counting `pending`'s not-yet-started images as queued."""
+        if pending in self._queue:
+            self._queue.remove(pending)
+        if pending.waiting_images:
+            self._queued_images -= pending.waiting_images
+            pending.waiting_images = 0
+            self._notify(self._observer.on_queue_depth, self._queued_images)
 
     async def _run(self) -> None:
         try:
@@ -362,10 +476,13 @@ class ImageScheduler:
         self._queued_images -= batch.num_images
         for pending in batch.items:
             pending.batch = batch
+            pending.waiting_images = 0
         self._notify(self._observer.on_queue_depth, self._queued_images)
         return batch
 
     async def _run_batch(self, batch: _Batch) -> None:
+        engine = self._engine
+        assert isinstance(engine, ImageEngine)  # only engines that do not batch get batches
         requests = [pending.request for pending in batch.items]
         start = self._clock()
         self._batch = batch
@@ -391,7 +508,7 @@ class ImageScheduler:
         try:
             try:
                 results = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self._engine.generate, requests, on_step
+                    self._executor, engine.generate, requests, on_step
                 )
                 _check_results(requests, results)
             finally:
@@ -439,6 +556,17 @@ def _check_results(requests: Sequence[EngineRequest], results: list[list[Image.I
     expected = [request.num_images for request in requests]
     if counts != expected:
         raise EngineError(f"The engine returned {counts} images for requests of {expected}.")
+
+
+def _call_soon(
+    loop: asyncio.AbstractEventLoop,
+    callback: Callable[_P, None],
+    *args: _P.args,
+    **kwargs: _P.kwargs,
+) -> None:
+    """Run `callback` on `loop` from any thread; nothing is left to do once the loop is gone."""
+    with contextlib.suppress(RuntimeError):  # raised once the loop is closed
+        loop.call_soon_threadsafe(lambda: callback(*args, **kwargs))
 
 
 def _set_exception(future: asyncio.Future[list[Image.Image]], error: BaseException) -> None:

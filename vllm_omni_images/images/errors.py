@@ -24,8 +24,10 @@ from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.exceptions import VLLMValidationError
 
 from vllm_omni_images.engine.errors import (
+    EngineDiedError,
     EngineNotReadyError,
     EngineOutOfMemoryError,
+    EngineRequestError,
     QueueFullError,
     RequestTimeoutError,
     RequestTooLargeError,
@@ -82,8 +84,18 @@ ERROR_TABLE: tuple[tuple[type[Exception], ErrorKind], ...] = (
             "or ask for fewer steps or smaller images.",
         ),
     ),
+    (EngineRequestError, _INVALID),  # the engine's own check of the request
     (EngineNotReadyError, _UNAVAILABLE),
     (SchedulerClosedError, _UNAVAILABLE),
+    (
+        EngineDiedError,
+        ErrorKind(
+            HTTPStatus.SERVICE_UNAVAILABLE,
+            "ServiceUnavailableError",
+            "unavailable",
+            "The image engine stopped working ({error}); the server must be restarted.",
+        ),
+    ),
     (
         EngineOutOfMemoryError,
         ErrorKind(
