@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -10,14 +9,14 @@ import pytest
 import torch
 
 from vllm_omni_images.engine.base import EngineRequest, ModelDefaults
-from vllm_omni_images.engine.diffusers_engine import DiffusersEngine, read_defaults
+from vllm_omni_images.engine.diffusers_engine import DiffusersEngine
 from vllm_omni_images.engine.errors import (
     EngineError,
     EngineOutOfMemoryError,
-    EngineUnavailableError,
     GenerationCancelled,
 )
-from vllm_omni_images.engine.selection import create_engine, resolve_engine_name
+from vllm_omni_images.engine.model_folder import read_defaults
+from vllm_omni_images.engine.selection import create_engine
 
 
 def request(prompt: str = "a red fox", seeds: tuple[int, ...] = (1,), **knobs) -> EngineRequest:
@@ -115,24 +114,12 @@ def test_pipeline_failures_become_engine_errors(
     assert caught.value.__cause__ is raised
 
 
-def test_auto_picks_by_platform() -> None:
-    assert resolve_engine_name("auto", "tiny-qwen-image", accelerator=False) == "diffusers"
-    assert resolve_engine_name("auto", "Qwen/Qwen-Image", accelerator=True) == "diffusers"
-    assert resolve_engine_name("diffusers", "x", accelerator=True) == "diffusers"
-    assert resolve_engine_name("omni", "x", accelerator=False) == "omni"
-    with pytest.raises(ValueError, match="unknown image engine"):
-        resolve_engine_name("tensorrt", "x")
-
-
-def test_the_omni_engine_is_refused_clearly() -> None:
-    with pytest.raises(EngineUnavailableError, match="--image-engine diffusers"):
-        create_engine("tiny-qwen-image", "omni")
-
-
-def test_the_server_loads_the_embedded_model_by_name(tiny_model_dir: Path) -> None:
+def test_the_server_loads_the_embedded_model_by_name(tiny_model_dir: Path, serve_parser) -> None:
     from vllm_omni_images.server.launcher import load_engine
 
-    engine = load_engine(argparse.Namespace(model="tiny-qwen-image", image_engine="auto"))
+    args = serve_parser.parse_args(["tiny-qwen-image", "--task", "image"])
+    args.model = args.model_tag
+    engine = load_engine(args)
     assert isinstance(engine, DiffusersEngine)
     assert engine.model_path == str(tiny_model_dir)
 

@@ -6,17 +6,14 @@ Importable without vLLM: the GPU benchmarks run it where only diffusers is insta
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
 from vllm_omni_images.engine.base import (
-    DEFAULTS_FILE,
     EngineRequest,
     ImageEngine,
     ModelDefaults,
@@ -24,12 +21,9 @@ from vllm_omni_images.engine.base import (
     batch_key,
 )
 from vllm_omni_images.engine.errors import EngineError, EngineOutOfMemoryError, GenerationCancelled
+from vllm_omni_images.engine.model_folder import read_defaults
 
 logger = logging.getLogger(__name__)
-
-_FALLBACK_SIZE = 1024
-_FALLBACK_STEPS = 50
-_FALLBACK_SIZE_MULTIPLE = 8
 
 
 def default_device() -> str:
@@ -169,31 +163,3 @@ def split_per_request(
         result.append(list(images[start : start + request.num_images]))
         start += request.num_images
     return result
-
-
-def read_defaults(pipe: Any, model_path: str) -> ModelDefaults:
-    """The model's size, steps and size rule: from the pipeline, overridden by the model
-    folder's `vllm_omni_images.json` when it has one."""
-    size_multiple = _FALLBACK_SIZE_MULTIPLE
-    processor = getattr(pipe, "image_processor", None)
-    if processor is not None and getattr(processor.config, "vae_scale_factor", None):
-        size_multiple = int(processor.config.vae_scale_factor)
-    size = _FALLBACK_SIZE
-    sample_size = getattr(pipe, "default_sample_size", None)
-    vae_scale_factor = getattr(pipe, "vae_scale_factor", None)
-    if sample_size and vae_scale_factor:
-        size = int(sample_size) * int(vae_scale_factor)
-    steps_param = inspect.signature(pipe.__call__).parameters.get("num_inference_steps")
-    steps = _FALLBACK_STEPS
-    if steps_param is not None and isinstance(steps_param.default, int):
-        steps = steps_param.default
-    values: dict[str, Any] = {
-        "width": size,
-        "height": size,
-        "num_inference_steps": steps,
-        "size_multiple": size_multiple,
-    }
-    override = Path(model_path) / DEFAULTS_FILE
-    if override.is_file():
-        values.update(json.loads(override.read_text()))
-    return ModelDefaults(**values)

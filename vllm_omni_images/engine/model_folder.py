@@ -1,0 +1,109 @@
+"""What a diffusers model folder says about the model, read without loading any weights.
+
+Both engines take a model's defaults (size, steps, the size multiple) from its pipeline; the
+vllm-omni engine's pipeline lives in its worker, so it reads them here from the pipeline class
+that `model_index.json` names. Engine selection reads the same class name to ask vllm-omni's
+registry whether it can serve the model.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from vllm_omni_images.engine.base import DEFAULTS_FILE, ModelDefaults
+
+logger = logging.getLogger(__name__)
+
+MODEL_INDEX = "model_index.json"
+
+_FALLBACK_SIZE = 1024
+_FALLBACK_STEPS = 50
+_FALLBACK_SIZE_MULTIPLE = 8
+
+
+def pipeline_class_name(model_path: str) -> str | None:
+    """The `_class_name` of a local model folder's `model_index.json`, or `None` when the
+    folder has none (or `model_path` is not a local folder)."""
+    index = Path(model_path) / MODEL_INDEX
+    if not index.is_file():
+        return None
+    name = json.loads(index.read_text()).get("_class_name")
+    return name if isinstance(name, str) else None
+
+
+def read_defaults(pipe: Any, model_path: str) -> ModelDefaults:
+    """The model's size, steps and size rule from a diffusers pipeline (loaded, or an empty
+    shell of its class), overridden by the model folder's `vllm_omni_images.json`."""
+    size_multiple = _FALLBACK_SIZE_MULTIPLE
+    processor = getattr(pipe, "image_processor", None)
+    if processor is not None and getattr(processor.config, "vae_scale_factor", None):
+        size_multiple = int(processor.config.vae_scale_factor)
+    size = _FALLBACK_SIZE
+    sample_size = getattr(pipe, "default_sample_size", None)
+    vae_scale_factor = getattr(pipe, "vae_scale_factor", None)
+    if sample_size and vae_scale_factor:
+        size = int(sample_size) * int(vae_scale_factor)
+    steps_param = inspect.signature(pipe.__call__).parameters.get("num_inference_steps")
+    steps = _FALLBACK_STEPS
+    if steps_param is not None and isinstance(steps_param.default, int):
+        steps = steps_param.default
+    values: dict[str, Any] = {
+        "width": size,
+        "height": size,
+        "num_inference_steps": steps,
+        "size_multiple": size_multiple,
+    }
+    override = Path(model_path) / DEFAULTS_FILE
+    if override.is_file():
+        values.update(json.loads(override.read_text()))
+    return ModelDefaults(**values)
+
+
+def pipeline_shell(class_name: str | None) -> Any:
+    """An instance of diffusers' pipeline class `class_name` with no components: its
+    `__init__` sets the size rules and its `__call__` declares the default steps. `None` when
+    diffusers has no such class (a pipeline only vllm-omni implements)."""
+    if class_name is None:
+        return None
+    import diffusers
+
+    pipeline_class = getattr(diffusers, class_name, None)
+    if pipeline_class is None:
+        return None
+    components = {
+        name: None
+        for name, parameter in inspect.signature(pipeline_class.__init__).parameters.items()
+        if name != "self" and parameter.kind is parameter.POSITIONAL_OR_KEYWORD
+    }
+    try:
+        return pipeline_class(**components)
+    except Exception:  # a pipeline whose __init__ needs real components
+        logger.debug("Cannot build an empty %s to read its defaults", class_name, exc_info=True)
+        return None
+
+
+def defaults_for_pipeline_class(class_name: str | None, model_path: str) -> ModelDefaults:
+    """The defaults of a model served by pipeline class `class_name` from `model_path`."""
+    shell = pipeline_shell(class_name)
+    if shell is None:
+        logger.warning(
+            "diffusers has no usable %s to read defaults from; using %dx%d, %d steps, sizes "
+            "in multiples of %d (a %s in the model folder overrides them).",
+            class_name,
+            _FALLBACK_SIZE,
+            _FALLBACK_SIZE,
+            _FALLBACK_STEPS,
+            _FALLBACK_SIZE_MULTIPLE,
+            DEFAULTS_FILE,
+        )
+        shell = _NoPipeline()
+    return read_defaults(shell, model_path)
+
+
+class _NoPipeline:
+    def __call__(self) -> None:
+        return None
