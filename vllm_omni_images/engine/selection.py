@@ -1,19 +1,42 @@
 """Which engine serves a model: `--image-engine auto|omni|diffusers`, resolved by platform.
 
-Cheap to import (the `vllm serve` flags read `ENGINE_NAMES` in every vLLM process): torch and
-the engines are imported only when an engine is chosen or built.
+Cheap to import (the `vllm serve` flags read `ENGINE_NAMES` in every vLLM process): torch,
+vllm-omni and the engines are imported only when an engine is chosen or built. `auto` asks
+torch for an accelerator first, so a machine without one never imports vllm-omni (~20 s).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
+from vllm_omni_images.engine.base import AnyImageEngine
 from vllm_omni_images.engine.errors import EngineUnavailableError
+from vllm_omni_images.engine.model_folder import pipeline_class_name
 
-if TYPE_CHECKING:
-    from vllm_omni_images.engine.base import ImageEngine
+logger = logging.getLogger(__name__)
 
 ENGINE_NAMES = ("auto", "omni", "diffusers")
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What an engine is built with, beyond the model."""
+
+    max_batch_size: int = 1
+    batch_delay_ms: float = 0.0
+    omni_options: Mapping[str, Any] = field(default_factory=dict)
+    """vllm-omni config fields by their vllm-omni names (`server/cli_args.OMNI_FLAGS`)."""
+    omni_executor_backend: str | type | None = None
+    """vllm-omni's `distributed_executor_backend`; `None` lets vllm-omni choose."""
 
 
 def has_accelerator() -> bool:
@@ -22,35 +45,86 @@ def has_accelerator() -> bool:
     return torch.cuda.is_available()
 
 
-def omni_supports(model_path: str) -> bool:
-    """Whether vllm-omni's diffusion engine can serve the model folder `model_path` here.
+def omni_platform() -> str | None:
+    """The accelerator platform vllm-omni detects here (its own detection), or `None`."""
+    from vllm_omni.platforms import resolve_current_omni_platform_cls_qualname
 
-    The vllm-omni engine is not wired in yet, so no model is routed to it; when it is, `auto`
-    picks it on GPUs for the models it supports and no caller changes.
-    """
-    return False
+    qualname = resolve_current_omni_platform_cls_qualname()
+    return None if qualname.endswith("UnspecifiedOmniPlatform") else qualname.rsplit(".", 1)[-1]
 
 
-def resolve_engine_name(requested: str, model_path: str, accelerator: bool | None = None) -> str:
-    """`auto` → vllm-omni on an accelerator for the models it supports, diffusers otherwise."""
+def omni_pipeline_class(model_path: str) -> str | None:
+    """The pipeline class vllm-omni would serve `model_path` with, if its registry has it."""
+    from vllm_omni.diffusion.data import resolve_model_class_name
+    from vllm_omni.diffusion.registry import DiffusionModelRegistry
+
+    # A local folder is read here; a hub id goes through vllm-omni's own resolution, which
+    # reads only the repository's model_index.json (or config.json), never weights.
+    name = pipeline_class_name(model_path) or resolve_model_class_name(model_path)
+    if name is None or name not in DiffusionModelRegistry.get_supported_archs():
+        return None
+    return name
+
+
+def choose_engine(requested: str, model_path: str) -> EngineChoice:
+    """`auto` → vllm-omni when it detects an accelerator and its registry has the model's
+    pipeline, diffusers otherwise; `omni` needs an accelerator. Says why."""
     if requested not in ENGINE_NAMES:
         raise ValueError(f"unknown image engine {requested!r}; choose one of {ENGINE_NAMES}")
-    if requested != "auto":
-        return requested
-    if accelerator is None:
-        accelerator = has_accelerator()
-    if accelerator and omni_supports(model_path):
-        return "omni"
-    return "diffusers"
+    if requested == "diffusers":
+        return EngineChoice("diffusers", "--image-engine diffusers")
+    if not has_accelerator():
+        if requested == "omni":
+            raise EngineUnavailableError(
+                "--image-engine omni needs a GPU and torch finds none on this machine; serve "
+                "with --image-engine diffusers (or auto), which runs on CPU."
+            )
+        return EngineChoice("diffusers", "no GPU here, and vllm-omni has no CPU platform")
+    platform = omni_platform()
+    if platform is None:
+        if requested == "omni":
+            raise EngineUnavailableError(
+                "--image-engine omni: vllm-omni detects no platform it supports here; serve "
+                "with --image-engine diffusers."
+            )
+        return EngineChoice("diffusers", "vllm-omni detects no platform it supports here")
+    if requested == "omni":
+        return EngineChoice("omni", f"--image-engine omni on {platform}")
+    pipeline = omni_pipeline_class(model_path)
+    if pipeline is None:
+        found = pipeline_class_name(model_path)
+        return EngineChoice(
+            "diffusers", f"vllm-omni's diffusion registry has no pipeline {found or '(unknown)'}"
+        )
+    return EngineChoice("omni", f"{platform} and vllm-omni serves {pipeline}")
 
 
-def create_engine(model_path: str, engine: str = "auto", device: str | None = None) -> ImageEngine:
+def create_engine(
+    model_path: str,
+    engine: str | EngineChoice = "auto",
+    device: str | None = None,
+    settings: EngineSettings | None = None,
+) -> AnyImageEngine:
     """Load the model at `model_path` (a diffusers folder or hub id) into the chosen engine."""
-    name = resolve_engine_name(engine, model_path)
-    if name == "omni":
+    settings = settings or EngineSettings()
+    choice = engine if isinstance(engine, EngineChoice) else choose_engine(engine, model_path)
+    logger.info("Image engine: %s (%s)", choice.name, choice.reason)
+    if choice.name == "omni":
+        from vllm_omni_images.engine.omni_engine import OmniEngine, build_omni_config
+
+        return OmniEngine(
+            build_omni_config(
+                model_path,
+                settings.omni_options,
+                max_batch_size=settings.max_batch_size,
+                batch_delay_ms=settings.batch_delay_ms,
+                executor_backend=settings.omni_executor_backend,
+            )
+        )
+    if settings.omni_options:
         raise EngineUnavailableError(
-            "The vllm-omni image engine is not available in this version; "
-            "use --image-engine diffusers (or auto)."
+            f"Only the vllm-omni engine understands {', '.join(sorted(settings.omni_options))}; "
+            f"the diffusers engine was chosen ({choice.reason})."
         )
     from vllm_omni_images.engine.diffusers_engine import DiffusersEngine
 

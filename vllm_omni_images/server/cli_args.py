@@ -7,7 +7,10 @@ launcher turns the parsed flags into engine and scheduler settings.
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from vllm_omni_images.engine.selection import ENGINE_NAMES
 
@@ -37,9 +40,11 @@ def add_image_cli_args(parser: argparse.ArgumentParser) -> None:
         "--image-engine",
         choices=ENGINE_NAMES,
         default="auto",
-        help="Which engine runs the diffusion model. `auto` picks vllm-omni's engine on a "
-        "GPU for the models it supports and diffusers otherwise; `diffusers` serves any "
-        "diffusers pipeline on CPU or GPU.",
+        help="Which engine runs the diffusion model. `omni` is vllm-omni's diffusion engine "
+        "(GPU only: its pipelines, batching, parallelism, caches, offload); `diffusers` "
+        "serves any diffusers pipeline on CPU or GPU; `auto` picks omni when vllm-omni finds "
+        "a GPU and has the model's pipeline (model_index.json's class) in its registry, "
+        "diffusers otherwise, and logs why.",
     )
     group.add_argument(
         "--image-max-batch-size",
@@ -72,6 +77,144 @@ def add_image_cli_args(parser: argparse.ArgumentParser) -> None:
         help="Seconds a request may wait and run before it fails with a timeout error "
         "(504); its work stops at the next denoising step. 0 means no limit.",
     )
+
+    # vllm-omni's own options, under the names `vllm serve --omni` gives them, so its command
+    # lines carry over. Only the omni engine understands them (a start-up error otherwise).
+    for flag in OMNI_FLAGS:
+        group.add_argument(*flag.flags, dest=flag.dest, default=None, **flag.argparse)
+
+
+@dataclass(frozen=True)
+class OmniFlag:
+    """One vllm-omni option: its flags as vllm-omni spells them, and the field of its engine
+    config (`OmniDiffusionConfig`, or `DiffusionParallelConfig` for sizes) that it sets."""
+
+    flags: tuple[str, ...]
+    config_field: str
+    argparse: dict[str, Any] = field(default_factory=dict)
+    """`type` or `action`, `choices` and `help` (which starts "[omni engine]")."""
+
+    @property
+    def dest(self) -> str:
+        return f"omni_{self.config_field}"
+
+
+OMNI_FLAGS: tuple[OmniFlag, ...] = (
+    OmniFlag(
+        ("--ulysses-degree", "--usp"),
+        "ulysses_degree",
+        {"type": int, "help": "[omni engine] Ulysses sequence-parallel degree (GPUs)."},
+    ),
+    OmniFlag(
+        ("--ring", "--ring-degree"),
+        "ring_degree",
+        {"type": int, "help": "[omni engine] Ring sequence-parallel degree (GPUs)."},
+    ),
+    OmniFlag(
+        ("--cfg-parallel-size",),
+        "cfg_parallel_size",
+        {
+            "type": int,
+            "help": "[omni engine] GPUs that run the guidance passes in parallel (1 or 2).",
+        },
+    ),
+    OmniFlag(
+        ("--vae-patch-parallel-size",),
+        "vae_patch_parallel_size",
+        {"type": int, "help": "[omni engine] GPUs that split the VAE decode spatially."},
+    ),
+    OmniFlag(
+        ("--cache-backend",),
+        "cache_backend",
+        {
+            "type": str,
+            "help": "[omni engine] Step-cache acceleration: tea_cache, cache_dit, mag_cache, "
+            "sea_cache, step_cache.",
+        },
+    ),
+    OmniFlag(
+        ("--cache-config",),
+        "cache_config",
+        {"type": str, "help": "[omni engine] JSON settings of the cache backend."},
+    ),
+    OmniFlag(
+        ("--enable-cpu-offload",),
+        "enable_cpu_offload",
+        {
+            "action": "store_true",
+            "help": "[omni engine] Swap text encoders and DiT between CPU and GPU.",
+        },
+    ),
+    OmniFlag(
+        ("--enable-layerwise-offload",),
+        "enable_layerwise_offload",
+        {"action": "store_true", "help": "[omni engine] Stream the DiT's layers from CPU memory."},
+    ),
+    OmniFlag(
+        ("--vae-use-tiling",),
+        "vae_use_tiling",
+        {
+            "action": "store_true",
+            "help": "[omni engine] Decode in tiles, for large images on little memory.",
+        },
+    ),
+    OmniFlag(
+        ("--vae-use-slicing",),
+        "vae_use_slicing",
+        {"action": "store_true", "help": "[omni engine] Decode a batch one image at a time."},
+    ),
+    OmniFlag(
+        ("--diffusion-attention-backend",),
+        "diffusion_attention_backend",
+        {
+            "type": str,
+            "help": "[omni engine] Attention backend of the diffusion model, e.g. FLASH_ATTN.",
+        },
+    ),
+    OmniFlag(
+        ("--diffusion-quantization-config",),
+        "diffusion_quantization_config",
+        {"type": json.loads, "help": "[omni engine] JSON quantization config."},
+    ),
+    OmniFlag(
+        ("--model-class-name",),
+        "model_class_name",
+        {
+            "type": str,
+            "help": "[omni engine] The pipeline class to use instead of model_index.json's.",
+        },
+    ),
+    OmniFlag(
+        ("--diffusion-load-format",),
+        "diffusion_load_format",
+        {
+            "type": str,
+            "choices": ["default", "custom_pipeline", "dummy", "diffusers"],
+            "help": "[omni engine] How vllm-omni loads the pipeline (diffusers: its adapter).",
+        },
+    ),
+)
+
+
+def omni_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The vllm-omni config fields the command line sets (vLLM's --tensor-parallel-size
+    included when above 1), by their vllm-omni names."""
+    options = {
+        flag.config_field: getattr(args, flag.dest)
+        for flag in OMNI_FLAGS
+        if getattr(args, flag.dest, None) is not None
+    }
+    if getattr(args, "tensor_parallel_size", 1) > 1:
+        options["tensor_parallel_size"] = args.tensor_parallel_size
+    return options
+
+
+def omni_flags_given(args: argparse.Namespace) -> list[str]:
+    """The vllm-omni-only flags on the command line, as the user would spell them."""
+    given = [flag.flags[0] for flag in OMNI_FLAGS if getattr(args, flag.dest, None) is not None]
+    if getattr(args, "tensor_parallel_size", 1) > 1:
+        given.append("--tensor-parallel-size")
+    return given
 
 
 def _positive_int(text: str) -> int:

@@ -17,13 +17,18 @@ from vllm.entrypoints.launchers.utils.server_utils import get_uvicorn_log_config
 from vllm.logger import init_logger
 from vllm.tasks import SupportedTask
 
-from vllm_omni_images.engine.base import ImageEngine
+from vllm_omni_images.engine.base import AnyImageEngine
 from vllm_omni_images.engine.client import ImageEngineClient
+from vllm_omni_images.engine.errors import EngineUnavailableError
 from vllm_omni_images.engine.metrics import ModelMetrics, image_metrics
 from vllm_omni_images.engine.scheduler import SchedulerConfig
-from vllm_omni_images.engine.selection import create_engine
+from vllm_omni_images.engine.selection import EngineSettings, choose_engine, create_engine
 from vllm_omni_images.server import vllm_patches
-from vllm_omni_images.server.cli_args import IMAGE_TASK
+from vllm_omni_images.server.cli_args import (
+    IMAGE_TASK,
+    omni_flags_given,
+    omni_options_from_args,
+)
 from vllm_omni_images.server.endpoint import ImagesEndpointPlugin
 from vllm_omni_images.server.model_registry import registry_from_args
 from vllm_omni_images.tiny_model import resolve_model_path
@@ -54,7 +59,9 @@ def scheduler_config_from_args(args: argparse.Namespace) -> SchedulerConfig:
     )
 
 
-def make_engine_client(engine: ImageEngine | None, args: argparse.Namespace) -> ImageEngineClient:
+def make_engine_client(
+    engine: AnyImageEngine | None, args: argparse.Namespace
+) -> ImageEngineClient:
     """The engine client for `engine`, scheduled and measured as the flags say."""
     served_name = (args.served_model_name or [args.model])[0]
     return ImageEngineClient(
@@ -72,9 +79,27 @@ async def init_image_app_state(
     await vllm_patches.init_image_app_state(engine_client, state, args, registry_from_args(args))
 
 
-def load_engine(args: argparse.Namespace) -> ImageEngine:
-    """Load `args.model` (a diffusers folder, a hub id, or the embedded `tiny-qwen-image`)."""
-    return create_engine(resolve_model_path(args.model), args.image_engine)
+def engine_settings_from_args(args: argparse.Namespace) -> EngineSettings:
+    return EngineSettings(
+        max_batch_size=args.image_max_batch_size,
+        batch_delay_ms=args.image_batch_delay_ms,
+        omni_options=omni_options_from_args(args),
+    )
+
+
+def load_engine(args: argparse.Namespace) -> AnyImageEngine:
+    """Load `args.model` (a diffusers folder, a hub id, or the embedded `tiny-qwen-image`)
+    into the engine `--image-engine` chooses."""
+    model_path = resolve_model_path(args.model)
+    choice = choose_engine(args.image_engine, model_path)
+    if choice.name != "omni" and (flags := omni_flags_given(args)):
+        raise EngineUnavailableError(
+            f"{', '.join(flags)}: only the vllm-omni engine understands "
+            f"{'this option' if len(flags) == 1 else 'these options'}, and this server uses "
+            f"the diffusers engine ({choice.reason}). Drop {'it' if len(flags) == 1 else 'them'}, "
+            "or serve on a GPU with --image-engine omni."
+        )
+    return create_engine(model_path, choice, settings=engine_settings_from_args(args))
 
 
 async def load_engine_client(args: argparse.Namespace) -> ImageEngineClient:

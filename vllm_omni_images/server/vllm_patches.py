@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 logger = init_logger(__name__)
 
 SERVE_CLI_MODULE = "vllm.entrypoints.cli.serve"
+OMNI_SERVE_FLAG = "--omni"
 _PATCHED_MARK = "_vllm_omni_images_patched"
 
 
@@ -63,7 +64,9 @@ def patch_engine_args_cli() -> None:
 
     def add_cli_args(parser: Any, *args: Any, **kwargs: Any) -> Any:
         parser = original(parser, *args, **kwargs)
-        if _is_serve_parser(parser):
+        # `vllm serve --omni` is vllm-omni's own server: it adds the vllm-omni flags that the
+        # image task shares (--cache-backend, ...) to this parser itself.
+        if _is_serve_parser(parser) and OMNI_SERVE_FLAG not in sys.argv:
             add_image_cli_args(parser)
         return parser
 

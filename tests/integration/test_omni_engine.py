@@ -1,0 +1,328 @@
+"""The vllm-omni engine: vllm-omni's real `DiffusionEngine` (scheduler, batching, abort, Qwen-Image
+post-processing) under this project's engine, scheduler and HTTP API, on CPU.
+
+Only the GPU worker is a stand-in (`tests/support/omni.py`). One engine, built with
+`--image-max-batch-size 4`, is shared by the tests (building one takes a few seconds); the
+tests that kill a worker build their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from vllm_omni.diffusion.request import OmniDiffusionRequest
+from vllm_omni.inputs.data import OmniDiffusionSamplingParams
+
+from tests.support.engines import req
+from tests.support.omni import FakeDiffusionExecutor
+from tests.support.waiting import ENGINE_WAIT_S, until
+from vllm_omni_images.engine.base import EngineRequest, ModelDefaults
+from vllm_omni_images.engine.client import ImageEngineClient
+from vllm_omni_images.engine.errors import (
+    EngineDiedError,
+    EngineError,
+    EngineNotReadyError,
+    EngineOutOfMemoryError,
+    RequestTimeoutError,
+)
+from vllm_omni_images.engine.omni_engine import (
+    OmniEngine,
+    build_omni_config,
+    to_omni_requests,
+)
+from vllm_omni_images.engine.scheduler import (
+    ImageScheduler,
+    SchedulerConfig,
+    SchedulerObserver,
+)
+
+from .conftest import AppFactory
+from .helpers import FAST, assert_openai_error, generate, http_client, pixels
+
+
+def build_engine(model_dir: Path, max_batch_size: int = 4) -> OmniEngine:
+    return OmniEngine(
+        build_omni_config(
+            str(model_dir),
+            {},
+            max_batch_size=max_batch_size,
+            executor_backend=FakeDiffusionExecutor,
+        )
+    )
+
+
+@pytest.fixture(scope="module")
+def omni_engine(tiny_model_dir: Path) -> Iterator[OmniEngine]:
+    engine = build_engine(tiny_model_dir)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture
+def worker(omni_engine: OmniEngine) -> Iterator[FakeDiffusionExecutor]:
+    executor = omni_engine.diffusion_engine.executor
+    assert isinstance(executor, FakeDiffusionExecutor)
+    executor.batches.clear()
+    yield executor
+    executor.script.hold.set()
+    executor.script.fail_with = None
+
+
+class Outcomes(SchedulerObserver):
+    """Records how each request ended in the engine ("ok", "error", "cancelled")."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[str] = []
+
+    def on_batch_end(
+        self, requests: Sequence[EngineRequest], engine_s: float, outcome: str
+    ) -> None:
+        self.outcomes.append(outcome)
+
+
+@pytest.fixture
+async def scheduler(omni_engine: OmniEngine) -> AsyncIterator[ImageScheduler]:
+    scheduler = ImageScheduler(omni_engine, SchedulerConfig(), observer=Outcomes())
+    yield scheduler
+    await scheduler.close()
+
+
+def outcomes(scheduler: ImageScheduler) -> list[str]:
+    observer = scheduler._observer
+    assert isinstance(observer, Outcomes)
+    return observer.outcomes
+
+
+def batch_sizes(worker: FakeDiffusionExecutor) -> list[int]:
+    return [len(batch) for batch in worker.batches]
+
+
+async def start_blocker(scheduler: ImageScheduler, worker: FakeDiffusionExecutor) -> asyncio.Task:
+    """Hold the worker and occupy it with one request, so later ones wait in vllm-omni."""
+    worker.script.hold.clear()
+    blocker = asyncio.create_task(scheduler.submit(req(1000)))
+    await until(worker.running.is_set, "the worker to start", timeout_s=ENGINE_WAIT_S)
+    return blocker
+
+
+# The mapping
+
+
+def test_each_image_is_one_vllm_omni_request_with_its_own_seed() -> None:
+    request = EngineRequest(
+        prompt="a red fox",
+        seeds=(7, 8),
+        width=96,
+        height=64,
+        num_inference_steps=3,
+        negative_prompt="blurry",
+        true_cfg_scale=4.0,
+        guidance_scale=2.5,
+    )
+    first, second = to_omni_requests(request, ["a-0", "a-1"])
+    assert isinstance(first, OmniDiffusionRequest)
+    assert (first.request_id, second.request_id) == ("a-0", "a-1")
+    assert first.prompt == {"prompt": "a red fox", "negative_prompt": "blurry"}
+    sampling = first.sampling_params
+    assert isinstance(sampling, OmniDiffusionSamplingParams)
+    assert (sampling.width, sampling.height, sampling.num_inference_steps) == (96, 64, 3)
+    assert (sampling.true_cfg_scale, sampling.guidance_scale) == (4.0, 2.5)
+    assert sampling.guidance_scale_provided  # vllm-omni's pipelines honour it only when set
+    assert (sampling.seed, second.sampling_params.seed) == (7, 8)
+    assert sampling.num_outputs_per_prompt == 1 and sampling.generator_device == "cpu"
+
+
+def test_unset_knobs_are_left_to_the_pipeline() -> None:
+    [only] = to_omni_requests(req(1), ["a-0"])
+    assert only.prompt == {"prompt": "a red fox"}
+    assert only.sampling_params.true_cfg_scale is None
+    assert not only.sampling_params.guidance_scale_provided
+
+
+def test_defaults_come_from_the_served_pipeline(omni_engine: OmniEngine) -> None:
+    assert omni_engine.model_class_name == "QwenImagePipeline"  # read from model_index.json
+    # The tiny model's vllm_omni_images.json sets its size and steps; the size multiple is
+    # Qwen-Image's own (VAE factor 8 x 2x2 patches).
+    assert omni_engine.defaults == ModelDefaults(
+        width=256, height=256, num_inference_steps=4, size_multiple=16
+    )
+
+
+async def test_the_worker_gets_the_request_as_mapped(
+    scheduler: ImageScheduler, worker: FakeDiffusionExecutor
+) -> None:
+    request = req(5, 6, prompt="a blue boat", negative_prompt="fog", true_cfg_scale=3.0)
+    images = await scheduler.submit(request)
+    assert [image.size for image in images] == [(64, 64), (64, 64)]
+    ran = [r for batch in worker.batches for r in batch]
+    assert sorted(r.sampling_params.seed for r in ran) == [5, 6]
+    assert all(r.prompt == {"prompt": "a blue boat", "negative_prompt": "fog"} for r in ran)
+    assert all(r.sampling_params.true_cfg_scale == 3.0 for r in ran)
+
+
+# Seeds
+
+
+async def test_an_image_depends_on_its_seed_alone(
+    scheduler: ImageScheduler, worker: FakeDiffusionExecutor
+) -> None:
+    one, two = await scheduler.submit(req(1, 2))
+    assert not np.array_equal(np.asarray(one), np.asarray(two))
+    [alone] = await scheduler.submit(req(2))
+    batched = await asyncio.gather(scheduler.submit(req(9)), scheduler.submit(req(2)))
+    assert np.array_equal(np.asarray(alone), np.asarray(two))
+    assert np.array_equal(np.asarray(batched[1][0]), np.asarray(two))
+
+
+# Batching: vllm-omni's scheduler is the only batcher
+
+
+async def test_five_compatible_requests_run_as_four_and_one(
+    scheduler: ImageScheduler, worker: FakeDiffusionExecutor
+) -> None:
+    blocker = await start_blocker(scheduler, worker)
+    waiting = [asyncio.create_task(scheduler.submit(req(seed))) for seed in range(5)]
+    await until(lambda: scheduler.queued_images == 5, "five queued images")
+    worker.script.hold.set()
+    results = await asyncio.gather(blocker, *waiting)
+    assert all(len(images) == 1 for images in results)
+    assert batch_sizes(worker) == [1, 4, 1]
+    assert scheduler.queued_images == scheduler.running_images == 0
+
+
+async def test_incompatible_requests_run_apart(
+    scheduler: ImageScheduler, worker: FakeDiffusionExecutor
+) -> None:
+    blocker = await start_blocker(scheduler, worker)
+    sizes = [64, 64, 96, 96, 64]
+    waiting = [asyncio.create_task(scheduler.submit(req(i, width=w))) for i, w in enumerate(sizes)]
+    await until(lambda: scheduler.queued_images == 5, "five queued images")
+    worker.script.hold.set()
+    await asyncio.gather(blocker, *waiting)
+    widths = [[r.sampling_params.width for r in batch] for batch in worker.batches[1:]]
+    # vllm-omni batches runs of compatible requests in arrival order; it never reorders.
+    assert widths == [[64, 64], [96, 96], [64]]
+
+
+# Cancellation and timeouts abort the request in vllm-omni
+
+
+async def test_cancel_while_queued_frees_its_place_at_once(
+    scheduler: ImageScheduler, worker: FakeDiffusionExecutor
+) -> None:
+    blocker = await start_blocker(scheduler, worker)
+    queued = asyncio.create_task(scheduler.submit(req(7)))
+    await until(lambda: scheduler.queued_images == 1, "a queued image")
+    queued.cancel()
+    await asyncio.gather(queued, return_exceptions=True)
+    assert scheduler.queued_images == 0
+    worker.script.hold.set()
+    await blocker
+    await until(
+        lambda: outcomes(scheduler) == ["ok"], "the blocker's outcome", timeout_s=ENGINE_WAIT_S
+    )
+    assert [r.sampling_params.seed for batch in worker.batches for r in batch] == [1000]
+
+
+async def test_cancel_while_running_drops_the_result_and_serves_the_next(
+    scheduler: ImageScheduler, worker: FakeDiffusionExecutor
+) -> None:
+    running = await start_blocker(scheduler, worker)
+    await until(lambda: scheduler.running_images == 1, "a running image")
+    running.cancel()
+    await asyncio.gather(running, return_exceptions=True)  # withdrawn: abort called
+    worker.script.hold.set()
+    await until(
+        lambda: outcomes(scheduler) == ["cancelled"], "the abort to land", timeout_s=ENGINE_WAIT_S
+    )
+    assert len(await scheduler.submit(req(3))) == 1
+    assert scheduler.running_images == 0
+
+
+async def test_a_timeout_aborts_the_request(
+    omni_engine: OmniEngine, worker: FakeDiffusionExecutor
+) -> None:
+    observer = Outcomes()
+    scheduler = ImageScheduler(
+        omni_engine, SchedulerConfig(request_timeout_s=0.3), observer=observer
+    )
+    worker.script.hold.clear()
+    with pytest.raises(RequestTimeoutError):
+        await scheduler.submit(req(4))
+    worker.script.hold.set()
+    await until(
+        lambda: observer.outcomes == ["cancelled"], "the abort to land", timeout_s=ENGINE_WAIT_S
+    )
+    await scheduler.close()
+
+
+# Faults
+
+
+async def test_an_engine_error_fails_its_request_and_the_next_is_served(
+    scheduler: ImageScheduler, worker: FakeDiffusionExecutor
+) -> None:
+    worker.script.fail_with = RuntimeError("the pipeline broke")
+    with pytest.raises(EngineError, match="the pipeline broke"):
+        await scheduler.submit(req(1))
+    worker.script.fail_with = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+    with pytest.raises(EngineOutOfMemoryError, match="Tried to allocate"):
+        await scheduler.submit(req(1))
+    assert len(await scheduler.submit(req(1))) == 1
+
+
+async def test_errors_reach_the_client_as_openai_errors(
+    make_app: AppFactory, omni_engine: OmniEngine, worker: FakeDiffusionExecutor
+) -> None:
+    async with http_client(await make_app(omni_engine)) as http:
+        worker.script.fail_with = RuntimeError("the pipeline broke")
+        error = assert_openai_error(await generate(http, **FAST), 500)
+        assert "the pipeline broke" in error["message"]
+        worker.script.fail_with = torch.OutOfMemoryError("CUDA out of memory")
+        assert_openai_error(await generate(http, **FAST), 503)
+        response = await generate(http, n=2, **FAST)
+        assert response.status_code == 200, response.text
+        first, second = (pixels(item["b64_json"]) for item in response.json()["data"])
+        assert first.shape == (64, 64, 3) and not np.array_equal(first, second)
+
+
+async def test_a_dead_worker_turns_health_and_requests_into_503(
+    make_app: AppFactory, tiny_model_dir: Path
+) -> None:
+    engine = build_engine(tiny_model_dir, max_batch_size=1)
+    worker = engine.diffusion_engine.executor
+    assert isinstance(worker, FakeDiffusionExecutor)
+    worker.batches.clear()  # vllm-omni's start-up warm-up
+    try:
+        async with http_client(await make_app(engine)) as http:
+            assert (await http.get("/health")).status_code == 200
+            worker.script.hold.clear()
+            in_flight = asyncio.create_task(generate(http, **FAST))
+            await until(worker.running.is_set, "the worker to start", timeout_s=ENGINE_WAIT_S)
+            worker.die()
+            assert_openai_error(await in_flight, 503)
+            assert (await http.get("/health")).status_code == 503
+            error = assert_openai_error(await generate(http, **FAST), 503)
+            assert "died" in error["message"]
+            assert len(worker.batches) == 1  # refused before reaching vllm-omni
+            with pytest.raises(EngineDiedError):
+                engine.check_health()
+    finally:
+        engine.close()
+
+
+async def test_shutdown_drains_then_closes_the_engine(tiny_model_dir: Path) -> None:
+    engine = build_engine(tiny_model_dir, max_batch_size=1)
+    client = ImageEngineClient(engine, "tiny-qwen-image")
+    images = await client.generate(req(1))
+    assert isinstance(images[0], Image.Image)
+    await client.close(drain_timeout_s=1.0)
+    assert not client.is_ready
+    with pytest.raises(EngineNotReadyError):  # vllm-omni's engine is closed
+        engine.submit(req(1), lambda _: None)

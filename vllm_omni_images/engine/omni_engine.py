@@ -1,0 +1,305 @@
+"""An engine over vllm-omni's `DiffusionEngine`: its pipelines, batching, parallelism and caches.
+
+vllm-omni is imported only when this module's `OmniEngine` is built (a cold import takes
+~20 s), so serving with the diffusers engine never pays for it.
+
+How a request maps onto vllm-omni (`to_omni_requests`):
+
+1. Each image becomes one vllm-omni request with its own seed. vllm-omni draws all
+   `num_outputs_per_prompt` images of a request from one generator, which would make image `i`
+   depend on the images before it; one request per image keeps this project's contract that
+   an image depends only on its seed, alone or batched. vllm-omni's scheduler batches the
+   images again (`max_num_seqs`), so nothing is lost.
+2. The seed becomes a CPU generator in vllm-omni's worker (`generator_device="cpu"`), as in the
+   diffusers engine, so a seed gives the same noise on any device.
+3. Prompt and negative prompt go in an `OmniTextPrompt`; size, steps and guidance in
+   `OmniDiffusionSamplingParams`, which also asks for the "started" event
+   (`emit_request_lifecycle`) that tells the scheduler an image left vllm-omni's queue.
+
+vllm-omni's engine binds to the first event loop that drives it, and its post-processing
+(tensors to PIL images) runs on that loop; it gets a loop thread of its own, so it neither
+blocks the server's loop nor cares which loop submits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image
+
+from vllm_omni_images.engine.base import (
+    EngineRequest,
+    ImagesStarted,
+    ModelDefaults,
+    QueueingImageEngine,
+)
+from vllm_omni_images.engine.errors import (
+    EngineDiedError,
+    EngineError,
+    EngineNotReadyError,
+    EngineOutOfMemoryError,
+    EngineRequestError,
+    GenerationCancelled,
+)
+from vllm_omni_images.engine.model_folder import defaults_for_pipeline_class
+
+if TYPE_CHECKING:
+    from vllm_omni.diffusion.data import OmniDiffusionConfig
+    from vllm_omni.diffusion.diffusion_engine import DiffusionEngine
+    from vllm_omni.diffusion.request import OmniDiffusionRequest
+
+logger = logging.getLogger(__name__)
+
+PARALLEL_FIELDS = frozenset(
+    {
+        "tensor_parallel_size",
+        "ulysses_degree",
+        "ring_degree",
+        "cfg_parallel_size",
+        "vae_patch_parallel_size",
+    }
+)
+"""Options that belong to vllm-omni's `DiffusionParallelConfig` rather than its top level."""
+
+
+def build_omni_config(
+    model_path: str,
+    options: Mapping[str, Any],
+    *,
+    max_batch_size: int = 1,
+    batch_delay_ms: float = 0.0,
+    executor_backend: str | type | None = None,
+) -> OmniDiffusionConfig:
+    """vllm-omni's engine config for `model_path`, as its own `vllm serve --omni` would build
+    it: `options` are its config fields by their vllm-omni names (see
+    `server/cli_args.OMNI_FLAGS`); batching comes from this project's batching flags."""
+    from vllm_omni.diffusion.data import DiffusionParallelConfig, OmniDiffusionConfig
+    from vllm_omni.diffusion.diffusion_engine import supports_request_batch
+
+    parallel = DiffusionParallelConfig.from_stage_overrides(
+        {name: value for name, value in options.items() if name in PARALLEL_FIELDS}
+    )
+    config = OmniDiffusionConfig.from_kwargs(
+        model=model_path,
+        parallel_config=parallel,
+        num_gpus=parallel.world_size,
+        max_num_seqs=max_batch_size,
+        request_batch_max_wait_ms=batch_delay_ms,
+        distributed_executor_backend=executor_backend,
+        **{name: value for name, value in options.items() if name not in PARALLEL_FIELDS},
+    )
+    config.enrich_config()  # reads model_index.json: the pipeline class, its transformer config
+    if max_batch_size > 1 and not supports_request_batch(config):
+        logger.info(
+            "%s runs one image at a time in vllm-omni (it declares no request batching); "
+            "--image-max-batch-size %d does not apply.",
+            config.model_class_name,
+            max_batch_size,
+        )
+        config.max_num_seqs = 1
+    return config
+
+
+def to_omni_requests(request: EngineRequest, request_ids: Sequence[str]) -> list[Any]:
+    """One `OmniDiffusionRequest` per image of `request` (see the module docstring)."""
+    from vllm_omni.diffusion.request import OmniDiffusionRequest
+    from vllm_omni.inputs.data import OmniDiffusionSamplingParams, OmniTextPrompt
+
+    prompt = OmniTextPrompt(prompt=request.prompt)
+    if request.negative_prompt is not None:
+        prompt["negative_prompt"] = request.negative_prompt
+    sampling: dict[str, Any] = {
+        "height": request.height,
+        "width": request.width,
+        "num_inference_steps": request.num_inference_steps,
+        "num_outputs_per_prompt": 1,
+        "generator_device": "cpu",
+        "emit_request_lifecycle": True,
+    }
+    if request.true_cfg_scale is not None:
+        sampling["true_cfg_scale"] = request.true_cfg_scale
+    if request.guidance_scale is not None:
+        sampling["guidance_scale"] = request.guidance_scale
+    return [
+        OmniDiffusionRequest(
+            prompt=dict(prompt),
+            sampling_params=OmniDiffusionSamplingParams(seed=seed, **sampling),
+            request_id=request_id,
+        )
+        for seed, request_id in zip(request.seeds, request_ids, strict=True)
+    ]
+
+
+@dataclass(eq=False)
+class OmniJob:
+    """A request in vllm-omni: its images' request ids there, and the outcome to come."""
+
+    engine: OmniEngine
+    request_ids: list[str]
+    future: concurrent.futures.Future[list[Image.Image]] = field(
+        default_factory=concurrent.futures.Future
+    )
+
+    def abort(self) -> None:
+        self.engine.abort(self.request_ids)
+
+
+class OmniEngine(QueueingImageEngine):
+    """Serves a model through vllm-omni's `DiffusionEngine` (see the module docstring)."""
+
+    name = "omni"
+
+    def __init__(self, config: OmniDiffusionConfig, defaults: ModelDefaults | None = None) -> None:
+        """Start vllm-omni's engine for `config` (loads the pipeline and runs its warm-up)."""
+        from vllm_omni.diffusion.diffusion_engine import DiffusionEngine
+
+        assert config.model is not None
+        self.model_class_name = config.model_class_name
+        self._defaults = defaults or defaults_for_pipeline_class(
+            config.model_class_name, config.model
+        )
+        self._died: str | None = None
+        self._closed = False
+        self._engine: DiffusionEngine = DiffusionEngine.make_engine(config)
+        self._engine.executor.register_failure_callback(self._executor_failed)
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(
+            target=self._loop.run_forever, name="omni-engine-loop", daemon=True
+        )
+        self._loop_thread.start()
+        logger.info(
+            "vllm-omni engine ready: %s from %s (max_num_seqs=%d, request_batch_max_wait_ms=%g); "
+            "defaults %s",
+            config.model_class_name,
+            config.model,
+            config.max_num_seqs,
+            config.request_batch_max_wait_ms,
+            self._defaults,
+        )
+
+    @property
+    def defaults(self) -> ModelDefaults:
+        return self._defaults
+
+    @property
+    def diffusion_engine(self) -> DiffusionEngine:
+        return self._engine
+
+    def submit(self, request: EngineRequest, on_started: ImagesStarted) -> OmniJob:
+        if self._closed:
+            raise EngineNotReadyError("The vllm-omni engine is closed.")
+        self.check_health()
+        base = request.request_id or f"image-{uuid.uuid4().hex}"
+        job = OmniJob(self, [f"{base}-{i}" for i in range(request.num_images)])
+        omni_requests = to_omni_requests(request, job.request_ids)
+        done = asyncio.run_coroutine_threadsafe(self._run(omni_requests, on_started), self._loop)
+        done.add_done_callback(lambda finished: _copy_outcome(finished, job.future))
+        return job
+
+    def abort(self, request_ids: Sequence[str]) -> None:
+        self._engine.abort(list(request_ids))
+
+    def check_health(self) -> None:
+        if self._died is None and not self._closed:
+            try:
+                self._engine.executor.check_health()
+            except Exception as error:
+                self._died = f"{type(error).__name__}: {error}"
+        if self._died is not None:
+            raise EngineDiedError(f"vllm-omni's diffusion worker died: {self._died}")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._engine.close()  # fails every request still in it
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop_thread.join(timeout=10)
+
+    # On the engine's own loop:
+
+    async def _run(
+        self, omni_requests: list[OmniDiffusionRequest], on_started: ImagesStarted
+    ) -> list[Image.Image]:
+        """Every image of one API request; the first failure aborts the others."""
+        request_ids = [r.request_id for r in omni_requests]
+        tasks = [asyncio.create_task(self._image(r, on_started)) for r in omni_requests]
+
+        def abort_siblings(task: asyncio.Task[Image.Image]) -> None:
+            if task.cancelled() or task.exception() is not None:
+                self._engine.abort(request_ids)
+
+        for task in tasks:
+            task.add_done_callback(abort_siblings)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            # The cause, rather than the cancellations it brought on its siblings.
+            raise next((e for e in errors if not isinstance(e, GenerationCancelled)), errors[0])
+        return [r for r in results if isinstance(r, Image.Image)]
+
+    async def _image(self, request: OmniDiffusionRequest, on_started: ImagesStarted) -> Image.Image:
+        from vllm_omni.diffusion.data import (
+            DiffusionRequestAbortedError,
+            is_diffusion_request_started_output,
+        )
+
+        image: Image.Image | None = None
+        try:
+            async for outputs in self._engine.step_streaming(request):
+                output = outputs[0]
+                if is_diffusion_request_started_output(output):
+                    on_started(1)
+                    continue
+                images = output.images
+                if len(images) != 1 or not isinstance(images[0], Image.Image):
+                    raise EngineError(f"vllm-omni returned {images!r} for one image")
+                image = images[0]
+        except DiffusionRequestAbortedError as error:
+            raise GenerationCancelled() from error
+        except EngineError:
+            raise
+        except Exception as error:
+            raise self._classify(error) from error
+        if image is None:
+            raise EngineError("vllm-omni finished the request without an image")
+        return image
+
+    def _classify(self, error: Exception) -> EngineError:
+        """This project's exception for a failure vllm-omni reported. vllm-omni passes a
+        worker's exception on as its message only, so out of memory is told by its text."""
+        from vllm_omni.errors import OmniClientError
+
+        message = str(error) or type(error).__name__
+        if isinstance(error, OmniClientError):
+            return EngineRequestError(message)
+        try:
+            self.check_health()
+        except EngineDiedError as died:
+            return died
+        if "out of memory" in message.lower():
+            return EngineOutOfMemoryError(message)
+        return EngineError(message)
+
+    def _executor_failed(self) -> None:  # called by vllm-omni's worker monitor
+        self._died = self._died or "the executor reported a fatal failure"
+        logger.error("vllm-omni's diffusion executor died; /health now answers 503.")
+
+
+def _copy_outcome(
+    source: concurrent.futures.Future[list[Image.Image]],
+    target: concurrent.futures.Future[list[Image.Image]],
+) -> None:
+    if source.cancelled():
+        target.set_exception(GenerationCancelled())
+    elif (error := source.exception()) is not None:
+        target.set_exception(error)
+    else:
+        target.set_result(source.result())
