@@ -30,6 +30,7 @@ from vllm_omni_images.engine.errors import (
     EngineNotReadyError,
     EngineOutOfMemoryError,
     RequestTimeoutError,
+    SchedulerClosedError,
 )
 from vllm_omni_images.engine.omni_engine import (
     OmniEngine,
@@ -164,6 +165,16 @@ async def test_the_worker_gets_the_request_as_mapped(
     assert sorted(r.sampling_params.seed for r in ran) == [5, 6]
     assert all(r.prompt == {"prompt": "a blue boat", "negative_prompt": "fog"} for r in ran)
     assert all(r.sampling_params.true_cfg_scale == 3.0 for r in ran)
+
+
+async def test_requests_with_the_same_client_id_stay_apart(
+    scheduler: ImageScheduler, worker: FakeDiffusionExecutor
+) -> None:
+    same_id = [req(seed, request_id="img-twice") for seed in (1, 2)]
+    first, second = await asyncio.gather(*(scheduler.submit(r) for r in same_id))
+    assert not np.array_equal(np.asarray(first[0]), np.asarray(second[0]))
+    ids = [r.request_id for batch in worker.batches for r in batch]
+    assert len(set(ids)) == 2 and all(i.startswith("img-twice-") for i in ids)
 
 
 # Seeds
@@ -309,7 +320,7 @@ async def test_a_dead_worker_turns_health_and_requests_into_503(
             assert_openai_error(await in_flight, 503)
             assert (await http.get("/health")).status_code == 503
             error = assert_openai_error(await generate(http, **FAST), 503)
-            assert "died" in error["message"]
+            assert "engine is dead" in error["message"]
             assert len(worker.batches) == 1  # refused before reaching vllm-omni
             with pytest.raises(EngineDiedError):
                 engine.check_health()
@@ -317,12 +328,24 @@ async def test_a_dead_worker_turns_health_and_requests_into_503(
         engine.close()
 
 
-async def test_shutdown_drains_then_closes_the_engine(tiny_model_dir: Path) -> None:
+async def test_shutdown_fails_the_waiting_and_lets_the_running_finish(tiny_model_dir: Path) -> None:
     engine = build_engine(tiny_model_dir, max_batch_size=1)
+    worker = engine.diffusion_engine.executor
+    assert isinstance(worker, FakeDiffusionExecutor)
     client = ImageEngineClient(engine, "tiny-qwen-image")
-    images = await client.generate(req(1))
-    assert isinstance(images[0], Image.Image)
-    await client.close(drain_timeout_s=1.0)
+    worker.script.hold.clear()
+    running = asyncio.create_task(client.generate(req(1)))
+    await until(worker.running.is_set, "the worker to start", timeout_s=ENGINE_WAIT_S)
+    waiting = asyncio.create_task(client.generate(req(2)))
+    await until(lambda: client.scheduler is not None and client.scheduler.queued_images == 1)
+    closing = asyncio.create_task(client.close())
+    with pytest.raises(SchedulerClosedError):
+        await waiting
+    assert not closing.done()  # the running request is not cut off
+    worker.script.hold.set()
+    [image] = await running
+    assert isinstance(image, Image.Image)
+    await asyncio.wait_for(closing, ENGINE_WAIT_S)
     assert not client.is_ready
     with pytest.raises(EngineNotReadyError):  # vllm-omni's engine is closed
         engine.submit(req(1), lambda _: None)

@@ -196,7 +196,9 @@ class OmniEngine(QueueingImageEngine):
         if self._closed:
             raise EngineNotReadyError("The vllm-omni engine is closed.")
         self.check_health()
-        base = request.request_id or f"image-{uuid.uuid4().hex}"
+        # vllm-omni keys its queue and output streams by id: a suffix of our own keeps two
+        # requests apart even when a client sends the same X-Request-Id twice.
+        base = f"{request.request_id or 'image'}-{uuid.uuid4().hex[:12]}"
         job = OmniJob(self, [f"{base}-{i}" for i in range(request.num_images)])
         omni_requests = to_omni_requests(request, job.request_ids)
         done = asyncio.run_coroutine_threadsafe(self._run(omni_requests, on_started), self._loop)
@@ -211,15 +213,22 @@ class OmniEngine(QueueingImageEngine):
             try:
                 self._engine.executor.check_health()
             except Exception as error:
-                self._died = f"{type(error).__name__}: {error}"
+                self._died = f"its worker died ({type(error).__name__}: {error})"
+            # vllm-omni closes its engine itself when its scheduling loop fails; it exposes
+            # no public flag for that.
+            if self._died is None and getattr(self._engine, "_closed", False):
+                self._died = "its scheduling loop stopped"
         if self._died is not None:
-            raise EngineDiedError(f"vllm-omni's diffusion worker died: {self._died}")
+            raise EngineDiedError(f"vllm-omni's diffusion engine is dead: {self._died}")
 
     def close(self) -> None:
+        """Close vllm-omni's engine, then end every request still in flight (each job's future
+        fails) before the engine's loop stops, so no caller waits forever."""
         if self._closed:
             return
         self._closed = True
-        self._engine.close()  # fails every request still in it
+        self._engine.close()
+        asyncio.run_coroutine_threadsafe(_cancel_other_tasks(), self._loop).result(timeout=10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop_thread.join(timeout=10)
 
@@ -289,8 +298,16 @@ class OmniEngine(QueueingImageEngine):
         return EngineError(message)
 
     def _executor_failed(self) -> None:  # called by vllm-omni's worker monitor
-        self._died = self._died or "the executor reported a fatal failure"
+        self._died = self._died or "its executor reported that its worker died"
         logger.error("vllm-omni's diffusion executor died; /health now answers 503.")
+
+
+async def _cancel_other_tasks() -> None:
+    current = asyncio.current_task()
+    tasks = [task for task in asyncio.all_tasks() if task is not current]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _copy_outcome(

@@ -225,6 +225,7 @@ class ImageScheduler:
         self._queue: list[_Pending] = []
         self._queued_images = 0
         self._handed_over_running = 0
+        self._handed_over: set[_Pending] = set()
         self._batch: _Batch | None = None
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
@@ -259,13 +260,15 @@ class ImageScheduler:
             )
 
     async def close(self) -> None:
-        """Refuse new work, fail waiting requests, and let the running batch finish. (A
-        `QueueingImageEngine`'s running requests end when the engine is closed.)"""
+        """Refuse new work, fail waiting requests, and let the running batch (or the requests a
+        `QueueingImageEngine` has started) finish."""
         self._closed = True
         self._fail_queued(SchedulerClosedError())
         self._arrived.set()
         if self._worker is not None:
             await asyncio.wait([self._worker])
+        if self._handed_over:
+            await asyncio.wait([pending.future for pending in self._handed_over])
         if self._owns_executor:
             self._executor.shutdown(wait=False)
 
@@ -361,6 +364,7 @@ class ImageScheduler:
 
         job = engine.submit(pending.request, on_started)
         pending.job = job
+        self._handed_over.add(pending)
         job.future.add_done_callback(lambda _: _call_soon(loop, self._job_done, pending))
 
     def _images_started(self, pending: _Pending, images: int) -> None:
@@ -387,6 +391,7 @@ class ImageScheduler:
         if pending.settled:
             return
         pending.settled = True
+        self._handed_over.discard(pending)
         self._forget_waiting(pending)
         self._handed_over_running -= pending.started_images
         engine_s = 0.0
@@ -408,7 +413,7 @@ class ImageScheduler:
                 self._update_speed(engine_s / pending.request.num_images)
         else:
             outcome = "cancelled" if isinstance(error, GenerationCancelled) else "error"
-            if self._closed and outcome == "error":
+            if self._closed:
                 error = SchedulerClosedError()  # the engine was closed under it
             elif outcome == "error":
                 logger.warning("Image request failed in the engine: %r", error)
