@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from vllm.engine.arg_utils import EngineArgs
 
 from vllm_omni_images.server import launcher, vllm_patches
+from vllm_omni_images.server.cli_args import OMNI_FLAGS
 from vllm_omni_images.server.endpoint import ImagesEndpointPlugin
 from vllm_omni_images.server.plugin import log_through_vllm, register
 
@@ -79,6 +80,9 @@ def test_serve_help_lists_the_image_options(monkeypatch, launched, capsys):
     help_text = capsys.readouterr().out
     for flag in ("--task", "--image-engine", "--image-max-batch-size", "--image-max-queue"):
         assert flag in help_text
+    for omni_flag in OMNI_FLAGS:  # vllm-omni's engine options, by vllm-omni's names
+        assert all(option in help_text for option in omni_flag.flags)
+    assert "--ulysses-degree ULYSSES_DEGREE" in help_text
 
 
 def test_other_subcommands_get_no_image_flags(monkeypatch, launched, capsys):

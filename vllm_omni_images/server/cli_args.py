@@ -81,7 +81,10 @@ def add_image_cli_args(parser: argparse.ArgumentParser) -> None:
     # vllm-omni's own options, under the names `vllm serve --omni` gives them, so its command
     # lines carry over. Only the omni engine understands them (a start-up error otherwise).
     for flag in OMNI_FLAGS:
-        group.add_argument(*flag.flags, dest=flag.dest, default=None, **flag.argparse)
+        options: dict[str, Any] = {"dest": flag.dest, "default": None, **flag.argparse}
+        if "action" not in options:
+            options["metavar"] = flag.config_field.upper()  # as vllm-omni's help shows it
+        group.add_argument(*flag.flags, **options)
 
 
 @dataclass(frozen=True)

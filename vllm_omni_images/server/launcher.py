@@ -151,4 +151,10 @@ async def run_image_server(args: argparse.Namespace) -> None:
 
 def run_image_server_cli(args: argparse.Namespace) -> None:
     vllm_patches.set_server_switch_interval()
-    uvloop.run(run_image_server(args))
+    try:
+        uvloop.run(run_image_server(args))
+    except EngineUnavailableError as error:
+        # A wrong engine or flag for this machine: the message says what to change, and a
+        # traceback would only bury it.
+        logger.error("Cannot serve %s: %s", args.model, error)
+        raise SystemExit(1) from None
