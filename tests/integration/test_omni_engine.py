@@ -51,9 +51,8 @@ def build_engine(model_dir: Path, max_batch_size: int = 4) -> OmniEngine:
     return OmniEngine(
         build_omni_config(
             str(model_dir),
-            {},
+            {"distributed_executor_backend": FakeDiffusionExecutor},
             max_batch_size=max_batch_size,
-            executor_backend=FakeDiffusionExecutor,
         )
     )
 
@@ -219,6 +218,43 @@ async def test_incompatible_requests_run_apart(
     widths = [[r.sampling_params.width for r in batch] for batch in worker.batches[1:]]
     # vllm-omni batches runs of compatible requests in arrival order; it never reorders.
     assert widths == [[64, 64], [96, 96], [64]]
+
+
+async def test_vllm_serve_flags_to_http_five_requests_run_as_four_and_one(
+    make_app: AppFactory, serve_parser, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole path of `vllm serve tiny-qwen-image --task image --image-engine omni
+    --image-max-batch-size 4`, in-process: flags, engine choice (a GPU faked), vllm-omni's
+    engine with the stand-in worker named by vLLM's --distributed-executor-backend, HTTP."""
+    from vllm_omni_images.engine import selection
+    from vllm_omni_images.server.launcher import load_engine
+
+    monkeypatch.setattr(selection, "has_accelerator", lambda: True)
+    monkeypatch.setattr(selection, "omni_platform", lambda: "CudaOmniPlatform")
+    flags = ["--image-engine", "omni", "--image-max-batch-size", "4"]
+    backend = ["--distributed-executor-backend", "tests.support.omni.FakeDiffusionExecutor"]
+    args = serve_parser.parse_args(["tiny-qwen-image", "--task", "image", *flags, *backend])
+    args.model = args.model_tag
+    engine = load_engine(args)
+    assert isinstance(engine, OmniEngine)
+    worker = engine.diffusion_engine.executor
+    assert isinstance(worker, FakeDiffusionExecutor)
+    worker.batches.clear()  # vllm-omni's start-up warm-up
+    try:
+        app = await make_app(engine, [*flags, *backend])
+        scheduler = app.state.engine_client.scheduler
+        async with http_client(app) as http:
+            worker.script.hold.clear()
+            blocker = asyncio.create_task(generate(http, seed=100, **FAST))
+            await until(worker.running.is_set, "the worker to start", timeout_s=ENGINE_WAIT_S)
+            five = [asyncio.create_task(generate(http, seed=seed, **FAST)) for seed in range(5)]
+            await until(lambda: scheduler.queued_images == 5, "five queued images")
+            worker.script.hold.set()
+            responses = await asyncio.gather(blocker, *five)
+        assert [response.status_code for response in responses] == [200] * 6
+        assert batch_sizes(worker) == [1, 4, 1]
+    finally:
+        engine.close()
 
 
 # Cancellation and timeouts abort the request in vllm-omni

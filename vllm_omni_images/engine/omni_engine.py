@@ -75,11 +75,12 @@ def build_omni_config(
     *,
     max_batch_size: int = 1,
     batch_delay_ms: float = 0.0,
-    executor_backend: str | type | None = None,
 ) -> OmniDiffusionConfig:
     """vllm-omni's engine config for `model_path`, as its own `vllm serve --omni` would build
     it: `options` are its config fields by their vllm-omni names (see
-    `server/cli_args.OMNI_FLAGS`); batching comes from this project's batching flags."""
+    `server/cli_args.OMNI_FLAGS`; `distributed_executor_backend` picks its executor: `mp`,
+    `uni`, or a `DiffusionExecutor` class or its path); batching comes from this project's
+    batching flags."""
     from vllm_omni.diffusion.data import DiffusionParallelConfig, OmniDiffusionConfig
     from vllm_omni.diffusion.diffusion_engine import supports_request_batch
 
@@ -92,7 +93,6 @@ def build_omni_config(
         num_gpus=parallel.world_size,
         max_num_seqs=max_batch_size,
         request_batch_max_wait_ms=batch_delay_ms,
-        distributed_executor_backend=executor_backend,
         **{name: value for name, value in options.items() if name not in PARALLEL_FIELDS},
     )
     config.enrich_config()  # reads model_index.json: the pipeline class, its transformer config

@@ -35,8 +35,6 @@ class EngineSettings:
     batch_delay_ms: float = 0.0
     omni_options: Mapping[str, Any] = field(default_factory=dict)
     """vllm-omni config fields by their vllm-omni names (`server/cli_args.OMNI_FLAGS`)."""
-    omni_executor_backend: str | type | None = None
-    """vllm-omni's `distributed_executor_backend`; `None` lets vllm-omni choose."""
 
 
 def has_accelerator() -> bool:
@@ -118,7 +116,6 @@ def create_engine(
                 settings.omni_options,
                 max_batch_size=settings.max_batch_size,
                 batch_delay_ms=settings.batch_delay_ms,
-                executor_backend=settings.omni_executor_backend,
             )
         )
     if settings.omni_options:

@@ -200,8 +200,9 @@ OMNI_FLAGS: tuple[OmniFlag, ...] = (
 
 
 def omni_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The vllm-omni config fields the command line sets (vLLM's --tensor-parallel-size
-    included when above 1), by their vllm-omni names."""
+    """The vllm-omni config fields the command line sets, by their vllm-omni names: the flags
+    above, and two of vLLM's own that vllm-omni reads too (--tensor-parallel-size above 1,
+    --distributed-executor-backend: `mp`, `uni` or a `DiffusionExecutor` class's path)."""
     options = {
         flag.config_field: getattr(args, flag.dest)
         for flag in OMNI_FLAGS
@@ -209,6 +210,8 @@ def omni_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     }
     if getattr(args, "tensor_parallel_size", 1) > 1:
         options["tensor_parallel_size"] = args.tensor_parallel_size
+    if getattr(args, "distributed_executor_backend", None) is not None:
+        options["distributed_executor_backend"] = args.distributed_executor_backend
     return options
 
 
@@ -217,6 +220,8 @@ def omni_flags_given(args: argparse.Namespace) -> list[str]:
     given = [flag.flags[0] for flag in OMNI_FLAGS if getattr(args, flag.dest, None) is not None]
     if getattr(args, "tensor_parallel_size", 1) > 1:
         given.append("--tensor-parallel-size")
+    if getattr(args, "distributed_executor_backend", None) is not None:
+        given.append("--distributed-executor-backend")
     return given
 
 
