@@ -107,6 +107,20 @@ def test_auto_picks_diffusers_where_vllm_omni_finds_no_platform(
         choose_engine("omni", str(tiny_model_dir))
 
 
+def test_a_gpu_machine_without_vllm_omni_serves_with_diffusers(
+    monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path
+) -> None:
+    def no_vllm_omni() -> str | None:
+        raise ModuleNotFoundError("No module named 'vllm_omni'")
+
+    monkeypatch.setattr(selection, "has_accelerator", lambda: True)
+    monkeypatch.setattr(selection, "omni_platform", no_vllm_omni)
+    choice = choose_engine("auto", str(tiny_model_dir))
+    assert choice.name == "diffusers" and "vllm_omni" in choice.reason
+    with pytest.raises(EngineUnavailableError, match="--image-engine diffusers"):
+        choose_engine("omni", str(tiny_model_dir))
+
+
 def test_vllm_omni_finds_no_platform_on_this_cpu_machine() -> None:
     import torch
 

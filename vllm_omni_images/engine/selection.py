@@ -78,7 +78,15 @@ def choose_engine(requested: str, model_path: str) -> EngineChoice:
                 "with --image-engine diffusers (or auto), which runs on CPU."
             )
         return EngineChoice("diffusers", "no GPU here, and vllm-omni has no CPU platform")
-    platform = omni_platform()
+    try:
+        platform = omni_platform()
+    except ImportError as error:  # a GPU machine with diffusers but not vllm-omni
+        if requested == "omni":
+            raise EngineUnavailableError(
+                f"--image-engine omni: vllm-omni cannot be imported here ({error}); install "
+                "it, or serve with --image-engine diffusers."
+            ) from error
+        return EngineChoice("diffusers", f"vllm-omni cannot be imported here ({error})")
     if platform is None:
         if requested == "omni":
             raise EngineUnavailableError(
