@@ -3,18 +3,32 @@
 `FakeEngine` paints one small image per seed in `colour(seed)` and can hold a batch at a gate;
 `req` builds requests for it. `DelegatingEngine` forwards to a real engine, and its subclasses
 change only `generate`: to fail on purpose, or to hold and count batches and steps.
+`FakeQueueingEngine` queues by itself, as vllm-omni's engine does; the test drives its jobs.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 from collections.abc import Sequence
 from typing import Any
 
 from PIL import Image
 
-from vllm_omni_images.engine.base import EngineRequest, ImageEngine, ModelDefaults, StepCallback
-from vllm_omni_images.engine.errors import EngineError, EngineOutOfMemoryError, GenerationCancelled
+from vllm_omni_images.engine.base import (
+    EngineRequest,
+    ImageEngine,
+    ImagesStarted,
+    ModelDefaults,
+    QueueingImageEngine,
+    StepCallback,
+)
+from vllm_omni_images.engine.errors import (
+    EngineDiedError,
+    EngineError,
+    EngineOutOfMemoryError,
+    GenerationCancelled,
+)
 
 from .waiting import ENGINE_WAIT_S, WAIT_S
 
@@ -154,3 +168,47 @@ class ObservedEngine(DelegatingEngine):
                 on_step(step, total)
 
         return super().generate(requests, counting)
+
+
+class FakeJob:
+    """A request in `FakeQueueingEngine`: the test starts and finishes it by hand."""
+
+    def __init__(self, request: EngineRequest, on_started: ImagesStarted) -> None:
+        self.request = request
+        self.on_started = on_started
+        self.future: concurrent.futures.Future[list[Image.Image]] = concurrent.futures.Future()
+        self.aborted = False
+
+    def abort(self) -> None:
+        self.aborted = True
+        if not self.future.done():
+            self.future.set_exception(GenerationCancelled())
+
+    def finish(self) -> None:
+        images = [Image.new("RGB", (8, 8), colour(seed)) for seed in self.request.seeds]
+        self.future.set_result(images)
+
+
+class FakeQueueingEngine(QueueingImageEngine):
+    """An engine with a queue of its own, for the scheduler's hand-over mode: it keeps each
+    submitted `FakeJob` for the test to start (`job.on_started(n)`) and finish."""
+
+    name = "fake-queueing"
+
+    def __init__(self) -> None:
+        self.jobs: list[FakeJob] = []
+        self.dead = False
+
+    @property
+    def defaults(self) -> ModelDefaults:
+        return ModelDefaults(width=64, height=64, num_inference_steps=2, size_multiple=16)
+
+    def submit(self, request: EngineRequest, on_started: ImagesStarted) -> FakeJob:
+        if self.dead:
+            raise EngineDiedError("the fake engine died")
+        self.jobs.append(FakeJob(request, on_started))
+        return self.jobs[-1]
+
+    def close(self) -> None:
+        for job in self.jobs:
+            job.abort()

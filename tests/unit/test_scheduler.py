@@ -14,11 +14,12 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from tests.support.engines import FakeClock, FakeEngine, colour, req
+from tests.support.engines import FakeClock, FakeEngine, FakeQueueingEngine, colour, req
 from tests.support.waiting import WAIT_S, until
 from vllm_omni_images.engine.base import EngineRequest, StepCallback, batch_key
 from vllm_omni_images.engine.cpu_priority import ENGINE_THREAD_NICENESS
 from vllm_omni_images.engine.errors import (
+    EngineDiedError,
     EngineError,
     EngineOutOfMemoryError,
     QueueFullError,
@@ -543,3 +544,88 @@ async def test_the_engine_runs_at_a_lower_cpu_priority_than_serving() -> None:
     expected = min(19, serving_niceness + ENGINE_THREAD_NICENESS)
     assert probe.niceness == expected > serving_niceness
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == serving_niceness
+
+
+# Hand-over mode: an engine that queues and batches by itself
+
+
+@pytest.fixture
+async def handing_over() -> AsyncIterator[tuple[ImageScheduler, FakeQueueingEngine]]:
+    engine = FakeQueueingEngine()
+    scheduler = ImageScheduler(engine, SchedulerConfig(max_queue_images=4))
+    yield scheduler, engine
+    await scheduler.close()
+
+
+async def test_a_request_is_handed_over_at_once_and_counts_as_queued_until_it_starts(
+    handing_over: tuple[ImageScheduler, FakeQueueingEngine],
+) -> None:
+    scheduler, engine = handing_over
+    task = asyncio.create_task(scheduler.submit(req(1, 2, 3)))
+    await until(lambda: len(engine.jobs) == 1, "the hand-over")
+    assert (scheduler.queued_images, scheduler.running_images) == (3, 0)
+    engine.jobs[0].on_started(2)  # vllm-omni may start a request's images in different batches
+    await until(lambda: scheduler.running_images == 2, "two started images")
+    assert scheduler.queued_images == 1
+    engine.jobs[0].on_started(1)
+    await until(lambda: scheduler.queued_images == 0, "the last image to start")
+    engine.jobs[0].finish()
+    assert [image.getpixel((0, 0)) for image in await task] == [colour(s) for s in (1, 2, 3)]
+    assert scheduler.running_images == 0
+
+
+async def test_admission_counts_the_images_waiting_in_the_engine(
+    handing_over: tuple[ImageScheduler, FakeQueueingEngine],
+) -> None:
+    scheduler, engine = handing_over
+    waiting = asyncio.create_task(scheduler.submit(req(1, 2, 3)))
+    await until(lambda: len(engine.jobs) == 1, "the hand-over")
+    with pytest.raises(QueueFullError):
+        await scheduler.submit(req(4, 5))
+    assert len(engine.jobs) == 1  # a refused request never reaches the engine
+    engine.jobs[0].on_started(3)
+    await until(lambda: scheduler.queued_images == 0, "the images to start")
+    second = asyncio.create_task(scheduler.submit(req(4, 5)))
+    await until(lambda: len(engine.jobs) == 2, "the second hand-over")
+    for job in engine.jobs:
+        job.finish()
+    assert len(await waiting) == 3 and len(await second) == 2
+
+
+async def test_a_withdrawn_request_is_aborted_in_the_engine(
+    handing_over: tuple[ImageScheduler, FakeQueueingEngine],
+) -> None:
+    scheduler, engine = handing_over
+    task = asyncio.create_task(scheduler.submit(req(1)))
+    await until(lambda: len(engine.jobs) == 1, "the hand-over")
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert engine.jobs[0].aborted and scheduler.queued_images == 0
+
+
+async def test_a_dead_engine_refuses_before_anything_is_counted(
+    handing_over: tuple[ImageScheduler, FakeQueueingEngine],
+) -> None:
+    scheduler, engine = handing_over
+    engine.dead = True
+    with pytest.raises(EngineDiedError):
+        await scheduler.submit(req(1))
+    assert (scheduler.queued_images, scheduler.queue_depth) == (0, 0)
+
+
+async def test_close_fails_the_waiting_and_waits_for_the_started(
+    handing_over: tuple[ImageScheduler, FakeQueueingEngine],
+) -> None:
+    scheduler, engine = handing_over
+    started = asyncio.create_task(scheduler.submit(req(1)))
+    waiting = asyncio.create_task(scheduler.submit(req(2)))
+    await until(lambda: len(engine.jobs) == 2, "both hand-overs")
+    engine.jobs[0].on_started(1)
+    await until(lambda: scheduler.running_images == 1, "the first to start")
+    closing = asyncio.create_task(scheduler.close())
+    with pytest.raises(SchedulerClosedError):
+        await waiting
+    assert engine.jobs[1].aborted and not closing.done()
+    engine.jobs[0].finish()
+    assert len(await started) == 1
+    await asyncio.wait_for(closing, WAIT_S)

@@ -399,7 +399,7 @@ class ImageScheduler:
             engine_s = self._clock() - pending.started_at
         pending.timings.engine_s = engine_s
         future = pending.job.future
-        error = future.exception()
+        error = GenerationCancelled() if future.cancelled() else future.exception()
         if error is None:
             images = future.result()
             outcome = "ok"
