@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 from vllm_omni.diffusion.request import OmniDiffusionRequest
+from vllm_omni.errors import OmniClientError
 from vllm_omni.inputs.data import OmniDiffusionSamplingParams
 
 from tests.support.engines import req
@@ -333,6 +334,9 @@ async def test_errors_reach_the_client_as_openai_errors(
         assert "the pipeline broke" in error["message"]
         worker.script.fail_with = torch.OutOfMemoryError("CUDA out of memory")
         assert_openai_error(await generate(http, **FAST), 503)
+        worker.script.fail_with = OmniClientError("height must be divisible by 32")
+        error = assert_openai_error(await generate(http, **FAST), 400)
+        assert error["message"] == "height must be divisible by 32"
         response = await generate(http, n=2, **FAST)
         assert response.status_code == 200, response.text
         first, second = (pixels(item["b64_json"]) for item in response.json()["data"])

@@ -29,7 +29,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image
@@ -57,17 +57,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PARALLEL_FIELDS = frozenset(
-    {
-        "tensor_parallel_size",
-        "ulysses_degree",
-        "ring_degree",
-        "cfg_parallel_size",
-        "vae_patch_parallel_size",
-    }
-)
-"""Options that belong to vllm-omni's `DiffusionParallelConfig` rather than its top level."""
-
 
 def build_omni_config(
     model_path: str,
@@ -84,16 +73,16 @@ def build_omni_config(
     from vllm_omni.diffusion.data import DiffusionParallelConfig, OmniDiffusionConfig
     from vllm_omni.diffusion.diffusion_engine import supports_request_batch
 
-    parallel = DiffusionParallelConfig.from_stage_overrides(
-        {name: value for name, value in options.items() if name in PARALLEL_FIELDS}
-    )
+    # Sizes go to the parallel config (which picks its own fields), the rest to the top level.
+    parallel = DiffusionParallelConfig.from_stage_overrides(options)
+    parallel_fields = {f.name for f in fields(DiffusionParallelConfig)}
     config = OmniDiffusionConfig.from_kwargs(
         model=model_path,
         parallel_config=parallel,
         num_gpus=parallel.world_size,
         max_num_seqs=max_batch_size,
         request_batch_max_wait_ms=batch_delay_ms,
-        **{name: value for name, value in options.items() if name not in PARALLEL_FIELDS},
+        **{name: value for name, value in options.items() if name not in parallel_fields},
     )
     config.enrich_config()  # reads model_index.json: the pipeline class, its transformer config
     if max_batch_size > 1 and not supports_request_batch(config):
@@ -107,7 +96,9 @@ def build_omni_config(
     return config
 
 
-def to_omni_requests(request: EngineRequest, request_ids: Sequence[str]) -> list[Any]:
+def to_omni_requests(
+    request: EngineRequest, request_ids: Sequence[str]
+) -> list[OmniDiffusionRequest]:
     """One `OmniDiffusionRequest` per image of `request` (see the module docstring)."""
     from vllm_omni.diffusion.request import OmniDiffusionRequest
     from vllm_omni.inputs.data import OmniDiffusionSamplingParams, OmniTextPrompt
@@ -129,7 +120,7 @@ def to_omni_requests(request: EngineRequest, request_ids: Sequence[str]) -> list
         sampling["guidance_scale"] = request.guidance_scale
     return [
         OmniDiffusionRequest(
-            prompt=dict(prompt),
+            prompt=dict(prompt),  # one each: vllm-omni's pre-processing may write to it
             sampling_params=OmniDiffusionSamplingParams(seed=seed, **sampling),
             request_id=request_id,
         )
@@ -143,9 +134,8 @@ class OmniJob:
 
     engine: OmniEngine
     request_ids: list[str]
-    future: concurrent.futures.Future[list[Image.Image]] = field(
-        default_factory=concurrent.futures.Future
-    )
+    future: concurrent.futures.Future[list[Image.Image]]
+    """Cancelled, rather than failed, if the engine closes under the request."""
 
     def abort(self) -> None:
         self.engine.abort(self.request_ids)
@@ -199,11 +189,9 @@ class OmniEngine(QueueingImageEngine):
         # vllm-omni keys its queue and output streams by id: a suffix of our own keeps two
         # requests apart even when a client sends the same X-Request-Id twice.
         base = f"{request.request_id or 'image'}-{uuid.uuid4().hex[:12]}"
-        job = OmniJob(self, [f"{base}-{i}" for i in range(request.num_images)])
-        omni_requests = to_omni_requests(request, job.request_ids)
-        done = asyncio.run_coroutine_threadsafe(self._run(omni_requests, on_started), self._loop)
-        done.add_done_callback(lambda finished: _copy_outcome(finished, job.future))
-        return job
+        request_ids = [f"{base}-{i}" for i in range(request.num_images)]
+        run = self._run(to_omni_requests(request, request_ids), on_started)
+        return OmniJob(self, request_ids, asyncio.run_coroutine_threadsafe(run, self._loop))
 
     def abort(self, request_ids: Sequence[str]) -> None:
         self._engine.abort(list(request_ids))
@@ -308,15 +296,3 @@ async def _cancel_other_tasks() -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _copy_outcome(
-    source: concurrent.futures.Future[list[Image.Image]],
-    target: concurrent.futures.Future[list[Image.Image]],
-) -> None:
-    if source.cancelled():
-        target.set_exception(GenerationCancelled())
-    elif (error := source.exception()) is not None:
-        target.set_exception(error)
-    else:
-        target.set_result(source.result())
