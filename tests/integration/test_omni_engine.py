@@ -109,6 +109,7 @@ async def start_blocker(scheduler: ImageScheduler, worker: FakeDiffusionExecutor
     worker.script.hold.clear()
     blocker = asyncio.create_task(scheduler.submit(req(1000)))
     await until(worker.running.is_set, "the worker to start", timeout_s=ENGINE_WAIT_S)
+    await until(lambda: scheduler.running_images == 1, "the scheduler to see it start")
     return blocker
 
 
@@ -248,6 +249,7 @@ async def test_vllm_serve_flags_to_http_five_requests_run_as_four_and_one(
             worker.script.hold.clear()
             blocker = asyncio.create_task(generate(http, seed=100, **FAST))
             await until(worker.running.is_set, "the worker to start", timeout_s=ENGINE_WAIT_S)
+            await until(lambda: scheduler.running_images == 1, "the scheduler to see it start")
             five = [asyncio.create_task(generate(http, seed=seed, **FAST)) for seed in range(5)]
             await until(lambda: scheduler.queued_images == 5, "five queued images")
             worker.script.hold.set()
@@ -377,7 +379,13 @@ async def test_shutdown_fails_the_waiting_and_lets_the_running_finish(tiny_model
     running = asyncio.create_task(client.generate(req(1)))
     await until(worker.running.is_set, "the worker to start", timeout_s=ENGINE_WAIT_S)
     waiting = asyncio.create_task(client.generate(req(2)))
-    await until(lambda: client.scheduler is not None and client.scheduler.queued_images == 1)
+    scheduler = client.scheduler
+    assert scheduler is not None
+    await until(
+        lambda: (scheduler.running_images, scheduler.queued_images) == (1, 1),
+        "one running and one waiting image",
+        timeout_s=ENGINE_WAIT_S,
+    )
     closing = asyncio.create_task(client.close())
     with pytest.raises(SchedulerClosedError):
         await waiting
