@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import subprocess
 import time
@@ -73,6 +74,18 @@ def test_openai_sdk_gets_pngs_of_the_requested_size(sdk):
         assert image.format == "PNG"
         assert image.size == (128, 64)
     assert result.data[0].b64_json != result.data[1].b64_json
+
+
+def test_a_url_opens_without_the_key_and_holds_the_same_image(sdk, server):
+    fields = {"prompt": "a lighthouse", "size": "64x64", "extra_body": {"seed": 5}}
+    linked = sdk.images.generate(model="tiny-qwen-image", response_format="url", **fields)
+    inline = sdk.images.generate(model="tiny-qwen-image", response_format="b64_json", **fields)
+    assert linked.data is not None and inline.data is not None
+    url = linked.data[0].url or ""
+    assert url.startswith(f"{server}/images/files/")
+    fetched = httpx.get(url, timeout=60)  # as a browser: no Authorization header
+    assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
+    assert fetched.content == base64.b64decode(inline.data[0].b64_json or "")
 
 
 def test_openai_sdk_sees_errors_as_exceptions(sdk):

@@ -34,6 +34,7 @@ async def make_app(serve_parser) -> AsyncIterator[AppFactory]:
     )
 
     clients: list[ImageEngineClient] = []
+    apps: list[FastAPI] = []
 
     async def make(engine: ImageEngine | None, flags: Sequence[str] = ()) -> FastAPI:
         args = serve_parser.parse_args(["tiny-qwen-image", "--task", "image", *flags])
@@ -41,12 +42,16 @@ async def make_app(serve_parser) -> AsyncIterator[AppFactory]:
         app = build_image_app(args)
         clients.append(make_engine_client(engine, args))
         await init_image_app_state(clients[-1], app.state, args)
+        apps.append(app)
         return app
 
     yield make
     for client in clients:
         if client.scheduler is not None:
             await client.scheduler.close()
+    for app in apps:
+        if (cleanup := getattr(app.state, "image_store_cleanup", None)) is not None:
+            cleanup.cancel()
 
 
 @pytest.fixture

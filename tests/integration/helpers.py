@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import httpx
+import httpx2
 import numpy as np
+import openai
 from fastapi import FastAPI
 
 from vllm_omni_images.images.encoding import decode_image_base64
@@ -14,6 +16,18 @@ FAST = {"size": "64x64", "num_inference_steps": 2}
 def http_client(app: FastAPI) -> httpx.AsyncClient:
     """A client that calls `app` in-process; use it as `async with http_client(app) as client`."""
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+def sdk_client(app: FastAPI, api_key: str = "none") -> openai.AsyncOpenAI:
+    """The official `openai` SDK calling `app` in-process (its own HTTP client library,
+    httpx2, with an ASGI transport); use it as `async with sdk_client(app) as sdk`."""
+    transport = httpx2.ASGITransport(app=app)
+    return openai.AsyncOpenAI(
+        base_url="http://test/v1",
+        api_key=api_key,
+        http_client=openai.DefaultAsyncHttpxClient(transport=transport, base_url="http://test"),
+        max_retries=0,
+    )
 
 
 def pixels(b64: str) -> np.ndarray:

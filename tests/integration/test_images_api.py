@@ -96,7 +96,6 @@ async def test_served_model_name_is_accepted(client):
         ({"response_format": "gif"}, "response_format"),
         ({"size": "250x250"}, "size"),
         ({"size": "8192x8192"}, "size"),
-        ({"response_format": "url"}, "response_format"),
         ({"background": "transparent"}, "background"),
     ],
 )
@@ -105,8 +104,6 @@ async def test_invalid_input_is_a_400_naming_the_field(client, body, param):
     error = assert_openai_error(response, 400, param)
     if body.get("size") == "250x250":
         assert "multiples of 16" in error["message"]
-    if body.get("response_format") == "url":
-        assert "not supported" in error["message"]
 
 
 async def test_missing_prompt_is_a_400(client):

@@ -112,7 +112,11 @@ def test_response_shape():
     response = ImageGenerationResponse(
         data=[ImageObject(b64_json="abc")], size="64x64", output_format="png"
     )
-    dumped = response.model_dump()
+    dumped = response.model_dump(exclude_none=True)  # what the router sends
     assert set(dumped) == {"created", "data", "size", "output_format"}
     assert dumped["data"] == [{"b64_json": "abc"}]
+    linked = ImageGenerationResponse(
+        data=[ImageObject(url="http://h/images/files/x.png")], size="64x64", output_format="png"
+    )
+    assert linked.model_dump(exclude_none=True)["data"] == [{"url": "http://h/images/files/x.png"}]
     assert isinstance(dumped["created"], int) and dumped["created"] > 1_700_000_000

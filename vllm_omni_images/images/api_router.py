@@ -5,7 +5,7 @@ from __future__ import annotations
 from http import HTTPStatus
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 from vllm.entrypoints.serve.utils.api_utils import (
@@ -16,9 +16,11 @@ from vllm.entrypoints.serve.utils.api_utils import (
 
 from vllm_omni_images.images.errors import response_headers
 from vllm_omni_images.images.protocol import ImageGenerationRequest
-from vllm_omni_images.images.serving import OpenAIServingImage
+from vllm_omni_images.images.serving import IMAGE_FILE_ROUTE, OpenAIServingImage
 
 router = APIRouter()
+
+IMAGE_FILES_PATH = "/images/files"
 
 # Routes of vLLM's text server that clients may try on an image server. They need a text
 # model's tokenizer or engine, which an image model has not, so each answers an OpenAI-style
@@ -65,7 +67,29 @@ async def create_image(request: ImageGenerationRequest, raw_request: Request) ->
             status_code=result.error.code,
             headers=response_headers(result),
         )
-    return JSONResponse(content=result.model_dump())
+    return JSONResponse(content=result.model_dump(exclude_none=True))
+
+
+# Outside /v1 on purpose: vLLM's --api-key guards /v1 only, and these are capability URLs that
+# a browser opens without headers (see file_store.py).
+@router.get(f"{IMAGE_FILES_PATH}/{{name}}", name=IMAGE_FILE_ROUTE, include_in_schema=False)
+async def image_file(name: str, raw_request: Request) -> Response:
+    handler = images(raw_request)
+    stored = None
+    if handler is not None and handler.image_store is not None:
+        stored = handler.image_store.get(name)
+    if stored is None:
+        error = create_error_response(
+            "No such image: it never existed or its URL has expired.",
+            err_type="NotFoundError",
+            status_code=HTTPStatus.NOT_FOUND,
+        )
+        return JSONResponse(content=error.model_dump(), status_code=error.error.code)
+    return FileResponse(
+        stored.path,
+        media_type=stored.media_type,
+        headers={"Cache-Control": f"private, max-age={int(stored.expires_in_s)}"},
+    )
 
 
 async def text_only_route(raw_request: Request) -> JSONResponse:

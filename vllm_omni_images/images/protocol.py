@@ -72,12 +72,6 @@ class ImageGenerationRequest(OpenAIBaseModel):
 
         Raises `VLLMValidationError`, naming the field, for what the model cannot honour.
         """
-        if self.response_format == "url":
-            raise VLLMValidationError(
-                "response_format 'url' is not supported yet: this server returns images "
-                "inline; use 'b64_json'.",
-                parameter="response_format",
-            )
         if self.background == "transparent":
             raise VLLMValidationError(
                 "background 'transparent' is not supported: this model generates opaque images.",
@@ -143,7 +137,10 @@ def _first_set(requested: float | None, default: float | None) -> float | None:
 
 
 class ImageObject(OpenAIBaseModel):
-    b64_json: str
+    """One image: inline (`b64_json`) or at a URL that expires (`url`), as asked."""
+
+    b64_json: str | None = None
+    url: str | None = None
 
 
 class ImageGenerationResponse(OpenAIBaseModel):

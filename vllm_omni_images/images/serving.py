@@ -10,13 +10,16 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from fastapi import Request
 from PIL import Image
 from vllm.entrypoints.openai.models.serving import OpenAIModelRegistry
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+from vllm.exceptions import VLLMValidationError
 from vllm.logger import init_logger
 from vllm.utils import random_uuid
 
@@ -25,8 +28,9 @@ from vllm_omni_images.engine.client import ImageEngineClient
 from vllm_omni_images.engine.cpu_priority import yield_cpu_to_serving
 from vllm_omni_images.engine.metrics import Outcome
 from vllm_omni_images.engine.scheduler import RequestTimings
-from vllm_omni_images.images.encoding import encode_image_base64
+from vllm_omni_images.images.encoding import encode_image, encode_image_base64
 from vllm_omni_images.images.errors import error_kind, error_response
+from vllm_omni_images.images.file_store import ImageStore
 from vllm_omni_images.images.protocol import (
     ImageGenerationRequest,
     ImageGenerationResponse,
@@ -34,6 +38,11 @@ from vllm_omni_images.images.protocol import (
 )
 
 logger = init_logger(__name__)
+
+_Encoded = TypeVar("_Encoded", str, bytes)
+
+IMAGE_FILE_ROUTE = "image_file"
+"""The name of the route that serves stored images (`api_router.image_file`)."""
 
 
 @dataclass
@@ -56,9 +65,12 @@ class OpenAIServingImage:
         *,
         log_error_stack: bool = False,
         encode_executor: Executor | None = None,
+        image_store: ImageStore | None = None,
     ) -> None:
         self.engine_client = engine_client
         self.models = models
+        self.image_store = image_store
+        """Where `response_format: "url"` images go; without one, `url` is refused (400)."""
         self.log_error_stack = log_error_stack
         # Encoding is CPU work in C code that releases the GIL: a few threads encode one
         # request's images in parallel without touching the event loop. Like denoising it is
@@ -80,7 +92,7 @@ class OpenAIServingImage:
         record = _RequestRecord(self._request_id(raw_request), request.user)
         outcome: Outcome = "cancelled"  # unless the handler gets to say otherwise
         try:
-            outcome, result = await self._create_image(request, record)
+            outcome, result = await self._create_image(request, record, raw_request)
             return result
         except Exception:
             outcome = "error"
@@ -89,35 +101,69 @@ class OpenAIServingImage:
             self._finish(record, outcome)
 
     async def _create_image(
-        self, request: ImageGenerationRequest, record: _RequestRecord
+        self,
+        request: ImageGenerationRequest,
+        record: _RequestRecord,
+        raw_request: Request | None,
     ) -> tuple[Outcome, ImageGenerationResponse | ErrorResponse]:
         if (error := await self.models.check_model(request.model)) is not None:
             return "invalid", error
         try:
+            self._check_response_format(request, raw_request)
             engine_request = request.to_engine_request(
                 self.engine_client.defaults, record.request_id
             )
             record.engine_request = engine_request
             images = await self.engine_client.generate(engine_request, record.timings)
-            encoded = await self._encode(images, request, record)
+            data = await self._deliver(images, request, record, raw_request)
         except Exception as exc:
             return self._failed(record, exc)
         return "ok", ImageGenerationResponse(
-            data=[ImageObject(b64_json=data) for data in encoded],
+            data=data,
             size=f"{engine_request.width}x{engine_request.height}",
             output_format=request.output_format,
         )
 
+    def _check_response_format(
+        self, request: ImageGenerationRequest, raw_request: Request | None
+    ) -> None:
+        if request.response_format == "url" and (self.image_store is None or raw_request is None):
+            raise VLLMValidationError(
+                "response_format 'url' is not available on this server (it has no image "
+                "store); use 'b64_json'.",
+                parameter="response_format",
+            )
+
+    async def _deliver(
+        self,
+        images: list[Image.Image],
+        request: ImageGenerationRequest,
+        record: _RequestRecord,
+        raw_request: Request | None,
+    ) -> list[ImageObject]:
+        """Inline base64, or stored and linked by an absolute URL (behind `--root-path` too)."""
+        if request.response_format != "url":
+            texts = await self._encode(images, request, record, encode_image_base64)
+            return [ImageObject(b64_json=text) for text in texts]
+        assert self.image_store is not None and raw_request is not None
+        blobs = await self._encode(images, request, record, encode_image)
+        names = [await self.image_store.put(blob, request.output_format) for blob in blobs]
+        return [ImageObject(url=str(raw_request.url_for(IMAGE_FILE_ROUTE, name=n))) for n in names]
+
     async def _encode(
-        self, images: list[Image.Image], request: ImageGenerationRequest, record: _RequestRecord
-    ) -> list[str]:
+        self,
+        images: list[Image.Image],
+        request: ImageGenerationRequest,
+        record: _RequestRecord,
+        encoder: Callable[[Image.Image, str, int | None], _Encoded],
+    ) -> list[_Encoded]:
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         encoded = await asyncio.gather(
             *(
                 loop.run_in_executor(
                     self._encode_executor,
-                    encode_image_base64,
+                    encoder,
                     image,
                     request.output_format,
                     request.output_compression,
@@ -127,7 +173,7 @@ class OpenAIServingImage:
         )
         record.encode_s = time.perf_counter() - started
         record.images = len(encoded)
-        return encoded
+        return list(encoded)
 
     def _failed(self, record: _RequestRecord, exc: Exception) -> tuple[Outcome, ErrorResponse]:
         """The answer to a request that raised, from the error table."""

@@ -78,6 +78,25 @@ def add_image_cli_args(parser: argparse.ArgumentParser) -> None:
         "(504); its work stops at the next denoising step. 0 means no limit.",
     )
 
+    group.add_argument(
+        "--image-store-dir",
+        default=None,
+        help="Folder for the images of `response_format: url` requests (served at "
+        "/images/files/<random name> without an API key: the URL is the secret). Default: a "
+        "new temporary folder per server.",
+    )
+    group.add_argument(
+        "--image-url-ttl",
+        type=_positive_float,
+        default=3600.0,
+        help="Seconds an image URL works; then it answers 404 and its file is removed.",
+    )
+    group.add_argument(
+        "--image-store-max-mb",
+        type=_positive_float,
+        default=1024.0,
+        help="Most disk the stored images may use; beyond it the oldest go first.",
+    )
     # vllm-omni's own options, under the names `vllm serve --omni` gives them, so its command
     # lines carry over. Only the omni engine understands them (a start-up error otherwise).
     for flag in OMNI_FLAGS:
@@ -229,6 +248,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
     return value
 
 

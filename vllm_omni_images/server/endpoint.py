@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import shutil
+import tempfile
 from argparse import Namespace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
@@ -12,6 +17,8 @@ from vllm_omni_images.server.cli_args import IMAGE_TASK
 
 if TYPE_CHECKING:
     from vllm.engine.protocol import EngineClient
+
+    from vllm_omni_images.images.file_store import ImageStore
 
 PLUGIN_NAME = "images"
 
@@ -38,8 +45,28 @@ class ImagesEndpointPlugin:
         if not isinstance(engine_client, ImageEngineClient):
             state.openai_serving_image = None
             return
+        store = image_store_from_args(args)
+        # Kept on the state: the loop holds tasks only weakly.
+        state.image_store_cleanup = asyncio.get_running_loop().create_task(
+            store.run_cleanup(), name="image-store-cleanup"
+        )
         state.openai_serving_image = OpenAIServingImage(
             engine_client,
             state.openai_serving_models,
             log_error_stack=getattr(args, "log_error_stack", False),
+            image_store=store,
         )
+
+
+def image_store_from_args(args: Namespace) -> ImageStore:
+    from vllm_omni_images.images.file_store import LocalImageStore
+
+    directory = args.image_store_dir
+    if directory is None:  # a folder of this server's own, gone when it exits
+        directory = tempfile.mkdtemp(prefix="vllm-omni-images-")
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    return LocalImageStore(
+        Path(directory),
+        ttl_s=args.image_url_ttl,
+        max_bytes=int(args.image_store_max_mb * 1024 * 1024),
+    )

@@ -138,6 +138,7 @@ async def serve_image_app(
 async def run_image_server(args: argparse.Namespace) -> None:
     listen_address, sock = setup_server(args, reuse_port=False)
     engine_client = await load_engine_client(args)
+    app: FastAPI | None = None
     try:
         app = build_image_app(args)
         await init_image_app_state(engine_client, app.state, args)
@@ -146,6 +147,8 @@ async def run_image_server(args: argparse.Namespace) -> None:
         await shutdown_task
     finally:
         await engine_client.close()
+        if app is not None and (cleanup := getattr(app.state, "image_store_cleanup", None)):
+            cleanup.cancel()
         sock.close()
 
 

@@ -1,0 +1,111 @@
+"""`response_format: "url"` through the official `openai` SDK, in-process on the tiny engine."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from openai.types import ImagesResponse
+
+from vllm_omni_images.engine.base import ImageEngine
+
+from .conftest import AppFactory
+from .helpers import http_client, sdk_client
+
+KEY = "url-test-key"
+
+
+async def generate(sdk: openai.AsyncOpenAI, **fields: Any) -> ImagesResponse:
+    """One fast, seeded image request of the tiny model, as an app would send it."""
+    return await sdk.images.generate(
+        model="tiny-qwen-image",
+        prompt="a fox",
+        size="64x64",
+        extra_body={"num_inference_steps": 2, "seed": 11},
+        **fields,
+    )
+
+
+@pytest.fixture
+async def served(
+    make_app: AppFactory, tiny_engine: ImageEngine
+) -> AsyncIterator[tuple[openai.AsyncOpenAI, httpx.AsyncClient]]:
+    """The SDK with the API key, and a bare HTTP client (no key) on the same app."""
+    app = await make_app(tiny_engine, ["--api-key", KEY, "--image-url-ttl", "0.5"])
+    async with sdk_client(app, KEY) as sdk, http_client(app) as bare:
+        yield sdk, bare
+
+
+async def test_a_url_serves_the_same_bytes_as_b64_json_without_the_api_key(
+    served: tuple[openai.AsyncOpenAI, httpx.AsyncClient],
+) -> None:
+    sdk, bare = served
+    linked = await generate(sdk, response_format="url")
+    inline = await generate(sdk, response_format="b64_json")
+    assert linked.data is not None and inline.data is not None
+    url = linked.data[0].url
+    assert url is not None and url.startswith("http://test/images/files/")
+    assert linked.data[0].b64_json is None
+    fetched = await bare.get(url)  # no Authorization header, as a browser would
+    assert fetched.status_code == 200
+    assert fetched.headers["content-type"] == "image/png"
+    assert fetched.content == base64.b64decode(inline.data[0].b64_json or "")
+    assert (await bare.post("/v1/images/generations", json={"prompt": "x"})).status_code == 401
+
+
+async def test_each_of_n_images_gets_its_own_url_in_the_asked_format(
+    served: tuple[openai.AsyncOpenAI, httpx.AsyncClient],
+) -> None:
+    sdk, bare = served
+    result = await generate(sdk, n=2, response_format="url", output_format="webp")
+    assert result.data is not None
+    urls = [item.url or "" for item in result.data]
+    assert len(set(urls)) == 2 and all(url.endswith(".webp") for url in urls)
+    for url in urls:
+        response = await bare.get(url)
+        assert response.headers["content-type"] == "image/webp"
+
+
+async def test_an_expired_url_is_a_404(
+    served: tuple[openai.AsyncOpenAI, httpx.AsyncClient],
+) -> None:
+    sdk, bare = served
+    result = await generate(sdk, response_format="url")
+    assert result.data is not None and result.data[0].url is not None
+    await asyncio.sleep(0.6)  # past --image-url-ttl 0.5
+    response = await bare.get(result.data[0].url)
+    assert response.status_code == 404
+    assert response.json()["error"]["type"] == "NotFoundError"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/images/files/..%2F..%2F..%2Fetc%2Fpasswd",
+        "/images/files/%2e%2e%2fsecret.png",
+        "/images/files/" + "A" * 32 + ".png",  # well-formed, never issued
+        "/images/files/" + "A" * 32 + ".png%00.txt",
+    ],
+)
+async def test_names_that_were_never_issued_are_404(
+    served: tuple[openai.AsyncOpenAI, httpx.AsyncClient], path: str
+) -> None:
+    _, bare = served
+    assert (await bare.get(path)).status_code == 404
+
+
+async def test_urls_carry_the_root_path(make_app: AppFactory, tiny_engine: ImageEngine) -> None:
+    app = await make_app(tiny_engine, ["--root-path", "/proxy"])
+    async with sdk_client(app, "none") as sdk, http_client(app) as http:
+        result = await generate(sdk, response_format="url")
+        assert result.data is not None and result.data[0].url is not None
+        url = result.data[0].url
+        assert url.startswith("http://test/proxy/images/files/")
+        # The proxy in front strips /proxy before the request reaches this server.
+        fetched = await http.get(url.replace("/proxy", "", 1))
+        assert fetched.status_code == 200
