@@ -97,6 +97,11 @@ async def test_served_model_name_is_accepted(client):
         ({"size": "250x250"}, "size"),
         ({"size": "8192x8192"}, "size"),
         ({"background": "transparent"}, "background"),
+        ({"style": "vivid"}, "style"),
+        ({"moderation": "auto"}, "moderation"),
+        ({"stream": True}, "stream"),
+        ({"output_format": "svg"}, "output_format"),
+        ({"temperature": 0.5}, "temperature"),  # not a field of this API at all
     ],
 )
 async def test_invalid_input_is_a_400_naming_the_field(client, body, param):

@@ -96,9 +96,20 @@ def test_size_rejects_other_shapes(size):
     assert "size" in error_fields(info.value)
 
 
-def test_unknown_fields_are_ignored_like_openai():
-    request = ImageGenerationRequest.model_validate({"prompt": "p", "moderation": "low"})
-    assert request.prompt == "p"
+def test_a_field_this_api_does_not_know_is_refused_by_name():
+    with pytest.raises(ValidationError) as info:
+        ImageGenerationRequest.model_validate({"prompt": "p", "temperature": 0.7})
+    assert "temperature" in error_fields(info.value)
+    assert ImageGenerationRequest.model_validate({"prompt": "p", "moderation": "low"}).prompt
+
+
+def test_the_newest_sdk_fields_are_all_known() -> None:
+    """Every field of the installed openai SDK's `images.generate` is one this API handles
+    (honours or refuses by name), so an SDK upgrade that adds one fails here first."""
+    from openai.types.image_generate_params import ImageGenerateParamsBase
+
+    sdk_fields = set(ImageGenerateParamsBase.__annotations__)
+    assert sdk_fields <= set(ImageGenerationRequest.model_fields)
 
 
 def test_parse_size():

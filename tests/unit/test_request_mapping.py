@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 from vllm.exceptions import VLLMValidationError
 
@@ -83,9 +85,61 @@ def test_mapping_passes_every_extension_through():
     assert request.true_cfg_scale == 6.0
 
 
-@pytest.mark.parametrize(("field", "value"), [("background", "transparent")])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("background", "transparent"),
+        ("style", "vivid"),
+        ("style", "natural"),
+        ("moderation", "auto"),
+        ("stream", True),
+        ("partial_images", 2),
+        ("complexity", "high"),
+        ("frame_count", 8),
+        ("frame_duration_ms", 100),
+        ("svg", {"mode": "outline"}),
+    ],
+)
 def test_unsupported_options_name_their_field(field, value):
     with pytest.raises(VLLMValidationError) as info:
         ImageGenerationRequest(prompt="p", **{field: value}).to_engine_request(DEFAULTS, "id")
     assert info.value.parameter == field
     assert "not supported" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("quality", "steps"),
+    [
+        (None, 8),
+        ("auto", 8),
+        ("standard", 8),
+        ("high", 8),
+        ("low", 2),
+        ("medium", 4),
+        ("hd", 12),
+        ("xhigh", 12),
+        ("max", 16),
+    ],
+)
+def test_quality_is_a_share_of_the_default_steps(quality, steps):
+    defaults = dataclasses.replace(DEFAULTS, num_inference_steps=8)
+    request = ImageGenerationRequest(prompt="p", quality=quality)
+    assert request.to_engine_request(defaults, "id").num_inference_steps == steps
+
+
+def test_quality_keeps_steps_between_1_and_200():
+    few = dataclasses.replace(DEFAULTS, num_inference_steps=1)
+    many = dataclasses.replace(DEFAULTS, num_inference_steps=150)
+    low = ImageGenerationRequest(prompt="p", quality="low").to_engine_request(few, "i")
+    top = ImageGenerationRequest(prompt="p", quality="max").to_engine_request(many, "i")
+    assert (low.num_inference_steps, top.num_inference_steps) == (1, 200)
+
+
+def test_explicit_steps_win_over_quality():
+    request = ImageGenerationRequest(prompt="p", quality="low", num_inference_steps=30)
+    assert request.to_engine_request(DEFAULTS, "id").num_inference_steps == 30
+
+
+def test_moderation_low_and_an_opaque_background_are_honoured():
+    request = ImageGenerationRequest(prompt="p", moderation="low", background="opaque")
+    assert request.to_engine_request(DEFAULTS, "id").prompt == "p"

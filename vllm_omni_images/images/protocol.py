@@ -14,7 +14,7 @@ import secrets
 import time
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 from vllm.entrypoints.serve.engine.protocol import OpenAIBaseModel
 from vllm.exceptions import VLLMValidationError
 
@@ -30,7 +30,37 @@ ResponseFormat = Literal["b64_json", "url"]
 OutputFormat = Literal["png", "jpeg", "webp"]
 
 
+Quality = Literal["auto", "standard", "hd", "low", "medium", "high", "xhigh", "max"]
+
+QUALITY_STEP_FACTORS: dict[str, float] = {
+    "low": 0.25,
+    "medium": 0.5,
+    "auto": 1.0,
+    "standard": 1.0,
+    "high": 1.0,
+    "hd": 1.5,
+    "xhigh": 1.5,
+    "max": 2.0,
+}
+"""`quality` as a share of the model's default denoising steps (diffusion's quality knob)."""
+
+MAX_STEPS = 200
+
+UNSUPPORTED_FIELDS: dict[str, str] = {
+    "style": "style is a DALL-E 3 prompt rewrite; a diffusion pipeline has no equivalent. "
+    "Describe the style in the prompt.",
+    "complexity": "complexity is not supported by this server.",
+    "frame_count": "this server generates still images, not animations.",
+    "frame_duration_ms": "this server generates still images, not animations.",
+    "svg": "this server generates raster images, not SVG.",
+}
+"""OpenAI fields this server cannot honour in any value: each is a 400 that names it."""
+
+
 class ImageGenerationRequest(OpenAIBaseModel):
+    # Every field a client sends is honoured or refused by name; none is dropped unread.
+    model_config = ConfigDict(extra="forbid")
+
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     model: str | None = None
     n: int = Field(default=1, ge=1, le=10)
@@ -41,14 +71,23 @@ class ImageGenerationRequest(OpenAIBaseModel):
     response_format: ResponseFormat | None = "b64_json"
     output_format: OutputFormat = "png"
     output_compression: int | None = Field(default=None, ge=0, le=100)
-    quality: Literal["auto", "standard", "hd", "low", "medium", "high"] | None = None
-    style: Literal["vivid", "natural"] | None = None
+    quality: Quality | None = None
     background: Literal["auto", "opaque", "transparent"] | None = None
+    moderation: Literal["auto", "low"] | None = None
+    stream: bool | None = None
+    partial_images: int | None = Field(default=None, ge=0, le=3)
     user: str | None = None
+    safety_identifier: str | None = Field(default=None, max_length=64)
+    # Fields of OpenAI's API that this server refuses in every value (UNSUPPORTED_FIELDS).
+    style: Literal["vivid", "natural"] | None = None
+    complexity: str | None = None
+    frame_count: int | None = None
+    frame_duration_ms: int | None = None
+    svg: dict[str, object] | None = None
 
     # Diffusion extensions.
     negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
-    num_inference_steps: int | None = Field(default=None, ge=1, le=200)
+    num_inference_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
     guidance_scale: float | None = Field(default=None, ge=0.0, le=20.0)
     true_cfg_scale: float | None = Field(default=None, ge=0.0, le=20.0)
     seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
@@ -72,11 +111,7 @@ class ImageGenerationRequest(OpenAIBaseModel):
 
         Raises `VLLMValidationError`, naming the field, for what the model cannot honour.
         """
-        if self.background == "transparent":
-            raise VLLMValidationError(
-                "background 'transparent' is not supported: this model generates opaque images.",
-                parameter="background",
-            )
+        self._refuse_what_cannot_be_honoured()
         width, height = resolve_size(self.size, defaults)
         return EngineRequest(
             prompt=self.prompt,
@@ -84,11 +119,46 @@ class ImageGenerationRequest(OpenAIBaseModel):
             seeds=image_seeds(self.seed, self.n),
             width=width,
             height=height,
-            num_inference_steps=self.num_inference_steps or defaults.num_inference_steps,
+            num_inference_steps=self.num_inference_steps
+            or quality_steps(self.quality, defaults.num_inference_steps),
             true_cfg_scale=_first_set(self.true_cfg_scale, defaults.true_cfg_scale),
             guidance_scale=_first_set(self.guidance_scale, defaults.guidance_scale),
             request_id=request_id,
         )
+
+    def _refuse_what_cannot_be_honoured(self) -> None:
+        for name, reason in UNSUPPORTED_FIELDS.items():
+            if getattr(self, name) is not None:
+                raise VLLMValidationError(f"{name} is not supported: {reason}", parameter=name)
+        if self.background == "transparent":
+            raise VLLMValidationError(
+                "background 'transparent' is not supported: this model generates opaque images.",
+                parameter="background",
+            )
+        if self.moderation == "auto":
+            raise VLLMValidationError(
+                "moderation 'auto' is not supported: this server moderates no content. Send "
+                "'low' or leave it out.",
+                parameter="moderation",
+            )
+        if self.stream:
+            raise VLLMValidationError(
+                "stream is not supported yet: this server answers with the finished images.",
+                parameter="stream",
+            )
+        if self.partial_images is not None:
+            raise VLLMValidationError(
+                "partial_images is not supported: it needs stream, which this server does not "
+                "support yet.",
+                parameter="partial_images",
+            )
+
+
+def quality_steps(quality: str | None, default_steps: int) -> int:
+    """The denoising steps `quality` asks for: a share of the model's default steps (see
+    `QUALITY_STEP_FACTORS`), at least 1 and at most `MAX_STEPS`."""
+    factor = QUALITY_STEP_FACTORS[quality or "auto"]
+    return max(1, min(MAX_STEPS, round(default_steps * factor)))
 
 
 # The size rule, in one place: the pattern (checked as the request is parsed), then what the

@@ -89,7 +89,9 @@ class OpenAIServingImage:
     async def create_image(
         self, request: ImageGenerationRequest, raw_request: Request | None = None
     ) -> ImageGenerationResponse | ErrorResponse:
-        record = _RequestRecord(self._request_id(raw_request), request.user)
+        record = _RequestRecord(
+            self._request_id(raw_request), request.user or request.safety_identifier
+        )
         outcome: Outcome = "cancelled"  # unless the handler gets to say otherwise
         try:
             outcome, result = await self._create_image(request, record, raw_request)
