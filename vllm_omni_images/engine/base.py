@@ -52,15 +52,30 @@ class EngineRequest:
     true_cfg_scale: float | None = None
     guidance_scale: float | None = None
     request_id: str = field(default="", compare=False)
+    image: Image.Image | None = field(default=None, compare=False)
+    """The image to start from (an edit or a variation), RGB; `None` to generate."""
+    mask: Image.Image | None = field(default=None, compare=False)
+    """With `image`: `L`, white where the image is to be changed (inpainting)."""
+    strength: float | None = None
+    """With `image`: how far from it the result may move (0-1); `None`: the pipeline's own."""
 
     @property
     def num_images(self) -> int:
         return len(self.seeds)
 
+    @property
+    def task(self) -> str:
+        """`generate`, `edit` (image-to-image) or `inpaint` (edit within a mask)."""
+        if self.image is None:
+            return "generate"
+        return "edit" if self.mask is None else "inpaint"
+
 
 class BatchKey(NamedTuple):
     """What requests must share to run in one pipeline call."""
 
+    task: str
+    strength: float | None
     width: int
     height: int
     num_inference_steps: int
@@ -72,6 +87,8 @@ class BatchKey(NamedTuple):
 def batch_key(request: EngineRequest) -> BatchKey:
     """The request's batch key; prompts, negative prompt texts and seeds may differ."""
     return BatchKey(
+        request.task,
+        request.strength,
         request.width,
         request.height,
         request.num_inference_steps,

@@ -20,7 +20,12 @@ from vllm_omni_images.engine.base import (
     StepCallback,
     batch_key,
 )
-from vllm_omni_images.engine.errors import EngineError, EngineOutOfMemoryError, GenerationCancelled
+from vllm_omni_images.engine.errors import (
+    EngineError,
+    EngineOutOfMemoryError,
+    EngineRequestError,
+    GenerationCancelled,
+)
 from vllm_omni_images.engine.model_folder import read_defaults
 
 logger = logging.getLogger(__name__)
@@ -60,7 +65,9 @@ class DiffusersEngine(ImageEngine):
             pipeline = DiffusionPipeline.from_pretrained(model_path, dtype=self.dtype)
         self._pipe: Any = pipeline.to(self.device, self.dtype)
         self._pipe.set_progress_bar_config(disable=True)
-        self._call_params = frozenset(inspect.signature(self._pipe.__call__).parameters)
+        # The edit and inpaint pipelines of the same model, built on first use from the loaded
+        # components (diffusers' `from_pipe`: no second copy of the weights).
+        self._task_pipes: dict[str, Any] = {}
         self._defaults = read_defaults(self._pipe, model_path)
         logger.info(
             "Loaded %s from %s on %s (%s); defaults %s",
@@ -86,10 +93,11 @@ class DiffusersEngine(ImageEngine):
     ) -> list[list[Image.Image]]:
         if not requests:
             return []
-        kwargs = self.pipeline_kwargs(requests, on_step)
+        pipe = self.pipeline_for(requests[0].task)
+        kwargs = self.pipeline_kwargs(requests, on_step, pipe)
         try:
             with torch.inference_mode():
-                images = self._pipe(**kwargs).images
+                images = pipe(**kwargs).images
         except GenerationCancelled:
             raise
         except (torch.OutOfMemoryError, MemoryError) as error:
@@ -97,12 +105,39 @@ class DiffusersEngine(ImageEngine):
             raise EngineOutOfMemoryError(str(error) or type(error).__name__) from error
         except Exception as error:
             raise EngineError(f"{type(error).__name__}: {error}") from error
-        return split_per_request(requests, images)
+        return [
+            keep_unmasked(request, result)
+            for request, result in zip(requests, split_per_request(requests, images), strict=True)
+        ]
+
+    def pipeline_for(self, task: str) -> Any:
+        """The pipeline for `task` (`EngineRequest.task`), sharing the loaded components."""
+        if task == "generate":
+            return self._pipe
+        if task not in self._task_pipes:
+            from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+            auto = AutoPipelineForImage2Image if task == "edit" else AutoPipelineForInpainting
+            try:
+                pipe = auto.from_pipe(self._pipe)
+            except (ValueError, KeyError) as error:
+                raise EngineRequestError(
+                    f"{type(self._pipe).__name__} has no {task} pipeline in diffusers, so "
+                    f"this model cannot serve image {task}s ({error})."
+                ) from error
+            pipe.set_progress_bar_config(disable=True)
+            self._task_pipes[task] = pipe
+        return self._task_pipes[task]
 
     def pipeline_kwargs(
-        self, requests: Sequence[EngineRequest], on_step: StepCallback | None
+        self,
+        requests: Sequence[EngineRequest],
+        on_step: StepCallback | None,
+        pipe: Any = None,
     ) -> dict[str, Any]:
         """The arguments of the one pipeline call that serves `requests` (a compatible batch)."""
+        pipe = pipe or self._pipe
+        call_params = frozenset(inspect.signature(pipe.__call__).parameters)
         first = requests[0]
         for request in requests[1:]:
             if batch_key(request) != batch_key(first):
@@ -121,16 +156,22 @@ class DiffusersEngine(ImageEngine):
         }
         if first.negative_prompt is not None:
             kwargs["negative_prompt"] = [r.negative_prompt for r in requests for _ in r.seeds]
+        if first.image is not None:
+            kwargs["image"] = [r.image for r in requests for _ in r.seeds]
+        if first.mask is not None:
+            kwargs["mask_image"] = [r.mask for r in requests for _ in r.seeds]
+        if first.strength is not None:
+            kwargs["strength"] = first.strength
         for knob in ("true_cfg_scale", "guidance_scale"):
             value = getattr(first, knob)
-            if value is not None and knob in self._call_params:
+            if value is not None and knob in call_params:
                 kwargs[knob] = value
         no_cfg_asked = first.negative_prompt is None and first.true_cfg_scale is None
-        if no_cfg_asked and "true_cfg_scale" in self._call_params:
+        if no_cfg_asked and "true_cfg_scale" in call_params:
             # Without a negative prompt true CFG is off anyway; saying so keeps Qwen-Image's
             # default of 4.0 from logging a warning on every request.
             kwargs["true_cfg_scale"] = 1.0
-        if on_step is not None and "callback_on_step_end" in self._call_params:
+        if on_step is not None and "callback_on_step_end" in call_params:
             total = first.num_inference_steps
 
             def step_end(
@@ -148,7 +189,21 @@ class DiffusersEngine(ImageEngine):
 
     def close(self) -> None:
         self._pipe = None
+        self._task_pipes.clear()
         self._release_cached_memory()
+
+
+def keep_unmasked(request: EngineRequest, images: list[Image.Image]) -> list[Image.Image]:
+    """An inpainting result with the input's own pixels outside the mask: diffusers blends in
+    latent space, so without this the VAE's round trip would alter what the client kept."""
+    if request.image is None or request.mask is None:
+        return images
+    kept = []
+    for image in images:
+        original = request.image.resize(image.size, Image.Resampling.LANCZOS)
+        mask = request.mask.resize(image.size, Image.Resampling.BILINEAR)
+        kept.append(Image.composite(image, original, mask))
+    return kept
 
 
 def split_per_request(

@@ -185,6 +185,11 @@ class OmniEngine(QueueingImageEngine):
     def submit(self, request: EngineRequest, on_started: ImagesStarted) -> OmniJob:
         if self._closed:
             raise EngineNotReadyError("The vllm-omni engine is closed.")
+        if request.image is not None:
+            raise EngineRequestError(
+                "Image edits and variations are not served by the vllm-omni engine in this "
+                "version; serve the model with --image-engine diffusers for them."
+            )
         self.check_health()
         # vllm-omni keys its queue and output streams by id: a suffix of our own keeps two
         # requests apart even when a client sends the same X-Request-Id twice.
