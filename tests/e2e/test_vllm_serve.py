@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import os
 import subprocess
 import time
@@ -14,6 +15,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from PIL import Image
 
 from testing.server_process import (
     VLLM,
@@ -86,6 +88,33 @@ def test_a_url_opens_without_the_key_and_holds_the_same_image(sdk, server):
     fetched = httpx.get(url, timeout=60)  # as a browser: no Authorization header
     assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
     assert fetched.content == base64.b64decode(inline.data[0].b64_json or "")
+
+
+def test_openai_sdk_edits_with_a_mask_and_asks_for_variations(sdk):
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (30, 60, 150)).save(buffer, format="PNG")
+    mask = io.BytesIO()
+    transparent_left = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    transparent_left.paste((0, 0, 0, 0), (0, 0, 32, 64))
+    transparent_left.save(mask, format="PNG")
+    edited = sdk.images.edit(
+        model="tiny-qwen-image",
+        image=("in.png", buffer.getvalue(), "image/png"),
+        mask=("mask.png", mask.getvalue(), "image/png"),
+        prompt="a red fox",
+        extra_body={"seed": 2, "num_inference_steps": 2},
+    )
+    assert edited.data is not None and edited.size == "64x64"
+    kept = np.asarray(decode_image_base64(edited.data[0].b64_json or ""))[:, 33:]
+    assert np.abs(kept.astype(int) - (30, 60, 150)).mean() < 1
+    varied = sdk.images.create_variation(
+        model="tiny-qwen-image",
+        image=("in.png", buffer.getvalue(), "image/png"),
+        n=2,
+        size="256x256",
+        extra_body={"num_inference_steps": 2},
+    )
+    assert varied.data is not None and len(varied.data) == 2
 
 
 def test_openai_sdk_sees_errors_as_exceptions(sdk):

@@ -30,6 +30,7 @@ from vllm_omni_images.engine.errors import (
     EngineError,
     EngineNotReadyError,
     EngineOutOfMemoryError,
+    EngineRequestError,
     RequestTimeoutError,
     SchedulerClosedError,
 )
@@ -176,6 +177,12 @@ async def test_requests_with_the_same_client_id_stay_apart(
     assert not np.array_equal(np.asarray(first[0]), np.asarray(second[0]))
     ids = [r.request_id for batch in worker.batches for r in batch]
     assert len(set(ids)) == 2 and all(i.startswith("img-twice-") for i in ids)
+
+
+def test_edits_are_refused_by_the_omni_engine_for_now(omni_engine: OmniEngine) -> None:
+    edit = req(1, image=Image.new("RGB", (64, 64)))
+    with pytest.raises(EngineRequestError, match="--image-engine diffusers"):
+        omni_engine.submit(edit, lambda _: None)
 
 
 # Seeds

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from http import HTTPStatus
+from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -13,9 +14,16 @@ from vllm.entrypoints.serve.utils.api_utils import (
     validate_json_request,
     with_cancellation,
 )
+from vllm.exceptions import VLLMValidationError
 
-from vllm_omni_images.images.errors import response_headers
-from vllm_omni_images.images.protocol import ImageGenerationRequest
+from vllm_omni_images.images.edits import ImageInputs, read_multipart
+from vllm_omni_images.images.errors import PayloadTooLargeError, error_response, response_headers
+from vllm_omni_images.images.protocol import (
+    ImageEditRequest,
+    ImageGenerationRequest,
+    ImageGenerationResponse,
+    ImageVariationRequest,
+)
 from vllm_omni_images.images.serving import IMAGE_FILE_ROUTE, OpenAIServingImage
 
 router = APIRouter()
@@ -60,7 +68,56 @@ async def create_image(request: ImageGenerationRequest, raw_request: Request) ->
     handler = images(raw_request)
     if handler is None:
         raise NotImplementedError("The model does not support the Images API")
-    result = await handler.create_image(request, raw_request)
+    return _json(await handler.create_image(request, raw_request))
+
+
+_MULTIPART_RESPONSES: dict[int | str, dict[str, Any]] = {
+    HTTPStatus.BAD_REQUEST.value: {"model": ErrorResponse},
+    HTTPStatus.REQUEST_ENTITY_TOO_LARGE.value: {"model": ErrorResponse},
+    HTTPStatus.TOO_MANY_REQUESTS.value: {"model": ErrorResponse},
+    HTTPStatus.SERVICE_UNAVAILABLE.value: {"model": ErrorResponse},
+}
+
+
+@router.post("/v1/images/edits", responses=_MULTIPART_RESPONSES)
+@load_aware_call
+async def create_image_edit(raw_request: Request) -> JSONResponse:
+    """Multipart, as the openai SDK sends it: `image` (or `image[]`), optional `mask`."""
+    return await _serve_multipart(raw_request, ImageEditRequest, allow_mask=True)
+
+
+@router.post("/v1/images/variations", responses=_MULTIPART_RESPONSES)
+@load_aware_call
+async def create_image_variation(raw_request: Request) -> JSONResponse:
+    """Multipart: `image`, and `n`, `size`, `response_format`, `user` (plus the extensions)."""
+    return await _serve_multipart(raw_request, ImageVariationRequest, allow_mask=False)
+
+
+async def _serve_multipart(
+    raw_request: Request, request_model: type[ImageEditRequest], *, allow_mask: bool
+) -> JSONResponse:
+    handler = images(raw_request)
+    if handler is None:
+        raise NotImplementedError("The model does not support the Images API")
+    try:
+        request, inputs = await read_multipart(raw_request, request_model, allow_mask=allow_mask)
+    except (VLLMValidationError, PayloadTooLargeError) as error:
+        return _json(error_response(error))
+    # The body is read: from here a client that disconnects cancels the work, as for JSON.
+    return await _create_with_inputs(handler, raw_request, request, inputs)
+
+
+@with_cancellation
+async def _create_with_inputs(
+    handler: OpenAIServingImage,
+    raw_request: Request,
+    request: ImageEditRequest,
+    inputs: ImageInputs,
+) -> JSONResponse:
+    return _json(await handler.create_image(request, raw_request, inputs))
+
+
+def _json(result: ImageGenerationResponse | ErrorResponse) -> JSONResponse:
     if isinstance(result, ErrorResponse):
         return JSONResponse(
             content=result.model_dump(),

@@ -49,6 +49,10 @@ class ErrorKind:
     """The request field at fault, for errors that always name the same one."""
 
 
+class PayloadTooLargeError(ValueError):
+    """An uploaded file is larger than the server accepts."""
+
+
 _INVALID = ErrorKind(HTTPStatus.BAD_REQUEST, "BadRequestError", "invalid")
 _UNAVAILABLE = ErrorKind(HTTPStatus.SERVICE_UNAVAILABLE, "ServiceUnavailableError", "unavailable")
 
@@ -85,6 +89,10 @@ ERROR_TABLE: tuple[tuple[type[Exception], ErrorKind], ...] = (
         ),
     ),
     (EngineRequestError, _INVALID),  # the engine's own check of the request
+    (
+        PayloadTooLargeError,
+        ErrorKind(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "BadRequestError", "invalid"),
+    ),
     (EngineNotReadyError, _UNAVAILABLE),
     (SchedulerClosedError, _UNAVAILABLE),
     (

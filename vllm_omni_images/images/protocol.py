@@ -12,8 +12,9 @@ from __future__ import annotations
 import re
 import secrets
 import time
-from typing import Literal
+from typing import Any, Literal
 
+from PIL import Image
 from pydantic import ConfigDict, Field, field_validator
 from vllm.entrypoints.serve.engine.protocol import OpenAIBaseModel
 from vllm.exceptions import VLLMValidationError
@@ -113,6 +114,16 @@ class ImageGenerationRequest(OpenAIBaseModel):
         """
         self._refuse_what_cannot_be_honoured()
         width, height = resolve_size(self.size, defaults)
+        return self._engine_request(defaults, request_id, width, height)
+
+    def _engine_request(
+        self,
+        defaults: ModelDefaults,
+        request_id: str,
+        width: int,
+        height: int,
+        **inputs: Any,
+    ) -> EngineRequest:
         return EngineRequest(
             prompt=self.prompt,
             negative_prompt=self.negative_prompt,
@@ -124,6 +135,7 @@ class ImageGenerationRequest(OpenAIBaseModel):
             true_cfg_scale=_first_set(self.true_cfg_scale, defaults.true_cfg_scale),
             guidance_scale=_first_set(self.guidance_scale, defaults.guidance_scale),
             request_id=request_id,
+            **inputs,
         )
 
     def _refuse_what_cannot_be_honoured(self) -> None:
@@ -152,6 +164,68 @@ class ImageGenerationRequest(OpenAIBaseModel):
                 "support yet.",
                 parameter="partial_images",
             )
+
+
+class ImageEditRequest(ImageGenerationRequest):
+    """The text fields of `POST /v1/images/edits` (the images come as files; `edits.py`)."""
+
+    strength: float | None = Field(default=None, gt=0.0, le=1.0)
+    """How far the result may move from the input (diffusion extension); the pipeline's own
+    default when unset."""
+    input_fidelity: Literal["high", "low"] | None = None
+    markup: object | None = None
+
+    def to_edit_request(
+        self,
+        defaults: ModelDefaults,
+        request_id: str,
+        images: list[Image.Image],
+        mask: Image.Image | None = None,
+    ) -> EngineRequest:
+        """This edit of `images` as engine work; `size` `auto` (or none) is the input's size,
+        rounded down to what the model can produce."""
+        self._refuse_what_cannot_be_honoured()
+        for name in ("input_fidelity", "markup"):
+            if getattr(self, name) is not None:
+                raise VLLMValidationError(
+                    f"{name} is not supported: use strength (0-1) for how far an edit may "
+                    "move from its input.",
+                    parameter=name,
+                )
+        if len(images) > 1:
+            raise VLLMValidationError(
+                f"This model edits one image at a time; got {len(images)}.", parameter="image"
+            )
+        image = images[0]
+        if self.size is None or self.size == "auto":
+            width, height = input_size(image, defaults)
+        else:
+            width, height = resolve_size(self.size, defaults)
+        return self._engine_request(
+            defaults, request_id, width, height, image=image, mask=mask, strength=self.strength
+        )
+
+
+class ImageVariationRequest(ImageEditRequest):
+    """The text fields of `POST /v1/images/variations`: an edit without a prompt or mask."""
+
+    prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_has_text(cls, prompt: str) -> str:
+        return prompt  # a variation needs no prompt
+
+
+def input_size(image: Image.Image, defaults: ModelDefaults) -> tuple[int, int]:
+    """The size nearest `image`'s that the model can produce: scaled down to `max_pixels` if
+    larger, then each side rounded down to the size multiple (at least one multiple)."""
+    width, height = image.size
+    if width * height > defaults.max_pixels:
+        scale = (defaults.max_pixels / (width * height)) ** 0.5
+        width, height = int(width * scale), int(height * scale)
+    multiple = defaults.size_multiple
+    return max(multiple, width // multiple * multiple), max(multiple, height // multiple * multiple)
 
 
 def quality_steps(quality: str | None, default_steps: int) -> int:

@@ -28,10 +28,12 @@ from vllm_omni_images.engine.client import ImageEngineClient
 from vllm_omni_images.engine.cpu_priority import yield_cpu_to_serving
 from vllm_omni_images.engine.metrics import Outcome
 from vllm_omni_images.engine.scheduler import RequestTimings
+from vllm_omni_images.images.edits import ImageInputs
 from vllm_omni_images.images.encoding import encode_image, encode_image_base64
 from vllm_omni_images.images.errors import error_kind, error_response
 from vllm_omni_images.images.file_store import ImageStore
 from vllm_omni_images.images.protocol import (
+    ImageEditRequest,
     ImageGenerationRequest,
     ImageGenerationResponse,
     ImageObject,
@@ -87,14 +89,19 @@ class OpenAIServingImage:
         return header or f"img-{random_uuid()}"
 
     async def create_image(
-        self, request: ImageGenerationRequest, raw_request: Request | None = None
+        self,
+        request: ImageGenerationRequest,
+        raw_request: Request | None = None,
+        inputs: ImageInputs | None = None,
     ) -> ImageGenerationResponse | ErrorResponse:
+        """Generate (`ImageGenerationRequest`), or edit or vary `inputs` (an
+        `ImageEditRequest` or `ImageVariationRequest` with the images it was sent)."""
         record = _RequestRecord(
             self._request_id(raw_request), request.user or request.safety_identifier
         )
         outcome: Outcome = "cancelled"  # unless the handler gets to say otherwise
         try:
-            outcome, result = await self._create_image(request, record, raw_request)
+            outcome, result = await self._create_image(request, record, raw_request, inputs)
             return result
         except Exception:
             outcome = "error"
@@ -107,14 +114,21 @@ class OpenAIServingImage:
         request: ImageGenerationRequest,
         record: _RequestRecord,
         raw_request: Request | None,
+        inputs: ImageInputs | None,
     ) -> tuple[Outcome, ImageGenerationResponse | ErrorResponse]:
         if (error := await self.models.check_model(request.model)) is not None:
             return "invalid", error
         try:
             self._check_response_format(request, raw_request)
-            engine_request = request.to_engine_request(
-                self.engine_client.defaults, record.request_id
-            )
+            defaults = self.engine_client.defaults
+            if isinstance(request, ImageEditRequest):
+                if inputs is None:
+                    raise VLLMValidationError("image is required.", parameter="image")
+                engine_request = request.to_edit_request(
+                    defaults, record.request_id, inputs.images, inputs.mask
+                )
+            else:
+                engine_request = request.to_engine_request(defaults, record.request_id)
             record.engine_request = engine_request
             images = await self.engine_client.generate(engine_request, record.timings)
             data = await self._deliver(images, request, record, raw_request)
