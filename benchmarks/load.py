@@ -1,4 +1,5 @@
-"""A closed-loop HTTP load generator: concurrent clients of `/v1/images/generations`."""
+"""A closed-loop HTTP load generator: concurrent clients of `/v1/images/generations` (JSON), or
+of `/v1/images/edits` (multipart) when the requests carry files."""
 
 from __future__ import annotations
 
@@ -53,9 +54,11 @@ async def closed_loop(
     requests: int,
     body: Callable[[int], dict[str, Any]],
     timeout_s: float = 600.0,
+    files: Callable[[int], dict[str, tuple[str, bytes, str]]] | None = None,
 ) -> LoadResult:
     """`concurrency` workers send `requests` image requests back to back; every response is
-    checked: status 200, `n` images, each image unique across the run."""
+    checked: status 200, `n` images, each image unique across the run. With `files`, each
+    request is an edit: `body` as form fields, `files(index)` as its uploads."""
     next_index = 0
     latencies: list[float] = []
     failures: dict[str, int] = {}
@@ -74,7 +77,11 @@ async def closed_loop(
             payload = body(index)
             start = time.perf_counter()
             try:
-                response = await client.post("/v1/images/generations", json=payload)
+                if files is None:
+                    response = await client.post("/v1/images/generations", json=payload)
+                else:
+                    form = {key: str(value) for key, value in payload.items()}
+                    response = await client.post("/v1/images/edits", data=form, files=files(index))
             except httpx.HTTPError as error:
                 failures[type(error).__name__] = failures.get(type(error).__name__, 0) + 1
                 continue

@@ -1,0 +1,107 @@
+"""Edits (`POST /v1/images/edits`, image-to-image) at concurrency 1 and 8, batching on and off,
+side by side in one run on the same model.
+
+    .venv/bin/python -m benchmarks.edit_throughput      # writes docs/benchmarks/edit_throughput.md
+
+Each request uploads its own 128x128 PNG (a different picture per request), so a batch carries
+several input images; the naive baseline server has no edits and is not part of this one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from benchmarks.load import closed_loop
+from benchmarks.report import benchmark_parser, markdown_table, publish
+from testing.server_process import free_port, running_server, vllm_serve_command
+from vllm_omni_images.tiny_model import ensure_tiny_model
+
+
+def input_png(index: int, size: int) -> bytes:
+    pixels = np.random.default_rng(index).integers(0, 256, (size, size, 3), np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def measure(
+    base_url: str, levels: list[int], per_worker: int, size: str, steps: int, label: str
+) -> list[dict[str, Any]]:
+    side = int(size.split("x")[0])
+
+    def body(index: int) -> dict[str, Any]:
+        return {"prompt": f"edit {index}", "num_inference_steps": steps, "seed": index}
+
+    def files(index: int) -> dict[str, tuple[str, bytes, str]]:
+        return {"image": ("in.png", input_png(index, side), "image/png")}
+
+    await closed_loop(base_url, 2, 4, body, files=files)  # warm-up: builds the img2img pipeline
+    rows = []
+    for concurrency in levels:
+        requests = max(16, concurrency * per_worker)
+        result = await closed_loop(base_url, concurrency, requests, body, files=files)
+        row = {"server": label, **result.summary()}
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = benchmark_parser(__doc__, size="128x128", steps=4)
+    parser.add_argument("--levels", default="1,8")
+    parser.add_argument("--per-worker", type=int, default=4, help="requests per worker")
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    args = parser.parse_args()
+    ensure_tiny_model()
+    levels = [int(level) for level in args.levels.split(",")]
+    if not {1, 8} <= set(levels):
+        parser.error("--levels must include 1 and 8: the ratios compare them")
+    on, off = free_port(), free_port()
+    servers = {
+        f"batching on (max {args.max_batch_size})": (
+            vllm_serve_command(args.model, on, "--image-max-batch-size", str(args.max_batch_size)),
+            on,
+        ),
+        "batching off": (vllm_serve_command(args.model, off, "--image-max-batch-size", "1"), off),
+    }
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as logs:
+        for label, (command, port) in servers.items():
+            with running_server(command, port, Path(logs) / f"{port}.log") as base_url:
+                rows += asyncio.run(
+                    measure(base_url, levels, args.per_worker, args.size, args.steps, label)
+                )
+    by = {(row["server"], row["concurrency"]): row for row in rows}
+    on_label, off_label = servers
+    verdict = {
+        "c8_vs_c1_batching_on": round(
+            by[(on_label, 8)]["images_per_s"] / by[(on_label, 1)]["images_per_s"], 2
+        ),
+        "c8_on_vs_off": round(
+            by[(on_label, 8)]["images_per_s"] / by[(off_label, 8)]["images_per_s"], 2
+        ),
+        "lost_or_failed": sum(row["lost_or_failed"] for row in rows),
+        "duplicated_images": sum(row["duplicated_images"] for row in rows),
+    }
+    columns = ["server", "concurrency", "requests", "ok", "lost_or_failed", "duplicated_images",
+               "images_per_s", "p50_ms", "p99_ms"]  # fmt: skip
+    publish(
+        "edit_throughput",
+        title=f"Edit throughput and latency ({args.model}, {args.size}, {args.steps} steps)",
+        intro="Closed loop of image-to-image edits, each with its own uploaded image: each of "
+        f"`concurrency` clients sends its next request when the last is answered, "
+        f"{args.per_worker} requests each (at least 16 in all).",
+        body=markdown_table(rows, columns) + "\n" + markdown_table([verdict], list(verdict)),
+        results={"rows": rows, "ratios": verdict},
+    )
+
+
+if __name__ == "__main__":
+    main()
