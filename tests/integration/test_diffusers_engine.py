@@ -26,7 +26,7 @@ def request(prompt: str = "a red fox", seeds: tuple[int, ...] = (1,), **knobs) -
 
 def test_defaults_come_from_the_model_folder(tiny_engine: DiffusersEngine) -> None:
     assert tiny_engine.defaults == ModelDefaults(
-        width=256, height=256, num_inference_steps=4, size_multiple=16
+        width=256, height=256, num_inference_steps=4, size_multiple=16, supports_partial_images=True
     )
 
 

@@ -32,6 +32,13 @@ class ModelDefaults:
     true_cfg_scale: float | None = None
     guidance_scale: float | None = None
     max_pixels: int = 2048 * 2048
+    supports_partial_images: bool = False
+    """Whether the engine can decode previews of intermediate steps (`EngineRequest.on_preview`)."""
+
+
+PreviewSink = Callable[[int, list[Image.Image]], None]
+"""Called with (preview index, the request's images at that step), on the engine's thread; it
+must be cheap (hand the images over, encode elsewhere)."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,10 @@ class EngineRequest:
     """With `image`: `L`, white where the image is to be changed (inpainting)."""
     strength: float | None = None
     """With `image`: how far from it the result may move (0-1); `None`: the pipeline's own."""
+    partial_images: int = 0
+    """Previews to decode from intermediate steps, evenly spaced (streaming)."""
+    on_preview: PreviewSink | None = field(default=None, compare=False)
+    """Where those previews go; called on the engine's thread."""
 
     @property
     def num_images(self) -> int:

@@ -5,6 +5,7 @@ Importable without vLLM: the GPU benchmarks run it where only diffusers is insta
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ from vllm_omni_images.engine.errors import (
     GenerationCancelled,
 )
 from vllm_omni_images.engine.model_folder import read_defaults
+from vllm_omni_images.engine.previews import decode_previews, preview_steps, supports_previews
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +70,10 @@ class DiffusersEngine(ImageEngine):
         # The edit and inpaint pipelines of the same model, built on first use from the loaded
         # components (diffusers' `from_pipe`: no second copy of the weights).
         self._task_pipes: dict[str, Any] = {}
-        self._defaults = read_defaults(self._pipe, model_path)
+        self._defaults = dataclasses.replace(
+            read_defaults(self._pipe, model_path),
+            supports_partial_images=supports_previews(self._pipe),
+        )
         logger.info(
             "Loaded %s from %s on %s (%s); defaults %s",
             type(self._pipe).__name__,
@@ -171,16 +176,28 @@ class DiffusersEngine(ImageEngine):
             # Without a negative prompt true CFG is off anyway; saying so keeps Qwen-Image's
             # default of 4.0 from logging a warning on every request.
             kwargs["true_cfg_scale"] = 1.0
-        if on_step is not None and "callback_on_step_end" in call_params:
+        previews = preview_rows(requests) if supports_previews(pipe) else []
+        if (on_step is not None or previews) and "callback_on_step_end" in call_params:
             total = first.num_inference_steps
 
             def step_end(
                 pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]
             ) -> dict[str, Any]:
-                on_step(step, total)
+                if on_step is not None:
+                    on_step(step, total)  # may stop the batch: before any preview work
+                # An edit runs only part of the schedule; the pipeline knows how much.
+                steps_run = getattr(pipe, "num_timesteps", None) or total
+                for start, request in previews:
+                    schedule = preview_steps(request.partial_images, steps_run)
+                    if step in schedule and request.on_preview is not None:
+                        rows = callback_kwargs["latents"][start : start + request.num_images]
+                        images = decode_previews(pipe, rows, first.height, first.width)
+                        request.on_preview(schedule.index(step), images)
                 return callback_kwargs
 
             kwargs["callback_on_step_end"] = step_end
+            if previews:
+                kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
         return kwargs
 
     def _release_cached_memory(self) -> None:
@@ -191,6 +208,17 @@ class DiffusersEngine(ImageEngine):
         self._pipe = None
         self._task_pipes.clear()
         self._release_cached_memory()
+
+
+def preview_rows(requests: Sequence[EngineRequest]) -> list[tuple[int, EngineRequest]]:
+    """(first row in the batch, request) of each request that asked for previews."""
+    rows = []
+    start = 0
+    for request in requests:
+        if request.partial_images > 0 and request.on_preview is not None:
+            rows.append((start, request))
+        start += request.num_images
+    return rows
 
 
 def keep_unmasked(request: EngineRequest, images: list[Image.Image]) -> list[Image.Image]:
