@@ -218,23 +218,45 @@ async def test_32_concurrent_mixed_requests_get_exactly_32_correct_responses(ser
                 assert np.abs(batched - np.asarray(decode_image_base64(alone_b64))).max() <= 1
 
 
-def test_a_client_that_disconnects_stops_its_generation(server):
-    def cancelled() -> float:
-        text = httpx.get(f"{server}/metrics").text
-        return sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith("vllm:image_requests_total{") and 'outcome="cancelled"' in line
-        )
+def cancelled_requests(server: str) -> float:
+    text = httpx.get(f"{server}/metrics").text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("vllm:image_requests_total{") and 'outcome="cancelled"' in line
+    )
 
-    before = cancelled()
-    slow = {"prompt": "x", "size": "512x512", "num_inference_steps": 200}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server}/v1/images/generations", json=slow, headers=AUTH, timeout=1.0)
+
+def wait_for_cancel_then_serve(server: str, before: float) -> None:
     deadline = time.monotonic() + 30
-    while cancelled() == before:
+    while cancelled_requests(server) == before:
         assert time.monotonic() < deadline, "the abandoned request was never cancelled"
         time.sleep(0.1)
     quick = {"prompt": "x", "size": "64x64", "num_inference_steps": 2}
     response = httpx.post(f"{server}/v1/images/generations", json=quick, headers=AUTH, timeout=60)
     assert response.status_code == 200
+
+
+def test_a_client_that_disconnects_stops_its_generation(server):
+    before = cancelled_requests(server)
+    slow = {"prompt": "x", "size": "512x512", "num_inference_steps": 200}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server}/v1/images/generations", json=slow, headers=AUTH, timeout=1.0)
+    wait_for_cancel_then_serve(server, before)
+
+
+def test_a_client_that_leaves_a_stream_stops_its_generation(server):
+    before = cancelled_requests(server)
+    slow = {
+        "prompt": "x",
+        "size": "512x512",
+        "num_inference_steps": 200,
+        "stream": True,
+        "partial_images": 3,
+    }
+    url = f"{server}/v1/images/generations"
+    with httpx.stream("POST", url, json=slow, headers=AUTH, timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+    # Leaving the `with` closes the connection before any event came.
+    wait_for_cancel_then_serve(server, before)

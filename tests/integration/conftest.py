@@ -6,13 +6,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 from fastapi import FastAPI
 
 from vllm_omni_images.engine.base import ImageEngine
 from vllm_omni_images.engine.client import ImageEngineClient
 
-from .helpers import http_client
+from .helpers import http_client, sdk_client
 
 AppFactory = Callable[..., Awaitable[FastAPI]]
 
@@ -60,3 +61,13 @@ async def client(
 ) -> AsyncIterator[httpx.AsyncClient]:
     async with http_client(await make_app(tiny_engine)) as http:
         yield http
+
+
+@pytest.fixture
+async def served(
+    make_app: AppFactory, tiny_engine: ImageEngine
+) -> AsyncIterator[tuple[openai.AsyncOpenAI, httpx.AsyncClient]]:
+    """The official `openai` SDK, and a plain HTTP client, on one app of the tiny engine."""
+    app = await make_app(tiny_engine)
+    async with sdk_client(app) as sdk, http_client(app) as http:
+        yield sdk, http

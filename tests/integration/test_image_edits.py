@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-from collections.abc import AsyncIterator
 
 import httpx
 import numpy as np
@@ -19,7 +18,7 @@ from vllm_omni_images.engine.base import EngineRequest, ImageEngine
 from vllm_omni_images.images.edits import MAX_INPUT_BYTES, MAX_INPUT_IMAGES
 
 from .conftest import AppFactory
-from .helpers import assert_openai_error, http_client, pixels, sdk_client
+from .helpers import assert_openai_error, pixels, sdk_client
 
 FAST = {"num_inference_steps": 2, "seed": 5}
 
@@ -57,15 +56,6 @@ def assert_different_images(
     arrays = [pixels(item.b64_json or "") for item in result.data]
     assert all(array.shape == shape for array in arrays)
     assert len({array.tobytes() for array in arrays}) == count  # n images differ
-
-
-@pytest.fixture
-async def served(
-    make_app: AppFactory, tiny_engine: ImageEngine
-) -> AsyncIterator[tuple[openai.AsyncOpenAI, httpx.AsyncClient]]:
-    app = await make_app(tiny_engine)
-    async with sdk_client(app) as sdk, http_client(app) as http:
-        yield sdk, http
 
 
 async def test_an_edit_with_a_mask_changes_only_the_masked_area(

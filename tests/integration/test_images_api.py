@@ -99,7 +99,7 @@ async def test_served_model_name_is_accepted(client):
         ({"background": "transparent"}, "background"),
         ({"style": "vivid"}, "style"),
         ({"moderation": "auto"}, "moderation"),
-        ({"stream": True}, "stream"),
+        ({"stream": True, "n": 2}, "n"),
         ({"output_format": "svg"}, "output_format"),
         ({"temperature": 0.5}, "temperature"),  # not a field of this API at all
     ],

@@ -92,8 +92,6 @@ def test_mapping_passes_every_extension_through():
         ("style", "vivid"),
         ("style", "natural"),
         ("moderation", "auto"),
-        ("stream", True),
-        ("partial_images", 2),
         ("complexity", "high"),
         ("frame_count", 8),
         ("frame_duration_ms", 100),
@@ -143,3 +141,14 @@ def test_explicit_steps_win_over_quality():
 def test_moderation_low_and_an_opaque_background_are_honoured():
     request = ImageGenerationRequest(prompt="p", moderation="low", background="opaque")
     assert request.to_engine_request(DEFAULTS, "id").prompt == "p"
+
+
+def test_partial_images_need_an_engine_that_decodes_previews():
+    request = ImageGenerationRequest(prompt="p", stream=True, partial_images=2)
+    with pytest.raises(VLLMValidationError) as info:
+        request.to_engine_request(DEFAULTS, "id")  # e.g. the vllm-omni engine
+    assert info.value.parameter == "partial_images"
+    previews = dataclasses.replace(DEFAULTS, supports_partial_images=True)
+    assert request.to_engine_request(previews, "id").partial_images == 2
+    plain = ImageGenerationRequest(prompt="p", stream=True)
+    assert plain.to_engine_request(DEFAULTS, "id").partial_images == 0

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from http import HTTPStatus
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 from vllm.entrypoints.serve.utils.api_utils import (
@@ -64,7 +65,7 @@ def images(request: Request) -> OpenAIServingImage | None:
 )
 @with_cancellation
 @load_aware_call
-async def create_image(request: ImageGenerationRequest, raw_request: Request) -> JSONResponse:
+async def create_image(request: ImageGenerationRequest, raw_request: Request) -> Response:
     handler = images(raw_request)
     if handler is None:
         raise NotImplementedError("The model does not support the Images API")
@@ -81,21 +82,21 @@ _MULTIPART_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 @router.post("/v1/images/edits", responses=_MULTIPART_RESPONSES)
 @load_aware_call
-async def create_image_edit(raw_request: Request) -> JSONResponse:
+async def create_image_edit(raw_request: Request) -> Response:
     """Multipart, as the openai SDK sends it: `image` (or `image[]`), optional `mask`."""
     return await _serve_multipart(raw_request, ImageEditRequest, allow_mask=True)
 
 
 @router.post("/v1/images/variations", responses=_MULTIPART_RESPONSES)
 @load_aware_call
-async def create_image_variation(raw_request: Request) -> JSONResponse:
+async def create_image_variation(raw_request: Request) -> Response:
     """Multipart: `image`, and `n`, `size`, `response_format`, `user` (plus the extensions)."""
     return await _serve_multipart(raw_request, ImageVariationRequest, allow_mask=False)
 
 
 async def _serve_multipart(
     raw_request: Request, request_model: type[ImageEditRequest], *, allow_mask: bool
-) -> JSONResponse:
+) -> Response:
     handler = images(raw_request)
     if handler is None:
         raise NotImplementedError("The model does not support the Images API")
@@ -113,11 +114,16 @@ async def _create_with_inputs(
     raw_request: Request,
     request: ImageEditRequest,
     inputs: ImageInputs,
-) -> JSONResponse:
+) -> Response:
     return _json(await handler.create_image(request, raw_request, inputs))
 
 
-def _json(result: ImageGenerationResponse | ErrorResponse) -> JSONResponse:
+def _json(
+    result: ImageGenerationResponse | ErrorResponse | AsyncIterator[str],
+) -> Response:
+    """The HTTP answer: JSON, or server-sent events for a streamed request."""
+    if not isinstance(result, (ImageGenerationResponse, ErrorResponse)):
+        return StreamingResponse(result, media_type="text/event-stream")
     if isinstance(result, ErrorResponse):
         return JSONResponse(
             content=result.model_dump(),

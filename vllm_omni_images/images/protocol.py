@@ -124,7 +124,15 @@ class ImageGenerationRequest(OpenAIBaseModel):
         height: int,
         **inputs: Any,
     ) -> EngineRequest:
+        partial_images = self.partial_images or 0
+        if partial_images and not defaults.supports_partial_images:
+            raise VLLMValidationError(
+                "partial_images is not supported by this model and engine (it cannot decode "
+                "previews of its intermediate steps); stream with partial_images 0.",
+                parameter="partial_images",
+            )
         return EngineRequest(
+            partial_images=partial_images,
             prompt=self.prompt,
             negative_prompt=self.negative_prompt,
             seeds=image_seeds(self.seed, self.n),
@@ -154,15 +162,19 @@ class ImageGenerationRequest(OpenAIBaseModel):
                 parameter="moderation",
             )
         if self.stream:
+            if self.n > 1:
+                raise VLLMValidationError(
+                    "stream returns one image (its events carry no image index): send n=1.",
+                    parameter="n",
+                )
+            if self.response_format == "url":
+                raise VLLMValidationError(
+                    "stream sends its images inline: use response_format 'b64_json'.",
+                    parameter="response_format",
+                )
+        elif self.partial_images is not None:
             raise VLLMValidationError(
-                "stream is not supported yet: this server answers with the finished images.",
-                parameter="stream",
-            )
-        if self.partial_images is not None:
-            raise VLLMValidationError(
-                "partial_images is not supported: it needs stream, which this server does not "
-                "support yet.",
-                parameter="partial_images",
+                "partial_images needs stream: true.", parameter="partial_images"
             )
 
 

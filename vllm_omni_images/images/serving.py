@@ -8,12 +8,13 @@ alone; every failure is answered from the error table in `errors.py`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request
 from PIL import Image
@@ -37,6 +38,11 @@ from vllm_omni_images.images.protocol import (
     ImageGenerationRequest,
     ImageGenerationResponse,
     ImageObject,
+)
+from vllm_omni_images.images.streaming import (
+    completed_event,
+    partial_image_event,
+    server_sent_event,
 )
 
 logger = init_logger(__name__)
@@ -93,21 +99,28 @@ class OpenAIServingImage:
         request: ImageGenerationRequest,
         raw_request: Request | None = None,
         inputs: ImageInputs | None = None,
-    ) -> ImageGenerationResponse | ErrorResponse:
+    ) -> ImageGenerationResponse | ErrorResponse | AsyncIterator[str]:
         """Generate (`ImageGenerationRequest`), or edit or vary `inputs` (an
-        `ImageEditRequest` or `ImageVariationRequest` with the images it was sent)."""
+        `ImageEditRequest` or `ImageVariationRequest` with the images it was sent).
+
+        With `stream`, a request that passes validation is answered by server-sent events
+        (`streaming.py`): the returned iterator yields them, and settles the request's log and
+        metrics when it ends."""
         record = _RequestRecord(
             self._request_id(raw_request), request.user or request.safety_identifier
         )
         outcome: Outcome = "cancelled"  # unless the handler gets to say otherwise
+        streams = False
         try:
             outcome, result = await self._create_image(request, record, raw_request, inputs)
+            streams = not isinstance(result, (ImageGenerationResponse, ErrorResponse))
             return result
         except Exception:
             outcome = "error"
             raise
         finally:
-            self._finish(record, outcome)
+            if not streams:
+                self._finish(record, outcome)
 
     async def _create_image(
         self,
@@ -115,7 +128,7 @@ class OpenAIServingImage:
         record: _RequestRecord,
         raw_request: Request | None,
         inputs: ImageInputs | None,
-    ) -> tuple[Outcome, ImageGenerationResponse | ErrorResponse]:
+    ) -> tuple[Outcome, ImageGenerationResponse | ErrorResponse | AsyncIterator[str]]:
         if (error := await self.models.check_model(request.model)) is not None:
             return "invalid", error
         try:
@@ -130,6 +143,8 @@ class OpenAIServingImage:
             else:
                 engine_request = request.to_engine_request(defaults, record.request_id)
             record.engine_request = engine_request
+            if request.stream:
+                return "ok", self._stream(request, engine_request, record)
             images = await self.engine_client.generate(engine_request, record.timings)
             data = await self._deliver(images, request, record, raw_request)
         except Exception as exc:
@@ -139,6 +154,44 @@ class OpenAIServingImage:
             size=f"{engine_request.width}x{engine_request.height}",
             output_format=request.output_format,
         )
+
+    async def _stream(
+        self,
+        request: ImageGenerationRequest,
+        engine_request: EngineRequest,
+        record: _RequestRecord,
+    ) -> AsyncIterator[str]:
+        """The request's events: its partial images as the engine decodes them, then the
+        completed image, or an error event. Closing the iterator (the client left) withdraws
+        the request, as a disconnect does for a plain request."""
+        kind = "image_edit" if isinstance(request, ImageEditRequest) else "image_generation"
+        previews: asyncio.Queue[tuple[int, Image.Image]] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def on_preview(index: int, images: list[Image.Image]) -> None:  # the engine's thread
+            loop.call_soon_threadsafe(previews.put_nowait, (index, images[0]))
+
+        work = dataclasses.replace(engine_request, on_preview=on_preview)
+        generation = asyncio.ensure_future(self.engine_client.generate(work, record.timings))
+        outcome: Outcome = "cancelled"
+        try:
+            async for index, preview in _previews_until(previews, generation):
+                [text] = await self._encode([preview], request, record, encode_image_base64)
+                yield server_sent_event(
+                    partial_image_event(kind, request, engine_request, text, index)
+                )
+            try:
+                images = generation.result()
+                [text] = await self._encode(images, request, record, encode_image_base64)
+            except Exception as exc:
+                outcome, response = self._failed(record, exc)
+                yield server_sent_event(response.model_dump(), event="error")
+                return
+            outcome = "ok"
+            yield server_sent_event(completed_event(kind, request, engine_request, text))
+        finally:
+            generation.cancel()  # no-op once it finished; withdraws it if the client left
+            self._finish(record, outcome)
 
     def _check_response_format(
         self, request: ImageGenerationRequest, raw_request: Request | None
@@ -224,3 +277,20 @@ class OpenAIServingImage:
             (record.encode_s or 0.0) * 1e3,
             record.user,
         )
+
+
+async def _previews_until(
+    previews: asyncio.Queue[tuple[int, Image.Image]], generation: asyncio.Future[list[Image.Image]]
+) -> AsyncIterator[tuple[int, Image.Image]]:
+    """Each preview as it arrives, until `generation` is done (then the ones still queued: the
+    engine hands every preview over before its batch's result)."""
+    while not generation.done():
+        waiting: asyncio.Future[tuple[int, Image.Image]] = asyncio.ensure_future(previews.get())
+        either: list[asyncio.Future[Any]] = [waiting, generation]
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        if not waiting.done():
+            waiting.cancel()
+            break
+        yield waiting.result()
+    while not previews.empty():
+        yield previews.get_nowait()

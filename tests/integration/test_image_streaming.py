@@ -1,0 +1,111 @@
+"""`stream: true` with `partial_images`, through the official `openai` SDK, in-process on the
+real tiny engine: OpenAI's event types, real previews, and the same final image as unstreamed."""
+
+from __future__ import annotations
+
+import io
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from vllm_omni_images.engine.base import ImageEngine
+
+from .conftest import AppFactory
+from .helpers import assert_openai_error, pixels, sdk_client
+
+SEEDED = {"num_inference_steps": 4, "seed": 21}
+
+
+async def test_a_stream_sends_its_partial_images_then_the_unstreamed_image(
+    served: tuple[openai.AsyncOpenAI, httpx.AsyncClient],
+) -> None:
+    sdk, _ = served
+    stream = await sdk.images.generate(
+        model="tiny-qwen-image",
+        prompt="a red fox",
+        size="64x64",
+        stream=True,
+        partial_images=2,
+        extra_body=SEEDED,
+    )
+    events = [event async for event in stream]
+    assert [event.type for event in events] == [
+        "image_generation.partial_image",
+        "image_generation.partial_image",
+        "image_generation.completed",
+    ]
+    assert [getattr(event, "partial_image_index", None) for event in events[:2]] == [0, 1]
+    assert all(event.size == "64x64" and event.output_format == "png" for event in events)
+    previews = [pixels(event.b64_json) for event in events[:2]]
+    final = pixels(events[-1].b64_json)
+    assert not np.array_equal(previews[0], previews[1])  # two different steps
+    assert not np.array_equal(previews[1], final)
+    plain = await sdk.images.generate(
+        model="tiny-qwen-image", prompt="a red fox", size="64x64", extra_body=SEEDED
+    )
+    assert plain.data is not None and plain.data[0].b64_json == events[-1].b64_json
+
+
+async def test_an_edit_streams_image_edit_events(
+    served: tuple[openai.AsyncOpenAI, httpx.AsyncClient],
+) -> None:
+    sdk, _ = served
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (30, 60, 150)).save(buffer, format="PNG")
+    stream = await sdk.images.edit(
+        model="tiny-qwen-image",
+        image=("in.png", buffer.getvalue(), "image/png"),
+        prompt="a red fox",
+        stream=True,
+        partial_images=1,
+        extra_body={**SEEDED, "strength": 1.0},
+    )
+    types = [event.type async for event in stream]
+    assert types == ["image_edit.partial_image", "image_edit.completed"]
+
+
+async def test_a_stream_without_partial_images_sends_only_the_result(
+    served: tuple[openai.AsyncOpenAI, httpx.AsyncClient],
+) -> None:
+    sdk, _ = served
+    stream = await sdk.images.generate(
+        model="tiny-qwen-image", prompt="a fox", size="64x64", stream=True, extra_body=SEEDED
+    )
+    assert [event.type async for event in stream] == ["image_generation.completed"]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"stream": True, "n": 2}, "n"),
+        ({"stream": True, "response_format": "url"}, "response_format"),
+        ({"partial_images": 2}, "partial_images"),
+        ({"stream": True, "partial_images": 4}, "partial_images"),
+    ],
+)
+async def test_streams_that_cannot_be_served_are_400s_before_streaming(
+    served: tuple[openai.AsyncOpenAI, httpx.AsyncClient], body: dict, param: str
+) -> None:
+    _, http = served
+    response = await http.post(
+        "/v1/images/generations", json={"prompt": "a fox", "size": "64x64", **body}
+    )
+    assert_openai_error(response, 400, param)
+
+
+async def test_a_failure_mid_stream_is_an_error_event_the_sdk_raises(
+    make_app: AppFactory, tiny_engine: ImageEngine
+) -> None:
+    from tests.support.engines import FailingEngine
+
+    app = await make_app(FailingEngine(tiny_engine))
+    async with sdk_client(app) as sdk:
+        stream = await sdk.images.generate(
+            model="tiny-qwen-image", prompt="fail", size="64x64", stream=True, extra_body=SEEDED
+        )
+        with pytest.raises(openai.APIError, match="Image generation failed"):
+            async for _ in stream:
+                pass
