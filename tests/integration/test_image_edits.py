@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import http.server
 import io
+import threading
+from collections.abc import Iterator
 
 import httpx
 import numpy as np
@@ -18,7 +21,7 @@ from vllm_omni_images.engine.base import EngineRequest, ImageEngine
 from vllm_omni_images.images.edits import MAX_INPUT_BYTES, MAX_INPUT_IMAGES
 
 from .conftest import AppFactory
-from .helpers import assert_openai_error, pixels, sdk_client
+from .helpers import assert_openai_error, http_client, pixels, sdk_client
 
 FAST = {"num_inference_steps": 2, "seed": 5}
 
@@ -253,3 +256,45 @@ async def test_concurrent_edits_batch_and_each_keeps_its_own_input(
         kept = np.asarray(image, np.int16)[:, 33:]
         assert np.abs(batched[:, 33:] - kept).mean() < 1  # its own input, not its neighbour's
     assert timings == [1, 1, 2]  # alone, alone, then one batch of both
+
+
+@pytest.fixture(scope="module")
+def image_host() -> Iterator[str]:
+    """A local HTTP server with one PNG at /fox.png: a stand-in for a host on the internet."""
+    body = png(source())
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/fox.png" else 404)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            return None
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+async def test_an_image_url_is_fetched_only_from_hosts_the_operator_allowed(
+    make_app: AppFactory, tiny_engine: ImageEngine, image_host: str
+) -> None:
+    edit = {"prompt": "a red fox", "image": f"{image_host}/fox.png", "num_inference_steps": "2"}
+    for flags, status in [
+        ([], 400),  # no --allowed-media-domains: nothing is fetched
+        (["--allowed-media-domains", "images.example.com"], 400),  # another host
+        (["--allowed-media-domains", "127.0.0.1"], 200),
+    ]:
+        async with http_client(await make_app(tiny_engine, flags)) as http:
+            response = await http.post("/v1/images/edits", data=edit)
+        if status == 200:
+            assert response.status_code == 200, response.text
+            assert response.json()["size"] == "64x64"
+        else:
+            error = assert_openai_error(response, 400, "image")
+            assert "allowed" in error["message"]

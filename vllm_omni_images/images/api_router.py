@@ -101,7 +101,12 @@ async def _serve_multipart(
     if handler is None:
         raise NotImplementedError("The model does not support the Images API")
     try:
-        request, inputs = await read_multipart(raw_request, request_model, allow_mask=allow_mask)
+        request, inputs = await read_multipart(
+            raw_request,
+            request_model,
+            allow_mask=allow_mask,
+            fetch_remote=handler.fetch_remote_image,
+        )
     except (VLLMValidationError, PayloadTooLargeError) as error:
         return _json(error_response(error))
     # The body is read: from here a client that disconnects cancels the work, as for JSON.

@@ -11,8 +11,10 @@ field as text. Each is checked before any work is queued:
    are the ones to edit (OpenAI's rule), turned into the white-is-edited mask diffusers takes;
 4. the text fields: validated by the request model, so a bad or unknown one is a 400 naming it.
 
-Images given as `data:` URLs in a text field are read the same way; `http(s)` URLs are refused,
-since fetching them is not built yet (the server never fetches a URL on a client's behalf).
+Images given as `data:` URLs in a text field are read the same way. `http(s)` URLs are fetched
+only through vLLM's own media fetching (`MediaConnector`, its timeouts and size limit), and only
+when the operator named the hosts that may be fetched (vLLM's `--allowed-media-domains`);
+otherwise they are a 400 that says so. The server never fetches what the operator did not allow.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -37,6 +40,7 @@ MAX_INPUT_PIXELS = 4096 * 4096
 INPUT_FORMATS = frozenset({"PNG", "JPEG", "WEBP"})
 IMAGE_FIELDS = ("image", "image[]")
 MASK_FIELDS = ("mask", "mask_image")
+FORM_CONTENT_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 _Request = TypeVar("_Request", bound=BaseModel)
 
@@ -49,13 +53,24 @@ class ImageInputs:
     """`L`, white where the image is to be edited; the size of `images[0]`."""
 
 
+RemoteImageFetcher = Callable[[str], Awaitable[Image.Image]]
+"""Fetches an http(s) image URL (vLLM's `MediaConnector.fetch_image_async`); raises
+`ValueError` or `OSError` for a URL it will not or cannot fetch."""
+
+
 async def read_multipart(
-    raw_request: Request, request_model: type[_Request], *, allow_mask: bool
+    raw_request: Request,
+    request_model: type[_Request],
+    *,
+    allow_mask: bool,
+    fetch_remote: RemoteImageFetcher | None = None,
 ) -> tuple[_Request, ImageInputs]:
     """The request's fields as `request_model`, and its images (see the module docstring)."""
-    if not raw_request.headers.get("content-type", "").startswith("multipart/form-data"):
+    content_type = raw_request.headers.get("content-type", "")
+    if not content_type.startswith(FORM_CONTENT_TYPES):
         raise VLLMValidationError(
-            "Send this endpoint multipart/form-data (the image as a file), as the openai SDK does.",
+            "Send this endpoint multipart/form-data (the image as a file), as the openai SDK "
+            "does, or a urlencoded form whose image is a data: or http(s) URL.",
             parameter="image",
         )
     form = await raw_request.form(max_files=MAX_INPUT_IMAGES + 2, max_fields=64)
@@ -79,10 +94,12 @@ async def read_multipart(
             parameter="image",
         )
     request = _validate(request_model, fields)
-    images = [(await _read_image(source, "image")).convert("RGB") for source in sources]
+    images = [
+        (await _read_image(source, "image", fetch_remote)).convert("RGB") for source in sources
+    ]
     mask = None
     if mask_source is not None:
-        mask = _edit_mask(await _read_image(mask_source, "mask"), images[0].size)
+        mask = _edit_mask(await _read_image(mask_source, "mask", fetch_remote), images[0].size)
     return request, ImageInputs(images, mask)
 
 
@@ -97,7 +114,11 @@ def _validate(request_model: type[_Request], fields: dict[str, str]) -> _Request
         ) from None
 
 
-async def _read_image(source: UploadFile | str, parameter: str) -> Image.Image:
+async def _read_image(
+    source: UploadFile | str, parameter: str, fetch_remote: RemoteImageFetcher | None
+) -> Image.Image:
+    if isinstance(source, str) and source.startswith(("http://", "https://")):
+        return _within_pixel_cap(await _fetch(source, parameter, fetch_remote), parameter)
     data = await _read_bytes(source, parameter)
     try:
         image = Image.open(io.BytesIO(data))
@@ -106,12 +127,7 @@ async def _read_image(source: UploadFile | str, parameter: str) -> Image.Image:
                 f"{parameter} must be a PNG, JPEG or WebP image, got {image.format}.",
                 parameter=parameter,
             )
-        width, height = image.size
-        if width * height > MAX_INPUT_PIXELS:
-            raise VLLMValidationError(
-                f"{parameter} is {width}x{height}: at most {MAX_INPUT_PIXELS} pixels.",
-                parameter=parameter,
-            )
+        _within_pixel_cap(image, parameter)
         image.load()  # decodes it all: a truncated file fails here, not in the engine
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         if isinstance(error, VLLMValidationError):
@@ -121,6 +137,32 @@ async def _read_image(source: UploadFile | str, parameter: str) -> Image.Image:
             parameter=parameter,
         ) from None
     return image
+
+
+def _within_pixel_cap(image: Image.Image, parameter: str) -> Image.Image:
+    width, height = image.size
+    if width * height > MAX_INPUT_PIXELS:
+        raise VLLMValidationError(
+            f"{parameter} is {width}x{height}: at most {MAX_INPUT_PIXELS} pixels.",
+            parameter=parameter,
+        )
+    return image
+
+
+async def _fetch(url: str, parameter: str, fetch_remote: RemoteImageFetcher | None) -> Image.Image:
+    if fetch_remote is None:
+        raise VLLMValidationError(
+            f"{parameter} as an http(s) URL is not allowed on this server: its operator has not "
+            "named the hosts it may fetch from (vLLM's --allowed-media-domains). Send the file, "
+            "or a data: URL.",
+            parameter=parameter,
+        )
+    try:
+        return await fetch_remote(url)
+    except (ValueError, OSError) as error:  # a host not allowed, a failed fetch, not an image
+        raise VLLMValidationError(
+            f"{parameter} could not be fetched: {error}", parameter=parameter
+        ) from None
 
 
 async def _read_bytes(source: UploadFile | str, parameter: str) -> bytes:
@@ -133,12 +175,6 @@ async def _read_bytes(source: UploadFile | str, parameter: str) -> bytes:
             raise VLLMValidationError(
                 f"{parameter} is a data: URL whose base64 does not decode.", parameter=parameter
             ) from None
-    elif source.startswith(("http://", "https://")):
-        raise VLLMValidationError(
-            f"{parameter} as an http(s) URL is not supported: this server does not fetch "
-            "remote images. Send the file, or a data: URL.",
-            parameter=parameter,
-        )
     else:
         raise VLLMValidationError(
             f"{parameter} must be an image file (or a data: URL).", parameter=parameter

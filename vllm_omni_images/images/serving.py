@@ -29,7 +29,7 @@ from vllm_omni_images.engine.client import ImageEngineClient
 from vllm_omni_images.engine.cpu_priority import yield_cpu_to_serving
 from vllm_omni_images.engine.metrics import Outcome
 from vllm_omni_images.engine.scheduler import RequestTimings
-from vllm_omni_images.images.edits import ImageInputs
+from vllm_omni_images.images.edits import ImageInputs, RemoteImageFetcher
 from vllm_omni_images.images.encoding import encode_image, encode_image_base64
 from vllm_omni_images.images.errors import error_kind, error_response
 from vllm_omni_images.images.file_store import ImageStore
@@ -74,11 +74,14 @@ class OpenAIServingImage:
         log_error_stack: bool = False,
         encode_executor: Executor | None = None,
         image_store: ImageStore | None = None,
+        fetch_remote_image: RemoteImageFetcher | None = None,
     ) -> None:
         self.engine_client = engine_client
         self.models = models
         self.image_store = image_store
         """Where `response_format: "url"` images go; without one, `url` is refused (400)."""
+        self.fetch_remote_image = fetch_remote_image
+        """How edits fetch http(s) image URLs; `None` (the operator allowed no host): a 400."""
         self.log_error_stack = log_error_stack
         # Encoding is CPU work in C code that releases the GIL: a few threads encode one
         # request's images in parallel without touching the event loop. Like denoising it is

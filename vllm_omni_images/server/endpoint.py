@@ -16,8 +16,10 @@ from starlette.datastructures import State
 from vllm_omni_images.server.cli_args import IMAGE_TASK
 
 if TYPE_CHECKING:
+    from PIL import Image
     from vllm.engine.protocol import EngineClient
 
+    from vllm_omni_images.images.edits import RemoteImageFetcher
     from vllm_omni_images.images.file_store import ImageStore
 
 PLUGIN_NAME = "images"
@@ -55,7 +57,24 @@ class ImagesEndpointPlugin:
             state.openai_serving_models,
             log_error_stack=getattr(args, "log_error_stack", False),
             image_store=store,
+            fetch_remote_image=remote_image_fetcher(args),
         )
+
+
+def remote_image_fetcher(args: Namespace) -> RemoteImageFetcher | None:
+    """vLLM's own media fetching for image URLs, limited to `--allowed-media-domains`; `None`
+    (no URL is fetched) when the operator named no host."""
+    domains = getattr(args, "allowed_media_domains", None)
+    if not domains:
+        return None
+    from vllm.multimodal.media.connector import MediaConnector
+
+    connector = MediaConnector(allowed_media_domains=list(domains))
+
+    async def fetch(url: str) -> Image.Image:
+        return await connector.fetch_image_async(url, image_mode=None)  # keeps a mask's alpha
+
+    return fetch
 
 
 def image_store_from_args(args: Namespace) -> ImageStore:
