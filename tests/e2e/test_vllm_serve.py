@@ -117,6 +117,19 @@ def test_openai_sdk_edits_with_a_mask_and_asks_for_variations(sdk):
     assert varied.data is not None and len(varied.data) == 2
 
 
+def test_openai_sdk_streams_partial_images_then_the_image(sdk):
+    fields = {"prompt": "a lighthouse", "size": "64x64", "extra_body": {"seed": 9}}
+    stream = sdk.images.generate(model="tiny-qwen-image", stream=True, partial_images=2, **fields)
+    events = list(stream)
+    assert [event.type for event in events] == [
+        "image_generation.partial_image",
+        "image_generation.partial_image",
+        "image_generation.completed",
+    ]
+    plain = sdk.images.generate(model="tiny-qwen-image", **fields)
+    assert plain.data is not None and plain.data[0].b64_json == events[-1].b64_json
+
+
 def test_openai_sdk_sees_errors_as_exceptions(sdk):
     with pytest.raises(openai.BadRequestError) as bad_size:
         sdk.images.generate(prompt="x", size="250x250")
