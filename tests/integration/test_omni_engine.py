@@ -9,6 +9,8 @@ tests that kill a worker build their own.
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
@@ -179,10 +181,42 @@ async def test_requests_with_the_same_client_id_stay_apart(
     assert len(set(ids)) == 2 and all(i.startswith("img-twice-") for i in ids)
 
 
-def test_edits_are_refused_by_the_omni_engine_for_now(omni_engine: OmniEngine) -> None:
+def test_a_pipeline_without_image_input_refuses_edits(omni_engine: OmniEngine) -> None:
+    assert not omni_engine.takes_images  # QwenImagePipeline generates only
     edit = req(1, image=Image.new("RGB", (64, 64)))
-    with pytest.raises(EngineRequestError, match="--image-engine diffusers"):
+    with pytest.raises(EngineRequestError, match="takes no input image"):
         omni_engine.submit(edit, lambda _: None)
+
+
+async def test_an_edit_model_gets_the_image_as_vllm_omni_takes_it(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The tiny model's folder, declared a Qwen-Image-Edit pipeline: vllm-omni's real edit
+    pre-processing runs on the mapped request (only the worker is a stand-in)."""
+    folder = tmp_path / "tiny-qwen-image-edit"
+    shutil.copytree(tiny_model_dir, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(
+        json.dumps({**index, "_class_name": "QwenImageEditPipeline"})
+    )
+    engine = build_engine(folder, max_batch_size=1)
+    worker = engine.diffusion_engine.executor
+    assert isinstance(worker, FakeDiffusionExecutor)
+    worker.batches.clear()
+    try:
+        assert engine.takes_images
+        scheduler = ImageScheduler(engine, SchedulerConfig())
+        source = Image.new("RGB", (64, 64), (200, 30, 30))
+        [image] = await scheduler.submit(req(3, image=source, strength=0.7))
+        assert image.size == (64, 64)
+        [[sent]] = worker.batches
+        assert sent.prompt["multi_modal_data"]["image"] is source
+        assert sent.sampling_params.strength == 0.7
+        with pytest.raises(EngineRequestError, match="Masks"):
+            await scheduler.submit(req(3, image=source, mask=Image.new("L", (64, 64))))
+        await scheduler.close()
+    finally:
+        engine.close()
 
 
 # Seeds

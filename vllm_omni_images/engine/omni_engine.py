@@ -114,6 +114,10 @@ def to_omni_requests(
         "generator_device": "cpu",
         "emit_request_lifecycle": True,
     }
+    if request.image is not None:  # an edit, for pipelines that take an input image
+        prompt["multi_modal_data"] = {"image": request.image}
+    if request.strength is not None:
+        sampling["strength"] = request.strength
     if request.true_cfg_scale is not None:
         sampling["true_cfg_scale"] = request.true_cfg_scale
     if request.guidance_scale is not None:
@@ -149,9 +153,12 @@ class OmniEngine(QueueingImageEngine):
     def __init__(self, config: OmniDiffusionConfig, defaults: ModelDefaults | None = None) -> None:
         """Start vllm-omni's engine for `config` (loads the pipeline and runs its warm-up)."""
         from vllm_omni.diffusion.diffusion_engine import DiffusionEngine
+        from vllm_omni.diffusion.io_support import supports_multimodal_input
 
         assert config.model is not None
         self.model_class_name = config.model_class_name
+        self.takes_images = supports_multimodal_input(config)[0]
+        """Whether the pipeline edits an input image (e.g. Qwen-Image-Edit)."""
         self._defaults = defaults or defaults_for_pipeline_class(
             config.model_class_name, config.model
         )
@@ -185,10 +192,16 @@ class OmniEngine(QueueingImageEngine):
     def submit(self, request: EngineRequest, on_started: ImagesStarted) -> OmniJob:
         if self._closed:
             raise EngineNotReadyError("The vllm-omni engine is closed.")
-        if request.image is not None:
+        if request.image is not None and not self.takes_images:
             raise EngineRequestError(
-                "Image edits and variations are not served by the vllm-omni engine in this "
-                "version; serve the model with --image-engine diffusers for them."
+                f"{self.model_class_name} takes no input image in vllm-omni, so this server "
+                "cannot edit with it; serve an edit model (e.g. Qwen-Image-Edit), or this "
+                "model with --image-engine diffusers (image-to-image)."
+            )
+        if request.mask is not None:
+            raise EngineRequestError(
+                "Masks are not supported by the vllm-omni engine in this version; edit "
+                "without a mask, or serve with --image-engine diffusers (inpainting)."
             )
         self.check_health()
         # vllm-omni keys its queue and output streams by id: a suffix of our own keeps two
