@@ -63,8 +63,15 @@ async def test_an_edit_streams_image_edit_events(
         partial_images=1,
         extra_body={**SEEDED, "strength": 1.0},
     )
-    types = [event.type async for event in stream]
-    assert types == ["image_edit.partial_image", "image_edit.completed"]
+    events = [event async for event in stream]
+    assert [event.type for event in events] == ["image_edit.partial_image", "image_edit.completed"]
+    plain = await sdk.images.edit(
+        model="tiny-qwen-image",
+        image=("in.png", buffer.getvalue(), "image/png"),
+        prompt="a red fox",
+        extra_body={**SEEDED, "strength": 1.0},
+    )
+    assert plain.data is not None and plain.data[0].b64_json == events[-1].b64_json
 
 
 async def test_a_stream_without_partial_images_sends_only_the_result(
