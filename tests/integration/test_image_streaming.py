@@ -3,6 +3,7 @@ real tiny engine: OpenAI's event types, real previews, and the same final image 
 
 from __future__ import annotations
 
+import asyncio
 import io
 
 import httpx
@@ -14,7 +15,7 @@ from PIL import Image
 from vllm_omni_images.engine.base import ImageEngine
 
 from .conftest import AppFactory
-from .helpers import assert_openai_error, pixels, sdk_client
+from .helpers import assert_openai_error, http_client, pixels, sdk_client
 
 SEEDED = {"num_inference_steps": 4, "seed": 21}
 
@@ -116,3 +117,29 @@ async def test_a_failure_mid_stream_is_an_error_event_the_sdk_raises(
         with pytest.raises(openai.APIError, match="Image generation failed"):
             async for _ in stream:
                 pass
+
+
+async def test_a_full_queue_refuses_a_stream_with_a_plain_429(
+    make_app: AppFactory, tiny_engine: ImageEngine
+) -> None:
+    from tests.support.engines import ObservedEngine
+    from tests.support.waiting import ENGINE_WAIT_S, until
+
+    engine = ObservedEngine(tiny_engine)
+    app = await make_app(engine, ["--image-max-queue", "1"])
+    scheduler = app.state.engine_client.scheduler
+    body = {"prompt": "a fox", "size": "64x64", "num_inference_steps": 2}
+    async with http_client(app) as http:
+        engine.gate.clear()
+        running = asyncio.create_task(http.post("/v1/images/generations", json=body))
+        await until(engine.started.is_set, "the first request to run", timeout_s=ENGINE_WAIT_S)
+        waiting = asyncio.create_task(http.post("/v1/images/generations", json=body))
+        await until(lambda: scheduler.queued_images == 1, "a full queue")
+        refused = await http.post(
+            "/v1/images/generations", json={**body, "stream": True, "partial_images": 1}
+        )
+        engine.gate.set()
+        assert_openai_error(refused, 429)
+        assert refused.headers["content-type"].startswith("application/json")
+        assert "retry-after" in refused.headers
+        assert [(await task).status_code for task in (running, waiting)] == [200, 200]

@@ -69,7 +69,7 @@ async def create_image(request: ImageGenerationRequest, raw_request: Request) ->
     handler = images(raw_request)
     if handler is None:
         raise NotImplementedError("The model does not support the Images API")
-    return _json(await handler.create_image(request, raw_request))
+    return _answer(await handler.create_image(request, raw_request))
 
 
 _MULTIPART_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -108,7 +108,7 @@ async def _serve_multipart(
             fetch_remote=handler.fetch_remote_image,
         )
     except (VLLMValidationError, PayloadTooLargeError) as error:
-        return _json(error_response(error))
+        return _answer(error_response(error))
     # The body is read: from here a client that disconnects cancels the work, as for JSON.
     return await _create_with_inputs(handler, raw_request, request, inputs)
 
@@ -120,10 +120,10 @@ async def _create_with_inputs(
     request: ImageEditRequest,
     inputs: ImageInputs,
 ) -> Response:
-    return _json(await handler.create_image(request, raw_request, inputs))
+    return _answer(await handler.create_image(request, raw_request, inputs))
 
 
-def _json(
+def _answer(
     result: ImageGenerationResponse | ErrorResponse | AsyncIterator[str],
 ) -> Response:
     """The HTTP answer: JSON, or server-sent events for a streamed request."""

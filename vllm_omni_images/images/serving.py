@@ -147,7 +147,7 @@ class OpenAIServingImage:
                 engine_request = request.to_engine_request(defaults, record.request_id)
             record.engine_request = engine_request
             if request.stream:
-                return "ok", self._stream(request, engine_request, record)
+                return "ok", await self._start_stream(request, engine_request, record)
             images = await self.engine_client.generate(engine_request, record.timings)
             data = await self._deliver(images, request, record, raw_request)
         except Exception as exc:
@@ -158,16 +158,14 @@ class OpenAIServingImage:
             output_format=request.output_format,
         )
 
-    async def _stream(
+    async def _start_stream(
         self,
         request: ImageGenerationRequest,
         engine_request: EngineRequest,
         record: _RequestRecord,
     ) -> AsyncIterator[str]:
-        """The request's events: its partial images as the engine decodes them, then the
-        completed image, or an error event. Closing the iterator (the client left) withdraws
-        the request, as a disconnect does for a plain request."""
-        kind = "image_edit" if isinstance(request, ImageEditRequest) else "image_generation"
+        """Queue the request, then hand back its events. Admission (a full queue: 429, a dead
+        engine: 503) is decided before the first event, so those answers stay plain JSON."""
         previews: asyncio.Queue[tuple[int, Image.Image]] = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
@@ -176,6 +174,23 @@ class OpenAIServingImage:
 
         work = dataclasses.replace(engine_request, on_preview=on_preview)
         generation = asyncio.ensure_future(self.engine_client.generate(work, record.timings))
+        await asyncio.sleep(0)  # the scheduler admits or refuses at once, on its first step
+        if generation.done() and (refused := generation.exception()) is not None:
+            raise refused
+        return self._stream(request, engine_request, record, previews, generation)
+
+    async def _stream(
+        self,
+        request: ImageGenerationRequest,
+        engine_request: EngineRequest,
+        record: _RequestRecord,
+        previews: asyncio.Queue[tuple[int, Image.Image]],
+        generation: asyncio.Future[list[Image.Image]],
+    ) -> AsyncIterator[str]:
+        """The request's events: its partial images as the engine decodes them, then the
+        completed image, or an error event. Closing the iterator (the client left) withdraws
+        the request, as a disconnect does for a plain request."""
+        kind = "image_edit" if isinstance(request, ImageEditRequest) else "image_generation"
         outcome: Outcome = "cancelled"
         try:
             async for index, preview in _previews_until(previews, generation):
