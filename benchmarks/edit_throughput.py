@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from benchmarks.load import closed_loop
+from benchmarks.load import sweep
 from benchmarks.report import benchmark_parser, markdown_table, publish
 from testing.server_process import free_port, running_server, vllm_serve_command
 from vllm_omni_images.tiny_model import ensure_tiny_model
@@ -42,15 +42,8 @@ async def measure(
     def files(index: int) -> dict[str, tuple[str, bytes, str]]:
         return {"image": ("in.png", input_png(index, side), "image/png")}
 
-    await closed_loop(base_url, 2, 4, body, files=files)  # warm-up: builds the img2img pipeline
-    rows = []
-    for concurrency in levels:
-        requests = max(16, concurrency * per_worker)
-        result = await closed_loop(base_url, concurrency, requests, body, files=files)
-        row = {"server": label, **result.summary()}
-        print(row, flush=True)
-        rows.append(row)
-    return rows
+    # The warm-up also builds the model's img2img pipeline.
+    return await sweep(base_url, levels, per_worker, body, label, files=files)
 
 
 def main() -> None:

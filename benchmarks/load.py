@@ -107,3 +107,25 @@ async def closed_loop(
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         wall_s = time.perf_counter() - start
     return LoadResult(concurrency, requests, ok, images, wall_s, latencies, failures, duplicated)
+
+
+async def sweep(
+    base_url: str,
+    levels: list[int],
+    per_worker: int,
+    body: Callable[[int], dict[str, Any]],
+    label: str,
+    files: Callable[[int], dict[str, tuple[str, bytes, str]]] | None = None,
+) -> list[dict[str, Any]]:
+    """A warm-up (first calls pay for lazy initialisation in torch and the server), then one
+    `closed_loop` per concurrency level, `per_worker` requests each (at least 16): a table row
+    per level, labelled `label`."""
+    await closed_loop(base_url, 2, 4, body, files=files)
+    rows = []
+    for concurrency in levels:
+        requests = max(16, concurrency * per_worker)
+        result = await closed_loop(base_url, concurrency, requests, body, files=files)
+        row = {"server": label, **result.summary()}
+        print(row, flush=True)
+        rows.append(row)
+    return rows

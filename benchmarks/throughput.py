@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.load import closed_loop
+from benchmarks.load import sweep
 from benchmarks.report import benchmark_parser, markdown_table, publish
 from testing.server_process import free_port, running_server, vllm_serve_command
 from vllm_omni_images.tiny_model import ensure_tiny_model
@@ -52,15 +52,7 @@ async def measure(
             "seed": index,
         }
 
-    # Warm-up: first calls pay for lazy initialisation in torch and the server.
-    await closed_loop(base_url, 2, 4, body)
-    rows = []
-    for concurrency in levels:
-        result = await closed_loop(base_url, concurrency, max(16, concurrency * per_worker), body)
-        row = {"server": label, **result.summary()}
-        print(row, flush=True)
-        rows.append(row)
-    return rows
+    return await sweep(base_url, levels, per_worker, body, label)
 
 
 def main() -> None:
