@@ -107,6 +107,16 @@ def batch_sizes(worker: FakeDiffusionExecutor) -> list[int]:
     return [len(batch) for batch in worker.batches]
 
 
+async def until_waiting_in_vllm_omni(engine: OmniEngine, count: int) -> None:
+    """Wait until `count` requests wait in vllm-omni's own scheduler: our scheduler counts a
+    request as queued when it hands it over, a loop hop before vllm-omni has it."""
+    await until(
+        lambda: engine.diffusion_engine.scheduler.num_waiting_requests() == count,
+        f"{count} requests waiting in vllm-omni",
+        timeout_s=ENGINE_WAIT_S,
+    )
+
+
 async def start_blocker(scheduler: ImageScheduler, worker: FakeDiffusionExecutor) -> asyncio.Task:
     """Hold the worker and occupy it with one request, so later ones wait in vllm-omni."""
     worker.script.hold.clear()
@@ -237,11 +247,11 @@ async def test_an_image_depends_on_its_seed_alone(
 
 
 async def test_five_compatible_requests_run_as_four_and_one(
-    scheduler: ImageScheduler, worker: FakeDiffusionExecutor
+    scheduler: ImageScheduler, worker: FakeDiffusionExecutor, omni_engine: OmniEngine
 ) -> None:
     blocker = await start_blocker(scheduler, worker)
     waiting = [asyncio.create_task(scheduler.submit(req(seed))) for seed in range(5)]
-    await until(lambda: scheduler.queued_images == 5, "five queued images")
+    await until_waiting_in_vllm_omni(omni_engine, 5)
     worker.script.hold.set()
     results = await asyncio.gather(blocker, *waiting)
     assert all(len(images) == 1 for images in results)
@@ -250,12 +260,12 @@ async def test_five_compatible_requests_run_as_four_and_one(
 
 
 async def test_incompatible_requests_run_apart(
-    scheduler: ImageScheduler, worker: FakeDiffusionExecutor
+    scheduler: ImageScheduler, worker: FakeDiffusionExecutor, omni_engine: OmniEngine
 ) -> None:
     blocker = await start_blocker(scheduler, worker)
     sizes = [64, 64, 96, 96, 64]
     waiting = [asyncio.create_task(scheduler.submit(req(i, width=w))) for i, w in enumerate(sizes)]
-    await until(lambda: scheduler.queued_images == 5, "five queued images")
+    await until_waiting_in_vllm_omni(omni_engine, 5)
     worker.script.hold.set()
     await asyncio.gather(blocker, *waiting)
     widths = [[r.sampling_params.width for r in batch] for batch in worker.batches[1:]]
@@ -292,7 +302,7 @@ async def test_vllm_serve_flags_to_http_five_requests_run_as_four_and_one(
             await until(worker.running.is_set, "the worker to start", timeout_s=ENGINE_WAIT_S)
             await until(lambda: scheduler.running_images == 1, "the scheduler to see it start")
             five = [asyncio.create_task(generate(http, seed=seed, **FAST)) for seed in range(5)]
-            await until(lambda: scheduler.queued_images == 5, "five queued images")
+            await until_waiting_in_vllm_omni(engine, 5)
             worker.script.hold.set()
             responses = await asyncio.gather(blocker, *five)
         assert [response.status_code for response in responses] == [200] * 6
@@ -305,11 +315,11 @@ async def test_vllm_serve_flags_to_http_five_requests_run_as_four_and_one(
 
 
 async def test_cancel_while_queued_frees_its_place_at_once(
-    scheduler: ImageScheduler, worker: FakeDiffusionExecutor
+    scheduler: ImageScheduler, worker: FakeDiffusionExecutor, omni_engine: OmniEngine
 ) -> None:
     blocker = await start_blocker(scheduler, worker)
     queued = asyncio.create_task(scheduler.submit(req(7)))
-    await until(lambda: scheduler.queued_images == 1, "a queued image")
+    await until_waiting_in_vllm_omni(omni_engine, 1)
     queued.cancel()
     await asyncio.gather(queued, return_exceptions=True)
     assert scheduler.queued_images == 0
@@ -319,6 +329,21 @@ async def test_cancel_while_queued_frees_its_place_at_once(
         lambda: outcomes(scheduler) == ["ok"], "the blocker's outcome", timeout_s=ENGINE_WAIT_S
     )
     assert [r.sampling_params.seed for batch in worker.batches for r in batch] == [1000]
+
+
+async def test_a_request_aborted_before_it_reaches_vllm_omni_never_runs(
+    scheduler: ImageScheduler, worker: FakeDiffusionExecutor
+) -> None:
+    blocker = await start_blocker(scheduler, worker)
+    for seed in range(20):  # the abort races the hand-over to vllm-omni's loop every time
+        early = asyncio.create_task(scheduler.submit(req(seed)))
+        await asyncio.sleep(0)  # handed over, not yet in vllm-omni
+        early.cancel()
+        await asyncio.gather(early, return_exceptions=True)
+    worker.script.hold.set()
+    await blocker
+    assert [r.sampling_params.seed for batch in worker.batches for r in batch] == [1000]
+    assert len(await scheduler.submit(req(3))) == 1
 
 
 async def test_cancel_while_running_drops_the_result_and_serves_the_next(

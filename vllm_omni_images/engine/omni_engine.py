@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import uuid
@@ -163,6 +164,9 @@ class OmniEngine(QueueingImageEngine):
             config.model_class_name, config.model
         )
         self._died: str | None = None
+        # Ids handed over and not finished (added by `submit`), and those of them aborted.
+        self._live: set[str] = set()
+        self._aborted: set[str] = set()
         self._closed = False
         self._engine: DiffusionEngine = DiffusionEngine.make_engine(config)
         self._engine.executor.register_failure_callback(self._executor_failed)
@@ -209,10 +213,21 @@ class OmniEngine(QueueingImageEngine):
         base = f"{request.request_id or 'image'}-{uuid.uuid4().hex[:12]}"
         request_ids = [f"{base}-{i}" for i in range(request.num_images)]
         run = self._run(to_omni_requests(request, request_ids), on_started)
+        self._live.update(request_ids)  # before the loop can see an abort for them
         return OmniJob(self, request_ids, asyncio.run_coroutine_threadsafe(run, self._loop))
 
     def abort(self, request_ids: Sequence[str]) -> None:
-        self._engine.abort(list(request_ids))
+        """Abort now in vllm-omni (it is thread-safe), and again on the engine's loop, where
+        requests are handed to vllm-omni: vllm-omni ignores an abort for an id it has not seen
+        yet, so one aborted on its way there is stopped at the door instead."""
+        ids = list(request_ids)
+        self._engine.abort(ids)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: so is the engine
+            self._loop.call_soon_threadsafe(self._abort_on_loop, ids)
+
+    def _abort_on_loop(self, request_ids: list[str]) -> None:
+        self._aborted.update(rid for rid in request_ids if rid in self._live)
+        self._engine.abort(request_ids)
 
     def check_health(self) -> None:
         if self._died is None and not self._closed:
@@ -249,7 +264,7 @@ class OmniEngine(QueueingImageEngine):
 
         def abort_siblings(task: asyncio.Task[Image.Image]) -> None:
             if task.cancelled() or task.exception() is not None:
-                self._engine.abort(request_ids)
+                self._abort_on_loop(request_ids)
 
         for task in tasks:
             task.add_done_callback(abort_siblings)
@@ -268,6 +283,10 @@ class OmniEngine(QueueingImageEngine):
 
         image: Image.Image | None = None
         try:
+            if request.request_id in self._aborted:
+                raise GenerationCancelled()  # aborted on its way here
+            # From the check above to vllm-omni's admission there is no await: an abort on
+            # this loop comes either before (caught above) or after (vllm-omni has it).
             async for outputs in self._engine.step_streaming(request):
                 output = outputs[0]
                 if is_diffusion_request_started_output(output):
@@ -279,10 +298,13 @@ class OmniEngine(QueueingImageEngine):
                 image = images[0]
         except DiffusionRequestAbortedError as error:
             raise GenerationCancelled() from error
-        except EngineError:
+        except (EngineError, GenerationCancelled):
             raise
         except Exception as error:
             raise self._classify(error) from error
+        finally:
+            self._live.discard(request.request_id)
+            self._aborted.discard(request.request_id)
         if image is None:
             raise EngineError("vllm-omni finished the request without an image")
         return image
