@@ -207,9 +207,10 @@ async def test_too_many_or_too_large_images_are_refused_and_serving_goes_on(
     served: tuple[openai.AsyncOpenAI, httpx.AsyncClient],
 ) -> None:
     sdk, http = served
-    many = [("image[]", ("in.png", png(source(16, 16)), "image/png"))] * (MAX_INPUT_IMAGES + 1)
-    response = await http.post("/v1/images/edits", data={"prompt": "p"}, files=many)
-    assert response.status_code == 400
+    for count in (MAX_INPUT_IMAGES + 1, 40):  # ours to count; beyond, the form parser's limit
+        many = [("image[]", ("in.png", png(source(16, 16)), "image/png"))] * count
+        response = await http.post("/v1/images/edits", data={"prompt": "p"}, files=many)
+        assert_openai_error(response, 400)
     two = [("image[]", ("in.png", png(source()), "image/png"))] * 2
     response = await http.post("/v1/images/edits", data={"prompt": "p"}, files=two)
     assert_openai_error(response, 400, "image")  # this model edits one image at a time

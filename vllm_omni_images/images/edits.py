@@ -30,6 +30,7 @@ from fastapi import Request
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from vllm.exceptions import VLLMValidationError
 
 from vllm_omni_images.images.errors import PayloadTooLargeError
@@ -73,7 +74,10 @@ async def read_multipart(
             "does, or a urlencoded form whose image is a data: or http(s) URL.",
             parameter="image",
         )
-    form = await raw_request.form(max_files=MAX_INPUT_IMAGES + 2, max_fields=64)
+    try:
+        form = await raw_request.form(max_files=MAX_INPUT_IMAGES + 2, max_fields=64)
+    except HTTPException as error:  # Starlette's own limits and parse errors
+        raise VLLMValidationError(f"The form could not be read: {error.detail}") from None
     fields: dict[str, str] = {}
     sources: list[UploadFile | str] = []
     mask_source: UploadFile | str | None = None
