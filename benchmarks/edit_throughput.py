@@ -9,19 +9,15 @@ several input images; the naive baseline server has no edits and is not part of 
 
 from __future__ import annotations
 
-import asyncio
 import io
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from benchmarks.load import sweep
-from benchmarks.report import benchmark_parser, markdown_table, publish
-from testing.server_process import free_port, running_server, vllm_serve_command
-from vllm_omni_images.tiny_model import ensure_tiny_model
+from benchmarks.report import markdown_table, publish
+from benchmarks.throughput import load_parser, measure_each, parsed_levels, servers
 
 
 def input_png(index: int, size: int) -> bytes:
@@ -47,32 +43,16 @@ async def measure(
 
 
 def main() -> None:
-    parser = benchmark_parser(__doc__, size="128x128", steps=4)
-    parser.add_argument("--levels", default="1,8")
-    parser.add_argument("--per-worker", type=int, default=4, help="requests per worker")
-    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser = load_parser(__doc__, levels="1,8")
     args = parser.parse_args()
-    ensure_tiny_model()
-    levels = [int(level) for level in args.levels.split(",")]
-    if not {1, 8} <= set(levels):
-        parser.error("--levels must include 1 and 8: the ratios compare them")
-    on, off = free_port(), free_port()
-    servers = {
-        f"batching on (max {args.max_batch_size})": (
-            vllm_serve_command(args.model, on, "--image-max-batch-size", str(args.max_batch_size)),
-            on,
-        ),
-        "batching off": (vllm_serve_command(args.model, off, "--image-max-batch-size", "1"), off),
-    }
-    rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory() as logs:
-        for label, (command, port) in servers.items():
-            with running_server(command, port, Path(logs) / f"{port}.log") as base_url:
-                rows += asyncio.run(
-                    measure(base_url, levels, args.per_worker, args.size, args.steps, label)
-                )
+    levels = parsed_levels(parser, args)
+    batching = servers(args.model, args.max_batch_size, naive=False)
+    rows = measure_each(
+        batching,
+        lambda url, label: measure(url, levels, args.per_worker, args.size, args.steps, label),
+    )
     by = {(row["server"], row["concurrency"]): row for row in rows}
-    on_label, off_label = servers
+    on_label, off_label = batching
     verdict = {
         "c8_vs_c1_batching_on": round(
             by[(on_label, 8)]["images_per_s"] / by[(on_label, 1)]["images_per_s"], 2
