@@ -8,7 +8,6 @@ import io
 import os
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -19,40 +18,14 @@ from PIL import Image
 
 from testing.server_process import (
     VLLM,
-    ServerFailedError,
     free_port,
-    running_server,
     vllm_serve_command,
 )
 from vllm_omni_images.images.encoding import decode_image_base64
 
+from .live_server import API_KEY, AUTH
+
 pytestmark = pytest.mark.e2e
-
-API_KEY = "e2e-secret"
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
-
-
-@pytest.fixture(scope="module")
-def server_log(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("server") / "vllm-serve.log"
-
-
-@pytest.fixture(scope="module")
-def server(tiny_model_dir: Path, model_cache: Path, server_log: Path) -> Iterator[str]:
-    port = free_port()
-    log_path = server_log
-    command = vllm_serve_command("tiny-qwen-image", port, "--api-key", API_KEY)
-    try:
-        with running_server(
-            command,
-            port,
-            log_path,
-            # vLLM's default level, as a user runs it (this test session quiets its own).
-            env={"VLLM_OMNI_IMAGES_CACHE": str(model_cache), "VLLM_LOGGING_LEVEL": "INFO"},
-        ) as base_url:
-            yield base_url
-    except ServerFailedError as error:
-        pytest.fail(str(error))
 
 
 @pytest.fixture

@@ -1,0 +1,36 @@
+"""One `vllm serve tiny-qwen-image --task image --api-key ...` subprocess for every end-to-end
+test: starting vLLM costs ~25 s on 2 cores, so the modules share it (session scope)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from testing.server_process import ServerFailedError, free_port, running_server, vllm_serve_command
+
+from .live_server import API_KEY
+
+
+@pytest.fixture(scope="session")
+def server_log(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("server") / "vllm-serve.log"
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model_dir: Path, model_cache: Path, server_log: Path) -> Iterator[str]:
+    port = free_port()
+    log_path = server_log
+    command = vllm_serve_command("tiny-qwen-image", port, "--api-key", API_KEY)
+    try:
+        with running_server(
+            command,
+            port,
+            log_path,
+            # vLLM's default level, as a user runs it (this test session quiets its own).
+            env={"VLLM_OMNI_IMAGES_CACHE": str(model_cache), "VLLM_LOGGING_LEVEL": "INFO"},
+        ) as base_url:
+            yield base_url
+    except ServerFailedError as error:
+        pytest.fail(str(error))
