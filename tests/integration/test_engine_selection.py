@@ -71,6 +71,22 @@ def test_omni_flags_with_the_diffusers_engine_stop_the_server(
     assert "--cache-backend, --vae-use-tiling" in message and "no GPU" in message
 
 
+def test_a_folder_that_is_not_a_diffusers_pipeline_stops_the_server_in_one_line(
+    serve_parser: argparse.ArgumentParser, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vllm_omni_images.server.launcher import load_engine
+
+    monkeypatch.setattr(selection, "has_accelerator", lambda: False)
+    (tmp_path / "config.json").write_text("{}")  # a transformers model, say
+    args = serve_parser.parse_args([str(tmp_path), "--task", "image"])
+    args.model = args.model_tag
+    with pytest.raises(EngineUnavailableError) as raised:
+        load_engine(args)
+    message = str(raised.value)
+    assert "model_index.json" in message and str(tmp_path) in message
+    assert "diffusers pipeline folder" in message
+
+
 # With a GPU, `auto` asks vllm-omni (its platform detection is faked; its registry is real).
 
 

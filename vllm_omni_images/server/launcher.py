@@ -99,7 +99,15 @@ def load_engine(args: argparse.Namespace) -> AnyImageEngine:
             f"the diffusers engine ({choice.reason}). Drop {'it' if len(flags) == 1 else 'them'}, "
             "or serve on a GPU with --image-engine omni."
         )
-    return create_engine(model_path, choice, settings=engine_settings_from_args(args))
+    try:
+        return create_engine(model_path, choice, settings=engine_settings_from_args(args))
+    except OSError as error:
+        # diffusers' own words for a folder without model_index.json, or a hub id that is not
+        # cached while offline: the cause is the model argument, so say that in one line.
+        raise EngineUnavailableError(
+            f"{error} The model must be a diffusers pipeline folder (with a model_index.json), "
+            "the hub id of one, or tiny-qwen-image."
+        ) from error
 
 
 async def load_engine_client(args: argparse.Namespace) -> ImageEngineClient:
