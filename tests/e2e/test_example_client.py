@@ -1,0 +1,185 @@
+"""`examples/api_server/image_generation_client.py` run as a user runs it, against the live
+`vllm serve tiny-qwen-image --task image --api-key ...` server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from testing.server_process import free_port
+
+from .live_server import API_KEY
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+CLIENT = "examples/api_server/image_generation_client.py"
+FAST = ("--steps", "2")
+
+
+def run_client(
+    server: str, *args: str | Path, api_key: str | None = API_KEY, env_key: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The client as a subprocess: `--base-url` the live server's, `--api-key` unless None;
+    `OPENAI_API_KEY` is `env_key` (unset when None)."""
+    env = {name: value for name, value in os.environ.items() if name != "OPENAI_API_KEY"}
+    if env_key is not None:
+        env["OPENAI_API_KEY"] = env_key
+    command = [sys.executable, CLIENT, "--base-url", f"{server}/v1", *map(str, args)]
+    if api_key is not None:
+        command += ["--api-key", api_key]
+    return subprocess.run(
+        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=180, check=False
+    )
+
+
+def succeeded(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return result.stdout
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_writes_a_png_of_the_asked_size(server, tmp_path):
+    output = tmp_path / "lighthouse.png"
+    fields = ("--prompt", "a lighthouse", "--size", "128x64", *FAST, "--output", output)
+    stdout = succeeded(run_client(server, *fields))
+    assert f"wrote {output}" in stdout
+    with Image.open(output) as image:
+        assert image.format == "PNG" and image.size == (128, 64)
+        assert np.asarray(image).std() > 0  # an image, not a blank canvas
+
+
+def test_n_3_writes_three_different_images_named_after_the_output(server, tmp_path):
+    output = tmp_path / "dragon.png"
+    fields = ("--prompt", "a dragon", "--size", "64x64", "--seed", "11", *FAST)
+    stdout = succeeded(run_client(server, *fields, "--n", "3", "--output", output))
+    paths = [output, tmp_path / "dragon_1.png", tmp_path / "dragon_2.png"]
+    assert sorted(tmp_path.iterdir()) == sorted(paths)
+    assert stdout.splitlines() == [f"wrote {path}" for path in paths]
+    images = [pixels(path) for path in paths]
+    assert all(image.shape == (64, 64, 3) for image in images)
+    assert not np.array_equal(images[0], images[1])
+    assert not np.array_equal(images[1], images[2])
+    assert not np.array_equal(images[0], images[2])
+
+
+def test_the_same_seed_gives_the_same_image_and_another_seed_another(server, tmp_path):
+    fields = ("--prompt", "a boat", "--size", "64x64", *FAST)
+    first, second, other = tmp_path / "first.png", tmp_path / "second.png", tmp_path / "other.png"
+    succeeded(run_client(server, *fields, "--seed", "7", "--output", first))
+    succeeded(run_client(server, *fields, "--seed", "7", "--output", second))
+    succeeded(run_client(server, *fields, "--seed", "8", "--output", other))
+    assert first.read_bytes() == second.read_bytes()
+    assert not np.array_equal(pixels(first), pixels(other))
+
+
+def test_a_webp_output_asks_the_server_for_webp(server, tmp_path):
+    output = tmp_path / "boat.webp"
+    succeeded(
+        run_client(server, "--prompt", "a boat", "--size", "64x64", *FAST, "--output", output)
+    )
+    with Image.open(output) as image:
+        assert image.format == "WEBP" and image.size == (64, 64)
+
+
+def write_input_and_mask(folder: Path) -> tuple[Path, Path]:
+    """A flat blue 64x48 image, and a mask whose left half is transparent (to be edited)."""
+    image, mask = folder / "in.png", folder / "mask.png"
+    Image.new("RGB", (64, 48), (30, 60, 150)).save(image)
+    transparent_left = Image.new("RGBA", (64, 48), (0, 0, 0, 255))
+    transparent_left.paste((0, 0, 0, 0), (0, 0, 32, 48))
+    transparent_left.save(mask)
+    return image, mask
+
+
+def test_image_and_mask_edit_the_input_at_its_size(server, tmp_path):
+    image, mask = write_input_and_mask(tmp_path)
+    output = tmp_path / "fox.png"
+    fields = ("--prompt", "a red fox", "--seed", "2", *FAST, "--output", output)
+    stdout = succeeded(run_client(server, *fields, "--image", image, "--mask", mask))
+    assert f"wrote {output}" in stdout
+    with Image.open(output) as edited:
+        assert edited.format == "PNG" and edited.size == (64, 48)
+    kept = pixels(output)[:, 33:].astype(int)  # the mask's opaque half is kept as it was
+    assert np.abs(kept - (30, 60, 150)).mean() < 1
+    assert np.abs(pixels(output)[:, :31].astype(int) - (30, 60, 150)).mean() > 1
+
+
+@pytest.mark.parametrize("edit", [False, True], ids=["generation", "edit"])
+def test_stream_prints_each_partial_image_then_saves_the_final_one(server, tmp_path, edit):
+    image, _ = write_input_and_mask(tmp_path)
+    # 4 steps leave room for 2 previews (after steps 1 and 3); strength 1 runs all 4 in an edit
+    inputs = ("--image", image, "--strength", "1") if edit else ("--size", "64x48")
+    fields = ("--prompt", "a lighthouse", "--seed", "9", "--steps", "4", *inputs)
+    streamed, plain = tmp_path / "streamed.png", tmp_path / "plain.png"
+    stdout = succeeded(run_client(server, *fields, "--stream", "--output", streamed))
+    lines = stdout.splitlines()
+    assert [line.split(" (")[0] for line in lines[:3]] == [
+        "partial image 1/2",
+        "partial image 2/2",
+        "image completed",
+    ]
+    assert "(64x48)" in lines[0]
+    assert lines[3:] == [f"wrote {streamed}"]
+    succeeded(run_client(server, *fields, "--output", plain))
+    assert streamed.read_bytes() == plain.read_bytes()  # the stream's image is the request's
+
+
+def test_the_key_comes_from_openai_api_key_when_not_given(server, tmp_path):
+    output = tmp_path / "env.png"
+    fields = ("--prompt", "a boat", "--size", "64x64", *FAST, "--output", output)
+    succeeded(run_client(server, *fields, api_key=None, env_key=API_KEY))
+    with Image.open(output) as image:
+        assert image.size == (64, 64)
+    denied = run_client(server, *fields, api_key=None, env_key=None)  # "EMPTY": refused
+    assert denied.returncode == 1
+    assert "401: Unauthorized" in denied.stderr
+
+
+def test_a_wrong_key_exits_1_with_the_servers_message(server, tmp_path):
+    output = tmp_path / "never.png"
+    fields = ("--prompt", "a boat", "--size", "64x64", "--output", output)
+    result = run_client(server, *fields, api_key="wrong", env_key=API_KEY)  # the flag wins
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("error: 401: Unauthorized (check --api-key or OPENAI_API_KEY)")
+    assert result.stdout == "" and not output.exists()
+
+
+def test_a_size_the_server_refuses_exits_1_with_its_message(server, tmp_path):
+    output = tmp_path / "never.png"
+    fields = ("--prompt", "a boat", "--output", output)
+    banana = run_client(server, *fields, "--size", "banana")
+    assert banana.returncode == 1
+    assert banana.stderr.startswith("error: 400: ")
+    assert "size must be 'WIDTHxHEIGHT'" in banana.stderr
+    assert "Traceback" not in banana.stderr
+    odd = run_client(server, *fields, "--size", "250x250")
+    assert odd.returncode == 1
+    assert "multiples of 16" in odd.stderr
+    assert not output.exists()
+
+
+def test_a_server_that_is_not_there_exits_1_saying_so(tmp_path):
+    base_url = f"http://127.0.0.1:{free_port()}/v1"
+    output = tmp_path / "never.png"
+    result = subprocess.run(
+        [sys.executable, CLIENT, "--prompt", "a boat", "--base-url", base_url, "--output", output],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"error: cannot reach {base_url}: Connection error.")
+    assert not output.exists()
