@@ -5,6 +5,7 @@ Shared by the end-to-end tests and the benchmarks, which both drive real `vllm s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -44,12 +45,21 @@ def running_server(
     log_path: Path,
     env: dict[str, str] | None = None,
     startup_timeout_s: float = STARTUP_TIMEOUT_S,
+    cwd: Path | None = None,
 ) -> Iterator[str]:
     """Run `command` (which must listen on `port`), yield its base URL once healthy, and stop it
-    with SIGINT (as Ctrl-C would) on exit."""
+    with SIGINT on exit, sent to its whole process group as Ctrl-C in a terminal would (so
+    `make serve` stops its `vllm serve` too)."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=full_env)
+        process = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            cwd=cwd,
+            start_new_session=True,
+        )
     base_url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + startup_timeout_s
@@ -68,9 +78,14 @@ def running_server(
             time.sleep(0.5)
         yield base_url
     finally:
-        process.send_signal(signal.SIGINT)
+        _signal_group(process, signal.SIGINT)
         try:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            process.kill()
+            _signal_group(process, signal.SIGKILL)
             process.wait()
+
+
+def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # the group is gone already
+        os.killpg(process.pid, signum)

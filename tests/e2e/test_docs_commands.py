@@ -1,0 +1,282 @@
+"""Every shell command (and Python snippet) in the README and the docs runs as written.
+
+The commands are read from the Markdown at test time, never copied here, so a doc that drifts
+from the product fails this test. Each document is walked in order, as a reader would follow
+it:
+
+- a server command (`make serve ...`, `vllm serve tiny-qwen-image ...`) is started in the
+  background and must become healthy and answer one generation; the commands after it talk
+  to it;
+- any other command runs to completion with `bash` and must exit 0; a `python` block runs as a
+  script.
+
+Only two things differ from a reader's terminal, both so that tests can run beside anything
+else on the machine: a server listens on a free port (the port the doc names, in the client
+commands too, is swapped for it, and `OPENAI_BASE_URL` points the example client's default
+URL there), and everything runs in a scratch folder whose entries link
+to the checkout's (so `make` and `examples/...` resolve, and the files the commands write land
+in the scratch folder). The project's virtualenv is first on `PATH`, as after
+`source .venv/bin/activate`.
+
+A command that cannot run on this CPU-only, offline machine is skipped only for a reason
+`reason_not_run` states (a real model from a hub, a ComfyUI checkout, the test run itself).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from testing.server_process import ServerFailedError, free_port, running_server
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+DOCUMENTS = sorted(
+    {
+        REPO / "README.md",
+        *(REPO / "docs").glob("*.md"),
+        *(REPO / "examples").glob("**/README.md"),
+    }
+)
+SHELL_LANGUAGES = {"bash", "sh", "shell"}
+COMMAND_TIMEOUT_S = 180
+DEFAULT_PORT = 8000
+FENCE = re.compile(r"^```(\w*)\s*$")
+SERVER_COMMAND = re.compile(r"^(\w+=\S+\s+)*(make serve\b|vllm serve tiny-qwen-image\b)")
+
+
+@dataclass(frozen=True)
+class Snippet:
+    document: Path
+    line: int
+    language: str  # "bash" or "python"
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.document.relative_to(REPO)}:{self.line}: {self.text}"
+
+
+def snippets(document: Path) -> list[Snippet]:
+    """The shell commands (continuation lines joined) and Python blocks of one document."""
+    found: list[Snippet] = []
+    language: str | None = None
+    block: list[tuple[int, str]] = []
+    for number, line in enumerate(document.read_text().splitlines(), start=1):
+        fence = FENCE.match(line.strip())
+        if fence and language is None:
+            language, block = fence.group(1), []
+            continue
+        if fence and language is not None:
+            found.extend(_block_snippets(document, language, block))
+            language = None
+            continue
+        if language is not None:
+            block.append((number, line))
+    return found
+
+
+def _block_snippets(document: Path, language: str, block: list[tuple[int, str]]) -> list[Snippet]:
+    if language == "python" and block:
+        return [Snippet(document, block[0][0], "python", "\n".join(line for _, line in block))]
+    if language not in SHELL_LANGUAGES:
+        return []
+    commands: list[Snippet] = []
+    pending: list[str] = []
+    start = 0
+    for number, line in block:
+        if not pending:
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            start = number
+        pending.append(line.rstrip().removesuffix("\\").rstrip())
+        if not line.rstrip().endswith("\\"):
+            commands.append(Snippet(document, start, "bash", " ".join(p.strip() for p in pending)))
+            pending = []
+    return commands
+
+
+def reason_not_run(snippet: Snippet) -> str | None:
+    """Why a documented command cannot run here (None: it runs)."""
+    text = snippet.text
+    serve = re.search(r"\bvllm serve (\S+)", text)
+    if serve and serve.group(1) != "tiny-qwen-image" and not serve.group(1).startswith("-"):
+        return "serves a real model: its weights come from a hub (none here), often on a GPU"
+    if re.search(r"--image-engine omni\b", text):
+        return "vllm-omni's engine needs a GPU (tests/e2e/test_omni_gpu.py runs it on one)"
+    if re.match(r"make (test|benchmark)\b", text):
+        return "`make test` is this run itself; `make benchmark` takes ~15 minutes"
+    if re.search(r"\bComfyUI\b|\bmain\.py\b", text):
+        return "needs a ComfyUI checkout (tests/e2e/test_comfyui_real.py, with COMFYUI_DIR)"
+    if text.startswith("git clone"):
+        return "a clone needs the network; the tests run in a clone already"
+    return None
+
+
+def test_the_docs_have_commands_and_each_one_runs_or_says_why_not() -> None:
+    every = [snippet for document in DOCUMENTS for snippet in snippets(document)]
+    bash = [snippet for snippet in every if snippet.language == "bash"]
+    runnable = [snippet for snippet in bash if reason_not_run(snippet) is None]
+    assert any(SERVER_COMMAND.match(snippet.text) for snippet in runnable), "no server command"
+    assert len(runnable) >= 10, [str(snippet) for snippet in runnable]
+    # The README's quick start is a command that runs, not one of the skipped ones.
+    readme = [snippet.text for snippet in runnable if snippet.document.name == "README.md"]
+    assert "make serve" in readme
+    assert any("image_generation_client.py" in text for text in readme)
+
+
+@dataclass
+class LiveServer:
+    base_url: str
+    port: int
+
+
+class Servers:
+    """The servers the docs start, one per distinct command, kept for the whole module (a
+    start costs ~25 s) and stopped at its end."""
+
+    def __init__(self, scratch: Path, env: dict[str, str], logs: Path) -> None:
+        self.scratch, self.env, self.logs = scratch, env, logs
+        self.running: dict[str, LiveServer] = {}
+        self.stack = ExitStack()
+
+    def start(self, snippet: Snippet) -> tuple[LiveServer, int]:
+        """Start (or reuse) the server of `snippet`; also returns the port the doc uses."""
+        named = re.search(r"(?:\bPORT=|--port[ =])(\d+)", snippet.text)
+        doc_port = int(named.group(1)) if named else DEFAULT_PORT
+        key = re.sub(r"\s*(\bPORT=\d+|--port[ =]\d+)", "", snippet.text).strip()
+        if key not in self.running:
+            port = free_port()
+            command = re.sub(r"\bPORT=\d+", f"PORT={port}", snippet.text)
+            command = re.sub(r"--port[ =]\d+", f"--port {port}", command)
+            if re.search(r"\bvllm serve\b", command) and "--port" not in command:
+                command += f" --port {port}"
+            log = self.logs / f"server-{len(self.running)}.log"
+            try:
+                base_url = self.stack.enter_context(
+                    running_server(
+                        ["bash", "-c", command],
+                        port,
+                        log,
+                        env={**self.env, "PORT": str(port)},
+                        cwd=self.scratch,
+                    )
+                )
+            except ServerFailedError as error:
+                pytest.fail(f"{snippet}\ndid not start:\n{error}")
+            self.running[key] = LiveServer(base_url, port)
+            self._check_it_serves(snippet, self.running[key])
+        return self.running[key], doc_port
+
+    def _check_it_serves(self, snippet: Snippet, server: LiveServer) -> None:
+        key = re.search(r"--api-key[ =](\S+)", snippet.text)
+        headers = {"Authorization": f"Bearer {key.group(1)}"} if key else {}
+        body = {"prompt": "docs", "size": "64x64", "num_inference_steps": 1}
+        response = httpx.post(
+            f"{server.base_url}/v1/images/generations", json=body, headers=headers, timeout=120
+        )
+        assert response.status_code == 200, f"{snippet}\n{response.text}"
+        assert response.json()["data"][0]["b64_json"]
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder that looks like the checkout (its entries are links) but keeps what the
+    commands write."""
+    folder = tmp_path_factory.mktemp("docs-scratch")
+    for entry in REPO.iterdir():
+        if entry.name not in {".git"}:
+            (folder / entry.name).symlink_to(entry)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def servers(
+    scratch: Path, model_cache: Path, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Servers]:
+    venv_bin = str(Path(sys.executable).parent)
+    env = {
+        "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}",
+        "VIRTUAL_ENV": str(Path(venv_bin).parent),
+        "VLLM_OMNI_IMAGES_CACHE": str(model_cache),
+        "HF_HUB_OFFLINE": "1",
+    }
+    running = Servers(scratch, env, tmp_path_factory.mktemp("docs-servers"))
+    with running.stack:
+        yield running
+
+
+def run_snippet(snippet: Snippet, scratch: Path, env: dict[str, str]) -> None:
+    if snippet.language == "python":
+        script = scratch / f"snippet_{snippet.document.stem}_{snippet.line}.py"
+        script.write_text(snippet.text)
+        command = [sys.executable, str(script)]
+    else:
+        command = ["bash", "-o", "pipefail", "-c", snippet.text]
+    full_env = {key: value for key, value in os.environ.items() if key != "OPENAI_API_KEY"}
+    result = subprocess.run(
+        command,
+        cwd=scratch,
+        env={**full_env, **env},
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT_S,
+    )
+    assert result.returncode == 0, (
+        f"{snippet}\nexited {result.returncode}\n--- stdout\n{result.stdout[-3000:]}"
+        f"\n--- stderr\n{result.stderr[-3000:]}"
+    )
+
+
+def at_port(snippet: Snippet, doc_port: int, port: int) -> Snippet:
+    text = re.sub(rf"\b(127\.0\.0\.1|localhost):{doc_port}\b", f"127.0.0.1:{port}", snippet.text)
+    return Snippet(snippet.document, snippet.line, snippet.language, text)
+
+
+@pytest.mark.parametrize(
+    "document", DOCUMENTS, ids=[str(path.relative_to(REPO)) for path in DOCUMENTS]
+)
+def test_every_command_in_the_document_runs(
+    document: Path, servers: Servers, scratch: Path
+) -> None:
+    server: LiveServer | None = None
+    doc_port = DEFAULT_PORT
+    for snippet in snippets(document):
+        if snippet.language == "bash" and reason_not_run(snippet) is not None:
+            continue
+        if snippet.language == "bash" and SERVER_COMMAND.match(snippet.text):
+            server, doc_port = servers.start(snippet)
+            continue
+        if server is None and re.search(r"(127\.0\.0\.1|localhost):\d+", snippet.text):
+            pytest.fail(f"{snippet}\ntalks to a server the document never starts")
+        env = dict(servers.env)
+        if server is not None:
+            snippet = at_port(snippet, doc_port, server.port)
+            # The example client's default URL is the doc's server; the SDK's variable moves it.
+            env["OPENAI_BASE_URL"] = f"{server.base_url}/v1"
+        run_snippet(snippet, scratch, env)
+
+
+def test_snippets_are_read_as_a_reader_sees_them(tmp_path: Path) -> None:
+    document = tmp_path / "doc.md"
+    document.write_text(
+        "text\n```bash\n# a comment\nmake serve   # serves\n\ncurl -s a \\\n  -d b\n```\n"
+        "```text\nnot a command\n```\n```python\nprint(1)\nprint(2)\n```\n"
+    )
+    found = snippets(document)
+    assert [(s.language, s.line, s.text) for s in found] == [
+        ("bash", 4, "make serve   # serves"),
+        ("bash", 6, "curl -s a -d b"),
+        ("python", 14, "print(1)\nprint(2)"),
+    ]
+    assert shlex.split(found[1].text) == ["curl", "-s", "a", "-d", "b"]
