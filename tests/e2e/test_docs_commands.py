@@ -116,7 +116,7 @@ def reason_not_run(snippet: Snippet) -> str | None:
         return "vllm-omni's engine needs a GPU (tests/e2e/test_omni_gpu.py runs it on one)"
     if re.match(r"make (test|benchmark)\b", text):
         return "`make test` is this run itself; `make benchmark` takes ~15 minutes"
-    if re.search(r"\bComfyUI\b|\bmain\.py\b", text):
+    if re.search(r"\bComfyUI\b|\bmain\.py\b|:8188\b", text):
         return "needs a ComfyUI checkout (tests/e2e/test_comfyui_real.py, with COMFYUI_DIR)"
     if text.startswith("git clone"):
         return "a clone needs the network; the tests run in a clone already"
@@ -157,7 +157,8 @@ class Servers:
         key = re.sub(r"\s*(\bPORT=\d+|--port[ =]\d+)", "", snippet.text).strip()
         if key not in self.running:
             port = free_port()
-            command = re.sub(r"\bPORT=\d+", f"PORT={port}", snippet.text)
+            command = shlex.join(shlex.split(snippet.text, comments=True))  # `--port` goes last
+            command = re.sub(r"\bPORT=\d+", f"PORT={port}", command)
             command = re.sub(r"--port[ =]\d+", f"--port {port}", command)
             if re.search(r"\bvllm serve\b", command) and "--port" not in command:
                 command += f" --port {port}"
@@ -277,6 +278,6 @@ def test_snippets_are_read_as_a_reader_sees_them(tmp_path: Path) -> None:
     assert [(s.language, s.line, s.text) for s in found] == [
         ("bash", 4, "make serve   # serves"),
         ("bash", 6, "curl -s a -d b"),
-        ("python", 14, "print(1)\nprint(2)"),
+        ("python", 13, "print(1)\nprint(2)"),
     ]
     assert shlex.split(found[1].text) == ["curl", "-s", "a", "-d", "b"]
