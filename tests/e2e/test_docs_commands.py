@@ -114,6 +114,10 @@ def reason_not_run(snippet: Snippet) -> str | None:
         return "serves a real model: its weights come from a hub (none here), often on a GPU"
     if re.search(r"--image-engine omni\b", text):
         return "vllm-omni's engine needs a GPU (tests/e2e/test_omni_gpu.py runs it on one)"
+    if re.search(r"--device cuda\b", text):
+        return "needs a CUDA GPU (the GPU benchmark's command, docs/performance.md)"
+    if re.search(r"\bpip (download|install)\b", text):
+        return "sets up another machine's Python (the GPU machine), not this project's"
     if re.match(r"make (test|benchmark)\b", text):
         return "`make test` is this run itself; `make benchmark` takes ~15 minutes"
     if re.search(r"\bComfyUI\b|\bmain\.py\b|:8188\b", text):
