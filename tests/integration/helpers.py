@@ -7,6 +7,7 @@ import httpx2
 import numpy as np
 import openai
 from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
 
 from vllm_omni_images.images.encoding import decode_image_base64
 
@@ -36,6 +37,16 @@ def pixels(b64: str) -> np.ndarray:
 
 async def generate(client: httpx.AsyncClient, **body: object) -> httpx.Response:
     return await client.post("/v1/images/generations", json={"prompt": "a red fox", **body})
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` with `labels` in a /metrics answer."""
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
 
 
 def assert_openai_error(response: httpx.Response, status: int, param: str | None = None) -> dict:

@@ -8,14 +8,13 @@ import logging
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.engines import ObservedEngine
 from tests.support.waiting import ENGINE_WAIT_S, until
 from vllm_omni_images.engine.base import ImageEngine
 from vllm_omni_images.images.protocol import ImageGenerationRequest
 
-from .helpers import FAST, assert_openai_error, generate, http_client
+from .helpers import FAST, assert_openai_error, generate, http_client, metric_value
 
 
 async def one_running_one_queued(
@@ -29,15 +28,6 @@ async def one_running_one_queued(
     scheduler = app.state.engine_client.scheduler
     await until(lambda: scheduler.queued_images == queued_n, "queued", timeout_s=ENGINE_WAIT_S)
     return running, queued
-
-
-def metric_value(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
 
 
 @pytest.fixture
@@ -83,13 +73,15 @@ async def test_a_full_queue_answers_429_with_retry_after(make_app, engine: Obser
 async def test_a_request_past_its_timeout_gets_504_and_its_work_stops(
     make_app, engine: ObservedEngine
 ) -> None:
-    app = await make_app(engine, ["--image-request-timeout", "0.3"])
+    # Room for the quick request below on two loaded cores (it took up to 1.2 s there).
+    app = await make_app(engine, ["--image-request-timeout", "3"])
     async with http_client(app) as client:
-        # 200 steps at 256x256 take far longer than 0.3 s on any machine this runs on.
-        slow = await generate(client, size="256x256", num_inference_steps=200)
+        # 200 steps at 1024x1024 take far longer than 3 s on any machine this runs on (on two
+        # CPU cores, ~20 ms a step and 3 s for the decode).
+        slow = await generate(client, size="1024x1024", num_inference_steps=200)
         error = assert_openai_error(slow, 504)
         assert error["type"] == "TimeoutError"
-        assert "0.3 s" in error["message"]
+        assert "3 s" in error["message"]
         assert engine.steps < 200, "the timed-out batch ran to the end"
         # The engine is free again at once.
         assert (await generate(client, **FAST)).status_code == 200

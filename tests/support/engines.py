@@ -3,16 +3,19 @@
 `FakeEngine` paints one small image per seed in `colour(seed)` and can hold a batch at a gate;
 `req` builds requests for it. `DelegatingEngine` forwards to a real engine, and its subclasses
 change only `generate`: to fail on purpose, or to hold and count batches and steps.
-`FakeQueueingEngine` queues by itself, as vllm-omni's engine does; the test drives its jobs.
+`FaultyEngine` injects faults (an exception, out of memory, a hang) inside the real engine's
+pipeline call. `FakeQueueingEngine` queues by itself, as vllm-omni's engine does; the test
+drives its jobs.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from PIL import Image
 
 from vllm_omni_images.engine.base import (
@@ -76,6 +79,8 @@ class FakeEngine(ImageEngine):
         self.finished: list[str] = []
         self.fail_with: dict[str, BaseException] = {}
         """Raise this error for a batch whose first prompt is the key."""
+        self.fault: Callable[[Sequence[EngineRequest]], None] | None = None
+        """Called with each batch before it runs: it may raise (or block) to inject a fault."""
 
     @property
     def defaults(self) -> ModelDefaults:
@@ -89,6 +94,12 @@ class FakeEngine(ImageEngine):
         if requests[0].prompt in self.fail_with:
             self.finished.append("error")
             raise self.fail_with[requests[0].prompt]
+        if self.fault is not None:
+            try:
+                self.fault(requests)
+            except Exception:
+                self.finished.append("error")
+                raise
         try:
             for step in range(self.steps):
                 assert self.gate.wait(WAIT_S), "the test never opened the gate"
@@ -168,6 +179,72 @@ class ObservedEngine(DelegatingEngine):
                 on_step(step, total)
 
         return super().generate(requests, counting)
+
+
+class FaultyEngine(DelegatingEngine):
+    """The real engine with faults injected inside its pipeline call, at the end of the first
+    denoising step, as a real fault would strike mid-call:
+
+    - out of memory (`torch.OutOfMemoryError`, which the engine turns into
+      `EngineOutOfMemoryError`) for a call of more than `max_images` images, or with an image
+      whose prompt is `OOM_PROMPT` (it does not fit even alone);
+    - a `RuntimeError` with a message, for a call with the prompt `FAIL_PROMPT`;
+    - a hang, for a call with the prompt `HANG_PROMPT`: it blocks, deaf to cancellation, until
+      the test sets `release` (`hanging` is set meanwhile).
+
+    `calls` records the seeds of every call, in order.
+    """
+
+    OOM_PROMPT = "too big to fit"
+    FAIL_PROMPT = "break the pipeline"
+    HANG_PROMPT = "hang the engine"
+    FAILURE = "the VAE produced NaNs"
+
+    def __init__(self, inner: ImageEngine, max_images: int | None = None) -> None:
+        super().__init__(inner)
+        self.max_images = max_images
+        self.release = threading.Event()
+        self.hanging = threading.Event()
+        self.calls: list[list[int]] = []
+
+    def generate(
+        self, requests: Sequence[EngineRequest], on_step: StepCallback | None = None
+    ) -> list[list[Image.Image]]:
+        self.calls.append([seed for request in requests for seed in request.seeds])
+        fault = self._fault(requests)
+
+        def step(index: int, total: int) -> None:
+            if index == 0 and fault is not None:
+                fault()
+            if on_step is not None:
+                on_step(index, total)
+
+        return super().generate(requests, step)
+
+    def _fault(self, requests: Sequence[EngineRequest]) -> Callable[[], None] | None:
+        prompts = {request.prompt for request in requests}
+        images = sum(request.num_images for request in requests)
+        if self.OOM_PROMPT in prompts or (self.max_images is not None and images > self.max_images):
+            return self._out_of_memory
+        if self.FAIL_PROMPT in prompts:
+            return self._fail
+        if self.HANG_PROMPT in prompts:
+            return self._hang
+        return None
+
+    def _out_of_memory(self) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    def _fail(self) -> None:
+        raise RuntimeError(self.FAILURE)
+
+    def _hang(self) -> None:
+        self.hanging.set()
+        assert self.release.wait(HANG_LIMIT_S), "the test never released the hung engine"
+
+
+HANG_LIMIT_S = 120.0
+"""The longest `FaultyEngine` hangs when a test forgets to release it."""
 
 
 class FakeJob:

@@ -9,6 +9,7 @@ from vllm.exceptions import VLLMValidationError
 
 from vllm_omni_images.engine.errors import (
     EngineError,
+    EngineHungError,
     EngineNotReadyError,
     EngineOutOfMemoryError,
     QueueFullError,
@@ -43,12 +44,20 @@ from vllm_omni_images.images.errors import error_kind, error_response, response_
         ),
         (SchedulerClosedError(), 503, "ServiceUnavailableError", "unavailable", None, "shut down"),
         (
-            EngineOutOfMemoryError("CUDA out of memory"),
+            EngineHungError(60),
+            503,
+            "ServiceUnavailableError",
+            "unavailable",
+            None,
+            "not responding: a call did not stop 60 s after",
+        ),
+        (
+            EngineOutOfMemoryError("one 64x64 image did not fit, even alone"),
             503,
             "ServiceUnavailableError",
             "out_of_memory",
             None,
-            "out of GPU memory",
+            "out of GPU memory generating this request (one 64x64 image did not fit, even",
         ),
         (EngineError("NaNs"), 500, "InternalServerError", "error", None, "NaNs"),
         (KeyError("bug"), 500, "InternalServerError", "error", None, "bug"),

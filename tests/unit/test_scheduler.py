@@ -1,4 +1,5 @@
-"""The image scheduler: batch formation, fairness, limits, timeouts, cancellation, errors."""
+"""The image scheduler: batch formation, fairness, limits, timeouts, cancellation, errors,
+and faults (out of memory retried in halves, a hung engine)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from vllm_omni_images.engine.cpu_priority import ENGINE_THREAD_NICENESS
 from vllm_omni_images.engine.errors import (
     EngineDiedError,
     EngineError,
+    EngineHungError,
     EngineOutOfMemoryError,
     QueueFullError,
     RequestTimeoutError,
@@ -28,11 +30,13 @@ from vllm_omni_images.engine.errors import (
     SchedulerClosedError,
 )
 from vllm_omni_images.engine.scheduler import (
+    BatchSlice,
     ImageScheduler,
     SchedulerConfig,
     SchedulerObserver,
     company_wait_s,
     form_batch,
+    split_in_halves,
 )
 
 
@@ -59,6 +63,12 @@ class RecordingObserver(SchedulerObserver):
 
     def on_queue_depth(self, images: int) -> None:
         self.events.append(("depth", images))
+
+    def on_batch_split(self, images: int) -> None:
+        self.events.append(("split", images))
+
+    def on_engine_hung(self, hung: bool) -> None:
+        self.events.append(("hung", hung))
 
     def of(self, kind: str) -> list[Any]:
         return [value for name, value in self.events if name == kind]
@@ -207,6 +217,7 @@ def test_company_wait_counts_from_the_head_arrival() -> None:
         {"batch_delay_s": -0.1},
         {"max_queue_images": 0},
         {"request_timeout_s": 0.0},
+        {"hang_grace_s": 0.0},
     ],
 )
 def test_config_rejects_invalid_values(fields: dict[str, Any]) -> None:
@@ -430,10 +441,7 @@ async def test_a_partly_abandoned_batch_delivers_to_the_rest() -> None:
     assert engine.steps_run == [5]
 
 
-@pytest.mark.parametrize(
-    "error",
-    [EngineError("broken"), EngineOutOfMemoryError("no memory"), RuntimeError("bug")],
-)
+@pytest.mark.parametrize("error", [EngineError("broken"), RuntimeError("bug")])
 async def test_engine_error_fails_only_its_batch(engine: FakeEngine, error: Exception) -> None:
     observer = RecordingObserver()
     engine.fail_with["boom"] = error
@@ -629,3 +637,242 @@ async def test_close_fails_the_waiting_and_waits_for_the_started(
     engine.jobs[0].finish()
     assert len(await started) == 1
     await asyncio.wait_for(closing, WAIT_S)
+
+
+# Faults: out of memory retried in halves
+
+
+def seeds_of(batch: Sequence[EngineRequest]) -> list[int]:
+    return [seed for request in batch for seed in request.seeds]
+
+
+def out_of_memory(
+    above: int, *, even_alone: frozenset[str] = frozenset()
+) -> Callable[[Sequence[EngineRequest]], None]:
+    """A `FakeEngine.fault`: out of memory for a batch of more than `above` images, or with an
+    image of a prompt in `even_alone`."""
+
+    def fault(requests: Sequence[EngineRequest]) -> None:
+        too_many = sum(request.num_images for request in requests) > above
+        if too_many or any(request.prompt in even_alone for request in requests):
+            raise EngineOutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    return fault
+
+
+def test_split_in_halves_cuts_at_the_middle_image() -> None:
+    four = [BatchSlice(index, 0, 1) for index in range(4)]
+    assert split_in_halves(four) == (four[:2], four[2:])
+    # A request across the middle goes to both halves, its seeds in order.
+    assert split_in_halves([BatchSlice(0, 0, 1), BatchSlice(1, 0, 3)]) == (
+        [BatchSlice(0, 0, 1), BatchSlice(1, 0, 1)],
+        [BatchSlice(1, 1, 3)],
+    )
+    assert split_in_halves([BatchSlice(0, 0, 4)]) == ([BatchSlice(0, 0, 2)], [BatchSlice(0, 2, 4)])
+    # An odd count: the first half is the larger; a part of a request splits again.
+    assert split_in_halves([BatchSlice(0, 2, 5)]) == ([BatchSlice(0, 2, 4)], [BatchSlice(0, 4, 5)])
+    with pytest.raises(ValueError):
+        split_in_halves([BatchSlice(0, 0, 1)])
+
+
+def test_split_in_halves_keeps_every_image_once_in_order() -> None:
+    rng = random.Random(3)
+    for _ in range(200):
+        slices = [BatchSlice(i, 0, rng.randint(1, 5)) for i in range(rng.randint(1, 6))]
+        if sum(part.num_images for part in slices) < 2:
+            continue
+        first, second = split_in_halves(slices)
+        images = [(p.index, seed) for p in first + second for seed in range(p.start, p.stop)]
+        assert images == [(p.index, seed) for p in slices for seed in range(p.start, p.stop)]
+        sizes = [sum(part.num_images for part in half) for half in (first, second)]
+        assert 0 <= sizes[0] - sizes[1] <= 1
+
+
+async def test_out_of_memory_retries_the_batch_in_halves(engine: FakeEngine) -> None:
+    engine.fault = out_of_memory(above=2)
+    observer = RecordingObserver()
+    async with running(engine, observer=observer, max_batch_size=4) as scheduler:
+        held = await hold(scheduler, engine, req(100, width=128))
+        requests = [req(i, request_id=str(i)) for i in range(1, 5)]
+        tasks = await submit_queued(scheduler, *requests)
+        engine.gate.set()
+        for request, images in zip(requests, await asyncio.gather(*tasks), strict=True):
+            assert_images_of(request, images)
+        await held
+    assert [seeds_of(batch) for batch in engine.batches[1:]] == [[1, 2, 3, 4], [1, 2], [3, 4]]
+    assert engine.finished == ["ok", "error", "ok", "ok"]
+    assert observer.of("split") == [4]
+    # One batch for the observer (and the metrics), however many calls it took.
+    assert len(observer.of("start")) == 2
+    assert [outcome for _, _, outcome in observer.of("end")] == ["ok", "ok"]
+
+
+async def test_out_of_memory_splits_a_requests_images_and_keeps_their_order(
+    engine: FakeEngine,
+) -> None:
+    engine.fault = out_of_memory(above=1)
+    async with running(engine, max_batch_size=4) as scheduler:
+        request = req(1, 2, 3, 4, 5, request_id="five")
+        assert_images_of(request, await scheduler.submit(request))
+    assert [seeds_of(batch) for batch in engine.batches] == [
+        [1, 2, 3, 4, 5],
+        [1, 2, 3],
+        [1, 2],
+        [1],
+        [2],
+        [3],
+        [4, 5],
+        [4],
+        [5],
+    ]
+    # Each part is the same request with fewer seeds: the same image for the same seed.
+    assert all(
+        batch == [dataclasses.replace(request, seeds=batch[0].seeds)] for batch in engine.batches
+    )
+
+
+async def test_a_request_split_across_the_halves_gets_its_images_in_order(
+    engine: FakeEngine,
+) -> None:
+    engine.fault = out_of_memory(above=2)
+    async with running(engine, max_batch_size=4) as scheduler:
+        held = await hold(scheduler, engine, req(100, width=128))
+        one, three = req(1), req(2, 3, 4)
+        tasks = await submit_queued(scheduler, one, three)
+        engine.gate.set()
+        images = await asyncio.gather(*tasks)
+        await held
+    assert_images_of(one, images[0])
+    assert_images_of(three, images[1])
+    assert [seeds_of(batch) for batch in engine.batches[1:]] == [[1, 2, 3, 4], [1, 2], [3, 4]]
+
+
+async def test_an_image_that_does_not_fit_alone_fails_only_its_request(engine: FakeEngine) -> None:
+    engine.fault = out_of_memory(above=4, even_alone=frozenset({"huge"}))
+    observer = RecordingObserver()
+    async with running(engine, observer=observer, max_batch_size=4) as scheduler:
+        held = await hold(scheduler, engine, req(100, width=128))
+        requests = [req(1), req(2, 3, prompt="huge", request_id="huge"), req(4)]
+        first, huge, last = await submit_queued(scheduler, *requests)
+        engine.gate.set()
+        assert_images_of(requests[0], await first)
+        assert_images_of(requests[2], await last)
+        with pytest.raises(EngineOutOfMemoryError, match="64x64 image did not fit, even alone"):
+            await huge
+        await held
+    # The huge request's second image is not tried once its first failed alone.
+    assert [seeds_of(batch) for batch in engine.batches[1:]] == [
+        [1, 2, 3, 4],
+        [1, 2],
+        [1],
+        [2],
+        [4],
+    ]
+    assert observer.of("split") == [4, 2]
+    assert [outcome for _, _, outcome in observer.of("end")] == ["ok", "error"]
+
+
+async def test_a_request_withdrawn_between_tries_is_not_retried(engine: FakeEngine) -> None:
+    engine.fault = out_of_memory(above=1)
+    async with running(engine, max_batch_size=4) as scheduler:
+        engine.gate.clear()  # the first call fails before its first step; the retry waits
+        kept = asyncio.create_task(scheduler.submit(req(1)))
+        gone = asyncio.create_task(scheduler.submit(req(2)))
+        await until(lambda: len(engine.batches) == 2, "the first retry")
+        gone.cancel()
+        await asyncio.gather(gone, return_exceptions=True)
+        engine.gate.set()
+        assert_images_of(req(1), await kept)
+    assert [seeds_of(batch) for batch in engine.batches] == [[1, 2], [1]]
+
+
+async def test_a_retried_request_sends_each_preview_once(engine: FakeEngine) -> None:
+    previews: list[int] = []
+    oom = out_of_memory(above=1)
+
+    def previews_then_oom(requests: Sequence[EngineRequest]) -> None:
+        for request in requests:
+            if request.on_preview is not None:
+                request.on_preview(0, [])
+        oom(requests)
+
+    engine.fault = previews_then_oom
+    async with running(engine, max_batch_size=4) as scheduler:
+        held = await hold(scheduler, engine, req(100, width=128))
+        streamed = req(1, on_preview=lambda index, images: previews.append(index))
+        tasks = await submit_queued(scheduler, streamed, req(2))
+        engine.gate.set()
+        await asyncio.gather(held, *tasks)
+    assert [seeds_of(batch) for batch in engine.batches[1:]] == [[1, 2], [1], [2]]
+    assert previews == [0]
+
+
+# Faults: a hung engine
+
+
+async def test_a_call_that_does_not_stop_marks_the_engine_hung_until_it_returns(
+    engine: FakeEngine,
+) -> None:
+    observer = RecordingObserver()
+    async with running(
+        engine, observer=observer, request_timeout_s=None, hang_grace_s=0.05
+    ) as scheduler:
+        engine.gate.clear()  # the call never gets to a step where it could stop: it hangs
+        stuck = asyncio.create_task(scheduler.submit(req(1)))
+        await until(lambda: len(engine.batches) == 1, "the call to start")
+        [queued] = await submit_queued(scheduler, req(2, width=128))
+        stuck.cancel()  # its only request goes away: the call is asked to stop, and does not
+        with pytest.raises(EngineHungError):
+            await queued  # a waiting request does not wait for a hung engine
+        assert scheduler.hung_error() is not None and scheduler.queued_images == 0
+        with pytest.raises(EngineHungError, match="not responding"):
+            await scheduler.submit(req(3))  # refused at once
+        assert observer.of("hung") == [True]
+
+        engine.gate.set()  # the call returns at last
+        await until(lambda: scheduler.hung_error() is None, "the engine to recover")
+        assert_images_of(req(4), await scheduler.submit(req(4)))
+    assert observer.of("hung") == [True, False]
+    assert engine.finished == ["cancelled", "ok"]
+    assert [seeds_of(batch) for batch in engine.batches] == [[1], [4]]
+
+
+async def test_a_call_running_past_the_timeout_and_the_grace_is_a_hang(engine: FakeEngine) -> None:
+    async with running(engine, request_timeout_s=0.05, hang_grace_s=0.05) as scheduler:
+        engine.gate.clear()
+        with pytest.raises(RequestTimeoutError):
+            await scheduler.submit(req(1))
+        await until(lambda: scheduler.hung_error() is not None, "the engine to be taken as hung")
+        engine.gate.set()
+        await until(lambda: scheduler.hung_error() is None, "the engine to recover")
+
+
+async def test_a_call_that_stops_when_asked_is_not_a_hang() -> None:
+    engine = FakeEngine(steps=50)
+    grace_s = 0.2
+    async with running(engine, request_timeout_s=None, hang_grace_s=grace_s) as scheduler:
+        engine.gate.clear()
+        task = asyncio.create_task(scheduler.submit(req(1)))
+        await until(lambda: len(engine.batches) == 1, "the call to start")
+        task.cancel()
+        engine.gate.set()  # it stops at the end of its next step
+        await until(lambda: engine.finished == ["cancelled"], "the call to stop")
+        await asyncio.sleep(grace_s * 2)  # past the grace: the check finds the call gone
+        assert scheduler.hung_error() is None
+
+
+async def test_close_does_not_wait_for_a_hung_call(engine: FakeEngine) -> None:
+    scheduler = ImageScheduler(
+        engine, SchedulerConfig(request_timeout_s=None, hang_grace_s=0.05), clock=FakeClock()
+    )
+    engine.gate.clear()
+    try:
+        stuck = asyncio.create_task(scheduler.submit(req(1)))
+        await until(lambda: len(engine.batches) == 1, "the call to start")
+        stuck.cancel()
+        await until(lambda: scheduler.hung_error() is not None, "the engine to be taken as hung")
+        await asyncio.wait_for(scheduler.close(), WAIT_S)
+        with pytest.raises(SchedulerClosedError):
+            await scheduler.submit(req(2))
+    finally:
+        engine.gate.set()

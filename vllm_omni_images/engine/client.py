@@ -23,6 +23,7 @@ from PIL import Image
 from vllm_omni_images.engine.base import AnyImageEngine, EngineRequest, ModelDefaults
 from vllm_omni_images.engine.errors import (
     EngineDiedError,
+    EngineHungError,
     EngineNotReadyError,
     SchedulerClosedError,
 )
@@ -77,7 +78,7 @@ class ImageEngineClient:
         return self.engine.defaults
 
     # vLLM's server loop shuts the server down when `errored and not is_running`; an image
-    # engine error fails one request, never the server.
+    # engine error fails one request, never the server, and a hung engine may yet recover.
     @property
     def errored(self) -> bool:
         return False
@@ -88,10 +89,12 @@ class ImageEngineClient:
 
     async def check_health(self) -> None:
         """Raise vLLM's `EngineDeadError` (which `/health` answers with 503) when no model is
-        loaded or the engine died."""
+        loaded, the engine died, or it is taken as hung (until its call returns)."""
         try:
             self.engine.check_health()  # raises EngineNotReadyError without a model
-        except (EngineNotReadyError, EngineDiedError) as error:
+            if self.scheduler is not None and (hung := self.scheduler.hung_error()) is not None:
+                raise hung
+        except (EngineNotReadyError, EngineDiedError, EngineHungError) as error:
             from vllm.v1.engine.exceptions import EngineDeadError
 
             raise EngineDeadError(str(error)) from error

@@ -6,8 +6,10 @@ Importable without vLLM: the GPU benchmarks run it where only diffusers is insta
 from __future__ import annotations
 
 import dataclasses
+import gc
 import inspect
 import logging
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -106,6 +108,9 @@ class DiffusersEngine(ImageEngine):
         except GenerationCancelled:
             raise
         except (torch.OutOfMemoryError, MemoryError) as error:
+            # The error's traceback holds the failed call's frames, and so its tensors: clear
+            # them first, so that the memory is free for the scheduler's retry in halves.
+            traceback.clear_frames(error.__traceback__)
             self._release_cached_memory()
             raise EngineOutOfMemoryError(str(error) or type(error).__name__) from error
         except Exception as error:
@@ -201,6 +206,7 @@ class DiffusersEngine(ImageEngine):
         return kwargs
 
     def _release_cached_memory(self) -> None:
+        gc.collect()  # tensors only cycles still hold, before the allocator's cache is emptied
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
 

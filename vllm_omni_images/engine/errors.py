@@ -70,5 +70,17 @@ class SchedulerClosedError(SchedulerError):
         super().__init__("The image scheduler is shut down.")
 
 
+class EngineHungError(SchedulerError):
+    """An engine call did not stop `grace_s` after every request in it timed out or went away:
+    the engine is taken as hung, and requests fail, until the call returns."""
+
+    def __init__(self, grace_s: float) -> None:
+        super().__init__(
+            f"The image engine is not responding: a call did not stop {grace_s:g} s after its "
+            "requests timed out or went away. Requests fail until it returns; retry later."
+        )
+        self.grace_s = grace_s
+
+
 class GenerationCancelled(Exception):  # noqa: N818 - a control-flow signal, not a failure
     """Every request of a running batch was abandoned; the engine stopped between steps."""

@@ -47,6 +47,8 @@ class ImageMetrics:
     encode_time: Histogram
     batch_size: Histogram
     step_time: Histogram
+    batch_splits: Counter
+    engine_hung: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> ImageMetrics:
@@ -113,6 +115,19 @@ class ImageMetrics:
                 registry=registry,
                 buckets=_STEP_BUCKETS,
             ),
+            batch_splits=Counter(
+                "vllm:image_batch_splits",
+                "Engine calls that ran out of device memory and were retried as two halves.",
+                model,
+                registry=registry,
+            ),
+            engine_hung=Gauge(
+                "vllm:image_engine_hung",
+                "1 while the engine is taken as hung (a call did not stop when asked), else 0.",
+                model,
+                registry=registry,
+                multiprocess_mode="mostrecent",
+            ),
         )
 
 
@@ -141,6 +156,9 @@ class ModelMetrics(SchedulerObserver):
         self._encode_time = metrics.encode_time.labels(model_name=model_name)
         self._batch_size = metrics.batch_size.labels(model_name=model_name)
         self._step_time = metrics.step_time.labels(model_name=model_name)
+        self._batch_splits = metrics.batch_splits.labels(model_name=model_name)
+        self._engine_hung = metrics.engine_hung.labels(model_name=model_name)
+        self._engine_hung.set(0)
 
     def record_request(
         self, outcome: Outcome, images: int = 0, encode_s: float | None = None
@@ -170,3 +188,9 @@ class ModelMetrics(SchedulerObserver):
     ) -> None:
         self._running_images.set(0)
         self._engine_time.observe(engine_s)
+
+    def on_batch_split(self, images: int) -> None:
+        self._batch_splits.inc()
+
+    def on_engine_hung(self, hung: bool) -> None:
+        self._engine_hung.set(1 if hung else 0)

@@ -14,6 +14,22 @@ by one queue (docs/architecture.md, "One queue, one batcher"):
   pipeline can run together. Each admitted request is handed over at once; it counts as queued
   until the engine reports its images started, and a timeout or a cancel aborts it there.
 
+Faults are contained to the requests they hit (an `ImageEngine`'s batches; a `QueueingImageEngine`
+handles its own):
+
+- An engine exception fails the requests of the call it came from, and the worker goes on with
+  the next batch.
+- Out of device memory (`EngineOutOfMemoryError`): the call's images are split in two halves
+  (at the middle image, so a request's images may go to both; image `i` depends only on
+  `seeds[i]`, so its images are the same) and each half runs in turn, halving again down to
+  single images. Only a request with an image that does not fit even alone fails, with
+  `EngineOutOfMemoryError`; the others get their images, assembled per request in seed order,
+  each request answered as soon as its last image is in. A request withdrawn between tries is
+  not retried.
+- A hung engine: a call still running `hang_grace_s` after every request in it timed out or
+  went away marks the engine hung (`hung_error`): waiting requests fail with `EngineHungError`
+  and new ones are refused with it, until the call returns.
+
 This module must stay importable without vLLM (the GPU benchmarks run it with diffusers only).
 """
 
@@ -22,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -36,12 +53,16 @@ from vllm_omni_images.engine.base import (
     EngineJob,
     EngineRequest,
     ImageEngine,
+    PreviewSink,
     QueueingImageEngine,
+    StepCallback,
     batch_key,
 )
 from vllm_omni_images.engine.cpu_priority import yield_cpu_to_serving
 from vllm_omni_images.engine.errors import (
     EngineError,
+    EngineHungError,
+    EngineOutOfMemoryError,
     GenerationCancelled,
     QueueFullError,
     RequestTimeoutError,
@@ -50,12 +71,14 @@ from vllm_omni_images.engine.errors import (
 )
 
 __all__ = [
+    "BatchSlice",
     "ImageScheduler",
     "RequestTimings",
     "SchedulerConfig",
     "SchedulerObserver",
     "company_wait_s",
     "form_batch",
+    "split_in_halves",
 ]
 
 logger = logging.getLogger(__name__)
@@ -77,6 +100,9 @@ class SchedulerConfig:
     """Waiting images beyond which new requests are refused."""
     request_timeout_s: float | None = 600.0
     """Limit on queue wait plus run time; `None` for none."""
+    hang_grace_s: float | None = 60.0
+    """How long an engine call may go on after every request in it timed out or went away (it
+    is asked to stop at its next step) before the engine is taken as hung; `None`: never."""
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -87,6 +113,8 @@ class SchedulerConfig:
             raise ValueError(f"max_queue_images must be >= 1, got {self.max_queue_images}")
         if self.request_timeout_s is not None and self.request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
+        if self.hang_grace_s is not None and self.hang_grace_s <= 0:
+            raise ValueError(f"hang_grace_s must be > 0, got {self.hang_grace_s}")
 
 
 class SchedulerObserver(Protocol):
@@ -115,7 +143,16 @@ class SchedulerObserver(Protocol):
     def on_batch_end(
         self, requests: Sequence[EngineRequest], engine_s: float, outcome: str
     ) -> None:
-        """The engine returned: `outcome` is "ok", "error" or "cancelled"."""
+        """The engine is done with the batch (every out-of-memory retry included): `outcome` is
+        "ok" (no request of it failed), "error" or "cancelled"."""
+        return None
+
+    def on_batch_split(self, images: int) -> None:
+        """An engine call of `images` images ran out of memory; its halves run next."""
+        return None
+
+    def on_engine_hung(self, hung: bool) -> None:
+        """The engine was taken as hung (`True`), or its call returned at last (`False`)."""
         return None
 
     def on_queue_depth(self, images: int) -> None:
@@ -147,6 +184,43 @@ def form_batch(queue: Sequence[EngineRequest], max_images: int) -> list[int]:
             chosen.append(index)
             total += request.num_images
     return chosen
+
+
+@dataclass(frozen=True)
+class BatchSlice:
+    """Images `start` to `stop` (indices into its seeds) of request `index` of a batch."""
+
+    index: int
+    start: int
+    stop: int
+
+    @property
+    def num_images(self) -> int:
+        return self.stop - self.start
+
+
+def split_in_halves(slices: Sequence[BatchSlice]) -> tuple[list[BatchSlice], list[BatchSlice]]:
+    """The two halves to retry an engine call that ran out of memory: the first holds the first
+    half of its images (the larger half when the count is odd), the second the rest, in order.
+    A request whose images straddle the middle is split between the halves."""
+    total = sum(part.num_images for part in slices)
+    if total < 2:
+        raise ValueError("a single image cannot be split")
+    middle = (total + 1) // 2
+    first: list[BatchSlice] = []
+    second: list[BatchSlice] = []
+    seen = 0
+    for part in slices:
+        if seen + part.num_images <= middle:
+            first.append(part)
+        elif seen >= middle:
+            second.append(part)
+        else:
+            cut = part.start + middle - seen
+            first.append(BatchSlice(part.index, part.start, cut))
+            second.append(BatchSlice(part.index, cut, part.stop))
+        seen += part.num_images
+    return first, second
 
 
 def company_wait_s(
@@ -195,10 +269,82 @@ class _Batch:
     items: list[_Pending]
     # Read by `on_step` on the engine thread, set on the event loop.
     cancel: threading.Event = field(default_factory=threading.Event)
+    call: asyncio.Future[list[list[Image.Image]]] | None = None
+    """The engine call running now (one of several after running out of memory)."""
 
     @property
     def num_images(self) -> int:
         return sum(item.request.num_images for item in self.items)
+
+
+@dataclass(eq=False)
+class _BatchRun:
+    """One batch's way through the engine: the images gathered so far per request (after
+    running out of memory, a request's images may come from several calls) and the outcome."""
+
+    batch: _Batch
+    start: float
+    outcome: str = "ok"
+    images: list[list[Image.Image | None]] = field(init=False)
+    previews_sent: list[set[int]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.images = [[None] * item.request.num_images for item in self.batch.items]
+        self.previews_sent = [set() for _ in self.batch.items]
+
+    def wants(self, index: int) -> bool:
+        """Whether request `index` still waits for images (not answered, failed or withdrawn)."""
+        return not self.batch.items[index].future.done()
+
+    def request_for(self, part: BatchSlice) -> EngineRequest:
+        """What the engine is asked for `part`: the request, or the seeds of the part."""
+        request = self.batch.items[part.index].request
+        if part.num_images < request.num_images:
+            # A preview shows all of a request's images; a part cannot make one.
+            return dataclasses.replace(
+                request, seeds=request.seeds[part.start : part.stop], on_preview=None
+            )
+        if request.on_preview is None:
+            return request
+        return dataclasses.replace(
+            request, on_preview=_once_each(request.on_preview, self.previews_sent[part.index])
+        )
+
+    def deliver(
+        self, parts: Sequence[BatchSlice], results: list[list[Image.Image]], now: float
+    ) -> None:
+        for part, images in zip(parts, results, strict=True):
+            if not self.wants(part.index):
+                continue
+            gathered = self.images[part.index]
+            gathered[part.start : part.stop] = images
+            if all(image is not None for image in gathered):
+                self._settle(part.index, now)
+                self.batch.items[part.index].future.set_result(
+                    [image for image in gathered if image is not None]
+                )
+
+    def fail(self, parts: Sequence[BatchSlice], error: BaseException, now: float) -> None:
+        for index in dict.fromkeys(part.index for part in parts):
+            if self.wants(index):
+                self._settle(index, now)
+                self.batch.items[index].future.set_exception(error)
+                self.outcome = "error"
+
+    def _settle(self, index: int, now: float) -> None:
+        # Recorded before the caller is woken, so its timings are complete.
+        self.batch.items[index].timings.engine_s = now - self.start
+
+
+def _once_each(sink: PreviewSink, sent: set[int]) -> PreviewSink:
+    """`sink`, called at most once per preview index (a retried call decodes them again)."""
+
+    def once(index: int, images: list[Image.Image]) -> None:
+        if index not in sent:
+            sent.add(index)
+            sink(index, images)
+
+    return once
 
 
 class ImageScheduler:
@@ -231,6 +377,8 @@ class ImageScheduler:
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
         self._seconds_per_image: float | None = None
+        self._hung_since: float | None = None
+        self._hung_event = asyncio.Event()
 
     @property
     def config(self) -> SchedulerConfig:
@@ -252,6 +400,12 @@ class ImageScheduler:
         """Requests waiting in the queue."""
         return len(self._queue)
 
+    def hung_error(self) -> EngineHungError | None:
+        """The error requests get while the engine is taken as hung; `None` while it is not."""
+        if self._hung_since is None or self._config.hang_grace_s is None:
+            return None
+        return EngineHungError(self._config.hang_grace_s)
+
     def start(self) -> None:
         """Start the worker on the running event loop; calling it again does nothing."""
         if self._worker is None and not self._closed:
@@ -266,7 +420,15 @@ class ImageScheduler:
         self._fail_queued(SchedulerClosedError())
         self._arrived.set()
         if self._worker is not None:
-            await asyncio.wait([self._worker])
+            hung = asyncio.ensure_future(self._hung_event.wait())
+            await asyncio.wait([self._worker, hung], return_when=asyncio.FIRST_COMPLETED)
+            hung.cancel()
+            await asyncio.wait([hung])
+            if not self._worker.done():
+                # A hung call may never return: do not wait for it (its thread is left behind).
+                logger.error("Shutting down with the image engine hung; its call is abandoned.")
+                self._worker.cancel()
+                await asyncio.wait([self._worker])
         if self._handed_over:
             await asyncio.wait([pending.future for pending in self._handed_over])
         if self._owns_executor:
@@ -281,13 +443,17 @@ class ImageScheduler:
         Raises at once `RequestTooLargeError` when the request has more images than the
         whole queue holds and `QueueFullError` when the queue has no room now; later
         `RequestTimeoutError` after `request_timeout_s`, `SchedulerClosedError` on shutdown,
-        and the engine's own exception when its batch fails. Cancelling the caller withdraws
+        and the engine's own exception when its batch fails (`EngineOutOfMemoryError` only
+        when an image does not fit even alone). While the engine is taken as hung, raises
+        `EngineHungError`, at once or as the request waits. Cancelling the caller withdraws
         the request.
         """
         if request.num_images < 1:
             raise ValueError("A request needs at least one seed.")
         if self._closed:
             raise SchedulerClosedError()
+        if (hung := self.hung_error()) is not None:
+            raise hung
         if request.num_images > self._config.max_queue_images:
             raise RequestTooLargeError(request.num_images, self._config.max_queue_images)
         if self._queued_images + request.num_images > self._config.max_queue_images:
@@ -343,8 +509,50 @@ class ImageScheduler:
             return
         pending.abandoned = True
         batch = pending.batch
-        if all(item.abandoned for item in batch.items):
-            batch.cancel.set()
+        if not batch.cancel.is_set() and all(
+            item.abandoned or item.future.done() for item in batch.items
+        ):
+            self._stop_batch(batch)
+
+    def _stop_batch(self, batch: _Batch) -> None:
+        """No one waits for `batch` any more: stop it at its next step, and take the engine as
+        hung if its call has not returned `hang_grace_s` later."""
+        batch.cancel.set()
+        if self._config.hang_grace_s is not None:
+            asyncio.get_running_loop().call_later(
+                self._config.hang_grace_s, self._check_stopped, batch
+            )
+
+    def _check_stopped(self, batch: _Batch) -> None:
+        call = batch.call
+        if self._batch is not batch or call is None or call.done() or self._hung_since is not None:
+            return
+        self._hung_since = self._clock()
+        self._hung_event.set()
+        error = self.hung_error()
+        assert error is not None
+        logger.error(
+            "The image engine has not returned from a batch of %d image(s) %g s after every "
+            "request in it timed out or went away: it is taken as hung. /health answers 503, "
+            "and requests fail with 503 until the call returns; %d waiting request(s) failed.",
+            batch.num_images,
+            error.grace_s,
+            len(self._queue),
+        )
+        self._fail_queued(error)
+        self._notify(self._observer.on_engine_hung, True)
+
+    def _call_returned(self) -> None:
+        if self._hung_since is None:
+            return
+        logger.warning(
+            "The image engine returned from its hung call after %.1f s more; it serves again "
+            "(/health answers 200).",
+            self._clock() - self._hung_since,
+        )
+        self._hung_since = None
+        self._hung_event.clear()
+        self._notify(self._observer.on_engine_hung, False)
 
     def _fail_queued(self, error: BaseException) -> None:
         queued = [p for p in self._queue if p.started_images == 0]
@@ -489,17 +697,17 @@ class ImageScheduler:
         engine = self._engine
         assert isinstance(engine, ImageEngine)  # only engines that do not batch get batches
         requests = [pending.request for pending in batch.items]
-        start = self._clock()
+        run = _BatchRun(batch, self._clock())
         self._batch = batch
         for pending in batch.items:
-            pending.timings.queue_s = start - pending.arrival
+            pending.timings.queue_s = run.start - pending.arrival
             pending.timings.batch_images = batch.num_images
         self._notify(
             self._observer.on_batch_start,
             requests,
             [pending.timings.queue_s for pending in batch.items],
         )
-        last_step = start
+        last_step = run.start
 
         def on_step(step: int, total: int) -> None:
             nonlocal last_step
@@ -509,38 +717,85 @@ class ImageScheduler:
             if batch.cancel.is_set():
                 raise GenerationCancelled()
 
-        outcome = "ok"
+        whole = [BatchSlice(index, 0, request.num_images) for index, request in enumerate(requests)]
         try:
-            try:
-                results = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, engine.generate, requests, on_step
-                )
-                _check_results(requests, results)
-            finally:
-                # Recorded before any caller is woken, so its timings are complete.
-                engine_s = self._clock() - start
-                for pending in batch.items:
-                    pending.timings.engine_s = engine_s
-        except Exception as error:
-            if isinstance(error, GenerationCancelled) and batch.cancel.is_set():
-                outcome = "cancelled"
-            else:
-                outcome = "error"
-                logger.warning("Image batch of %d request(s) failed: %r", len(requests), error)
-            for pending in batch.items:
-                _set_exception(pending.future, error)
-        else:
-            for pending, images in zip(batch.items, results, strict=True):
-                if not pending.future.done():
-                    pending.future.set_result(images)
+            await self._run_slices(engine, run, whole, on_step)
         finally:
             # Every future is settled by now unless the worker itself was cancelled mid-batch.
             for pending in batch.items:
                 _set_exception(pending.future, SchedulerClosedError())
             self._batch = None
-        if outcome == "ok":
+        engine_s = self._clock() - run.start
+        if run.outcome == "ok":
             self._update_speed(engine_s / batch.num_images)
-        self._notify(self._observer.on_batch_end, requests, engine_s, outcome)
+        self._notify(self._observer.on_batch_end, requests, engine_s, run.outcome)
+
+    async def _run_slices(
+        self,
+        engine: ImageEngine,
+        run: _BatchRun,
+        parts: Sequence[BatchSlice],
+        on_step: StepCallback,
+    ) -> None:
+        """Run the `parts` of `run`'s batch still wanted in one engine call, and settle each
+        request whose images are all in, or that failed. Out of memory, run each half of them
+        in turn, down to single images (see the module docstring)."""
+        parts = [part for part in parts if run.wants(part.index)]
+        if not parts:
+            return
+        requests = [run.request_for(part) for part in parts]
+        images = sum(part.num_images for part in parts)
+        out_of_memory: str | None = None
+        call = asyncio.get_running_loop().run_in_executor(
+            self._executor, engine.generate, requests, on_step
+        )
+        run.batch.call = call
+        try:
+            try:
+                results = await call
+            finally:
+                if not call.cancelled():  # it returned; cancelled: the worker was stopped
+                    self._call_returned()
+            _check_results(requests, results)
+        except EngineOutOfMemoryError as error:
+            out_of_memory = str(error) or type(error).__name__
+        except Exception as error:
+            if isinstance(error, GenerationCancelled) and run.batch.cancel.is_set():
+                if run.outcome == "ok":
+                    run.outcome = "cancelled"
+            else:
+                logger.warning("Image batch of %d request(s) failed: %r", len(requests), error)
+                run.fail(parts, error, self._clock())
+        else:
+            run.deliver(parts, results, self._clock())
+        if out_of_memory is None:
+            return
+        # Retried out here, not in the except block, so that the failed call's traceback (and
+        # whatever memory its frames hold) is gone before the next call.
+        if images == 1:
+            request = requests[0]
+            logger.warning(
+                "One %dx%d image of request %s ran out of device memory even alone; the request "
+                "fails: %s",
+                request.width,
+                request.height,
+                request.request_id or "(no id)",
+                out_of_memory,
+            )
+            message = f"one {request.width}x{request.height} image did not fit, even alone"
+            run.fail(parts, EngineOutOfMemoryError(message), self._clock())
+            return
+        first, second = split_in_halves(parts)
+        logger.warning(
+            "A batch of %d images ran out of device memory (%s); retrying it as %d + %d images.",
+            images,
+            out_of_memory,
+            sum(part.num_images for part in first),
+            sum(part.num_images for part in second),
+        )
+        self._notify(self._observer.on_batch_split, images)
+        await self._run_slices(engine, run, first, on_step)
+        await self._run_slices(engine, run, second, on_step)
 
     def _update_speed(self, seconds_per_image: float) -> None:
         if self._seconds_per_image is None:

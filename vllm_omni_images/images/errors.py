@@ -15,16 +15,21 @@ balancer that sends 503s elsewhere should treat a 429 from an image server the s
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import Any
 
-from pydantic import Field
+from fastapi.exceptions import RequestValidationError
+from pydantic import Field, ValidationError
 from vllm.entrypoints.serve import create_error_response
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+from vllm.entrypoints.serve.exception_handling.handlers.validation import clean_loc_for_param
 from vllm.exceptions import VLLMValidationError
 
 from vllm_omni_images.engine.errors import (
     EngineDiedError,
+    EngineHungError,
     EngineNotReadyError,
     EngineOutOfMemoryError,
     EngineRequestError,
@@ -58,6 +63,9 @@ _UNAVAILABLE = ErrorKind(HTTPStatus.SERVICE_UNAVAILABLE, "ServiceUnavailableErro
 
 ERROR_TABLE: tuple[tuple[type[Exception], ErrorKind], ...] = (
     (VLLMValidationError, _INVALID),  # a field the served model cannot honour; names it
+    # pydantic's, for a body (FastAPI's) or a form: the message says what, in short
+    (RequestValidationError, _INVALID),
+    (ValidationError, _INVALID),
     (
         RequestTooLargeError,
         ErrorKind(
@@ -104,14 +112,15 @@ ERROR_TABLE: tuple[tuple[type[Exception], ErrorKind], ...] = (
             "The image engine stopped working ({error}); the server must be restarted.",
         ),
     ),
+    (EngineHungError, _UNAVAILABLE),  # until its call returns; the message says so
     (
         EngineOutOfMemoryError,
         ErrorKind(
             HTTPStatus.SERVICE_UNAVAILABLE,
             "ServiceUnavailableError",
             "out_of_memory",
-            "The server ran out of GPU memory generating this request; retry later or ask for "
-            "fewer or smaller images.",
+            "The server ran out of GPU memory generating this request ({error}); retry later "
+            "or ask for fewer or smaller images.",
         ),
     ),
 )
@@ -143,10 +152,13 @@ def error_response(error: Exception) -> ImageErrorResponse:
     """The client's answer to `error`, from its row of the table."""
     kind = error_kind(error)
     param = kind.param
+    message = kind.message.format(error=error)
     if isinstance(error, VLLMValidationError):
         param = error.parameter
+    elif isinstance(error, (RequestValidationError, ValidationError)):
+        message, param = describe_validation_errors(error.errors())
     response = create_error_response(
-        kind.message.format(error=error), err_type=kind.type, status_code=kind.status, param=param
+        message, err_type=kind.type, status_code=kind.status, param=param
     )
     headers = {}
     if isinstance(error, QueueFullError):
@@ -157,3 +169,69 @@ def error_response(error: Exception) -> ImageErrorResponse:
 def response_headers(response: ErrorResponse) -> dict[str, str]:
     """The headers to send with an error answer (none for vLLM's own `ErrorResponse`s)."""
     return response.headers if isinstance(response, ImageErrorResponse) else {}
+
+
+# What a client sent comes back in messages (and logs) only as a short, printable prefix: a
+# 10 MB data: URL or a 32000-character prompt is not echoed, and no control character (a
+# newline, an ANSI escape) reaches a log line.
+
+ECHO_CHARS = 40
+"""How much of a value a message echoes."""
+MAX_REPORTED_ERRORS = 5
+
+
+def printable(text: str, limit: int) -> str:
+    """`text` safe to log or echo: at most `limit` characters, each one that is not printable
+    (newlines, ANSI escapes, bidi controls) written as its escape (`\\n`, `\\x1b`)."""
+    cut = text[:limit]
+    safe = "".join(
+        char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
+        for char in cut
+    )
+    return safe + "..." if len(text) > limit else safe
+
+
+def echo(value: object) -> str:
+    """A short stand-in for a value a client sent: a prefix of a string (and its length when
+    cut), the size of a container, a number as written."""
+    if isinstance(value, str):
+        if len(value) <= ECHO_CHARS:
+            return f"'{printable(value, ECHO_CHARS)}'"
+        return f"'{printable(value, ECHO_CHARS)}' ({len(value)} characters)"
+    if isinstance(value, (bytes, bytearray)):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, (Mapping, Sequence, set, frozenset)):
+        return f"<{type(value).__name__} of {len(value)} items>"
+    try:
+        return printable(str(value), ECHO_CHARS)
+    except ValueError:  # an int too long to print
+        return f"<{type(value).__name__}>"
+
+
+def describe_validation_errors(errors: Sequence[Any]) -> tuple[str, str | None]:
+    """pydantic's validation errors as one short message, and the field of the first: each
+    error is `field: what is wrong (got <a prefix of the value>)`."""
+    parts: list[str] = []
+    param: str | None = None
+    for error in errors[:MAX_REPORTED_ERRORS]:
+        if not isinstance(error, Mapping):  # FastAPI's plain-text errors (a content type)
+            parts.append(printable(str(error), 200))
+            continue
+        loc = tuple(error.get("loc", ()))
+        kind = error.get("type")
+        if kind == "json_invalid":
+            reason = printable(str(error.get("ctx", {}).get("error", "")), 100)
+            parts.append(f"The body is not valid JSON ({reason} at position {loc[-1]}).")
+            continue
+        where = printable(clean_loc_for_param(loc), 64) if loc else ""
+        param = param or where or None
+        field = where.removeprefix("body.") or "body"
+        what = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        if kind == "extra_forbidden":
+            what = "this API has no such field (check its spelling), so it is not read"
+        elif kind != "missing" and "input" in error:
+            what = f"{what} (got {echo(error['input'])})"
+        parts.append(what if what.startswith(field) else f"{field}: {what}")
+    if len(errors) > MAX_REPORTED_ERRORS:
+        parts.append(f"and {len(errors) - MAX_REPORTED_ERRORS} more")
+    return "; ".join(parts) or "The request is not valid.", param

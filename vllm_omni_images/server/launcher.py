@@ -56,6 +56,7 @@ def scheduler_config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         batch_delay_s=args.image_batch_delay_ms / 1000,
         max_queue_images=args.image_max_queue,
         request_timeout_s=args.image_request_timeout or None,
+        hang_grace_s=args.image_engine_hang_grace or None,
     )
 
 
