@@ -18,7 +18,7 @@ from openai.types import ImagesResponse
 from PIL import Image
 
 from vllm_omni_images.engine.base import EngineRequest, ImageEngine
-from vllm_omni_images.images.edits import MAX_INPUT_BYTES, MAX_INPUT_IMAGES
+from vllm_omni_images.images.limits import DEFAULT_LIMITS
 
 from .conftest import AppFactory
 from .helpers import assert_openai_error, http_client, pixels, sdk_client
@@ -207,14 +207,15 @@ async def test_too_many_or_too_large_images_are_refused_and_serving_goes_on(
     served: tuple[openai.AsyncOpenAI, httpx.AsyncClient],
 ) -> None:
     sdk, http = served
-    for count in (MAX_INPUT_IMAGES + 1, 40):  # ours to count; beyond, the form parser's limit
+    # ours to count; beyond, the form parser's limit
+    for count in (DEFAULT_LIMITS.max_input_images + 1, 40):
         many = [("image[]", ("in.png", png(source(16, 16)), "image/png"))] * count
         response = await http.post("/v1/images/edits", data={"prompt": "p"}, files=many)
         assert_openai_error(response, 400)
     two = [("image[]", ("in.png", png(source()), "image/png"))] * 2
     response = await http.post("/v1/images/edits", data={"prompt": "p"}, files=two)
     assert_openai_error(response, 400, "image")  # this model edits one image at a time
-    huge = b"\x89PNG\r\n\x1a\n" + bytes(MAX_INPUT_BYTES)
+    huge = b"\x89PNG\r\n\x1a\n" + bytes(DEFAULT_LIMITS.max_input_bytes)
     response = await http.post("/v1/images/edits", data={"prompt": "p"}, files=upload(huge))
     assert_openai_error(response, 413)
     result = await sdk.images.generate(

@@ -52,3 +52,15 @@ def test_image_flags_parse_and_are_added_once():
     assert defaults.task is None and defaults.image_engine == "auto"
     with pytest.raises(SystemExit):
         parser.parse_args(["--task", "video"])
+
+
+def test_the_timeout_and_hang_grace_reach_the_scheduler(serve_parser):
+    from vllm_omni_images.server.launcher import scheduler_config_from_args
+
+    defaults = scheduler_config_from_args(serve_parser.parse_args(["m", "--task", "image"]))
+    assert (defaults.request_timeout_s, defaults.hang_grace_s) == (600.0, 60.0)
+    flags = ["--image-request-timeout", "0", "--image-engine-hang-grace", "0"]
+    off = scheduler_config_from_args(serve_parser.parse_args(["m", "--task", "image", *flags]))
+    assert (off.request_timeout_s, off.hang_grace_s) == (None, None)
+    with pytest.raises(SystemExit):
+        serve_parser.parse_args(["m", "--task", "image", "--image-engine-hang-grace", "-1"])

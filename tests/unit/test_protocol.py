@@ -1,6 +1,9 @@
 import pytest
 from pydantic import ValidationError
+from vllm.exceptions import VLLMValidationError
 
+from vllm_omni_images.engine.base import ModelDefaults
+from vllm_omni_images.images.limits import ImageLimits
 from vllm_omni_images.images.protocol import (
     INT64_MAX,
     INT64_MIN,
@@ -39,10 +42,21 @@ def test_prompt_is_required():
     assert "prompt" in error_fields(info.value)
 
 
-def test_prompt_length_is_bounded():
-    with pytest.raises(ValidationError):
-        ImageGenerationRequest(prompt="x" * 32_001)
-    assert ImageGenerationRequest(prompt="x" * 32_000).prompt
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
+def test_prompt_length_is_the_servers_limit(field):
+    """The limit is a flag (--image-max-prompt-chars), so it is checked as the request is
+    mapped to engine work, a 400 naming the field; the default is 32000 characters."""
+    defaults = ModelDefaults(width=64, height=64, num_inference_steps=2, size_multiple=16)
+    at_limit = ImageGenerationRequest.model_validate({"prompt": "p", field: "x" * 32_000})
+    assert at_limit.to_engine_request(defaults, "id").width == 64
+    over = ImageGenerationRequest.model_validate({"prompt": "p", field: "x" * 32_001})
+    with pytest.raises(VLLMValidationError) as info:
+        over.to_engine_request(defaults, "id")
+    assert info.value.parameter == field
+    assert "32001 characters" in str(info.value) and "x" * 50 not in str(info.value)
+    short = ImageLimits(max_prompt_chars=10)
+    with pytest.raises(VLLMValidationError):
+        at_limit.to_engine_request(defaults, "id", short)
 
 
 @pytest.mark.parametrize(

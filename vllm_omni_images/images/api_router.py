@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from http import HTTPStatus
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 from vllm.entrypoints.serve.utils.api_utils import (
@@ -19,6 +20,7 @@ from vllm.exceptions import VLLMValidationError
 
 from vllm_omni_images.images.edits import ImageInputs, read_multipart
 from vllm_omni_images.images.errors import PayloadTooLargeError, error_response, response_headers
+from vllm_omni_images.images.limits import BodyKind, guard_route
 from vllm_omni_images.images.protocol import (
     ImageEditRequest,
     ImageGenerationRequest,
@@ -27,9 +29,26 @@ from vllm_omni_images.images.protocol import (
 )
 from vllm_omni_images.images.serving import IMAGE_FILE_ROUTE, OpenAIServingImage
 
-router = APIRouter()
-
 IMAGE_FILES_PATH = "/images/files"
+
+BODY_KINDS: dict[str, BodyKind] = {
+    "/v1/images/generations": "json",
+    "/v1/images/edits": "form",
+    "/v1/images/variations": "form",
+}
+"""The body limit each route's body is held to (`--image-max-json-mb`, `--image-max-form-mb`)."""
+
+
+class ImageRoute(APIRoute):
+    """The Images API's routes: FastAPI's route, behind the checks that come before any work
+    (`limits.guard_route`: no query parameters, the body within its limit, validation errors
+    answered in short)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        return guard_route(super().get_route_handler(), BODY_KINDS.get(self.path))
+
+
+router = APIRouter(route_class=ImageRoute)
 
 # Routes of vLLM's text server that clients may try on an image server. They need a text
 # model's tokenizer or engine, which an image model has not, so each answers an OpenAI-style
@@ -80,14 +99,42 @@ _MULTIPART_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.post("/v1/images/edits", responses=_MULTIPART_RESPONSES)
+def multipart_body(request_model: type[ImageEditRequest], *, mask: bool) -> dict[str, Any]:
+    """The OpenAPI `requestBody` of a multipart route: the model's text fields, and the image
+    (and mask) files. These routes read the form themselves (`edits.read_multipart`), so
+    FastAPI cannot derive it; clients and fuzzers read it from `/openapi.json`."""
+    schema = request_model.model_json_schema()
+    files = {"image": {"type": "string", "format": "binary", "description": "PNG, JPEG or WebP"}}
+    if mask:
+        files["mask"] = {
+            "type": "string",
+            "format": "binary",
+            "description": "PNG with alpha, the image's size; transparent pixels are edited",
+        }
+    body = {
+        "type": "object",
+        "properties": {**files, **schema["properties"]},
+        "required": ["image", *schema.get("required", [])],
+    }
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": body}}}}
+
+
+@router.post(
+    "/v1/images/edits",
+    responses=_MULTIPART_RESPONSES,
+    openapi_extra=multipart_body(ImageEditRequest, mask=True),
+)
 @load_aware_call
 async def create_image_edit(raw_request: Request) -> Response:
     """Multipart, as the openai SDK sends it: `image` (or `image[]`), optional `mask`."""
     return await _serve_multipart(raw_request, ImageEditRequest, allow_mask=True)
 
 
-@router.post("/v1/images/variations", responses=_MULTIPART_RESPONSES)
+@router.post(
+    "/v1/images/variations",
+    responses=_MULTIPART_RESPONSES,
+    openapi_extra=multipart_body(ImageVariationRequest, mask=False),
+)
 @load_aware_call
 async def create_image_variation(raw_request: Request) -> Response:
     """Multipart: `image`, and `n`, `size`, `response_format`, `user` (plus the extensions)."""
@@ -106,6 +153,7 @@ async def _serve_multipart(
             request_model,
             allow_mask=allow_mask,
             fetch_remote=handler.fetch_remote_image,
+            limits=handler.limits,
         )
     except (VLLMValidationError, PayloadTooLargeError) as error:
         return _answer(error_response(error))
@@ -172,7 +220,13 @@ async def text_only_route(raw_request: Request) -> JSONResponse:
 
 
 for _path in TEXT_ONLY_PATHS:
-    router.add_api_route(_path, text_only_route, methods=["POST"], include_in_schema=False)
+    router.add_api_route(
+        _path,
+        text_only_route,
+        methods=["POST"],
+        include_in_schema=False,
+        route_class_override=APIRoute,  # vLLM's routes by name: none of the Images API's checks
+    )
 
 
 def attach_router(app: FastAPI) -> None:

@@ -4,8 +4,12 @@ The `openai` SDK sends these as multipart/form-data: the images as files (`image
 for several), the mask as a file (`mask`; vllm-omni's clients call it `mask_image`), every other
 field as text. Each is checked before any work is queued:
 
-1. sizes: at most `MAX_INPUT_IMAGES` images, each at most `MAX_INPUT_BYTES` (413 beyond) and
-   `MAX_INPUT_PIXELS`;
+1. sizes (the server's `ImageLimits`, `limits.py`): at most `max_input_images` images (and a
+   mask), each at most `max_input_bytes` (413 beyond) and `max_input_pixels`, read from the
+   image's header before it is decoded (no decompression bomb is ever decoded); at most 64
+   text fields, each at most `form_field_bytes` (room for a `data:` URL of the largest image),
+   as Starlette's form parser enforces while it reads (the whole body is limited before:
+   `limits.guard_route`);
 2. content: PNG, JPEG or WebP that decodes completely (a truncated file is a 400 naming it);
 3. the mask: a PNG with an alpha channel, the size of the first image; its transparent pixels
    are the ones to edit (OpenAI's rule), turned into the white-is-edited mask diffusers takes;
@@ -28,22 +32,32 @@ from typing import TypeVar
 
 from fastapi import Request
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ValidationError
-from starlette.datastructures import UploadFile
+from pydantic import ValidationError
+from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 from vllm.exceptions import VLLMValidationError
 
-from vllm_omni_images.images.errors import PayloadTooLargeError
+from vllm_omni_images.images.errors import (
+    PayloadTooLargeError,
+    describe_validation_errors,
+    printable,
+)
+from vllm_omni_images.images.limits import (
+    DEFAULT_LIMITS,
+    BodyTooLargeError,
+    ImageLimits,
+    size_text,
+)
+from vllm_omni_images.images.protocol import ImageEditRequest
 
-MAX_INPUT_IMAGES = 16
-MAX_INPUT_BYTES = 20 * 1024 * 1024
-MAX_INPUT_PIXELS = 4096 * 4096
+MAX_FORM_FIELDS = 64
+"""Text fields of one form: the request model has fewer than 40."""
 INPUT_FORMATS = frozenset({"PNG", "JPEG", "WEBP"})
 IMAGE_FIELDS = ("image", "image[]")
 MASK_FIELDS = ("mask", "mask_image")
 FORM_CONTENT_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 
-_Request = TypeVar("_Request", bound=BaseModel)
+_Request = TypeVar("_Request", bound=ImageEditRequest)
 
 
 @dataclass(frozen=True)
@@ -65,6 +79,7 @@ async def read_multipart(
     *,
     allow_mask: bool,
     fetch_remote: RemoteImageFetcher | None = None,
+    limits: ImageLimits = DEFAULT_LIMITS,
 ) -> tuple[_Request, ImageInputs]:
     """The request's fields as `request_model`, and its images (see the module docstring)."""
     content_type = raw_request.headers.get("content-type", "")
@@ -75,35 +90,64 @@ async def read_multipart(
             parameter="image",
         )
     try:
-        form = await raw_request.form(max_files=MAX_INPUT_IMAGES + 2, max_fields=64)
+        form = await raw_request.form(
+            max_files=limits.max_input_images + 1,  # and the mask
+            max_fields=MAX_FORM_FIELDS,
+            max_part_size=limits.form_field_bytes,
+        )
+    except BodyTooLargeError:
+        raise  # the whole body passed its limit: a 413, answered by the route
     except HTTPException as error:  # Starlette's own limits and parse errors
         raise VLLMValidationError(f"The form could not be read: {error.detail}") from None
+    try:
+        return await _read_form(form, request_model, allow_mask, fetch_remote, limits)
+    finally:
+        await form.close()  # the uploads' spooled files, at once
+
+
+async def _read_form(
+    form: FormData,
+    request_model: type[_Request],
+    allow_mask: bool,
+    fetch_remote: RemoteImageFetcher | None,
+    limits: ImageLimits,
+) -> tuple[_Request, ImageInputs]:
     fields: dict[str, str] = {}
     sources: list[UploadFile | str] = []
-    mask_source: UploadFile | str | None = None
+    masks: list[UploadFile | str] = []
     for key, value in form.multi_items():
+        name = printable(key, 64)
         if key in IMAGE_FIELDS:
             sources.append(value)
         elif key in MASK_FIELDS and allow_mask:
-            mask_source = value
+            masks.append(value)
         elif isinstance(value, UploadFile):
-            raise VLLMValidationError(f"{key} must not be a file.", parameter=key)
+            raise VLLMValidationError(f"{name} must not be a file.", parameter=name)
+        elif key in fields:  # one value would be dropped unread
+            raise VLLMValidationError(f"{name} was sent more than once.", parameter=name)
         else:
             fields[key] = value
+    if len(masks) > 1:
+        raise VLLMValidationError("Send one mask, not several.", parameter="mask")
+    mask_source = masks[0] if masks else None
     if not sources:
         raise VLLMValidationError("image is required: send the image to edit.", parameter="image")
-    if len(sources) > MAX_INPUT_IMAGES:
+    if len(sources) > limits.max_input_images:
         raise VLLMValidationError(
-            f"At most {MAX_INPUT_IMAGES} images per request, got {len(sources)}.",
+            f"At most {limits.max_input_images} images per request "
+            f"(--image-max-input-images), got {len(sources)}.",
             parameter="image",
         )
     request = _validate(request_model, fields)
+    request.refuse_what_cannot_be_honoured(limits)  # before any image is decoded
     images = [
-        (await _read_image(source, "image", fetch_remote)).convert("RGB") for source in sources
+        (await _read_image(source, "image", fetch_remote, limits)).convert("RGB")
+        for source in sources
     ]
     mask = None
     if mask_source is not None:
-        mask = _edit_mask(await _read_image(mask_source, "mask", fetch_remote), images[0].size)
+        mask_image = await _read_image(mask_source, "mask", fetch_remote, limits)
+        mask = _edit_mask(mask_image, images[0].size)
     return request, ImageInputs(images, mask)
 
 
@@ -111,43 +155,53 @@ def _validate(request_model: type[_Request], fields: dict[str, str]) -> _Request
     try:
         return request_model.model_validate(fields)
     except ValidationError as error:
-        first = error.errors()[0]
-        parameter = ".".join(str(part) for part in first["loc"]) or None
-        raise VLLMValidationError(
-            f"{parameter}: {first['msg']}" if parameter else first["msg"], parameter=parameter
-        ) from None
+        message, parameter = describe_validation_errors(error.errors())
+        raise VLLMValidationError(message, parameter=parameter) from None
 
 
 async def _read_image(
-    source: UploadFile | str, parameter: str, fetch_remote: RemoteImageFetcher | None
+    source: UploadFile | str,
+    parameter: str,
+    fetch_remote: RemoteImageFetcher | None,
+    limits: ImageLimits,
 ) -> Image.Image:
     if isinstance(source, str) and source.startswith(("http://", "https://")):
-        return _within_pixel_cap(await _fetch(source, parameter, fetch_remote), parameter)
-    data = await _read_bytes(source, parameter)
+        # The fetcher holds the image to the same byte and pixel limits before decoding it.
+        image = await _fetch(source, parameter, fetch_remote)
+        return _within_pixel_cap(image, parameter, limits)
+    data = await _read_bytes(source, parameter, limits)
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data))  # reads the header only
         if image.format not in INPUT_FORMATS:
             raise VLLMValidationError(
                 f"{parameter} must be a PNG, JPEG or WebP image, got {image.format}.",
                 parameter=parameter,
             )
-        _within_pixel_cap(image, parameter)
+        _within_pixel_cap(image, parameter, limits)
         image.load()  # decodes it all: a truncated file fails here, not in the engine
+    except Image.DecompressionBombError:  # Pillow's own, even larger limit, at open
+        raise VLLMValidationError(
+            f"{parameter} has more pixels than Pillow opens; at most {limits.max_input_pixels} "
+            "(--image-max-input-pixels).",
+            parameter=parameter,
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         if isinstance(error, VLLMValidationError):
             raise
+        reason = printable(str(error), 200)
         raise VLLMValidationError(
-            f"{parameter} is not a readable PNG, JPEG or WebP image ({error}).",
+            f"{parameter} is not a readable PNG, JPEG or WebP image ({reason}).",
             parameter=parameter,
         ) from None
     return image
 
 
-def _within_pixel_cap(image: Image.Image, parameter: str) -> Image.Image:
+def _within_pixel_cap(image: Image.Image, parameter: str, limits: ImageLimits) -> Image.Image:
     width, height = image.size
-    if width * height > MAX_INPUT_PIXELS:
+    if width * height > limits.max_input_pixels:
         raise VLLMValidationError(
-            f"{parameter} is {width}x{height}: at most {MAX_INPUT_PIXELS} pixels.",
+            f"{parameter} is {width}x{height}: at most {limits.max_input_pixels} pixels "
+            "(--image-max-input-pixels).",
             parameter=parameter,
         )
     return image
@@ -163,18 +217,24 @@ async def _fetch(url: str, parameter: str, fetch_remote: RemoteImageFetcher | No
         )
     try:
         return await fetch_remote(url)
+    except PayloadTooLargeError:
+        raise
     except (ValueError, OSError) as error:  # a host not allowed, a failed fetch, not an image
         raise VLLMValidationError(
-            f"{parameter} could not be fetched: {error}", parameter=parameter
+            f"{parameter} could not be fetched: {printable(str(error), 300)}", parameter=parameter
         ) from None
 
 
-async def _read_bytes(source: UploadFile | str, parameter: str) -> bytes:
+async def _read_bytes(source: UploadFile | str, parameter: str, limits: ImageLimits) -> bytes:
+    limit = limits.max_input_bytes
     if isinstance(source, UploadFile):
-        data = await source.read(MAX_INPUT_BYTES + 1)
+        data = await source.read(limit + 1)
     elif source.startswith("data:"):
+        encoded = source.partition(",")[2]
+        if len(encoded) > (limit + 2) // 3 * 4:  # refused before it is decoded
+            raise PayloadTooLargeError(_too_large(parameter, limit))
         try:
-            data = base64.b64decode(source.partition(",")[2], validate=True)
+            data = base64.b64decode(encoded, validate=True)
         except (binascii.Error, ValueError):
             raise VLLMValidationError(
                 f"{parameter} is a data: URL whose base64 does not decode.", parameter=parameter
@@ -183,11 +243,13 @@ async def _read_bytes(source: UploadFile | str, parameter: str) -> bytes:
         raise VLLMValidationError(
             f"{parameter} must be an image file (or a data: URL).", parameter=parameter
         )
-    if len(data) > MAX_INPUT_BYTES:
-        raise PayloadTooLargeError(
-            f"{parameter} is larger than {MAX_INPUT_BYTES // (1024 * 1024)} MiB."
-        )
+    if len(data) > limit:
+        raise PayloadTooLargeError(_too_large(parameter, limit))
     return data
+
+
+def _too_large(parameter: str, limit: int) -> str:
+    return f"{parameter} is larger than {size_text(limit)} (--image-max-input-mb)."
 
 
 def _edit_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:

@@ -5,7 +5,8 @@ OpenAI's image URLs are:
 
 - **Names** are 192 random bits (`secrets.token_urlsafe(24)`) plus the format's extension. A
   name that does not match that pattern exactly is not looked up at all, so no path a client
-  sends can leave the store's folder.
+  sends can leave the store's folder; and only a regular file is served, never what a
+  symlink in the folder points to.
 - **Capability URLs**: whoever has the URL can fetch the image, with no API key, so that a
   browser or an `<img>` tag opens it; the URL itself is the secret.
 - **Expiry**: an image is gone `ttl_s` after it was written (404), whether or not the clean-up
@@ -27,6 +28,7 @@ import logging
 import os
 import re
 import secrets
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -100,9 +102,12 @@ class LocalImageStore(ImageStore):
             return None
         path = self.directory / name
         try:
-            written = path.stat().st_mtime
+            status = path.lstat()  # a symlink is not followed: only files the store wrote
         except OSError:
             return None
+        if not stat.S_ISREG(status.st_mode):
+            return None
+        written = status.st_mtime
         expires_in_s = written + self.ttl_s - self._clock()
         if expires_in_s <= 0:
             return None
@@ -131,7 +136,8 @@ class LocalImageStore(ImageStore):
         return [
             entry.name
             for entry in os.scandir(self.directory)
-            if NAME_PATTERN.match(entry.name) and entry.stat().st_mtime <= deadline
+            if NAME_PATTERN.match(entry.name)
+            and entry.stat(follow_symlinks=False).st_mtime <= deadline
         ]
 
     def _write(self, name: str, data: bytes) -> None:

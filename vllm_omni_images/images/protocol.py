@@ -3,12 +3,14 @@
 Field names, types and defaults follow OpenAI's API; the extensions (`negative_prompt`,
 `num_inference_steps`, `guidance_scale`, `true_cfg_scale`, `seed`) are the diffusion knobs
 OpenAI's models do not expose. A request maps itself onto engine work with
-`to_engine_request(defaults, request_id)`, as vLLM's requests map themselves to sampling
-parameters: that is where the served model's defaults and limits (the size rule) apply.
+`to_engine_request(defaults, request_id, limits)`, as vLLM's requests map themselves to
+sampling parameters: that is where the served model's defaults and limits (the size rule) and
+the server's limits (prompt length, pixels per image and per request) apply.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import secrets
 import time
@@ -20,11 +22,11 @@ from vllm.entrypoints.serve.engine.protocol import OpenAIBaseModel
 from vllm.exceptions import VLLMValidationError
 
 from vllm_omni_images.engine.base import EngineRequest, ModelDefaults
+from vllm_omni_images.images.limits import DEFAULT_LIMITS, ImageLimits
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 UINT64_MASK = 2**64 - 1
-MAX_PROMPT_CHARS = 32_000
 SIZE_PATTERN = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
 
 ResponseFormat = Literal["b64_json", "url"]
@@ -62,7 +64,8 @@ class ImageGenerationRequest(OpenAIBaseModel):
     # Every field a client sends is honoured or refused by name; none is dropped unread.
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    # Its length limit is the server's (--image-max-prompt-chars), checked by to_engine_request.
+    prompt: str = Field(min_length=1)
     model: str | None = None
     n: int = Field(default=1, ge=1, le=10)
     size: str | None = Field(
@@ -87,7 +90,7 @@ class ImageGenerationRequest(OpenAIBaseModel):
     svg: dict[str, object] | None = None
 
     # Diffusion extensions.
-    negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str | None = None
     num_inference_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
     guidance_scale: float | None = Field(default=None, ge=0.0, le=20.0)
     true_cfg_scale: float | None = Field(default=None, ge=0.0, le=20.0)
@@ -107,14 +110,18 @@ class ImageGenerationRequest(OpenAIBaseModel):
             return size
         raise ValueError("size must be 'WIDTHxHEIGHT' in pixels (e.g. '1024x1024') or 'auto'")
 
-    def to_engine_request(self, defaults: ModelDefaults, request_id: str) -> EngineRequest:
+    def to_engine_request(
+        self, defaults: ModelDefaults, request_id: str, limits: ImageLimits = DEFAULT_LIMITS
+    ) -> EngineRequest:
         """This request as engine work: the served model's defaults fill what it leaves unset.
 
-        Raises `VLLMValidationError`, naming the field, for what the model cannot honour.
+        Raises `VLLMValidationError`, naming the field, for what the model cannot honour or
+        the server's `limits` do not allow.
         """
-        self._refuse_what_cannot_be_honoured()
+        self.refuse_what_cannot_be_honoured(limits)
+        defaults = within_limits(defaults, limits)
         width, height = resolve_size(self.size, defaults)
-        return self._engine_request(defaults, request_id, width, height)
+        return self._engine_request(defaults, request_id, width, height, limits)
 
     def _engine_request(
         self,
@@ -122,8 +129,10 @@ class ImageGenerationRequest(OpenAIBaseModel):
         request_id: str,
         width: int,
         height: int,
+        limits: ImageLimits,
         **inputs: Any,
     ) -> EngineRequest:
+        check_request_pixels(self.n, width, height, limits)
         partial_images = self.partial_images or 0
         if partial_images and not defaults.supports_partial_images:
             raise VLLMValidationError(
@@ -146,7 +155,17 @@ class ImageGenerationRequest(OpenAIBaseModel):
             **inputs,
         )
 
-    def _refuse_what_cannot_be_honoured(self) -> None:
+    def refuse_what_cannot_be_honoured(self, limits: ImageLimits) -> None:
+        """A 400 naming the first field this server cannot honour in any request, or that is
+        over the server's `limits`; checked again by `to_engine_request`."""
+        for name in ("prompt", "negative_prompt"):
+            text = getattr(self, name) or ""
+            if len(text) > limits.max_prompt_chars:
+                raise VLLMValidationError(
+                    f"{name} is {len(text)} characters: this server reads at most "
+                    f"{limits.max_prompt_chars} (--image-max-prompt-chars).",
+                    parameter=name,
+                )
         for name, reason in UNSUPPORTED_FIELDS.items():
             if getattr(self, name) is not None:
                 raise VLLMValidationError(f"{name} is not supported: {reason}", parameter=name)
@@ -193,10 +212,12 @@ class ImageEditRequest(ImageGenerationRequest):
         request_id: str,
         images: list[Image.Image],
         mask: Image.Image | None = None,
+        limits: ImageLimits = DEFAULT_LIMITS,
     ) -> EngineRequest:
         """This edit of `images` as engine work; `size` `auto` (or none) is the input's size,
         rounded down to what the model can produce."""
-        self._refuse_what_cannot_be_honoured()
+        self.refuse_what_cannot_be_honoured(limits)
+        defaults = within_limits(defaults, limits)
         for name in ("input_fidelity", "markup"):
             if getattr(self, name) is not None:
                 raise VLLMValidationError(
@@ -214,14 +235,21 @@ class ImageEditRequest(ImageGenerationRequest):
         else:
             width, height = resolve_size(self.size, defaults)
         return self._engine_request(
-            defaults, request_id, width, height, image=image, mask=mask, strength=self.strength
+            defaults,
+            request_id,
+            width,
+            height,
+            limits,
+            image=image,
+            mask=mask,
+            strength=self.strength,
         )
 
 
 class ImageVariationRequest(ImageEditRequest):
     """The text fields of `POST /v1/images/variations`: an edit without a prompt or mask."""
 
-    prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
+    prompt: str = ""
 
     @field_validator("prompt")
     @classmethod
@@ -274,10 +302,31 @@ def resolve_size(size: str | None, defaults: ModelDefaults) -> tuple[int, int]:
     if width * height > defaults.max_pixels:
         raise VLLMValidationError(
             f"size {size!r} is too large: this server generates at most "
-            f"{defaults.max_pixels} pixels per image.",
+            f"{defaults.max_pixels} pixels per image (--image-max-pixels).",
             parameter="size",
         )
     return width, height
+
+
+def within_limits(defaults: ModelDefaults, limits: ImageLimits) -> ModelDefaults:
+    """The model's defaults with the server's pixel limit per image (`--image-max-pixels`) in
+    place of the model's own, when the operator set one."""
+    if limits.max_pixels is None:
+        return defaults
+    return dataclasses.replace(defaults, max_pixels=limits.max_pixels)
+
+
+def check_request_pixels(num_images: int, width: int, height: int, limits: ImageLimits) -> None:
+    """A request's images together are at most `--image-max-request-pixels`; a 400 naming
+    `n` (or `size` for one image) otherwise."""
+    total = num_images * width * height
+    if total > limits.max_request_pixels:
+        raise VLLMValidationError(
+            f"{num_images} image(s) of {width}x{height} are {total} pixels: this server makes "
+            f"at most {limits.max_request_pixels} pixels per request "
+            "(--image-max-request-pixels). Ask for fewer or smaller images.",
+            parameter="n" if num_images > 1 else "size",
+        )
 
 
 def image_seeds(seed: int | None, n: int) -> tuple[int, ...]:

@@ -14,11 +14,13 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any, TypeVar
 
 from fastapi import Request
 from PIL import Image
 from vllm.entrypoints.openai.models.serving import OpenAIModelRegistry
+from vllm.entrypoints.serve import create_error_response
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.exceptions import VLLMValidationError
 from vllm.logger import init_logger
@@ -31,8 +33,9 @@ from vllm_omni_images.engine.metrics import Outcome
 from vllm_omni_images.engine.scheduler import RequestTimings
 from vllm_omni_images.images.edits import ImageInputs, RemoteImageFetcher
 from vllm_omni_images.images.encoding import encode_image, encode_image_base64
-from vllm_omni_images.images.errors import error_kind, error_response
+from vllm_omni_images.images.errors import error_kind, error_response, printable
 from vllm_omni_images.images.file_store import ImageStore
+from vllm_omni_images.images.limits import DEFAULT_LIMITS, ImageLimits
 from vllm_omni_images.images.protocol import (
     ImageEditRequest,
     ImageGenerationRequest,
@@ -51,6 +54,10 @@ _Encoded = TypeVar("_Encoded", str, bytes)
 
 IMAGE_FILE_ROUTE = "image_file"
 """The name of the route that serves stored images (`api_router.image_file`)."""
+
+MAX_LOGGED_ID_CHARS = 128
+"""A client's `X-Request-Id` or `user` is logged (and used as the request's id) cut to this,
+with control characters escaped, so that no header can forge or flood a log line."""
 
 
 @dataclass
@@ -75,9 +82,12 @@ class OpenAIServingImage:
         encode_executor: Executor | None = None,
         image_store: ImageStore | None = None,
         fetch_remote_image: RemoteImageFetcher | None = None,
+        limits: ImageLimits = DEFAULT_LIMITS,
     ) -> None:
         self.engine_client = engine_client
         self.models = models
+        self.limits = limits
+        """What a request may ask for (`--image-max-*`), checked before the engine sees it."""
         self.image_store = image_store
         """Where `response_format: "url"` images go; without one, `url` is refused (400)."""
         self.fetch_remote_image = fetch_remote_image
@@ -95,7 +105,9 @@ class OpenAIServingImage:
     @staticmethod
     def _request_id(raw_request: Request | None) -> str:
         header = raw_request.headers.get("X-Request-Id") if raw_request is not None else None
-        return header or f"img-{random_uuid()}"
+        if header and header.strip():
+            return printable(header.strip(), MAX_LOGGED_ID_CHARS)
+        return f"img-{random_uuid()}"
 
     async def create_image(
         self,
@@ -109,8 +121,10 @@ class OpenAIServingImage:
         With `stream`, a request that passes validation is answered by server-sent events
         (`streaming.py`): the returned iterator yields them, and settles the request's log and
         metrics when it ends."""
+        user = request.user or request.safety_identifier
         record = _RequestRecord(
-            self._request_id(raw_request), request.user or request.safety_identifier
+            self._request_id(raw_request),
+            printable(user, MAX_LOGGED_ID_CHARS) if user is not None else None,
         )
         outcome: Outcome = "cancelled"  # unless the handler gets to say otherwise
         streams = False
@@ -132,8 +146,14 @@ class OpenAIServingImage:
         raw_request: Request | None,
         inputs: ImageInputs | None,
     ) -> tuple[Outcome, ImageGenerationResponse | ErrorResponse | AsyncIterator[str]]:
-        if (error := await self.models.check_model(request.model)) is not None:
-            return "invalid", error
+        if await self.models.check_model(request.model) is not None:
+            # vLLM's 404, with only a prefix of a long name echoed.
+            return "invalid", create_error_response(
+                f"The model `{printable(request.model or '', 100)}` does not exist.",
+                err_type="NotFoundError",
+                status_code=HTTPStatus.NOT_FOUND,
+                param="model",
+            )
         try:
             self._check_response_format(request, raw_request)
             defaults = self.engine_client.defaults
@@ -141,10 +161,10 @@ class OpenAIServingImage:
                 if inputs is None:
                     raise VLLMValidationError("image is required.", parameter="image")
                 engine_request = request.to_edit_request(
-                    defaults, record.request_id, inputs.images, inputs.mask
+                    defaults, record.request_id, inputs.images, inputs.mask, self.limits
                 )
             else:
-                engine_request = request.to_engine_request(defaults, record.request_id)
+                engine_request = request.to_engine_request(defaults, record.request_id, self.limits)
             record.engine_request = engine_request
             if request.stream:
                 return "ok", await self._start_stream(request, engine_request, record)
@@ -267,10 +287,17 @@ class OpenAIServingImage:
         kind = error_kind(exc)
         if kind.outcome == "error":
             logger.error(
-                "Image request %s failed: %s", record.request_id, exc, exc_info=self.log_error_stack
+                "Image request %s failed: %s",
+                record.request_id,
+                printable(str(exc), 500),
+                exc_info=self.log_error_stack,
             )
         elif kind.outcome == "out_of_memory":
-            logger.warning("Image request %s ran out of device memory: %s", record.request_id, exc)
+            logger.warning(
+                "Image request %s ran out of device memory: %s",
+                record.request_id,
+                printable(str(exc), 500),
+            )
         return kind.outcome, error_response(exc)
 
     def _finish(self, record: _RequestRecord, outcome: Outcome) -> None:

@@ -77,6 +77,16 @@ def add_image_cli_args(parser: argparse.ArgumentParser) -> None:
         help="Seconds a request may wait and run before it fails with a timeout error "
         "(504); its work stops at the next denoising step. 0 means no limit.",
     )
+    group.add_argument(
+        "--image-engine-hang-grace",
+        type=_non_negative_float,
+        default=60.0,
+        help="Seconds an engine call may go on after every request in it timed out or went "
+        "away (it is asked to stop at its next denoising step). Past that the engine is taken "
+        "as hung: /health answers 503 and requests fail with 503 until the call returns. "
+        "Raise it where one step (or the VAE decode) can take longer, e.g. a large model on a "
+        "CPU; 0 turns the check off.",
+    )
 
     group.add_argument(
         "--image-store-dir",
@@ -97,6 +107,7 @@ def add_image_cli_args(parser: argparse.ArgumentParser) -> None:
         default=1024.0,
         help="Most disk the stored images may use; beyond it the oldest go first.",
     )
+    _add_limit_args(group)
     # vllm-omni's own options, under the names `vllm serve --omni` gives them, so its command
     # lines carry over. Only the omni engine understands them (a start-up error otherwise).
     for flag in OMNI_FLAGS:
@@ -104,6 +115,66 @@ def add_image_cli_args(parser: argparse.ArgumentParser) -> None:
         if "action" not in options:
             options["metavar"] = flag.config_field.upper()  # as vllm-omni's help shows it
         group.add_argument(*flag.flags, **options)
+
+
+def _add_limit_args(group: argparse._ArgumentGroup) -> None:
+    """What one request may ask for and send, refused before any work (docs/image_api.md)."""
+    group.add_argument(
+        "--image-max-json-mb",
+        type=_positive_float,
+        default=1.0,
+        help="Largest JSON body (generations), in MiB; a larger one is refused with 413 "
+        "before it is read (from its Content-Length), or as soon as what was read passes it.",
+    )
+    group.add_argument(
+        "--image-max-form-mb",
+        type=_positive_float,
+        default=None,
+        help="Largest form body (edits, variations), in MiB, refused like a JSON body. "
+        "Default: room for every allowed input and a mask at their largest, plus 1 MiB "
+        "((--image-max-input-images + 1) x --image-max-input-mb + 1: 341 MiB).",
+    )
+    group.add_argument(
+        "--image-max-prompt-chars",
+        type=_positive_int,
+        default=32_000,
+        help="Longest prompt (and negative_prompt), in characters; longer is a 400.",
+    )
+    group.add_argument(
+        "--image-max-pixels",
+        type=_pixel_count,
+        default=None,
+        help="Most pixels of one generated image (a number, or WIDTHxHEIGHT); a larger "
+        "size is a 400. Default: the model's limit (2048x2048 unless its folder's "
+        "vllm_omni_images.json says otherwise).",
+    )
+    group.add_argument(
+        "--image-max-request-pixels",
+        type=_pixel_count,
+        default=4 * 2048 * 2048,
+        help="Most pixels of one request's images together (n x width x height; a number "
+        "or WIDTHxHEIGHT); more is a 400 naming n. Default: four 2048x2048 images.",
+    )
+    group.add_argument(
+        "--image-max-input-images",
+        type=_positive_int,
+        default=16,
+        help="Most images one edit or variation may send (the mask aside).",
+    )
+    group.add_argument(
+        "--image-max-input-mb",
+        type=_positive_float,
+        default=20.0,
+        help="Largest input image or mask (a file, a data: URL, a fetched URL), in MiB; "
+        "larger is a 413.",
+    )
+    group.add_argument(
+        "--image-max-input-pixels",
+        type=_pixel_count,
+        default=4096 * 4096,
+        help="Most pixels of an input image or mask (a number or WIDTHxHEIGHT), read from "
+        "its header before it is decoded; more is a 400.",
+    )
 
 
 @dataclass(frozen=True)
@@ -255,6 +326,20 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:  # also refuses NaN
         raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
+def _pixel_count(text: str) -> int:
+    """A number of pixels: `4194304` or `2048x2048`."""
+    width, separator, height = text.lower().partition("x")
+    try:
+        value = int(width) * int(height) if separator else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a number of pixels or WIDTHxHEIGHT, got {text}"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 pixel, got {text}")
     return value
 
 

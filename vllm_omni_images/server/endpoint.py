@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import io
+import math
 import shutil
+import sys
 import tempfile
 from argparse import Namespace
 from pathlib import Path
@@ -21,6 +24,7 @@ if TYPE_CHECKING:
 
     from vllm_omni_images.images.edits import RemoteImageFetcher
     from vllm_omni_images.images.file_store import ImageStore
+    from vllm_omni_images.images.limits import ImageLimits
 
 PLUGIN_NAME = "images"
 
@@ -44,6 +48,8 @@ class ImagesEndpointPlugin:
         from vllm_omni_images.engine.client import ImageEngineClient
         from vllm_omni_images.images.serving import OpenAIServingImage
 
+        # The routes read them from the state (`limits.limits_of`), before any body is read.
+        state.image_limits = limits = limits_from_args(args)
         if not isinstance(engine_client, ImageEngineClient):
             state.openai_serving_image = None
             return
@@ -57,22 +63,81 @@ class ImagesEndpointPlugin:
             state.openai_serving_models,
             log_error_stack=getattr(args, "log_error_stack", False),
             image_store=store,
-            fetch_remote_image=remote_image_fetcher(args),
+            fetch_remote_image=remote_image_fetcher(args, limits),
+            limits=limits,
         )
 
 
-def remote_image_fetcher(args: Namespace) -> RemoteImageFetcher | None:
+def limits_from_args(args: Namespace) -> ImageLimits:
+    """The `--image-max-*` flags as the limits the routes and the serving object apply."""
+    from vllm_omni_images.images.limits import ImageLimits
+
+    form_mb = args.image_max_form_mb
+    return ImageLimits(
+        max_json_bytes=_mib_bytes(args.image_max_json_mb),
+        max_form_bytes=None if form_mb is None else _mib_bytes(form_mb),
+        max_prompt_chars=args.image_max_prompt_chars,
+        max_pixels=args.image_max_pixels,
+        max_request_pixels=args.image_max_request_pixels,
+        max_input_images=args.image_max_input_images,
+        max_input_bytes=_mib_bytes(args.image_max_input_mb),
+        max_input_pixels=args.image_max_input_pixels,
+    )
+
+
+def _mib_bytes(mib: float) -> int:
+    return max(1, int(mib * 1024 * 1024)) if math.isfinite(mib) else sys.maxsize
+
+
+def remote_image_fetcher(args: Namespace, limits: ImageLimits) -> RemoteImageFetcher | None:
     """vLLM's own media fetching for image URLs, limited to `--allowed-media-domains`; `None`
-    (no URL is fetched) when the operator named no host."""
+    (no URL is fetched) when the operator named no host. The download stops at
+    `--image-max-input-mb` (413), and the image's pixels are read from its header before it
+    is decoded (`--image-max-input-pixels`, a 400)."""
     domains = getattr(args, "allowed_media_domains", None)
     if not domains:
         return None
+    from vllm import envs
+    from vllm.connections import HTTPResponseSizeExceededError, MediaDownloadSizeExceededError
     from vllm.multimodal.media.connector import MediaConnector
+    from vllm.multimodal.media.image import ImageMediaIO
+
+    from vllm_omni_images.images.errors import PayloadTooLargeError
+
+    class LimitedImageIO(ImageMediaIO):
+        """vLLM's image reading with this server's byte and pixel limits."""
+
+        def get_max_bytes(self) -> int:
+            return limits.max_input_bytes
+
+        def load_bytes(self, data: bytes) -> Any:
+            from PIL import Image
+
+            width, height = Image.open(io.BytesIO(data)).size  # the header only
+            if width * height > limits.max_input_pixels:
+                raise ValueError(
+                    f"the image is {width}x{height}: at most {limits.max_input_pixels} pixels "
+                    "(--image-max-input-pixels)"
+                )
+            return super().load_bytes(data)
 
     connector = MediaConnector(allowed_media_domains=list(domains))
+    image_io = LimitedImageIO(image_mode=None)  # keeps a mask's alpha
 
     async def fetch(url: str) -> Image.Image:
-        return await connector.fetch_image_async(url, image_mode=None)  # keeps a mask's alpha
+        try:
+            return await connector.load_from_url_async(
+                url, image_io, fetch_timeout=envs.VLLM_IMAGE_FETCH_TIMEOUT
+            )
+        except (HTTPResponseSizeExceededError, MediaDownloadSizeExceededError):
+            raise PayloadTooLargeError(
+                f"The image at the URL is larger than {limits.max_input_bytes} bytes "
+                "(--image-max-input-mb)."
+            ) from None
+        except (ValueError, OSError):
+            raise
+        except Exception as error:  # vLLM's fetch errors: an HTTP status, a timeout
+            raise ValueError(str(error) or type(error).__name__) from None
 
     return fetch
 
