@@ -26,7 +26,12 @@ def request(prompt: str = "a red fox", seeds: tuple[int, ...] = (1,), **knobs) -
 
 def test_defaults_come_from_the_model_folder(tiny_engine: DiffusersEngine) -> None:
     assert tiny_engine.defaults == ModelDefaults(
-        width=256, height=256, num_inference_steps=4, size_multiple=16, supports_partial_images=True
+        width=256,
+        height=256,
+        num_inference_steps=4,
+        size_multiple=16,
+        min_steps=2,
+        supports_partial_images=True,
     )
 
 
@@ -34,9 +39,19 @@ def test_without_a_defaults_file_the_pipeline_decides(
     tiny_engine: DiffusersEngine, tmp_path: Path
 ) -> None:
     # Qwen-Image's own: 128 latent pixels x 8, 50 steps, sizes in multiples of 8 x 2x2 patches.
+    # Its scheduler stretches the schedule to a terminal shift: one step would be 0/0.
     assert read_defaults(tiny_engine.pipeline, str(tmp_path)) == ModelDefaults(
-        width=1024, height=1024, num_inference_steps=50, size_multiple=16
+        width=1024, height=1024, num_inference_steps=50, size_multiple=16, min_steps=2
     )
+
+
+def test_one_step_of_a_terminal_shift_scheduler_is_a_blank_image(
+    tiny_engine: DiffusersEngine,
+) -> None:
+    """Why `min_steps` is 2 for Qwen-Image's scheduler: diffusers makes a black image of one."""
+    [[one]] = tiny_engine.generate([request(num_inference_steps=1)])
+    [[two]] = tiny_engine.generate([request(num_inference_steps=2)])
+    assert np.asarray(one).max() == 0 and np.asarray(two).std() > 10
 
 
 def test_one_call_serves_every_request_of_a_batch(tiny_engine: DiffusersEngine) -> None:

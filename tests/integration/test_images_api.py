@@ -111,6 +111,14 @@ async def test_invalid_input_is_a_400_naming_the_field(client, body, param):
         assert "multiples of 16" in error["message"]
 
 
+async def test_one_step_is_refused_for_a_model_that_needs_two(client):
+    response = await generate(client, size="64x64", num_inference_steps=1)
+    error = assert_openai_error(response, 400, "num_inference_steps")
+    assert "at least 2" in error["message"]
+    low = await generate(client, size="64x64", quality="low")  # 25 % of 4 steps: 2, not 1
+    assert pixels(low.json()["data"][0]["b64_json"]).std() > 10
+
+
 async def test_missing_prompt_is_a_400(client):
     response = await client.post("/v1/images/generations", json={"n": 1})
     assert_openai_error(response, 400, "prompt")

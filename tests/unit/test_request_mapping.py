@@ -133,6 +133,16 @@ def test_quality_keeps_steps_between_1_and_200():
     assert (low.num_inference_steps, top.num_inference_steps) == (1, 200)
 
 
+def test_a_model_that_needs_two_steps_refuses_one_and_quality_gives_it_two():
+    needs_two = dataclasses.replace(DEFAULTS, num_inference_steps=4, min_steps=2)
+    low = ImageGenerationRequest(prompt="p", quality="low").to_engine_request(needs_two, "i")
+    assert low.num_inference_steps == 2  # 25 % of 4 is 1: raised to the model's minimum
+    one = ImageGenerationRequest(prompt="p", num_inference_steps=1)
+    with pytest.raises(VLLMValidationError, match="at least 2") as raised:
+        one.to_engine_request(needs_two, "i")
+    assert raised.value.parameter == "num_inference_steps"
+
+
 def test_explicit_steps_win_over_quality():
     request = ImageGenerationRequest(prompt="p", quality="low", num_inference_steps=30)
     assert request.to_engine_request(DEFAULTS, "id").num_inference_steps == 30

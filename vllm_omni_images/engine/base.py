@@ -32,6 +32,9 @@ class ModelDefaults:
     true_cfg_scale: float | None = None
     guidance_scale: float | None = None
     max_pixels: int = 2048 * 2048
+    min_steps: int = 1
+    """Fewest denoising steps that give an image: 2 for a flow-matching scheduler with a
+    terminal shift (Qwen-Image's), whose one-step schedule divides by zero (a black image)."""
     supports_partial_images: bool = False
     """Whether the engine can decode previews of intermediate steps (`EngineRequest.on_preview`)."""
 

@@ -57,10 +57,24 @@ def read_defaults(pipe: Any, model_path: str) -> ModelDefaults:
         "num_inference_steps": steps,
         "size_multiple": size_multiple,
     }
+    if _terminal_shift(pipe, model_path):
+        values["min_steps"] = 2
     override = Path(model_path) / DEFAULTS_FILE
     if override.is_file():
         values.update(json.loads(override.read_text()))
     return ModelDefaults(**values)
+
+
+def _terminal_shift(pipe: Any, model_path: str) -> bool:
+    """Whether the model's scheduler stretches its schedule to a terminal value
+    (`shift_terminal`, FlowMatchEulerDiscreteScheduler): its one-step schedule is 0/0. Read
+    from the loaded scheduler, or from the folder's `scheduler/scheduler_config.json`."""
+    scheduler = getattr(pipe, "scheduler", None)
+    config: Any = getattr(scheduler, "config", None)
+    if config is None:
+        path = Path(model_path) / "scheduler" / "scheduler_config.json"
+        config = json.loads(path.read_text()) if path.is_file() else {}
+    return bool(config.get("shift_terminal"))
 
 
 def pipeline_shell(class_name: str | None) -> Any:

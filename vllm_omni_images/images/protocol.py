@@ -133,6 +133,12 @@ class ImageGenerationRequest(OpenAIBaseModel):
         **inputs: Any,
     ) -> EngineRequest:
         check_request_pixels(self.n, width, height, limits)
+        if self.num_inference_steps is not None and self.num_inference_steps < defaults.min_steps:
+            raise VLLMValidationError(
+                f"num_inference_steps must be at least {defaults.min_steps} for this model: "
+                "its scheduler cannot make an image in fewer steps.",
+                parameter="num_inference_steps",
+            )
         partial_images = self.partial_images or 0
         if partial_images and not defaults.supports_partial_images:
             raise VLLMValidationError(
@@ -148,7 +154,7 @@ class ImageGenerationRequest(OpenAIBaseModel):
             width=width,
             height=height,
             num_inference_steps=self.num_inference_steps
-            or quality_steps(self.quality, defaults.num_inference_steps),
+            or quality_steps(self.quality, defaults.num_inference_steps, defaults.min_steps),
             true_cfg_scale=_first_set(self.true_cfg_scale, defaults.true_cfg_scale),
             guidance_scale=_first_set(self.guidance_scale, defaults.guidance_scale),
             request_id=request_id,
@@ -268,11 +274,11 @@ def input_size(image: Image.Image, defaults: ModelDefaults) -> tuple[int, int]:
     return max(multiple, width // multiple * multiple), max(multiple, height // multiple * multiple)
 
 
-def quality_steps(quality: str | None, default_steps: int) -> int:
+def quality_steps(quality: str | None, default_steps: int, min_steps: int = 1) -> int:
     """The denoising steps `quality` asks for: a share of the model's default steps (see
-    `QUALITY_STEP_FACTORS`), at least 1 and at most `MAX_STEPS`."""
+    `QUALITY_STEP_FACTORS`), at least the model's `min_steps` and at most `MAX_STEPS`."""
     factor = QUALITY_STEP_FACTORS[quality or "auto"]
-    return max(1, min(MAX_STEPS, round(default_steps * factor)))
+    return max(min_steps, min(MAX_STEPS, round(default_steps * factor)))
 
 
 # The size rule, in one place: the pattern (checked as the request is parsed), then what the
