@@ -159,6 +159,9 @@ class Servers:
         named = re.search(r"(?:\bPORT=|--port[ =])(\d+)", snippet.text)
         doc_port = int(named.group(1)) if named else DEFAULT_PORT
         key = re.sub(r"\s*(\bPORT=\d+|--port[ =]\d+)", "", snippet.text).strip()
+        key = re.sub(r"\s+#.*$", "", key)
+        # `make serve` runs exactly this (the Makefile's MODEL default): one server for both.
+        key = re.sub(r"^make serve$", "vllm serve tiny-qwen-image --task image", key)
         if key not in self.running:
             port = free_port()
             command = shlex.join(shlex.split(snippet.text, comments=True))  # `--port` goes last
@@ -186,7 +189,7 @@ class Servers:
     def _check_it_serves(self, snippet: Snippet, server: LiveServer) -> None:
         key = re.search(r"--api-key[ =](\S+)", snippet.text)
         headers = {"Authorization": f"Bearer {key.group(1)}"} if key else {}
-        body = {"prompt": "docs", "size": "64x64", "num_inference_steps": 1}
+        body = {"prompt": "docs", "size": "64x64", "num_inference_steps": 2}
         response = httpx.post(
             f"{server.base_url}/v1/images/generations", json=body, headers=headers, timeout=120
         )
