@@ -118,6 +118,10 @@ def reason_not_run(snippet: Snippet) -> str | None:
         return "needs a CUDA GPU (the GPU benchmark's command, docs/performance.md)"
     if re.search(r"\bpip (download|install)\b", text):
         return "sets up another machine's Python (the GPU machine), not this project's"
+    if re.search(r"-m benchmarks\.", text):
+        return "a benchmark: minutes on two cores; its figures are in docs/"
+    if re.search(r"\bpytest\b", text):
+        return "a part of the test suite, which `make test` runs"
     if re.match(r"make (test|benchmark)\b", text):
         return "`make test` is this run itself; `make benchmark` takes ~15 minutes"
     if re.search(r"\bComfyUI\b|\bmain\.py\b|:8188\b", text):

@@ -168,6 +168,8 @@ def upload(content: bytes, name: str = "image") -> dict[str, tuple[str, bytes, s
         (upload(png(source())), {}, 400, "prompt"),
         (upload(png(source())), {"prompt": "p", "n": "11"}, 400, "n"),
         (upload(png(source())), {"prompt": "p", "strength": "2"}, 400, "strength"),
+        # Found by the fuzzer: 4 steps x 5e-324 leaves no step to run (was diffusers' 500).
+        (upload(png(source())), {"prompt": "p", "strength": "5e-324"}, 400, "strength"),
         (upload(png(source())), {"prompt": "p", "temperature": "1"}, 400, "temperature"),
         (
             upload(png(source())),
@@ -187,6 +189,16 @@ async def test_bad_multipart_input_is_a_400_naming_the_part(
     _, http = served
     response = await http.post("/v1/images/edits", data=data, files=files)
     assert_openai_error(response, status, param)
+
+
+async def test_a_tiny_strength_that_still_leaves_one_step_edits(
+    served: tuple[openai.AsyncOpenAI, httpx.AsyncClient],
+) -> None:
+    _, http = served
+    # diffusers runs the last int-rounded steps x strength: 4 - int(4 - 4e-9) = 1 step.
+    data = {"prompt": "p", "strength": "1e-9", "num_inference_steps": "4"}
+    response = await http.post("/v1/images/edits", data=data, files=upload(png(source())))
+    assert response.status_code == 200, response.text
 
 
 async def test_bad_masks_are_400s(served: tuple[openai.AsyncOpenAI, httpx.AsyncClient]) -> None:

@@ -240,7 +240,7 @@ class ImageEditRequest(ImageGenerationRequest):
             width, height = input_size(image, defaults)
         else:
             width, height = resolve_size(self.size, defaults)
-        return self._engine_request(
+        request = self._engine_request(
             defaults,
             request_id,
             width,
@@ -250,6 +250,23 @@ class ImageEditRequest(ImageGenerationRequest):
             mask=mask,
             strength=self.strength,
         )
+        if (
+            self.strength is not None
+            and strength_steps(request.num_inference_steps, self.strength) < 1
+        ):
+            raise VLLMValidationError(
+                f"strength {self.strength:g} leaves none of the {request.num_inference_steps} "
+                "denoising steps to run (an edit runs the last steps x strength of them): raise "
+                "strength or num_inference_steps.",
+                parameter="strength",
+            )
+        return request
+
+
+def strength_steps(num_inference_steps: int, strength: float) -> int:
+    """The denoising steps an edit runs: the last `num_inference_steps x strength` of the
+    schedule, counted as diffusers' image-to-image pipelines count them."""
+    return num_inference_steps - int(max(num_inference_steps - num_inference_steps * strength, 0))
 
 
 class ImageVariationRequest(ImageEditRequest):
