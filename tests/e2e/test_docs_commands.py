@@ -106,29 +106,35 @@ def _block_snippets(document: Path, language: str, block: list[tuple[int, str]])
     return commands
 
 
+NOT_RUN: tuple[tuple[str, str], ...] = (
+    (
+        r"\bvllm serve (?!tiny-qwen-image\b|-)\S",
+        "serves a real model: its weights come from a hub (none here), often on a GPU",
+    ),
+    (
+        r"--image-engine omni\b",
+        "vllm-omni's engine needs a GPU (tests/e2e/test_omni_gpu.py runs it on one)",
+    ),
+    (r"--device cuda\b", "needs a CUDA GPU (the GPU benchmark's command, docs/performance.md)"),
+    (
+        r"\bpip (download|install)\b",
+        "sets up another machine's Python (the GPU machine), not this project's",
+    ),
+    (r"-m benchmarks\.", "a benchmark: minutes on two cores; its figures are in docs/"),
+    (r"\bpytest\b", "a part of the test suite, which `make test` runs"),
+    (r"^make (test|benchmark)\b", "`make test` is this run itself; `make benchmark` takes long"),
+    (
+        r"\bComfyUI\b|\bmain\.py\b|:8188\b",
+        "needs a ComfyUI checkout (tests/e2e/test_comfyui_real.py, with COMFYUI_DIR)",
+    ),
+    (r"^git clone\b", "a clone needs the network; the tests run in a clone already"),
+)
+"""The commands that cannot run on this CPU-only, offline machine, by pattern, and why."""
+
+
 def reason_not_run(snippet: Snippet) -> str | None:
     """Why a documented command cannot run here (None: it runs)."""
-    text = snippet.text
-    serve = re.search(r"\bvllm serve (\S+)", text)
-    if serve and serve.group(1) != "tiny-qwen-image" and not serve.group(1).startswith("-"):
-        return "serves a real model: its weights come from a hub (none here), often on a GPU"
-    if re.search(r"--image-engine omni\b", text):
-        return "vllm-omni's engine needs a GPU (tests/e2e/test_omni_gpu.py runs it on one)"
-    if re.search(r"--device cuda\b", text):
-        return "needs a CUDA GPU (the GPU benchmark's command, docs/performance.md)"
-    if re.search(r"\bpip (download|install)\b", text):
-        return "sets up another machine's Python (the GPU machine), not this project's"
-    if re.search(r"-m benchmarks\.", text):
-        return "a benchmark: minutes on two cores; its figures are in docs/"
-    if re.search(r"\bpytest\b", text):
-        return "a part of the test suite, which `make test` runs"
-    if re.match(r"make (test|benchmark)\b", text):
-        return "`make test` is this run itself; `make benchmark` takes ~15 minutes"
-    if re.search(r"\bComfyUI\b|\bmain\.py\b|:8188\b", text):
-        return "needs a ComfyUI checkout (tests/e2e/test_comfyui_real.py, with COMFYUI_DIR)"
-    if text.startswith("git clone"):
-        return "a clone needs the network; the tests run in a clone already"
-    return None
+    return next((why for pattern, why in NOT_RUN if re.search(pattern, snippet.text)), None)
 
 
 def test_the_docs_have_commands_and_each_one_runs_or_says_why_not() -> None:
