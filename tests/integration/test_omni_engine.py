@@ -163,9 +163,10 @@ def test_unset_knobs_are_left_to_the_pipeline() -> None:
 def test_defaults_come_from_the_served_pipeline(omni_engine: OmniEngine) -> None:
     assert omni_engine.model_class_name == "QwenImagePipeline"  # read from model_index.json
     # The tiny model's vllm_omni_images.json sets its size and steps; the size multiple is
-    # Qwen-Image's own (VAE factor 8 x 2x2 patches).
+    # Qwen-Image's own (VAE factor 8 x 2x2 patches), and so is the minimum of 2 steps (its
+    # scheduler's terminal shift, read from the folder's scheduler_config.json).
     assert omni_engine.defaults == ModelDefaults(
-        width=256, height=256, num_inference_steps=4, size_multiple=16
+        width=256, height=256, num_inference_steps=4, size_multiple=16, min_steps=2
     )
 
 
