@@ -188,7 +188,16 @@ def _answer(
 
 # Outside /v1 on purpose: vLLM's --api-key guards /v1 only, and these are capability URLs that
 # a browser opens without headers (see file_store.py).
-@router.get(f"{IMAGE_FILES_PATH}/{{name}}", name=IMAGE_FILE_ROUTE, include_in_schema=False)
+@router.get(
+    f"{IMAGE_FILES_PATH}/{{name}}",
+    name=IMAGE_FILE_ROUTE,
+    response_class=FileResponse,
+    responses={
+        HTTPStatus.OK.value: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}},
+        HTTPStatus.BAD_REQUEST.value: {"model": ErrorResponse},
+        HTTPStatus.NOT_FOUND.value: {"model": ErrorResponse},
+    },
+)
 async def image_file(name: str, raw_request: Request) -> Response:
     handler = images(raw_request)
     stored = None
