@@ -19,7 +19,7 @@ from vllm.entrypoints.serve.utils.api_utils import (
 from vllm.exceptions import VLLMValidationError
 
 from vllm_omni_images.images.edits import ImageInputs, read_multipart
-from vllm_omni_images.images.errors import PayloadTooLargeError, error_response, response_headers
+from vllm_omni_images.images.errors import PayloadTooLargeError, error_json, error_response
 from vllm_omni_images.images.limits import BodyKind, guard_route
 from vllm_omni_images.images.protocol import (
     ImageEditRequest,
@@ -178,11 +178,7 @@ def _answer(
     if not isinstance(result, (ImageGenerationResponse, ErrorResponse)):
         return StreamingResponse(result, media_type="text/event-stream")
     if isinstance(result, ErrorResponse):
-        return JSONResponse(
-            content=result.model_dump(),
-            status_code=result.error.code,
-            headers=response_headers(result),
-        )
+        return error_json(result)
     return JSONResponse(content=result.model_dump(exclude_none=True))
 
 
@@ -209,7 +205,7 @@ async def image_file(name: str, raw_request: Request) -> Response:
             err_type="NotFoundError",
             status_code=HTTPStatus.NOT_FOUND,
         )
-        return JSONResponse(content=error.model_dump(), status_code=error.error.code)
+        return error_json(error)
     return FileResponse(
         stored.path,
         media_type=stored.media_type,
@@ -225,7 +221,7 @@ async def text_only_route(raw_request: Request) -> JSONResponse:
         err_type="NotFoundError",
         status_code=HTTPStatus.NOT_FOUND,
     )
-    return JSONResponse(content=error.model_dump(), status_code=error.error.code)
+    return error_json(error)
 
 
 for _path in TEXT_ONLY_PATHS:

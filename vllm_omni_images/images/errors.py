@@ -21,6 +21,7 @@ from http import HTTPStatus
 from typing import Any
 
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import Field, ValidationError
 from vllm.entrypoints.serve import create_error_response
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
@@ -169,6 +170,15 @@ def error_response(error: Exception) -> ImageErrorResponse:
 def response_headers(response: ErrorResponse) -> dict[str, str]:
     """The headers to send with an error answer (none for vLLM's own `ErrorResponse`s)."""
     return response.headers if isinstance(response, ImageErrorResponse) else {}
+
+
+def error_json(response: ErrorResponse) -> JSONResponse:
+    """The HTTP answer of an error: OpenAI's JSON, its status, and its headers."""
+    return JSONResponse(
+        content=response.model_dump(),
+        status_code=response.error.code,
+        headers=response_headers(response),
+    )
 
 
 # What a client sent comes back in messages (and logs) only as a short, printable prefix: a

@@ -27,16 +27,16 @@ from typing import Any, Literal
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 from starlette.types import Message, Receive
 from vllm.exceptions import VLLMValidationError
 
 from vllm_omni_images.images.errors import (
     PayloadTooLargeError,
+    error_json,
     error_response,
     printable,
-    response_headers,
 )
 
 MiB = 1024 * 1024
@@ -216,9 +216,4 @@ def _answer(error: Exception) -> Response:
     # The connection stays open: the HTTP server discards the rest of a refused body unread
     # by the app, so that the client, which may still be sending it, reads its 413 (closing
     # instead resets the connection under the client, which then sees no answer at all).
-    response = error_response(error)
-    return JSONResponse(
-        content=response.model_dump(),
-        status_code=response.error.code,
-        headers=response_headers(response),
-    )
+    return error_json(error_response(error))
