@@ -27,12 +27,14 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import multiprocessing
 import threading
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
+import torch
 from PIL import Image
 
 from vllm_omni_images.engine.base import (
@@ -73,7 +75,12 @@ def build_omni_config(
     batching flags."""
     from vllm_omni.diffusion.data import DiffusionParallelConfig, OmniDiffusionConfig
     from vllm_omni.diffusion.diffusion_engine import supports_request_batch
+    from vllm_omni.platforms import current_omni_platform
 
+    if current_omni_platform.device_type == "cpu" and "dtype" not in options:
+        # vllm-omni's default, bfloat16, meets vLLM's CPU matmul with float32 inputs; the
+        # diffusers engine runs float32 on the CPU too, so the two engines agree.
+        options = {**options, "dtype": torch.float32}
     # Sizes go to the parallel config (which picks its own fields), the rest to the top level.
     parallel = DiffusionParallelConfig.from_stage_overrides(options)
     parallel_fields = {f.name for f in fields(DiffusionParallelConfig)}
@@ -157,6 +164,10 @@ class OmniEngine(QueueingImageEngine):
         from vllm_omni.diffusion.io_support import supports_multimodal_input
 
         assert config.model is not None
+        # vllm-omni's `mp` executor makes its events in the default context and then starts
+        # its workers with spawn, which only works when spawn is already the default; its own
+        # stage set-up makes it so before building an engine (`stage_init_utils`), as here.
+        multiprocessing.set_start_method("spawn", force=True)
         self.model_class_name = config.model_class_name
         self.takes_images = supports_multimodal_input(config)[0]
         """Whether the pipeline edits an input image (e.g. Qwen-Image-Edit)."""

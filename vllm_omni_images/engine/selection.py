@@ -65,22 +65,21 @@ def omni_pipeline_class(model_path: str) -> str | None:
 
 
 def choose_engine(requested: str, model_path: str) -> EngineChoice:
-    """`auto` → vllm-omni when it detects an accelerator and its registry has the model's
-    pipeline, diffusers otherwise; `omni` needs an accelerator. Says why."""
+    """`omni` → vllm-omni on whatever platform it finds (its own accelerators, or this
+    package's CPU platform). `auto` → vllm-omni on an accelerator when its registry has the
+    model's pipeline; on the CPU, diffusers, which starts faster there for the same throughput
+    (docs/performance.md, "Engines on the CPU"). Says why."""
     if requested not in ENGINE_NAMES:
         raise ValueError(f"unknown image engine {requested!r}; choose one of {ENGINE_NAMES}")
     if requested == "diffusers":
         return EngineChoice("diffusers", "--image-engine diffusers")
-    if not has_accelerator():
-        if requested == "omni":
-            raise EngineUnavailableError(
-                "--image-engine omni needs a GPU and torch finds none on this machine; serve "
-                "with --image-engine diffusers (or auto), which runs on CPU."
-            )
-        return EngineChoice("diffusers", "no GPU here, and vllm-omni has no CPU platform")
+    if requested == "auto" and not has_accelerator():
+        return EngineChoice(
+            "diffusers", "no GPU here: on the CPU the diffusers engine starts faster"
+        )
     try:
         platform = omni_platform()
-    except ImportError as error:  # a GPU machine with diffusers but not vllm-omni
+    except ImportError as error:  # diffusers installed without vllm-omni
         if requested == "omni":
             raise EngineUnavailableError(
                 f"--image-engine omni: vllm-omni cannot be imported here ({error}); install "
@@ -90,8 +89,8 @@ def choose_engine(requested: str, model_path: str) -> EngineChoice:
     if platform is None:
         if requested == "omni":
             raise EngineUnavailableError(
-                "--image-engine omni: vllm-omni detects no platform it supports here; serve "
-                "with --image-engine diffusers."
+                "--image-engine omni: vllm-omni detects no platform it supports here (is "
+                "VLLM_PLUGINS set without image_task?); serve with --image-engine diffusers."
             )
         return EngineChoice("diffusers", "vllm-omni detects no platform it supports here")
     if requested == "omni":

@@ -5,7 +5,9 @@ without a text `ModelConfig`, so:
 
 - the general plugin (`plugin.py`) wraps `EngineArgs.add_cli_args` (the serve parser gains
   the image flags) and `ServeSubcommand.cmd` (`--task image` runs our launcher), and switches
-  to vLLM's CPU platform where no accelerator is found (`fall_back_to_cpu_platform`);
+  to vLLM's CPU platform where no accelerator is found (`fall_back_to_cpu_platform`: in
+  `vllm.platforms`, in the vLLM modules that already bound the unspecified platform, and
+  through `VLLM_TARGET_DEVICE=cpu` for the processes started later);
 - the launcher (`launcher.py`) builds vLLM's own app and then removes the text-only core
   routes (`remove_core_routes`), attaches the `images` endpoint plugin when `VLLM_PLUGINS`
   does not name it (`attach_endpoint_plugin`), fills the app state that vLLM's
@@ -22,6 +24,7 @@ against the installed vLLM.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any, cast
@@ -110,11 +113,20 @@ def fall_back_to_cpu_platform() -> bool:
     """
     from vllm import platforms
 
-    if not platforms.current_platform.is_unspecified():
+    unspecified = platforms.current_platform
+    if not unspecified.is_unspecified():
         return False
     from vllm.platforms.cpu import CpuPlatform
 
-    platforms.current_platform = CpuPlatform()
+    cpu = CpuPlatform()
+    platforms.current_platform = cpu
+    # Modules that bound the unspecified platform at import (`vllm.utils.mem_utils`, read by
+    # vllm-omni's worker when it runs in this process) see the CPU one too.
+    for module in list(sys.modules.values()):
+        if getattr(module, "current_platform", None) is unspecified:
+            module.current_platform = cpu
+    # Processes started from here (vllm-omni's `mp` workers) pick it themselves.
+    os.environ["VLLM_TARGET_DEVICE"] = "cpu"
     logger.info("No accelerator found: using vLLM's CPU platform for the image task.")
     return True
 
