@@ -124,7 +124,7 @@ def fall_back_to_cpu_platform() -> bool:
     # vllm-omni's worker when it runs in this process) see the CPU one too.
     for module in list(sys.modules.values()):
         if getattr(module, "current_platform", None) is unspecified:
-            module.current_platform = cpu
+            module.current_platform = cpu  # type: ignore[attr-defined]
     # Processes started from here (vllm-omni's `mp` workers) pick it themselves.
     os.environ["VLLM_TARGET_DEVICE"] = "cpu"
     logger.info("No accelerator found: using vLLM's CPU platform for the image task.")
