@@ -28,7 +28,9 @@ handles its own):
   not retried.
 - A hung engine: a call still running `hang_grace_s` after every request in it timed out or
   went away marks the engine hung (`hung_error`): waiting requests fail with `EngineHungError`
-  and new ones are refused with it, until the call returns.
+  and new ones are refused with it, until the call returns. For a `QueueingImageEngine`, the
+  same holds for a started request that has not left the engine `hang_grace_s` after it was
+  aborted.
 
 This module must stay importable without vLLM (the GPU benchmarks run it with diffusers only).
 """
@@ -378,6 +380,8 @@ class ImageScheduler:
         self._closed = False
         self._seconds_per_image: float | None = None
         self._hung_since: float | None = None
+        self._hung_jobs: set[_Pending] = set()
+        """Hand-over mode: the aborted requests that had not left the engine in time."""
         self._hung_event = asyncio.Event()
 
     @property
@@ -415,7 +419,7 @@ class ImageScheduler:
 
     async def close(self) -> None:
         """Refuse new work, fail waiting requests, and let the running batch (or the requests a
-        `QueueingImageEngine` has started) finish."""
+        `QueueingImageEngine` has started, for at most `hang_grace_s`) finish."""
         self._closed = True
         self._fail_queued(SchedulerClosedError())
         self._arrived.set()
@@ -430,7 +434,19 @@ class ImageScheduler:
                 self._worker.cancel()
                 await asyncio.wait([self._worker])
         if self._handed_over:
-            await asyncio.wait([pending.future for pending in self._handed_over])
+            # Started requests finish, unless the engine is stuck: wait at most the hang grace
+            # (the caller then closes the engine, which fails what is left).
+            _, left = await asyncio.wait(
+                [pending.future for pending in self._handed_over],
+                timeout=self._config.hang_grace_s,
+            )
+            if left:
+                logger.error(
+                    "Shutting down with %d request(s) still running in the image engine after "
+                    "%g s; they are abandoned.",
+                    len(left),
+                    self._config.hang_grace_s,
+                )
         if self._owns_executor:
             self._executor.shutdown(wait=False)
 
@@ -499,6 +515,12 @@ class ImageScheduler:
             if pending.started_images == 0:  # the engine drops a waiting request at once
                 pending.timings.queue_s = self._clock() - pending.arrival
                 self._forget_waiting(pending)
+            elif self._config.hang_grace_s is not None:
+                # A started request leaves the engine at its next step (step mode) or when its
+                # batch returns: if it has not `hang_grace_s` later, the engine is stuck.
+                asyncio.get_running_loop().call_later(
+                    self._config.hang_grace_s, self._check_left, pending
+                )
             return
         if pending.batch is None:
             pending.timings.queue_s = self._clock() - pending.arrival
@@ -527,15 +549,25 @@ class ImageScheduler:
         call = batch.call
         if self._batch is not batch or call is None or call.done() or self._hung_since is not None:
             return
+        self._take_as_hung(f"a batch of {batch.num_images} image(s)")
+
+    def _check_left(self, pending: _Pending) -> None:
+        """Hand-over mode: `pending` was aborted `hang_grace_s` ago, after it started."""
+        if pending.settled or self._hung_since is not None:
+            return
+        self._hung_jobs.add(pending)
+        self._take_as_hung(f"the {pending.started_images} started image(s) of a request")
+
+    def _take_as_hung(self, what: str) -> None:
         self._hung_since = self._clock()
         self._hung_event.set()
         error = self.hung_error()
         assert error is not None
         logger.error(
-            "The image engine has not returned from a batch of %d image(s) %g s after every "
-            "request in it timed out or went away: it is taken as hung. /health answers 503, "
-            "and requests fail with 503 until the call returns; %d waiting request(s) failed.",
-            batch.num_images,
+            "The image engine has not returned from %s %g s after every request in it timed "
+            "out or went away: it is taken as hung. /health answers 503, and requests fail "
+            "with 503 until the call returns; %d waiting request(s) failed.",
+            what,
             error.grace_s,
             len(self._queue),
         )
@@ -600,6 +632,10 @@ class ImageScheduler:
             return
         pending.settled = True
         self._handed_over.discard(pending)
+        if pending in self._hung_jobs:
+            self._hung_jobs.discard(pending)
+            if not self._hung_jobs:
+                self._call_returned()
         self._forget_waiting(pending)
         self._handed_over_running -= pending.started_images
         engine_s = 0.0
