@@ -41,10 +41,11 @@ def add_image_cli_args(parser: argparse.ArgumentParser) -> None:
         choices=ENGINE_NAMES,
         default="auto",
         help="Which engine runs the diffusion model. `omni` is vllm-omni's diffusion engine "
-        "(GPU only: its pipelines, batching, parallelism, caches, offload); `diffusers` "
-        "serves any diffusers pipeline on CPU or GPU; `auto` picks omni when vllm-omni finds "
-        "a GPU and has the model's pipeline (model_index.json's class) in its registry, "
-        "diffusers otherwise, and logs why.",
+        "(its pipelines, batching, parallelism, caches, offload; on a GPU, or on the CPU "
+        "through this package's platform plugin); `diffusers` serves any diffusers pipeline "
+        "on CPU or GPU; `auto` picks omni when vllm-omni finds a GPU and has the model's "
+        "pipeline (model_index.json's class) in its registry, diffusers otherwise, and logs "
+        "why.",
     )
     group.add_argument(
         "--image-max-batch-size",
@@ -255,6 +256,15 @@ OMNI_FLAGS: tuple[OmniFlag, ...] = (
         ("--vae-use-slicing",),
         "vae_use_slicing",
         {"action": "store_true", "help": "[omni engine] Decode a batch one image at a time."},
+    ),
+    OmniFlag(
+        ("--step-execution",),
+        "step_execution",
+        {
+            "action": "store_true",
+            "help": "[omni engine] Schedule by denoising step: a request that arrives while "
+            "a batch denoises joins it at the next step (vllm-omni's step-level batching).",
+        },
     ),
     OmniFlag(
         ("--diffusion-attention-backend",),
