@@ -7,6 +7,13 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
+import torch
+
+if not torch.cuda.is_available():
+    # vLLM's CPU platform, chosen by vLLM itself in this process and in vllm-omni's workers, as
+    # `vllm serve --task image` arranges on a machine without a GPU (vllm_patches.py).
+    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+
 from pathlib import Path
 
 import pytest

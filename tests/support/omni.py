@@ -1,13 +1,16 @@
-"""vllm-omni's real `DiffusionEngine` on CPU, with a stand-in for the one part that needs a GPU.
+"""vllm-omni's real `DiffusionEngine` on CPU: a probe on its real worker, and a stand-in worker
+for the faults the real one cannot be made to show.
 
-vllm-omni's worker fails in `init_device` without a GPU. Everything around it is real: the
-engine config read from the tiny model's `model_index.json`, vllm-omni's request scheduler and
-its batching, abort, its Qwen-Image post-processing to PIL, close. `FakeDiffusionExecutor`
-replaces only the executor (vllm-omni's own extension point, `distributed_executor_backend`):
-it "denoises" each scheduled request into uniform noise drawn from the request's seed, the way
-vllm-omni's model runner seeds a generator, and records what it was asked to run.
+`WorkerProbe` instruments vllm-omni's real in-process worker (the `uni` executor, on this
+package's CPU platform): it records what each scheduling wave ran, and can hold the real
+pipeline at its next denoising step or raise from it. Everything else is vllm-omni's own code.
 
-Importing this module imports vllm-omni (~20 s, once per test session).
+`FakeDiffusionExecutor` replaces the executor (vllm-omni's own extension point,
+`distributed_executor_backend`) for a worker process that dies, which an in-process worker
+cannot do: it "denoises" each scheduled request into uniform noise drawn from the request's
+seed, the way vllm-omni's model runner seeds a generator, and records what it was asked to run.
+
+Importing this module imports vllm-omni (~20-40 s, once per test session).
 """
 
 from __future__ import annotations
@@ -15,9 +18,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from vllm.v1.engine.exceptions import EngineDeadError
 from vllm_omni.diffusion.data import DiffusionOutput
 from vllm_omni.diffusion.executor.abstract import DiffusionExecutor
@@ -25,7 +31,75 @@ from vllm_omni.diffusion.request import OmniDiffusionRequest
 from vllm_omni.diffusion.sched.interface import DiffusionSchedulerOutput
 from vllm_omni.diffusion.worker.utils import BatchRunnerOutput, RunnerOutput
 
-from tests.support.waiting import ENGINE_WAIT_S
+from tests.support.waiting import ENGINE_WAIT_S, until
+from vllm_omni_images.engine.omni_engine import OmniEngine, build_omni_config
+
+
+@dataclass(frozen=True)
+class Wave:
+    """One scheduling wave vllm-omni's engine ran: a whole batch in request mode, one
+    denoising step of the running batch in step mode."""
+
+    new: list[OmniDiffusionRequest]
+    """The requests that joined in this wave."""
+    running: int
+    """The requests running in it, joined ones included."""
+
+
+class WorkerProbe:
+    """vllm-omni's real in-process worker, instrumented (see the module docstring).
+
+    - `waves`: every scheduling wave, in order (cleared by the tests as they need);
+    - `hold`: while cleared, the pipeline waits at its next denoising step, with `denoising`
+      set; set by default;
+    - `fail_with`: raised from the next denoising step, inside vllm-omni's pipeline and
+      worker, then cleared.
+    """
+
+    def __init__(self, engine: OmniEngine) -> None:
+        diffusion_engine = engine.diffusion_engine
+        worker = diffusion_engine.executor.driver_worker.worker  # the `uni` executor's
+        self.pipeline = worker.model_runner.pipeline
+        self.waves: list[Wave] = []
+        self.hold = threading.Event()
+        self.hold.set()
+        self.denoising = threading.Event()
+        self.fail_with: BaseException | None = None
+
+        execute = diffusion_engine.execute_fn
+
+        def record_wave(scheduler_output: DiffusionSchedulerOutput) -> Any:
+            new = [data.req for data in scheduler_output.scheduled_new_reqs]
+            self.waves.append(Wave(new, len(scheduler_output.scheduled_request_ids)))
+            return execute(scheduler_output)
+
+        diffusion_engine.execute_fn = record_wave
+        transformer = self.pipeline.transformer
+        forward = transformer.forward
+
+        def denoise(*args: Any, **kwargs: Any) -> Any:
+            self.denoising.set()
+            try:
+                if not self.hold.wait(ENGINE_WAIT_S):
+                    raise TimeoutError("the test never released the worker")
+            finally:
+                self.denoising.clear()
+            error, self.fail_with = self.fail_with, None
+            if error is not None:
+                raise error
+            return forward(*args, **kwargs)
+
+        transformer.forward = denoise
+
+    @property
+    def batches(self) -> list[list[OmniDiffusionRequest]]:
+        """The requests of each wave that started any (request mode: each batch)."""
+        return [wave.new for wave in self.waves if wave.new]
+
+    def reset(self) -> None:
+        self.hold.set()
+        self.fail_with = None
+        self.waves.clear()
 
 
 def noise_image(request: OmniDiffusionRequest) -> torch.Tensor:
@@ -132,3 +206,30 @@ class FakeImagePipeline:
     instantiated (the fake worker makes the images)."""
 
     supports_request_batch = True
+
+
+SAME_IMAGE = 2
+"""Largest pixel difference (of 255) between two runs of one image: the engines, alone and
+batched, agree to within float rounding, not bit for bit."""
+
+
+def build_engine(model_dir: Path, max_batch_size: int = 4, **options: object) -> OmniEngine:
+    return OmniEngine(build_omni_config(str(model_dir), options, max_batch_size=max_batch_size))
+
+
+def difference(a: Image.Image, b: Image.Image) -> int:
+    return int(np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max())
+
+
+def batch_sizes(worker: WorkerProbe) -> list[int]:
+    return [len(batch) for batch in worker.batches]
+
+
+async def until_waiting_in_vllm_omni(engine: OmniEngine, count: int) -> None:
+    """Wait until `count` requests wait in vllm-omni's own scheduler: our scheduler counts a
+    request as queued when it hands it over, a loop hop before vllm-omni has it."""
+    await until(
+        lambda: engine.diffusion_engine.scheduler.num_waiting_requests() == count,
+        f"{count} requests waiting in vllm-omni",
+        timeout_s=ENGINE_WAIT_S,
+    )
