@@ -113,7 +113,7 @@ NOT_RUN: tuple[tuple[str, str], ...] = (
     ),
     (
         r"--image-engine omni\b",
-        "vllm-omni's engine needs a GPU (tests/e2e/test_omni_gpu.py runs it on one)",
+        "starts vllm-omni's engine too (a minute more per server on 2 cores); tests/e2e/test_omni_serve.py serves it",
     ),
     (r"--device cuda\b", "needs a CUDA GPU (the GPU benchmark's command, docs/performance.md)"),
     (

@@ -1,0 +1,91 @@
+"""`vllm serve tiny-qwen-image --task image --image-engine omni`, end to end, on any machine.
+
+vllm-omni's own Qwen-Image pipeline and worker load the tiny folder (the real architecture,
+random weights) and make the images: on a GPU through vllm-omni's platform, here through this
+package's CPU platform. The server runs vllm-omni's `mp` executor, so its worker is a process
+of its own that finds the CPU platform through the entry point, as a multi-device deployment
+does; the in-process `uni` executor is driven by tests/integration/test_omni_engine*.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import openai
+import pytest
+
+from testing.server_process import ServerFailedError, free_port, running_server, vllm_serve_command
+from vllm_omni_images.images.encoding import decode_image_base64
+
+from .live_server import API_KEY
+
+pytestmark = pytest.mark.e2e
+
+SAME_IMAGE = 2
+"""Largest pixel difference (of 255) between two makings of one image (float rounding)."""
+
+GUIDED = {"num_inference_steps": 3, "negative_prompt": "blurry", "true_cfg_scale": 4.0}
+
+
+def generate(sdk: openai.OpenAI, seed: int, n: int = 1) -> list[np.ndarray]:
+    result = sdk.images.generate(
+        model="tiny-qwen-image",
+        prompt="a red fox in the snow",
+        n=n,
+        size="128x128",
+        extra_body={**GUIDED, "seed": seed},
+    )
+    assert result.data is not None
+    return [np.asarray(decode_image_base64(item.b64_json or "")) for item in result.data]
+
+
+@pytest.fixture(scope="module")
+def omni_server(
+    tiny_model_dir: Path, model_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, Path]]:
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("omni-server") / "vllm-serve.log"
+    command = vllm_serve_command(
+        "tiny-qwen-image",
+        port,
+        "--image-engine",
+        "omni",
+        "--distributed-executor-backend",
+        "mp",
+    )
+    env = {"VLLM_OMNI_IMAGES_CACHE": str(model_cache), "VLLM_LOGGING_LEVEL": "INFO"}
+    try:
+        with running_server(command, port, log_path, env=env, startup_timeout_s=240) as url:
+            yield url, log_path
+    except ServerFailedError as error:
+        pytest.fail(str(error))
+
+
+def difference(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+
+def test_the_omni_engine_serves_the_openai_sdk(omni_server: tuple[str, Path]) -> None:
+    url, log_path = omni_server
+    log = log_path.read_text()
+    assert "Image engine: omni" in log
+    assert "OmniPlatform plugin image_task is activated" in log
+    sdk = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    assert [model.id for model in sdk.models.list().data] == ["tiny-qwen-image"]
+    first, second = generate(sdk, seed=7, n=2)
+    assert first.shape == second.shape == (128, 128, 3)
+    assert difference(first, second) > 10 * SAME_IMAGE
+    [again] = generate(sdk, seed=8)
+    assert difference(again, second) <= SAME_IMAGE  # image i depends on seed i alone
+
+
+def test_the_same_image_as_the_diffusers_engine(omni_server: tuple[str, Path], server: str) -> None:
+    """The shared e2e server runs the diffusers engine on the same model."""
+    url, _ = omni_server
+    omni = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    diffusers = openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
+    [from_omni] = generate(omni, seed=42)
+    [from_diffusers] = generate(diffusers, seed=42)
+    assert difference(from_omni, from_diffusers) <= SAME_IMAGE
