@@ -113,7 +113,8 @@ NOT_RUN: tuple[tuple[str, str], ...] = (
     ),
     (
         r"--image-engine omni\b",
-        "starts vllm-omni's engine too (a minute more per server on 2 cores); tests/e2e/test_omni_serve.py serves it",
+        "starts vllm-omni's engine (a minute more per server on 2 cores); "
+        "tests/e2e/test_omni_serve.py serves it",
     ),
     (r"--device cuda\b", "needs a CUDA GPU (the GPU benchmark's command, docs/performance.md)"),
     (

@@ -46,10 +46,13 @@ def test_without_a_gpu_auto_picks_diffusers(monkeypatch: pytest.MonkeyPatch) -> 
     assert choice.name == "diffusers" and "no GPU" in choice.reason
 
 
-def test_omni_without_a_gpu_fails_naming_the_way_out(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(selection, "has_accelerator", lambda: False)
-    with pytest.raises(EngineUnavailableError, match="--image-engine diffusers"):
-        choose_engine("omni", "tiny-qwen-image")
+def test_omni_without_a_gpu_runs_on_this_packages_cpu_platform(tiny_model_dir: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    choice = choose_engine("omni", str(tiny_model_dir))
+    assert choice == selection.EngineChoice("omni", "--image-engine omni on CpuOmniPlatform")
 
 
 def test_diffusers_is_taken_as_asked() -> None:
@@ -137,12 +140,29 @@ def test_a_gpu_machine_without_vllm_omni_serves_with_diffusers(
         choose_engine("omni", str(tiny_model_dir))
 
 
-def test_vllm_omni_finds_no_platform_on_this_cpu_machine() -> None:
+def test_vllm_omni_finds_this_packages_cpu_platform_on_a_cpu_machine() -> None:
+    """Through vllm-omni's own resolution and our entry point (not imported by us)."""
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    assert selection.omni_platform() is None
+    assert selection.omni_platform() == "CpuOmniPlatform"
+
+
+def test_the_cpu_platform_never_shadows_an_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm_omni import platforms
+
+    from vllm_omni_images.platforms import cpu_omni_platform_plugin
+
+    assert cpu_omni_platform_plugin() == "vllm_omni_images.platforms.cpu.CpuOmniPlatform"
+    monkeypatch.setitem(
+        platforms.builtin_omni_platform_plugins,
+        "cuda",
+        lambda: "vllm_omni.platforms.cuda.platform.CudaOmniPlatform",
+    )
+    assert cpu_omni_platform_plugin() is None
+    qualname = platforms.resolve_current_omni_platform_cls_qualname()
+    assert qualname == "vllm_omni.platforms.cuda.platform.CudaOmniPlatform"
 
 
 def test_the_choice_and_its_reason_are_logged(

@@ -7,7 +7,9 @@ relies on.
 
 import argparse
 import logging
+import os
 import sys
+import types
 
 import pytest
 from fastapi import FastAPI
@@ -111,9 +113,16 @@ def test_an_unspecified_platform_falls_back_to_vllms_cpu_platform(monkeypatch):
     from vllm.platforms.cpu import CpuPlatform
     from vllm.platforms.interface import UnspecifiedPlatform
 
-    monkeypatch.setattr(platforms, "current_platform", UnspecifiedPlatform())
+    unspecified = UnspecifiedPlatform()
+    monkeypatch.setattr(platforms, "current_platform", unspecified)
+    bound_at_import = types.ModuleType("vllm_module_that_bound_it")
+    bound_at_import.current_platform = unspecified  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, bound_at_import.__name__, bound_at_import)
+    monkeypatch.delenv("VLLM_TARGET_DEVICE", raising=False)
     assert vllm_patches.fall_back_to_cpu_platform() is True
     assert isinstance(platforms.current_platform, CpuPlatform)
+    assert bound_at_import.current_platform is platforms.current_platform
+    assert os.environ["VLLM_TARGET_DEVICE"] == "cpu"  # for processes started later
     assert vllm_patches.fall_back_to_cpu_platform() is False
 
 
