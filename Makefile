@@ -43,7 +43,7 @@ test: lint typecheck pytest
 # All benchmarks, side by side in one run on the embedded model; each writes its table to
 # docs/benchmarks/ (summarised in docs/performance.md and docs/reliability.md). About 30 minutes on
 # 2 CPU cores.
-BENCHMARKS := encoding batch_invariance overhead liveness throughput engine_throughput startup edit_throughput soak fuzz
+BENCHMARKS := encoding batch_invariance overhead liveness throughput engine_throughput engines_cpu step_batching startup edit_throughput soak fuzz
 
 benchmark: install
 	for name in $(BENCHMARKS); do \
