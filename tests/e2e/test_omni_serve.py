@@ -63,6 +63,8 @@ def omni_server(
             yield url, log_path
     except ServerFailedError as error:
         pytest.fail(str(error))
+    # Stopped with Ctrl-C, as a user stops it: the server and its workers exit cleanly.
+    assert "Traceback" not in log_path.read_text()
 
 
 def difference(a: np.ndarray, b: np.ndarray) -> int:

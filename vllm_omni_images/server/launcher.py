@@ -147,16 +147,18 @@ async def serve_image_app(
 async def run_image_server(args: argparse.Namespace) -> None:
     listen_address, sock = setup_server(args, reuse_port=False)
     engine_client = await load_engine_client(args)
-    app: FastAPI | None = None
+    cleanup: asyncio.Task[Any] | None = None
     try:
         app = build_image_app(args)
         await init_image_app_state(engine_client, app.state, args)
+        # Taken now: vLLM's server deletes `app.state` when it shuts down.
+        cleanup = getattr(app.state, "image_store_cleanup", None)
         logger.info("Serving the Images API for %s on %s", args.model, listen_address)
         shutdown_task = await serve_image_app(app, sock, args)
         await shutdown_task
     finally:
         await engine_client.close()
-        if app is not None and (cleanup := getattr(app.state, "image_store_cleanup", None)):
+        if cleanup is not None:
             cleanup.cancel()
         sock.close()
 
