@@ -67,15 +67,18 @@ def omni_pipeline_class(model_path: str) -> str | None:
 def choose_engine(requested: str, model_path: str) -> EngineChoice:
     """`omni` → vllm-omni on whatever platform it finds (its own accelerators, or this
     package's CPU platform). `auto` → vllm-omni on an accelerator when its registry has the
-    model's pipeline; on the CPU, diffusers, which starts faster there for the same throughput
-    (docs/performance.md, "Engines on the CPU"). Says why."""
+    model's pipeline; on the CPU, diffusers: as fast there, and it also serves edits and
+    previews for generation pipelines (docs/performance.md, "The engines on the CPU"). Says
+    why."""
     if requested not in ENGINE_NAMES:
         raise ValueError(f"unknown image engine {requested!r}; choose one of {ENGINE_NAMES}")
     if requested == "diffusers":
         return EngineChoice("diffusers", "--image-engine diffusers")
     if requested == "auto" and not has_accelerator():
         return EngineChoice(
-            "diffusers", "no GPU here: on the CPU the diffusers engine starts faster"
+            "diffusers",
+            "no GPU here: on the CPU diffusers is as fast and also edits with any pipeline; "
+            "--image-engine omni serves through vllm-omni",
         )
     try:
         platform = omni_platform()
