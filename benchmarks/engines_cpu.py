@@ -34,7 +34,7 @@ from typing import Any
 
 import psutil
 
-from benchmarks.load import closed_loop
+from benchmarks.load import closed_loop, generation_body
 from benchmarks.report import benchmark_parser, markdown_table, median, publish
 from benchmarks.soak import Sampler, listener
 from testing.server_process import free_port, running_server, vllm_serve_command
@@ -113,13 +113,7 @@ async def load(
     """As `benchmarks.load.sweep`: a warm-up, then a closed loop per level; with each level's
     CPU seconds per image (the server's process tree, all its threads)."""
 
-    def body(index: int) -> dict[str, Any]:
-        return {
-            "prompt": f"benchmark request {index}",
-            "size": args.size,
-            "num_inference_steps": args.steps,
-            "seed": index,
-        }
+    body = generation_body(args.size, args.steps)
 
     await closed_loop(base_url, 2, 4, body)
     rows = {}

@@ -48,6 +48,21 @@ class LoadResult:
         }
 
 
+def generation_body(size: str, steps: int) -> Callable[[int], dict[str, Any]]:
+    """The generation request a load benchmark sends as its `index`-th: the same prompt and
+    knobs each time, a seed of its own (so no two images are alike)."""
+
+    def body(index: int) -> dict[str, Any]:
+        return {
+            "prompt": f"benchmark request {index}",
+            "size": size,
+            "num_inference_steps": steps,
+            "seed": index,
+        }
+
+    return body
+
+
 async def closed_loop(
     base_url: str,
     concurrency: int,

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.engines_cpu import SHARED_NOTE, checkout, machine_load
-from benchmarks.load import closed_loop
+from benchmarks.load import closed_loop, generation_body
 from benchmarks.report import benchmark_parser, markdown_table, percentile, publish
 from testing.server_process import free_port, running_server, vllm_serve_command
 from vllm_omni_images.engine.base import DEFAULTS_FILE
@@ -235,13 +235,7 @@ def main() -> None:
     args = parser.parse_args()
     load_before = os.getloadavg()[0]
 
-    def body(index: int) -> dict[str, Any]:
-        return {
-            "prompt": f"benchmark request {index}",
-            "size": args.size,
-            "num_inference_steps": args.steps,
-            "seed": index,
-        }
+    body = generation_body(args.size, args.steps)
 
     with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as servers:
         logs = args.logs or Path(scratch)

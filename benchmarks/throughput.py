@@ -14,7 +14,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from benchmarks.load import sweep
+from benchmarks.load import generation_body, sweep
 from benchmarks.report import benchmark_parser, markdown_table, publish
 from testing.server_process import free_port, running_server, vllm_serve_command
 from vllm_omni_images.tiny_model import ensure_tiny_model
@@ -85,13 +85,7 @@ def measure_each(
 async def measure(
     base_url: str, levels: list[int], per_worker: int, size: str, steps: int, label: str
 ) -> list[dict[str, Any]]:
-    def body(index: int) -> dict[str, Any]:
-        return {
-            "prompt": f"benchmark request {index}",
-            "size": size,
-            "num_inference_steps": steps,
-            "seed": index,
-        }
+    body = generation_body(size, steps)
 
     return await sweep(base_url, levels, per_worker, body, label)
 

@@ -233,6 +233,7 @@ def test_every_flag_reaches_vllm_omnis_engine_config(
         *("--diffusion-attention-backend", "TORCH_SDPA"),
         *("--diffusion-quantization-config", '{"method": "fp8"}'),
         *("--model-class-name", "QwenImagePipeline", "--diffusion-load-format", "default"),
+        "--step-execution",
     )
     options = omni_options_from_args(args)
     # Every flag but --enable-cpu-offload (vllm-omni lets layerwise offload override it), and
@@ -248,6 +249,7 @@ def test_every_flag_reaches_vllm_omnis_engine_config(
     assert getattr(config.cache_config, "rel_l1_thresh", None) == 0.3
     assert config.enable_layerwise_offload
     assert config.vae_use_tiling and config.vae_use_slicing
+    assert config.step_execution
     assert "TORCH_SDPA" in repr(config.diffusion_attention_config)
     assert config.quantization_config is not None
     assert (config.model_class_name, config.diffusion_load_format) == (

@@ -9,6 +9,7 @@ one, and this module runs apart from `test_omni_engine.py`'s shared engine.
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import pytest
@@ -104,11 +105,13 @@ async def test_shutdown_waits_for_a_stuck_request_no_longer_than_the_hang_grace(
     worker.hold.clear()
     running = asyncio.create_task(client.generate(req(1)))
     await until(worker.denoising.is_set, "the worker to start", timeout_s=ENGINE_WAIT_S)
+    # Closing vllm-omni's engine waits for its worker thread, which the probe holds: let it go
+    # a while after the hang grace, from a thread (the event loop waits on that close).
+    threading.Timer(1.5, worker.hold.set).start()
     closing = asyncio.create_task(client.close())
     with pytest.raises(SchedulerClosedError):
         await asyncio.wait_for(running, ENGINE_WAIT_S)
     await asyncio.wait_for(closing, ENGINE_WAIT_S)
-    worker.hold.set()
     assert not client.is_ready
 
 

@@ -12,8 +12,8 @@ only when asked:
 
     VLLM_OMNI_IMAGES_PARALLEL_TESTS=1 .venv/bin/pytest tests/integration/test_omni_parallel_cpu.py
 
-(`make test` covers CFG parallelism all the same: tests/e2e/test_omni_serve.py serves with
-`--cfg-parallel-size 2`.) The reference comes from the in-process (`uni`) worker, closed before
+(The `mp` executor with one worker process is checked here too; `make test` drives the
+in-process `uni` executor.) The reference comes from the in-process (`uni`) worker, closed before
 the parallel engines start (it holds process-wide parallel state).
 """
 
@@ -38,9 +38,11 @@ pytestmark = pytest.mark.skipif(
 GENERATION_WAIT_S = 120.0
 
 PARALLEL = {
-    "ulysses": {"ulysses_degree": 2},
-    "cfg": {"cfg_parallel_size": 2},
+    "one-worker-process": ({"distributed_executor_backend": "mp"}, 1),
+    "ulysses": ({"ulysses_degree": 2}, 2),
+    "cfg": ({"cfg_parallel_size": 2}, 2),
 }
+"""Engine options, and the worker processes they start."""
 
 
 def fox(negative_prompt: str | None = "blurry") -> EngineRequest:
@@ -72,15 +74,18 @@ def single_worker_image(tiny_model_dir: Path) -> Image.Image:
         engine.close()
 
 
-@pytest.mark.parametrize("options", PARALLEL.values(), ids=PARALLEL.keys())
-def test_two_workers_make_the_single_workers_image(
-    tiny_model_dir: Path, single_worker_image: Image.Image, options: dict[str, int]
+@pytest.mark.parametrize(("options", "workers"), PARALLEL.values(), ids=PARALLEL.keys())
+def test_worker_processes_make_the_in_process_workers_image(
+    tiny_model_dir: Path,
+    single_worker_image: Image.Image,
+    options: dict[str, object],
+    workers: int,
 ) -> None:
     engine = build_engine(tiny_model_dir, max_batch_size=1, **options)
     try:
-        executor = engine.diffusion_engine.executor  # `mp`: vllm-omni's default for 2 workers
+        executor = engine.diffusion_engine.executor
         assert isinstance(executor, MultiprocDiffusionExecutor)
-        assert executor.od_config.parallel_config.world_size == 2
+        assert executor.od_config.parallel_config.world_size == workers
         assert difference(generate(engine, fox()), single_worker_image) <= SAME_IMAGE
     finally:
         engine.close()
