@@ -552,11 +552,13 @@ class ImageScheduler:
         self._take_as_hung(f"a batch of {batch.num_images} image(s)")
 
     def _check_left(self, pending: _Pending) -> None:
-        """Hand-over mode: `pending` was aborted `hang_grace_s` ago, after it started."""
-        if pending.settled or self._hung_since is not None:
+        """Hand-over mode: `pending` was aborted `hang_grace_s` ago, after it started. The
+        engine is hung until every such request has left (not only the first to be late)."""
+        if pending.settled:
             return
         self._hung_jobs.add(pending)
-        self._take_as_hung(f"the {pending.started_images} started image(s) of a request")
+        if self._hung_since is None:
+            self._take_as_hung(f"the {pending.started_images} started image(s) of a request")
 
     def _take_as_hung(self, what: str) -> None:
         self._hung_since = self._clock()
