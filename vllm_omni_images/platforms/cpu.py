@@ -12,25 +12,25 @@ default):
 
 - `get_torch_device` / `get_device_count` / `set_device`: one "device", the CPU; the worker
   places the pipeline and its inputs on `get_torch_device(rank)`.
-- `synchronize`, `empty_cache`, `reset_peak_memory_stats`, `record_device_event`: nothing to
-  wait for or free on the CPU; the worker calls them around every load and forward pass.
-- `is_available`, `get_device_name`, memory figures (`get_free_memory`, `get_device_memory`,
-  `get_device_total_memory`, `max_memory_*`, `memory_reserved`) from psutil: the worker
-  reports and checks memory around its load and warm-up.
-- `get_diffusion_attn_backend_cls`: `CpuSDPABackend` (below). vllm-omni's attention layer
-  dispatches `forward` by platform and has no CPU branch; its SDPA implementation is plain
-  `torch.nn.functional.scaled_dot_product_attention`, which runs on the CPU unchanged.
+- `synchronize`, `empty_cache`, `reset_peak_memory_stats`: nothing to wait for or free on the
+  CPU; the worker calls them around every load and forward pass.
+- `is_available`, memory figures (`get_free_memory`, `get_device_memory`,
+  `get_device_total_memory`, `max_memory_*`) from psutil: the worker reports and checks memory
+  around its load and warm-up.
+- `get_diffusion_attn_backend_cls`: `cpu_attention.CpuSDPABackend`. vllm-omni's attention
+  layer dispatches `forward` by platform and has no CPU branch; its SDPA implementation is
+  plain `torch.nn.functional.scaled_dot_product_attention`, which runs on the CPU unchanged.
 - `supports_torch_inductor` False: vllm-omni then skips `torch.compile` (minutes on 2 cores).
-- `stream` / `current_stream` / `Event`: no streams on the CPU; a context that does nothing.
+- `get_diffusion_worker_cls`: vllm-omni's worker, after the one patch the `mp` executor's
+  worker process needs (`cpu_patches.py`, which says why).
 
-Nothing here patches vLLM or vllm-omni: every answer is a method of the platform class, the
-extension point vllm-omni offers for exactly this.
+vllm-omni's offloading (`--enable-cpu-offload`, `--enable-layerwise-offload`) moves weights
+between the CPU and a device on device streams; on the CPU there is nothing to offload to, and
+this platform offers no streams for it.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import psutil
@@ -130,8 +130,3 @@ class CpuOmniPlatform(OmniPlatform, CpuPlatform):
                 "the CPU platform runs TORCH_SDPA."
             )
         return CPU_SDPA_BACKEND
-
-    @classmethod
-    @contextlib.contextmanager
-    def stream(cls, stream: Any = None) -> Iterator[None]:
-        yield
