@@ -20,9 +20,9 @@ Start a server (`make serve`, or `vllm serve tiny-qwen-image --task image`), the
     # stream: a line per partial image as the server sends it, then the final image
     python examples/api_server/image_generation_client.py --prompt "a boat" --stream
 
-    # a server started with --api-key (or set OPENAI_API_KEY)
+    # another server, started with --api-key (or set OPENAI_API_KEY); its root or its /v1 URL
     python examples/api_server/image_generation_client.py --prompt "a boat" \\
-        --base-url http://gpu-box:8000/v1 --api-key secret
+        --base-url http://gpu-box:8000 --api-key secret
 
 Only the options given are sent: the server's defaults apply to the rest, and the server
 checks every value (an error prints the server's message and exits with status 1).
@@ -35,6 +35,7 @@ import base64
 import os
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -106,8 +107,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--base-url",
         default=os.environ.get("OPENAI_BASE_URL") or "http://127.0.0.1:8000/v1",
-        help="the server's /v1 URL (default: $OPENAI_BASE_URL, as for the openai SDK, else "
-        "http://127.0.0.1:8000/v1)",
+        help="the server's root (http://host:8000) or its /v1 URL (default: $OPENAI_BASE_URL, "
+        "as for the openai SDK, else http://127.0.0.1:8000/v1)",
     )
     parser.add_argument(
         "--api-key",
@@ -119,6 +120,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.mask and not args.image:
         parser.error("--mask needs --image")
     return args
+
+
+def api_url(base_url: str) -> str:
+    """The server's OpenAI API URL: a server's root (`http://host:8000`, as vLLM's own examples
+    and ComfyUI nodes take it) gets `/v1`; a URL with a path is used as given."""
+    parts = urllib.parse.urlsplit(base_url.strip())
+    if parts.scheme and parts.netloc and parts.path in ("", "/"):
+        return urllib.parse.urlunsplit(parts._replace(path="/v1"))
+    return base_url
 
 
 def request_images(client: openai.OpenAI, args: argparse.Namespace) -> list[bytes]:
@@ -188,6 +198,8 @@ def error_message(error: openai.OpenAIError, base_url: str) -> str:
     body = getattr(error, "body", None)  # the SDK keeps the body's "error" member
     if isinstance(body, dict) and body.get("message"):
         message = str(body["message"])
+    elif isinstance(body, dict) and isinstance(body.get("detail"), str):
+        message = body["detail"]  # a route that does not exist: FastAPI's {"detail": ...}
     elif isinstance(body, str) and body:
         message = body
     else:
@@ -196,11 +208,24 @@ def error_message(error: openai.OpenAIError, base_url: str) -> str:
         message = f"{error.status_code}: {message}"
         if error.status_code == 401:
             message += " (check --api-key or OPENAI_API_KEY)"
+        elif error.status_code == 404 and not (isinstance(body, dict) and body.get("message")):
+            message += f" ({no_api_hint(str(error.request.url), base_url)})"
     return message
+
+
+def no_api_hint(url: str, base_url: str) -> str:
+    """What to pass when `base_url` is not the server's OpenAI API (a bare 404 for `url`)."""
+    parts = urllib.parse.urlsplit(base_url)
+    root = urllib.parse.urlunsplit((parts.scheme, parts.netloc, "", "", ""))
+    return (
+        f"{url} does not exist: --base-url {base_url} is not the server's OpenAI API; pass "
+        f"the server's root, --base-url {root}, or its /v1 URL, {root}/v1"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.base_url = api_url(args.base_url)
     client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key)
     try:
         images = request_images(client, args)

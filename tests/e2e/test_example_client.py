@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 from PIL import Image
 
 from testing.server_process import free_port
+from tests.support.images import FAST_STEPS
 
 from .live_server import API_KEY
 
@@ -20,18 +22,23 @@ pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
 CLIENT = "examples/api_server/image_generation_client.py"
-FAST = ("--steps", "2")
+FAST = ("--steps", str(FAST_STEPS["num_inference_steps"]))
 
 
 def run_client(
-    server: str, *args: str | Path, api_key: str | None = API_KEY, env_key: str | None = None
+    server: str,
+    *args: str | Path,
+    api_key: str | None = API_KEY,
+    env_key: str | None = None,
+    base_url: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """The client as a subprocess: `--base-url` the live server's, `--api-key` unless None;
-    `OPENAI_API_KEY` is `env_key` (unset when None)."""
+    """The client as a subprocess: `--base-url` the live server's /v1 URL unless `base_url`,
+    `--api-key` unless None; `OPENAI_API_KEY` is `env_key` (unset when None)."""
     env = {name: value for name, value in os.environ.items() if name != "OPENAI_API_KEY"}
     if env_key is not None:
         env["OPENAI_API_KEY"] = env_key
-    command = [sys.executable, CLIENT, "--base-url", f"{server}/v1", *map(str, args)]
+    base_url = f"{server}/v1" if base_url is None else base_url
+    command = [sys.executable, CLIENT, "--base-url", base_url, *map(str, args)]
     if api_key is not None:
         command += ["--api-key", api_key]
     return subprocess.run(
@@ -183,3 +190,34 @@ def test_a_server_that_is_not_there_exits_1_saying_so(tmp_path):
     assert result.returncode == 1
     assert result.stderr.startswith(f"error: cannot reach {base_url}: Connection error.")
     assert not output.exists()
+
+
+def test_the_servers_root_is_taken_and_another_path_says_what_to_pass(server, tmp_path):
+    """`--base-url http://host:8000`, as vLLM's own examples and ComfyUI nodes take a server,
+    reaches its API; a URL whose path is not the API says what to pass, not a bare 404."""
+    output = tmp_path / "root.png"
+    fields = ("--prompt", "a boat", "--size", "64x64", *FAST, "--output", output)
+    succeeded(run_client(server, *fields, base_url=server))
+    with Image.open(output) as image:
+        assert image.size == (64, 64)
+    output.unlink()
+    wrong = run_client(server, *fields, base_url=f"{server}/api")
+    assert wrong.returncode == 1 and not output.exists()
+    assert wrong.stderr.startswith(f"error: 404: Not Found ({server}/api/models does not exist")
+    assert f"pass the server's root, --base-url {server}, or its /v1 URL, {server}/v1" in (
+        wrong.stderr
+    )
+
+
+def test_a_server_root_gets_v1_and_other_urls_are_kept():
+    spec = importlib.util.spec_from_file_location("image_generation_client", REPO / CLIENT)
+    assert spec is not None and spec.loader is not None
+    client = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(client)
+    for given, used in [
+        ("http://gpu-box:8000", "http://gpu-box:8000/v1"),
+        ("http://gpu-box:8000/", "http://gpu-box:8000/v1"),
+        ("http://gpu-box:8000/v1", "http://gpu-box:8000/v1"),
+        ("https://proxy.example/images/v1", "https://proxy.example/images/v1"),
+    ]:
+        assert client.api_url(given) == used

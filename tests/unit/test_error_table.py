@@ -4,6 +4,8 @@ message, and a full queue its `Retry-After`."""
 from __future__ import annotations
 
 import pytest
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError, model_validator
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.exceptions import VLLMValidationError
 
@@ -17,7 +19,12 @@ from vllm_omni_images.engine.errors import (
     RequestTooLargeError,
     SchedulerClosedError,
 )
-from vllm_omni_images.images.errors import error_kind, error_response, response_headers
+from vllm_omni_images.images.errors import (
+    ERROR_TABLE,
+    error_kind,
+    error_response,
+    response_headers,
+)
 
 
 @pytest.mark.parametrize(
@@ -86,3 +93,61 @@ def test_vllms_own_error_responses_carry_no_headers():
     from vllm.entrypoints.serve import create_error_response
 
     assert response_headers(create_error_response("unknown model")) == {}
+
+
+class WrappedValidationError(VLLMValidationError, ValueError):
+    """A `VLLMValidationError` that pydantic wraps: vLLM versions where it is a `ValueError`."""
+
+
+class Refusing(BaseModel):
+    n: int = 1
+    stream: bool = False
+
+    @model_validator(mode="after")
+    def _one_streamed_image(self) -> Refusing:
+        if self.stream and self.n > 1:
+            raise WrappedValidationError("stream returns one image: send n=1.", parameter="n")
+        return self
+
+
+def test_a_wrapped_validation_error_reads_as_it_does_unwrapped():
+    """A validator's `VLLMValidationError` reaches the client with its own message and
+    `parameter`, whether pydantic wraps it (here) or lets it through (vLLM's own class)."""
+    with pytest.raises(ValidationError) as info:
+        Refusing(n=2, stream=True)
+    wrapped = error_response(info.value).error
+    unwrapped = error_response(
+        WrappedValidationError("stream returns one image: send n=1.", parameter="n")
+    )
+    assert wrapped == unwrapped.error
+    assert (wrapped.code, wrapped.param) == (400, "n")
+    assert wrapped.message == "stream returns one image: send n=1. (parameter=n)"
+    # As FastAPI reports it for a JSON body, with the body's location.
+    body_error = RequestValidationError(
+        [{**error, "loc": ("body", *error["loc"])} for error in info.value.errors()]
+    )
+    assert error_response(body_error).error == unwrapped.error
+
+
+IMAGE_ROUTES = ("/v1/images/generations", "/v1/images/edits", "/v1/images/variations")
+
+
+def test_each_image_route_documents_every_status_the_table_answers():
+    """`/openapi.json` lists, for each image route, every status its errors can have: each
+    row of the table, anything else (500), and an unknown model (404)."""
+    from fastapi import FastAPI
+
+    from vllm_omni_images.images.api_router import attach_router
+
+    app = FastAPI()
+    attach_router(app)
+    expected = {str(kind.status.value) for _, kind in ERROR_TABLE} | {"500", "404"}
+    assert expected == {"400", "404", "413", "429", "500", "503", "504"}
+    paths = app.openapi()["paths"]
+    for route in IMAGE_ROUTES:
+        responses = paths[route]["post"]["responses"]
+        assert expected <= set(responses), route
+        for status in expected:
+            schema = responses[status]["content"]["application/json"]["schema"]
+            assert schema == {"$ref": "#/components/schemas/ErrorResponse"}, (route, status)
+        assert "Retry-After" in responses["429"]["headers"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 from pathlib import Path
 
@@ -36,11 +37,13 @@ def test_the_default_limits_are_the_flags_defaults() -> None:
     limits = limits_from_args(parse())
     assert limits == ImageLimits()
     assert limits.max_json_bytes == MiB
-    assert limits.form_bytes == 341 * MiB  # 16 images and a mask of 20 MiB, and 1 MiB
+    assert limits.form_bytes == 81 * MiB  # an image and a mask of 20 MiB as data: URLs, 1 MiB
     assert limits.max_prompt_chars == 32_000
     assert limits.max_pixels is None  # the model's
     assert limits.max_request_pixels == 4 * 2048 * 2048
-    assert (limits.max_input_images, limits.max_input_bytes) == (16, 20 * MiB)
+    assert (limits.max_input_images, limits.input_images) == (1, 1)  # the engines edit one
+    assert limits.form_files == 4  # an image and a mask, twice over: a few too many are named
+    assert limits.max_input_bytes == 20 * MiB
     assert limits.max_input_pixels == 4096 * 4096
 
 
@@ -67,8 +70,28 @@ def test_each_limit_is_a_flag() -> None:
         max_input_bytes=3 * MiB,
         max_input_pixels=10_000,
     )
-    # Without its own flag, the form limit follows the inputs'.
-    assert limits_from_args(parse("--image-max-input-mb", "1")).form_bytes == 18 * MiB
+    # Without its own flag, the form limit follows the inputs': one image and a mask.
+    assert limits_from_args(parse("--image-max-input-mb", "1")).form_bytes == 5 * MiB
+
+
+def test_more_input_images_than_the_engines_edit_is_said_not_dropped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """--image-max-input-images can only lower what the engines edit at once (one image): a
+    larger value changes neither the count an edit may send nor the form limit, and the log
+    says so; it is in the flag's help too."""
+    with caplog.at_level(logging.WARNING, logger="vllm_omni_images.server.endpoint"):
+        limits = limits_from_args(parse("--image-max-input-images", "4"))
+    assert (limits.max_input_images, limits.input_images) == (4, 1)
+    assert limits.form_bytes == ImageLimits().form_bytes
+    assert "--image-max-input-images 4 is more than the engines edit at once (1)" in caplog.text
+    caplog.clear()
+    limits_from_args(parse("--image-max-input-images", "1"))
+    assert not caplog.text
+    parser = argparse.ArgumentParser(prog="vllm serve")
+    add_image_cli_args(parser)
+    [action] = [a for a in parser._actions if "--image-max-input-images" in a.option_strings]
+    assert action.help is not None and "can only lower" in action.help
 
 
 @pytest.mark.parametrize(

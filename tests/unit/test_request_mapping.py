@@ -1,10 +1,20 @@
 import dataclasses
+from typing import Any
 
 import pytest
+from pydantic import ValidationError
+from vllm.entrypoints.serve.engine.protocol import ErrorInfo
 from vllm.exceptions import VLLMValidationError
 
 from vllm_omni_images.engine.base import ModelDefaults
-from vllm_omni_images.images.protocol import ImageGenerationRequest, image_seeds, resolve_size
+from vllm_omni_images.images.errors import error_response
+from vllm_omni_images.images.protocol import (
+    ImageEditRequest,
+    ImageGenerationRequest,
+    ImageVariationRequest,
+    image_seeds,
+    resolve_size,
+)
 
 DEFAULTS = ModelDefaults(
     width=256,
@@ -99,10 +109,69 @@ def test_mapping_passes_every_extension_through():
     ],
 )
 def test_unsupported_options_name_their_field(field, value):
-    with pytest.raises(VLLMValidationError) as info:
-        ImageGenerationRequest(prompt="p", **{field: value}).to_engine_request(DEFAULTS, "id")
-    assert info.value.parameter == field
-    assert "not supported" in str(info.value)
+    error = refusal(ImageGenerationRequest, **{field: value})
+    assert error.param == field
+    assert "not supported" in error.message
+
+
+def refusal(model: type[ImageGenerationRequest], **fields: Any) -> ErrorInfo:
+    """What a client reads when `model` refuses `fields` as it is parsed (the request alone
+    decides: no model defaults or limits are needed)."""
+    with pytest.raises((VLLMValidationError, ValidationError)) as info:
+        model.model_validate({"prompt": "p", **fields})
+    answer = error_response(info.value).error
+    assert answer.code == 400 and answer.type == "BadRequestError"
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "message"),
+    [
+        (
+            {"stream": True, "n": 2},
+            "n",
+            "stream returns one image (its events carry no image index): send n=1.",
+        ),
+        (
+            {"stream": True, "response_format": "url"},
+            "response_format",
+            "stream sends its images inline: use response_format 'b64_json'.",
+        ),
+        ({"partial_images": 2}, "partial_images", "partial_images needs stream: true."),
+        (
+            {"background": "transparent"},
+            "background",
+            "background 'transparent' is not supported: this model generates opaque images.",
+        ),
+        (
+            {"moderation": "auto"},
+            "moderation",
+            "moderation 'auto' is not supported: this server moderates no content. Send 'low' "
+            "or leave it out.",
+        ),
+    ],
+)
+def test_request_only_refusals_are_made_as_the_request_is_parsed(fields, param, message):
+    for model in (ImageGenerationRequest, ImageEditRequest, ImageVariationRequest):
+        error = refusal(model, **fields)
+        assert (error.param, error.message) == (param, f"{message} (parameter={param})")
+
+
+@pytest.mark.parametrize("field", ["input_fidelity", "markup"])
+def test_edits_refuse_openais_fidelity_fields_by_name(field):
+    value = "high" if field == "input_fidelity" else {"shapes": []}
+    for model in (ImageEditRequest, ImageVariationRequest):
+        error = refusal(model, **{field: value})
+        assert error.param == field and "use strength (0-1)" in error.message
+    with pytest.raises(ValidationError):  # not a field of generations at all
+        ImageGenerationRequest.model_validate({"prompt": "p", field: value})
+
+
+def test_a_fields_own_error_comes_before_a_refusal():
+    with pytest.raises(ValidationError) as info:
+        ImageGenerationRequest.model_validate({"prompt": "p", "n": 11, "stream": True})
+    assert error_response(info.value).error.param == "n"
+    assert "less than or equal to 10" in error_response(info.value).error.message
 
 
 @pytest.mark.parametrize(

@@ -19,14 +19,20 @@ from vllm.entrypoints.serve.utils.api_utils import (
 from vllm.exceptions import VLLMValidationError
 
 from vllm_omni_images.images.edits import ImageInputs, read_multipart
-from vllm_omni_images.images.errors import PayloadTooLargeError, error_json, error_response
-from vllm_omni_images.images.limits import BodyKind, guard_route
+from vllm_omni_images.images.errors import (
+    PayloadTooLargeError,
+    answered_errors,
+    error_json,
+    error_response,
+)
+from vllm_omni_images.images.limits import BodyKind
 from vllm_omni_images.images.protocol import (
     ImageEditRequest,
     ImageGenerationRequest,
     ImageGenerationResponse,
     ImageVariationRequest,
 )
+from vllm_omni_images.images.request_guard import guard_route
 from vllm_omni_images.images.serving import IMAGE_FILE_ROUTE, OpenAIServingImage
 
 IMAGE_FILES_PATH = "/images/files"
@@ -41,8 +47,8 @@ BODY_KINDS: dict[str, BodyKind] = {
 
 class ImageRoute(APIRoute):
     """The Images API's routes: FastAPI's route, behind the checks that come before any work
-    (`limits.guard_route`: no query parameters, the body within its limit, validation errors
-    answered in short)."""
+    (`request_guard.guard_route`: no query parameters, the body within its limit, validation
+    errors answered in short)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         return guard_route(super().get_route_handler(), BODY_KINDS.get(self.path))
@@ -66,6 +72,21 @@ TEXT_ONLY_PATHS = (
 )
 
 
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status.value: {
+        "model": ErrorResponse,
+        "description": f"{status.phrase}: {', '.join(types)}",
+        **(
+            {"headers": {"Retry-After": {"description": "Seconds to wait before a retry."}}}
+            if status == HTTPStatus.TOO_MANY_REQUESTS
+            else {}
+        ),
+    }
+    for status, types in answered_errors().items()
+}
+"""The OpenAPI `responses` of each image route: every answer of the error table."""
+
+
 def images(request: Request) -> OpenAIServingImage | None:
     return getattr(request.app.state, "openai_serving_image", None)
 
@@ -73,14 +94,7 @@ def images(request: Request) -> OpenAIServingImage | None:
 @router.post(
     "/v1/images/generations",
     dependencies=[Depends(validate_json_request)],
-    responses={
-        HTTPStatus.BAD_REQUEST.value: {"model": ErrorResponse},
-        HTTPStatus.NOT_FOUND.value: {"model": ErrorResponse},
-        HTTPStatus.TOO_MANY_REQUESTS.value: {"model": ErrorResponse},
-        HTTPStatus.INTERNAL_SERVER_ERROR.value: {"model": ErrorResponse},
-        HTTPStatus.SERVICE_UNAVAILABLE.value: {"model": ErrorResponse},
-        HTTPStatus.GATEWAY_TIMEOUT.value: {"model": ErrorResponse},
-    },
+    responses=ERROR_RESPONSES,
 )
 @with_cancellation
 @load_aware_call
@@ -89,14 +103,6 @@ async def create_image(request: ImageGenerationRequest, raw_request: Request) ->
     if handler is None:
         raise NotImplementedError("The model does not support the Images API")
     return _answer(await handler.create_image(request, raw_request))
-
-
-_MULTIPART_RESPONSES: dict[int | str, dict[str, Any]] = {
-    HTTPStatus.BAD_REQUEST.value: {"model": ErrorResponse},
-    HTTPStatus.REQUEST_ENTITY_TOO_LARGE.value: {"model": ErrorResponse},
-    HTTPStatus.TOO_MANY_REQUESTS.value: {"model": ErrorResponse},
-    HTTPStatus.SERVICE_UNAVAILABLE.value: {"model": ErrorResponse},
-}
 
 
 def multipart_body(request_model: type[ImageEditRequest], *, mask: bool) -> dict[str, Any]:
@@ -121,7 +127,7 @@ def multipart_body(request_model: type[ImageEditRequest], *, mask: bool) -> dict
 
 @router.post(
     "/v1/images/edits",
-    responses=_MULTIPART_RESPONSES,
+    responses=ERROR_RESPONSES,
     openapi_extra=multipart_body(ImageEditRequest, mask=True),
 )
 @load_aware_call
@@ -132,7 +138,7 @@ async def create_image_edit(raw_request: Request) -> Response:
 
 @router.post(
     "/v1/images/variations",
-    responses=_MULTIPART_RESPONSES,
+    responses=ERROR_RESPONSES,
     openapi_extra=multipart_body(ImageVariationRequest, mask=False),
 )
 @load_aware_call

@@ -4,16 +4,19 @@ The `openai` SDK sends these as multipart/form-data: the images as files (`image
 for several), the mask as a file (`mask`; vllm-omni's clients call it `mask_image`), every other
 field as text. Each is checked before any work is queued:
 
-1. sizes (the server's `ImageLimits`, `limits.py`): at most `max_input_images` images (and a
-   mask), each at most `max_input_bytes` (413 beyond) and `max_input_pixels`, read from the
-   image's header before it is decoded (no decompression bomb is ever decoded); at most 64
-   text fields, each at most `form_field_bytes` (room for a `data:` URL of the largest image),
-   as Starlette's form parser enforces while it reads (the whole body is limited before:
-   `limits.guard_route`);
-2. content: PNG, JPEG or WebP that decodes completely (a truncated file is a 400 naming it);
-3. the mask: a PNG with an alpha channel, the size of the first image; its transparent pixels
-   are the ones to edit (OpenAI's rule), turned into the white-is-edited mask diffusers takes;
-4. the text fields: validated by the request model, so a bad or unknown one is a 400 naming it.
+1. sizes (the server's `ImageLimits`, `limits.py`): at most `form_files` files (Starlette's
+   form parser stops at more), each input at most `max_input_bytes` (413 beyond) and
+   `max_input_pixels`, read from the image's header before it is decoded (no decompression
+   bomb is ever decoded); at most 64 text fields, each at most `form_field_bytes` (room for a
+   `data:` URL of the largest image), as the form parser enforces while it reads (the whole
+   body is limited before: `request_guard.guard_route`);
+2. the text fields: validated by the request model, so a bad or unknown one, or one this
+   server never honours, is a 400 naming it; then the prompt is held to the server's limits
+   (`check_limits`); the image parts are counted: more than the model edits at once is a 400
+   naming `image`. All of this before any image is decoded;
+3. content: PNG, JPEG or WebP that decodes completely (a truncated file is a 400 naming it);
+4. the mask: a PNG with an alpha channel, the size of the first image; its transparent pixels
+   are the ones to edit (OpenAI's rule), turned into the white-is-edited mask diffusers takes.
 
 Images given as `data:` URLs in a text field are read the same way. `http(s)` URLs are fetched
 only through vLLM's own media fetching (`MediaConnector`, its timeouts and size limit), and only
@@ -42,13 +45,9 @@ from vllm_omni_images.images.errors import (
     describe_validation_errors,
     printable,
 )
-from vllm_omni_images.images.limits import (
-    DEFAULT_LIMITS,
-    BodyTooLargeError,
-    ImageLimits,
-    size_text,
-)
+from vllm_omni_images.images.limits import DEFAULT_LIMITS, ImageLimits, size_text
 from vllm_omni_images.images.protocol import ImageEditRequest
+from vllm_omni_images.images.request_guard import BodyTooLargeError
 
 MAX_FORM_FIELDS = 64
 """Text fields of one form: the request model has fewer than 40."""
@@ -56,6 +55,8 @@ INPUT_FORMATS = frozenset({"PNG", "JPEG", "WEBP"})
 IMAGE_FIELDS = ("image", "image[]")
 MASK_FIELDS = ("mask", "mask_image")
 FORM_CONTENT_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+ONE_AT_A_TIME = "This model edits one image at a time"
+"""Why an edit may send one image (`ImageLimits.input_images`, `EDIT_INPUT_IMAGES`)."""
 
 _Request = TypeVar("_Request", bound=ImageEditRequest)
 
@@ -63,7 +64,7 @@ _Request = TypeVar("_Request", bound=ImageEditRequest)
 @dataclass(frozen=True)
 class ImageInputs:
     images: list[Image.Image]
-    """RGB, in the order sent."""
+    """RGB, in the order sent: at most `ImageLimits.input_images` (one)."""
     mask: Image.Image | None
     """`L`, white where the image is to be edited; the size of `images[0]`."""
 
@@ -91,14 +92,17 @@ async def read_multipart(
         )
     try:
         form = await raw_request.form(
-            max_files=limits.max_input_images + 1,  # and the mask
+            max_files=limits.form_files,
             max_fields=MAX_FORM_FIELDS,
             max_part_size=limits.form_field_bytes,
         )
     except BodyTooLargeError:
         raise  # the whole body passed its limit: a 413, answered by the route
     except HTTPException as error:  # Starlette's own limits and parse errors
-        raise VLLMValidationError(f"The form could not be read: {error.detail}") from None
+        message = f"The form could not be read: {error.detail}"
+        if str(error.detail).startswith("Too many files"):
+            message += f" {ONE_AT_A_TIME}."
+        raise VLLMValidationError(message) from None
     try:
         return await _read_form(form, request_model, allow_mask, fetch_remote, limits)
     finally:
@@ -132,14 +136,15 @@ async def _read_form(
     mask_source = masks[0] if masks else None
     if not sources:
         raise VLLMValidationError("image is required: send the image to edit.", parameter="image")
-    if len(sources) > limits.max_input_images:
+    # Before any image is decoded: the fields (the model's validators refuse what this server
+    # never honours), the prompt against the server's limits, then the images' count.
+    request = _validate(request_model, fields)
+    request.check_limits(limits)
+    if len(sources) > limits.input_images:
         raise VLLMValidationError(
-            f"At most {limits.max_input_images} images per request "
-            f"(--image-max-input-images), got {len(sources)}.",
+            f"{ONE_AT_A_TIME}; got {len(sources)}.",
             parameter="image",
         )
-    request = _validate(request_model, fields)
-    request.refuse_what_cannot_be_honoured(limits)  # before any image is decoded
     images = [
         (await _read_image(source, "image", fetch_remote, limits)).convert("RGB")
         for source in sources

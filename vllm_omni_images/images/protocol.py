@@ -2,10 +2,18 @@
 
 Field names, types and defaults follow OpenAI's API; the extensions (`negative_prompt`,
 `num_inference_steps`, `guidance_scale`, `true_cfg_scale`, `seed`) are the diffusion knobs
-OpenAI's models do not expose. A request maps itself onto engine work with
-`to_engine_request(defaults, request_id, limits)`, as vLLM's requests map themselves to
-sampling parameters: that is where the served model's defaults and limits (the size rule) and
-the server's limits (prompt length, pixels per image and per request) apply.
+OpenAI's models do not expose.
+
+What a request can be refused for is checked once, where what it depends on is known:
+
+- the request alone (a field this server never honours, `stream` with `n` > 1, ...): by the
+  models' validators as the request is parsed, raising vLLM's `VLLMValidationError` as vLLM's
+  own request models do;
+- the server's limits on what the request says (prompt length): `check_limits(limits)`;
+- the served model and the pixels it is asked for: as the request maps itself onto engine
+  work, `to_engine_request(defaults, request_id, limits)`, as vLLM's requests map themselves to
+  sampling parameters: the model's defaults and limits (the size rule) and the server's pixel
+  limits (per image and per request) apply there.
 """
 
 from __future__ import annotations
@@ -14,15 +22,15 @@ import dataclasses
 import re
 import secrets
 import time
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from PIL import Image
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 from vllm.entrypoints.serve.engine.protocol import OpenAIBaseModel
 from vllm.exceptions import VLLMValidationError
 
 from vllm_omni_images.engine.base import EngineRequest, ModelDefaults
-from vllm_omni_images.images.limits import DEFAULT_LIMITS, ImageLimits
+from vllm_omni_images.images.limits import DEFAULT_LIMITS, EDIT_INPUT_IMAGES, ImageLimits
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
@@ -59,12 +67,15 @@ UNSUPPORTED_FIELDS: dict[str, str] = {
 }
 """OpenAI fields this server cannot honour in any value: each is a 400 that names it."""
 
+EDIT_ONLY_UNSUPPORTED_FIELDS = ("input_fidelity", "markup")
+"""Fields of OpenAI's edits this server cannot honour in any value (`strength` is its knob)."""
+
 
 class ImageGenerationRequest(OpenAIBaseModel):
     # Every field a client sends is honoured or refused by name; none is dropped unread.
     model_config = ConfigDict(extra="forbid")
 
-    # Its length limit is the server's (--image-max-prompt-chars), checked by to_engine_request.
+    # Its length limit is the server's (--image-max-prompt-chars): `check_limits`.
     prompt: str = Field(min_length=1)
     model: str | None = None
     n: int = Field(default=1, ge=1, le=10)
@@ -110,6 +121,55 @@ class ImageGenerationRequest(OpenAIBaseModel):
             return size
         raise ValueError("size must be 'WIDTHxHEIGHT' in pixels (e.g. '1024x1024') or 'auto'")
 
+    @model_validator(mode="after")
+    def _refuse_what_cannot_be_honoured(self) -> Self:
+        """A 400 naming the first field this server cannot honour in any request. Runs once
+        every field is valid, so a field's own error (`n` of 11) is reported first."""
+        for name, reason in UNSUPPORTED_FIELDS.items():
+            if getattr(self, name) is not None:
+                raise VLLMValidationError(f"{name} is not supported: {reason}", parameter=name)
+        if self.background == "transparent":
+            raise VLLMValidationError(
+                "background 'transparent' is not supported: this model generates opaque images.",
+                parameter="background",
+            )
+        if self.moderation == "auto":
+            raise VLLMValidationError(
+                "moderation 'auto' is not supported: this server moderates no content. Send "
+                "'low' or leave it out.",
+                parameter="moderation",
+            )
+        if self.stream:
+            if self.n > 1:
+                raise VLLMValidationError(
+                    "stream returns one image (its events carry no image index): send n=1.",
+                    parameter="n",
+                )
+            if self.response_format == "url":
+                raise VLLMValidationError(
+                    "stream sends its images inline: use response_format 'b64_json'.",
+                    parameter="response_format",
+                )
+        elif self.partial_images is not None:
+            raise VLLMValidationError(
+                "partial_images needs stream: true.", parameter="partial_images"
+            )
+        return self
+
+    def check_limits(self, limits: ImageLimits) -> None:
+        """A 400 naming `prompt` or `negative_prompt` when it is longer than the server reads
+        (`--image-max-prompt-chars`). Made once per request: by `to_engine_request` for a
+        generation, and as an edit's form is read, before its images are decoded
+        (`edits.read_multipart`)."""
+        for name in ("prompt", "negative_prompt"):
+            text = getattr(self, name) or ""
+            if len(text) > limits.max_prompt_chars:
+                raise VLLMValidationError(
+                    f"{name} is {len(text)} characters: this server reads at most "
+                    f"{limits.max_prompt_chars} (--image-max-prompt-chars).",
+                    parameter=name,
+                )
+
     def to_engine_request(
         self, defaults: ModelDefaults, request_id: str, limits: ImageLimits = DEFAULT_LIMITS
     ) -> EngineRequest:
@@ -118,7 +178,7 @@ class ImageGenerationRequest(OpenAIBaseModel):
         Raises `VLLMValidationError`, naming the field, for what the model cannot honour or
         the server's `limits` do not allow.
         """
-        self.refuse_what_cannot_be_honoured(limits)
+        self.check_limits(limits)
         defaults = within_limits(defaults, limits)
         width, height = resolve_size(self.size, defaults)
         return self._engine_request(defaults, request_id, width, height, limits)
@@ -161,47 +221,6 @@ class ImageGenerationRequest(OpenAIBaseModel):
             **inputs,
         )
 
-    def refuse_what_cannot_be_honoured(self, limits: ImageLimits) -> None:
-        """A 400 naming the first field this server cannot honour in any request, or that is
-        over the server's `limits`; checked again by `to_engine_request`."""
-        for name in ("prompt", "negative_prompt"):
-            text = getattr(self, name) or ""
-            if len(text) > limits.max_prompt_chars:
-                raise VLLMValidationError(
-                    f"{name} is {len(text)} characters: this server reads at most "
-                    f"{limits.max_prompt_chars} (--image-max-prompt-chars).",
-                    parameter=name,
-                )
-        for name, reason in UNSUPPORTED_FIELDS.items():
-            if getattr(self, name) is not None:
-                raise VLLMValidationError(f"{name} is not supported: {reason}", parameter=name)
-        if self.background == "transparent":
-            raise VLLMValidationError(
-                "background 'transparent' is not supported: this model generates opaque images.",
-                parameter="background",
-            )
-        if self.moderation == "auto":
-            raise VLLMValidationError(
-                "moderation 'auto' is not supported: this server moderates no content. Send "
-                "'low' or leave it out.",
-                parameter="moderation",
-            )
-        if self.stream:
-            if self.n > 1:
-                raise VLLMValidationError(
-                    "stream returns one image (its events carry no image index): send n=1.",
-                    parameter="n",
-                )
-            if self.response_format == "url":
-                raise VLLMValidationError(
-                    "stream sends its images inline: use response_format 'b64_json'.",
-                    parameter="response_format",
-                )
-        elif self.partial_images is not None:
-            raise VLLMValidationError(
-                "partial_images needs stream: true.", parameter="partial_images"
-            )
-
 
 class ImageEditRequest(ImageGenerationRequest):
     """The text fields of `POST /v1/images/edits` (the images come as files; `edits.py`)."""
@@ -212,6 +231,17 @@ class ImageEditRequest(ImageGenerationRequest):
     input_fidelity: Literal["high", "low"] | None = None
     markup: object | None = None
 
+    @model_validator(mode="after")
+    def _refuse_what_edits_cannot_honour(self) -> Self:
+        for name in EDIT_ONLY_UNSUPPORTED_FIELDS:
+            if getattr(self, name) is not None:
+                raise VLLMValidationError(
+                    f"{name} is not supported: use strength (0-1) for how far an edit may "
+                    "move from its input.",
+                    parameter=name,
+                )
+        return self
+
     def to_edit_request(
         self,
         defaults: ModelDefaults,
@@ -221,21 +251,14 @@ class ImageEditRequest(ImageGenerationRequest):
         limits: ImageLimits = DEFAULT_LIMITS,
     ) -> EngineRequest:
         """This edit of `images` as engine work; `size` `auto` (or none) is the input's size,
-        rounded down to what the model can produce."""
-        self.refuse_what_cannot_be_honoured(limits)
-        defaults = within_limits(defaults, limits)
-        for name in ("input_fidelity", "markup"):
-            if getattr(self, name) is not None:
-                raise VLLMValidationError(
-                    f"{name} is not supported: use strength (0-1) for how far an edit may "
-                    "move from its input.",
-                    parameter=name,
-                )
-        if len(images) > 1:
-            raise VLLMValidationError(
-                f"This model edits one image at a time; got {len(images)}.", parameter="image"
-            )
+        rounded down to what the model can produce.
+
+        `images` are as `edits.read_multipart` read them: their count, and this request's
+        `check_limits`, were checked there, before any image was decoded."""
+        if len(images) != EDIT_INPUT_IMAGES:  # a caller's bug: read_multipart refuses more
+            raise ValueError(f"an edit takes {EDIT_INPUT_IMAGES} image, got {len(images)}")
         image = images[0]
+        defaults = within_limits(defaults, limits)
         if self.size is None or self.size == "auto":
             width, height = input_size(image, defaults)
         else:

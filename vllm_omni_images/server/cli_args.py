@@ -132,8 +132,8 @@ def _add_limit_args(group: argparse._ArgumentGroup) -> None:
         type=_positive_float,
         default=None,
         help="Largest form body (edits, variations), in MiB, refused like a JSON body. "
-        "Default: room for every allowed input and a mask at their largest, plus 1 MiB "
-        "((--image-max-input-images + 1) x --image-max-input-mb + 1: 341 MiB).",
+        "Default: room for the input image and a mask at their largest, even as data: "
+        "URLs, plus 1 MiB (4 x --image-max-input-mb + 1: 81 MiB).",
     )
     group.add_argument(
         "--image-max-prompt-chars",
@@ -159,8 +159,10 @@ def _add_limit_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--image-max-input-images",
         type=_positive_int,
-        default=16,
-        help="Most images one edit or variation may send (the mask aside).",
+        default=1,
+        help="Most images one edit or variation may send (the mask aside); more is a 400, "
+        "refused before any is decoded. It can only lower what the engines edit at once, "
+        "one image: a larger value changes nothing (the log says so at start-up).",
     )
     group.add_argument(
         "--image-max-input-mb",
