@@ -13,7 +13,7 @@ import numpy as np
 
 from benchmarks.report import benchmark_parser, markdown_table, publish
 from vllm_omni_images.engine.base import EngineRequest
-from vllm_omni_images.engine.diffusers_engine import DiffusersEngine
+from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
 from vllm_omni_images.tiny_model import ensure_tiny_model
 
 PROMPTS = (
@@ -42,7 +42,7 @@ def main() -> None:
     parser = benchmark_parser(__doc__, model=False, steps=4)
     parser.add_argument("--sizes", default="64x64,128x128,256x256")
     args = parser.parse_args()
-    engine = DiffusersEngine(str(ensure_tiny_model()), device="cpu")
+    runner = DiffusersRunner(str(ensure_tiny_model()), device="cpu")
     rows: list[dict[str, Any]] = []
     worst = 0
     for size in args.sizes.split(","):
@@ -57,7 +57,7 @@ def main() -> None:
             )
             for i, prompt in enumerate(PROMPTS)
         ]
-        alone = [engine.generate([request])[0] for request in requests]
+        alone = [runner.run([request])[0] for request in requests]
         for batch_size in (2, 4, len(requests)):
             differences = []
             changed = 0
@@ -65,7 +65,7 @@ def main() -> None:
             for start in range(0, len(requests), batch_size):
                 chunk = requests[start : start + batch_size]
                 for index, images in zip(
-                    range(start, start + len(chunk)), engine.generate(chunk), strict=True
+                    range(start, start + len(chunk)), runner.run(chunk), strict=True
                 ):
                     for batched, single in zip(images, alone[index], strict=True):
                         delta = np.abs(np.asarray(batched, np.int16) - np.asarray(single, np.int16))

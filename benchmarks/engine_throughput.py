@@ -1,4 +1,4 @@
-"""Engine-level throughput, batching on and off: the scheduler and the diffusers engine alone,
+"""Engine-level throughput, batching on and off: admission and the diffusers engine alone,
 without vLLM or HTTP, so it runs on a GPU machine that has only torch, transformers and
 diffusers. Concurrent submitters in a closed loop, as in `benchmarks.throughput`.
 
@@ -15,14 +15,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+from PIL import Image
 
 from benchmarks.report import benchmark_parser, markdown_table, percentile, publish
-from vllm_omni_images.engine.base import EngineRequest
-from vllm_omni_images.engine.diffusers_engine import DiffusersEngine
-from vllm_omni_images.engine.scheduler import ImageScheduler, SchedulerConfig
+from vllm_omni_images.engine.base import EngineRequest, FinalImages, ModelDefaults
+from vllm_omni_images.engine.batching import (
+    BatchingConfig,
+    BatchingEngine,
+    PreviewCallback,
+    StepCallback,
+)
+from vllm_omni_images.engine.client import AdmissionConfig, ImageEngineClient
+from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
 from vllm_omni_images.tiny_model import (
     build_qwen_image_pipeline,
     ensure_tiny_model,
@@ -30,15 +38,37 @@ from vllm_omni_images.tiny_model import (
 )
 
 
-def load_engine(shape: str, layers: int, device: str) -> DiffusersEngine:
+def load_engine(shape: str, layers: int, device: str) -> DiffusersRunner:
     if shape == "tiny":
-        return DiffusersEngine(str(ensure_tiny_model()), device=device)
+        return DiffusersRunner(str(ensure_tiny_model()), device=device)
     pipeline = build_qwen_image_pipeline(wide_shape(layers=layers), device=device)
-    return DiffusersEngine(f"wide-qwen-image-{layers}-layers", device=device, pipeline=pipeline)
+    return DiffusersRunner(f"wide-qwen-image-{layers}-layers", device=device, pipeline=pipeline)
+
+
+class SharedRunner:
+    """The loaded runner, kept open when one batching engine closes, for the next."""
+
+    def __init__(self, runner: DiffusersRunner) -> None:
+        self.runner = runner
+
+    @property
+    def defaults(self) -> ModelDefaults:
+        return self.runner.defaults
+
+    def run(
+        self,
+        requests: Sequence[EngineRequest],
+        on_step: StepCallback | None = None,
+        on_preview: PreviewCallback | None = None,
+    ) -> list[list[Image.Image]]:
+        return self.runner.run(requests, on_step, on_preview)
+
+    def close(self) -> None:
+        return None
 
 
 async def closed_loop(
-    scheduler: ImageScheduler, concurrency: int, requests: int, width: int, height: int, steps: int
+    client: ImageEngineClient, concurrency: int, requests: int, width: int, height: int, steps: int
 ) -> dict[str, Any]:
     next_index = 0
     latencies: list[float] = []
@@ -57,9 +87,10 @@ async def closed_loop(
                 num_inference_steps=steps,
             )
             start = time.perf_counter()
-            result = await scheduler.submit(request)
+            async for output in client.generate(request):
+                if isinstance(output, FinalImages):
+                    images += len(output.images)
             latencies.append(time.perf_counter() - start)
-            images += len(result)
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -73,25 +104,24 @@ async def closed_loop(
     }
 
 
-async def run(engine: DiffusersEngine, args: argparse.Namespace) -> list[dict[str, Any]]:
+async def run(engine: DiffusersRunner, args: argparse.Namespace) -> list[dict[str, Any]]:
     width, height = (int(v) for v in args.size.split("x"))
     levels = [int(v) for v in args.levels.split(",")]
     rows = []
     for max_batch in (int(v) for v in args.max_batch_sizes.split(",")):
-        config = SchedulerConfig(
-            max_batch_size=max_batch, max_queue_images=4096, request_timeout_s=None
-        )
-        scheduler = ImageScheduler(engine, config)
+        batching = BatchingEngine(SharedRunner(engine), BatchingConfig(max_batch_size=max_batch))
+        admission = AdmissionConfig(max_queue_images=4096, request_timeout_s=None)
+        client = ImageEngineClient(batching, "benchmark", admission)
         try:
             # Warm-up at every batch size this run will see (kernels, allocator, autotuning).
-            await closed_loop(scheduler, max(levels), max(levels), width, height, args.steps)
+            await closed_loop(client, max(levels), max(levels), width, height, args.steps)
             for concurrency in levels:
                 requests = max(args.min_requests, concurrency * args.per_worker)
-                row = await closed_loop(scheduler, concurrency, requests, width, height, args.steps)
+                row = await closed_loop(client, concurrency, requests, width, height, args.steps)
                 rows.append({"max_batch_size": max_batch, **row})
                 print(rows[-1], flush=True)
         finally:
-            await scheduler.close()
+            await client.close()
     return rows
 
 

@@ -4,52 +4,72 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import openai
 import pytest
 from fastapi import FastAPI
 
+from tests.support.engines import DelegatingRunner
 from vllm_omni_images.engine.base import ImageEngine
+from vllm_omni_images.engine.batching import PipelineRunner
 from vllm_omni_images.engine.client import ImageEngineClient
 
 from .helpers import http_client, sdk_client
+
+if TYPE_CHECKING:
+    from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
 
 AppFactory = Callable[..., Awaitable[FastAPI]]
 
 
 @pytest.fixture(scope="session")
-def tiny_engine(tiny_model_dir: Path) -> ImageEngine:
-    from vllm_omni_images.engine.diffusers_engine import DiffusersEngine
+def tiny_runner(tiny_model_dir: Path) -> DiffusersRunner:
+    """The diffusers runner of the tiny model, shared by the session (never closed)."""
+    from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
 
-    return DiffusersEngine(str(tiny_model_dir), device="cpu")
+    return DiffusersRunner(str(tiny_model_dir), device="cpu")
 
 
 @pytest.fixture
 async def make_app(serve_parser) -> AsyncIterator[AppFactory]:
     """Build the app as `vllm serve tiny-qwen-image --task image <flags>` would."""
+    from vllm_omni_images.engine.batching import BatchingEngine
     from vllm_omni_images.server.launcher import (
+        batching_config_from_args,
         build_image_app,
+        engine_metrics,
         init_image_app_state,
         make_engine_client,
     )
 
-    clients: list[ImageEngineClient] = []
+    owned: list[ImageEngineClient] = []
     apps: list[FastAPI] = []
 
-    async def make(engine: ImageEngine | None, flags: Sequence[str] = ()) -> FastAPI:
+    async def make(engine: ImageEngine | PipelineRunner, flags: Sequence[str] = ()) -> FastAPI:
+        """An app on `engine` (an engine the test owns, e.g. the shared omni engine), or on
+        the diffusers engine `vllm serve` builds around a runner (the tiny runner, or a
+        wrapper of it), closed with the app."""
         args = serve_parser.parse_args(["tiny-qwen-image", "--task", "image", *flags])
         args.model = args.model_tag
         app = build_image_app(args)
-        clients.append(make_engine_client(engine, args))
-        await init_image_app_state(clients[-1], app.state, args)
+        metrics = engine_metrics(args)
+        if isinstance(engine, ImageEngine):
+            client = make_engine_client(engine, args, metrics)
+        else:
+            if not isinstance(engine, DelegatingRunner):
+                engine = DelegatingRunner(engine)  # the shared runner stays open
+            batching = BatchingEngine(engine, batching_config_from_args(args), observer=metrics)
+            client = make_engine_client(batching, args, metrics)
+            owned.append(client)
+        await init_image_app_state(client, app.state, args)
         apps.append(app)
         return app
 
     yield make
-    for client in clients:
-        if client.scheduler is not None:
-            await client.scheduler.close()
+    for client in owned:
+        await client.close()
     for app in apps:
         if (cleanup := getattr(app.state, "image_store_cleanup", None)) is not None:
             cleanup.cancel()
@@ -57,17 +77,17 @@ async def make_app(serve_parser) -> AsyncIterator[AppFactory]:
 
 @pytest.fixture
 async def client(
-    make_app: AppFactory, tiny_engine: ImageEngine
+    make_app: AppFactory, tiny_runner: DiffusersRunner
 ) -> AsyncIterator[httpx.AsyncClient]:
-    async with http_client(await make_app(tiny_engine)) as http:
+    async with http_client(await make_app(tiny_runner)) as http:
         yield http
 
 
 @pytest.fixture
 async def served(
-    make_app: AppFactory, tiny_engine: ImageEngine
+    make_app: AppFactory, tiny_runner: DiffusersRunner
 ) -> AsyncIterator[tuple[openai.AsyncOpenAI, httpx.AsyncClient]]:
     """The official `openai` SDK, and a plain HTTP client, on one app of the tiny engine."""
-    app = await make_app(tiny_engine)
+    app = await make_app(tiny_runner)
     async with sdk_client(app) as sdk, http_client(app) as http:
         yield sdk, http

@@ -9,9 +9,8 @@ import openai
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.images import FAST as FAST  # the tests' one set of fast defaults
 from vllm_omni_images.images.encoding import decode_image_base64
-
-FAST = {"size": "64x64", "num_inference_steps": 2}
 
 
 def http_client(app: FastAPI) -> httpx.AsyncClient:

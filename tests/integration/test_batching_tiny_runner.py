@@ -1,25 +1,18 @@
-"""Batching through the scheduler gives the same images as generating each request alone."""
+"""Batching through the batching engine gives the same images as running each request alone."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 
 import numpy as np
 
-from vllm_omni_images.engine.base import EngineRequest, ImageEngine
-from vllm_omni_images.engine.scheduler import ImageScheduler, SchedulerConfig, SchedulerObserver
+from tests.support.engines import ObservedRunner, images_of
+from vllm_omni_images.engine.base import EngineRequest
+from vllm_omni_images.engine.batching import BatchingConfig, BatchingEngine
+from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
 
 
-class BatchSizes(SchedulerObserver):
-    def __init__(self) -> None:
-        self.sizes: list[int] = []
-
-    def on_batch_start(self, requests: Sequence[EngineRequest], queue_wait_s: list[float]) -> None:
-        self.sizes.append(len(requests))
-
-
-async def test_batched_images_match_images_generated_alone(tiny_engine: ImageEngine) -> None:
+async def test_batched_images_match_images_generated_alone(tiny_runner: DiffusersRunner) -> None:
     requests = [
         EngineRequest(prompt=prompt, seeds=(seed,), width=64, height=64, num_inference_steps=2)
         for prompt, seed in [
@@ -28,18 +21,17 @@ async def test_batched_images_match_images_generated_alone(tiny_engine: ImageEng
             ("", 333),
         ]
     ]
-    observer = BatchSizes()
+    runner = ObservedRunner(tiny_runner)
     # The delay only lets all three arrive before the first batch forms.
-    config = SchedulerConfig(max_batch_size=4, batch_delay_s=0.2)
-    scheduler = ImageScheduler(tiny_engine, config, observer=observer)
+    engine = BatchingEngine(runner, BatchingConfig(max_batch_size=4, batch_delay_s=0.2))
     try:
-        batched = await asyncio.gather(*(scheduler.submit(r) for r in requests))
+        batched = await asyncio.gather(*(images_of(engine.generate(r)) for r in requests))
     finally:
-        await scheduler.close()
-    assert observer.sizes == [3]
+        await engine.close()
+    assert runner.batches == [3]
 
     for request, [image] in zip(requests, batched, strict=True):
-        [[alone]] = await asyncio.to_thread(tiny_engine.generate, [request])
+        [[alone]] = await asyncio.to_thread(tiny_runner.run, [request])
         assert image.size == alone.size == (64, 64)
         difference = np.abs(
             np.asarray(image, dtype=np.int16) - np.asarray(alone, dtype=np.int16)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from vllm_omni_images.engine.base import EngineRequest, ModelDefaults
-from vllm_omni_images.engine.diffusers_engine import DiffusersEngine
+from vllm_omni_images.engine.batching import BatchingEngine
+from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
 from vllm_omni_images.engine.errors import (
     EngineError,
     EngineOutOfMemoryError,
@@ -24,8 +25,8 @@ def request(prompt: str = "a red fox", seeds: tuple[int, ...] = (1,), **knobs) -
     return EngineRequest(prompt=prompt, seeds=seeds, **values)
 
 
-def test_defaults_come_from_the_model_folder(tiny_engine: DiffusersEngine) -> None:
-    assert tiny_engine.defaults == ModelDefaults(
+def test_defaults_come_from_the_model_folder(tiny_runner: DiffusersRunner) -> None:
+    assert tiny_runner.defaults == ModelDefaults(
         width=256,
         height=256,
         num_inference_steps=4,
@@ -36,47 +37,45 @@ def test_defaults_come_from_the_model_folder(tiny_engine: DiffusersEngine) -> No
 
 
 def test_without_a_defaults_file_the_pipeline_decides(
-    tiny_engine: DiffusersEngine, tmp_path: Path
+    tiny_runner: DiffusersRunner, tmp_path: Path
 ) -> None:
     # Qwen-Image's own: 128 latent pixels x 8, 50 steps, sizes in multiples of 8 x 2x2 patches.
     # Its scheduler stretches the schedule to a terminal shift: one step would be 0/0.
-    assert read_defaults(tiny_engine.pipeline, str(tmp_path)) == ModelDefaults(
+    assert read_defaults(tiny_runner.pipeline, str(tmp_path)) == ModelDefaults(
         width=1024, height=1024, num_inference_steps=50, size_multiple=16, min_steps=2
     )
 
 
 def test_one_step_of_a_terminal_shift_scheduler_is_a_blank_image(
-    tiny_engine: DiffusersEngine,
+    tiny_runner: DiffusersRunner,
 ) -> None:
     """Why `min_steps` is 2 for Qwen-Image's scheduler: diffusers makes a black image of one."""
-    [[one]] = tiny_engine.generate([request(num_inference_steps=1)])
-    [[two]] = tiny_engine.generate([request(num_inference_steps=2)])
+    [[one]] = tiny_runner.run([request(num_inference_steps=1)])
+    [[two]] = tiny_runner.run([request(num_inference_steps=2)])
     assert np.asarray(one).max() == 0 and np.asarray(two).std() > 10
 
 
-def test_one_call_serves_every_request_of_a_batch(tiny_engine: DiffusersEngine) -> None:
+def test_one_call_serves_every_request_of_a_batch(tiny_runner: DiffusersRunner) -> None:
     batch = [request("a red fox", (1, 2)), request("a blue boat", (3,))]
-    fox, boat = tiny_engine.generate(batch)
+    fox, boat = tiny_runner.run(batch)
     assert len(fox) == 2 and len(boat) == 1
     assert all(image.size == (64, 64) and image.mode == "RGB" for image in [*fox, *boat])
-    [[fox_1]] = tiny_engine.generate([request("a red fox", (1,))])
+    [[fox_1]] = tiny_runner.run([request("a red fox", (1,))])
     assert np.abs(np.asarray(fox_1, np.int16) - np.asarray(fox[0], np.int16)).max() <= 1
 
 
-def test_size_follows_the_request(tiny_engine: DiffusersEngine) -> None:
-    [[image]] = tiny_engine.generate([request(width=96, height=48)])
+def test_size_follows_the_request(tiny_runner: DiffusersRunner) -> None:
+    [[image]] = tiny_runner.run([request(width=96, height=48)])
     assert image.size == (96, 48)
 
 
-def test_step_callback_sees_every_step(tiny_engine: DiffusersEngine) -> None:
+def test_step_callback_sees_every_step(tiny_runner: DiffusersRunner) -> None:
     steps: list[tuple[int, int]] = []
-    tiny_engine.generate(
-        [request(num_inference_steps=3)], on_step=lambda s, t: steps.append((s, t))
-    )
+    tiny_runner.run([request(num_inference_steps=3)], on_step=lambda s, t: steps.append((s, t)))
     assert steps == [(0, 3), (1, 3), (2, 3)]
 
 
-def test_a_cancelling_callback_stops_the_batch(tiny_engine: DiffusersEngine) -> None:
+def test_a_cancelling_callback_stops_the_batch(tiny_runner: DiffusersRunner) -> None:
     steps: list[int] = []
 
     def cancel_after_first(step: int, total: int) -> None:
@@ -84,20 +83,20 @@ def test_a_cancelling_callback_stops_the_batch(tiny_engine: DiffusersEngine) -> 
         raise GenerationCancelled()
 
     with pytest.raises(GenerationCancelled):
-        tiny_engine.generate([request(num_inference_steps=4)], on_step=cancel_after_first)
+        tiny_runner.run([request(num_inference_steps=4)], on_step=cancel_after_first)
     assert steps == [0]
 
 
-def test_incompatible_requests_are_refused(tiny_engine: DiffusersEngine) -> None:
+def test_incompatible_requests_are_refused(tiny_runner: DiffusersRunner) -> None:
     with pytest.raises(ValueError, match="share size"):
-        tiny_engine.generate([request(width=64), request(width=128)])
+        tiny_runner.run([request(width=64), request(width=128)])
     with pytest.raises(ValueError, match="share size"):
-        tiny_engine.generate([request(), request(negative_prompt="blurry")])
+        tiny_runner.run([request(), request(negative_prompt="blurry")])
 
 
-def test_true_cfg_with_a_negative_prompt_changes_the_image(tiny_engine: DiffusersEngine) -> None:
-    [[plain]] = tiny_engine.generate([request()])
-    [[guided]] = tiny_engine.generate([request(negative_prompt="blurry", true_cfg_scale=4.0)])
+def test_true_cfg_with_a_negative_prompt_changes_the_image(tiny_runner: DiffusersRunner) -> None:
+    [[plain]] = tiny_runner.run([request()])
+    [[guided]] = tiny_runner.run([request(negative_prompt="blurry", true_cfg_scale=4.0)])
     assert np.abs(np.asarray(plain, np.int16) - np.asarray(guided, np.int16)).max() > 1
 
 
@@ -118,14 +117,14 @@ class RaisingPipeline:
     ],
 )
 def test_pipeline_failures_become_engine_errors(
-    tiny_engine: DiffusersEngine,
+    tiny_runner: DiffusersRunner,
     monkeypatch: pytest.MonkeyPatch,
     raised: BaseException,
     expected: type[EngineError],
 ) -> None:
-    monkeypatch.setattr(tiny_engine, "_pipe", RaisingPipeline(raised))
+    monkeypatch.setattr(tiny_runner, "_pipe", RaisingPipeline(raised))
     with pytest.raises(expected) as caught:
-        tiny_engine.generate([request()])
+        tiny_runner.run([request()])
     assert caught.value.__cause__ is raised
 
 
@@ -135,8 +134,9 @@ def test_the_server_loads_the_embedded_model_by_name(tiny_model_dir: Path, serve
     args = serve_parser.parse_args(["tiny-qwen-image", "--task", "image"])
     args.model = args.model_tag
     engine = load_engine(args)
-    assert isinstance(engine, DiffusersEngine)
-    assert engine.model_path == str(tiny_model_dir)
+    assert isinstance(engine, BatchingEngine)  # the diffusers engine batches for its runner
+    assert isinstance(engine.runner, DiffusersRunner)
+    assert engine.runner.model_path == str(tiny_model_dir)
 
 
 def test_a_missing_model_folder_fails_to_load(tmp_path: Path) -> None:

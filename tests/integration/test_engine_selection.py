@@ -173,7 +173,8 @@ def test_the_choice_and_its_reason_are_logged(
 ) -> None:
     built: list[str] = []
     monkeypatch.setattr(
-        "vllm_omni_images.engine.omni_engine.OmniEngine", lambda config: built.append(config.model)
+        "vllm_omni_images.engine.omni_engine.OmniEngine",
+        lambda config, **_: built.append(config.model),
     )
     with caplog.at_level(logging.INFO, logger="vllm_omni_images.engine.selection"):
         selection.create_engine(str(tiny_model_dir))
@@ -271,7 +272,7 @@ def test_batching_flags_drive_vllm_omnis_batcher(
     config = build_omni_config(
         str(tiny_model_dir),
         settings.omni_options,
-        max_batch_size=settings.max_batch_size,
-        batch_delay_ms=settings.batch_delay_ms,
+        max_batch_size=settings.batching.max_batch_size,
+        batch_delay_ms=settings.batching.batch_delay_s * 1000,
     )
     assert (config.max_num_seqs, config.request_batch_max_wait_ms) == (8, 20.0)

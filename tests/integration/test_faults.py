@@ -1,6 +1,6 @@
 """Faults contained, through the API on the real tiny engine.
 
-`FaultyEngine` injects each fault inside the real pipeline call: an exception, running out of
+`FaultyRunner` injects each fault inside the real pipeline call: an exception, running out of
 memory (for a call of too many images, or for an image that never fits), a hang until the
 test releases it. Each test checks that only the requests the fault hit fail, with their
 answer from the error table, that the server serves on, and that every request gets exactly
@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from fastapi import FastAPI
 
-from tests.support.engines import FaultyEngine
+from tests.support.engines import FaultyRunner, hung_error
 from tests.support.waiting import ENGINE_WAIT_S, until
-from vllm_omni_images.engine.base import ImageEngine
+from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
 
 from .helpers import FAST, assert_openai_error, generate, http_client, metric_value, pixels
 
@@ -29,8 +29,8 @@ BATCH_OF_FOUR = ["--image-max-batch-size", "4", "--image-batch-delay-ms", "10000
 
 
 @pytest.fixture
-def faulty(tiny_engine: ImageEngine) -> Iterator[FaultyEngine]:
-    engine = FaultyEngine(tiny_engine)
+def faulty(tiny_runner: DiffusersRunner) -> Iterator[FaultyRunner]:
+    engine = FaultyRunner(tiny_runner)
     yield engine
     engine.release.set()  # never leave an engine thread hanging behind a test
 
@@ -56,19 +56,19 @@ def splits(text: str) -> float:
 
 
 async def test_an_engine_exception_fails_its_batch_and_the_next_batch_runs(
-    make_app, faulty: FaultyEngine
+    make_app, faulty: FaultyRunner
 ) -> None:
     app = await make_app(faulty, ["--image-max-batch-size", "2", "--image-batch-delay-ms", "10000"])
     async with http_client(app) as client:
         before = await metrics(client)
         failing, companion = await asyncio.gather(
-            generate(client, **FAST, prompt=FaultyEngine.FAIL_PROMPT),
+            generate(client, **FAST, prompt=FaultyRunner.FAIL_PROMPT),
             generate(client, **FAST, prompt="a companion in the same batch"),
         )
         for response in (failing, companion):
             error = assert_openai_error(response, 500)
             assert error["type"] == "InternalServerError"
-            assert FaultyEngine.FAILURE in error["message"]  # the cause
+            assert FaultyRunner.FAILURE in error["message"]  # the cause
         assert (await client.get("/health")).status_code == 200
         after_alone = await generate(client, **FAST, n=2)  # the next batch: two images, at once
         assert after_alone.status_code == 200, after_alone.text
@@ -77,13 +77,13 @@ async def test_an_engine_exception_fails_its_batch_and_the_next_batch_runs(
 
 
 async def test_out_of_memory_retries_in_halves_and_every_request_succeeds(
-    make_app, faulty: FaultyEngine, caplog: pytest.LogCaptureFixture
+    make_app, faulty: FaultyRunner, caplog: pytest.LogCaptureFixture
 ) -> None:
     faulty.max_images = 2
     app = await make_app(faulty, BATCH_OF_FOUR)
     async with http_client(app) as client:
         before = await metrics(client)
-        with caplog.at_level(logging.WARNING, logger="vllm_omni_images.engine.scheduler"):
+        with caplog.at_level(logging.WARNING, logger="vllm_omni_images.engine"):
             responses = await asyncio.gather(
                 *(generate(client, **FAST, seed=seed) for seed in range(4))
             )
@@ -99,7 +99,7 @@ async def test_out_of_memory_retries_in_halves_and_every_request_succeeds(
 
 
 async def test_a_requests_images_split_across_calls_are_its_own_images(
-    make_app, faulty: FaultyEngine
+    make_app, faulty: FaultyRunner
 ) -> None:
     app = await make_app(faulty, ["--image-max-batch-size", "4"])
     body = {**FAST, "n": 4, "seed": 7}
@@ -118,15 +118,15 @@ async def test_a_requests_images_split_across_calls_are_its_own_images(
 
 
 async def test_an_image_that_never_fits_fails_alone_and_the_others_succeed(
-    make_app, faulty: FaultyEngine
+    make_app, faulty: FaultyRunner
 ) -> None:
     app = await make_app(faulty, BATCH_OF_FOUR)
     async with http_client(app) as client:
         before = await metrics(client)
-        prompts = ["a red fox", FaultyEngine.OOM_PROMPT, "a blue fox", "a green fox"]
+        prompts = ["a red fox", FaultyRunner.OOM_PROMPT, "a blue fox", "a green fox"]
         responses = await asyncio.gather(*(generate(client, **FAST, prompt=p) for p in prompts))
         by_prompt = dict(zip(prompts, responses, strict=True))
-        error = assert_openai_error(by_prompt.pop(FaultyEngine.OOM_PROMPT), 503)
+        error = assert_openai_error(by_prompt.pop(FaultyRunner.OOM_PROMPT), 503)
         assert error["type"] == "ServiceUnavailableError"
         assert "out of GPU memory" in error["message"]
         assert "64x64 image did not fit, even alone" in error["message"]
@@ -141,7 +141,7 @@ async def test_an_image_that_never_fits_fails_alone_and_the_others_succeed(
 
 
 async def test_a_hung_engine_fails_fast_until_its_call_returns(
-    make_app, faulty: FaultyEngine, caplog: pytest.LogCaptureFixture
+    make_app, faulty: FaultyRunner, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A request may take 4 s; a call still running 2 s after that is taken as hung. A request
     # that arrives as the stuck one times out (at 4 s) is still waiting then (its own deadline
@@ -149,22 +149,22 @@ async def test_a_hung_engine_fails_fast_until_its_call_returns(
     app: FastAPI = await make_app(
         faulty, ["--image-request-timeout", "4", "--image-engine-hang-grace", "2"]
     )
-    scheduler = app.state.engine_client.scheduler
-    caplog.set_level(logging.WARNING, logger="vllm_omni_images.engine.scheduler")
+    engine_client = app.state.engine_client
+    caplog.set_level(logging.WARNING, logger="vllm_omni_images.engine")
     async with http_client(app) as client:
         before = await metrics(client)
-        stuck = asyncio.create_task(generate(client, **FAST, prompt=FaultyEngine.HANG_PROMPT))
+        stuck = asyncio.create_task(generate(client, **FAST, prompt=FaultyRunner.HANG_PROMPT))
         assert await asyncio.to_thread(faulty.hanging.wait, ENGINE_WAIT_S)
         assert_openai_error(await stuck, 504)  # its own timeout, as always
-        assert scheduler.hung_error() is None  # asked to stop: it has the grace period
+        assert hung_error(engine_client.engine) is None  # asked to stop: it has the grace period
 
         # A request that arrives now waits behind the stuck call, with time left on its clock;
         # once the engine is taken as hung it fails at once instead of waiting that out.
         waiting = asyncio.create_task(generate(client, **FAST))
-        await until(lambda: scheduler.queued_images == 1, "queued", timeout_s=ENGINE_WAIT_S)
+        await until(lambda: engine_client.queued_images == 1, "queued", timeout_s=ENGINE_WAIT_S)
         error = assert_openai_error(await waiting, 503)
         assert "not responding" in error["message"]
-        assert scheduler.hung_error() is not None
+        assert hung_error(engine_client.engine) is not None
 
         assert (await client.get("/health")).status_code == 503
         refused = assert_openai_error(await generate(client, **FAST), 503)
@@ -173,7 +173,9 @@ async def test_a_hung_engine_fails_fast_until_its_call_returns(
         assert metric_value(await metrics(client), "vllm:image_engine_hung") == 1
 
         faulty.release.set()  # the call returns (and stops: no one waits for it)
-        await until(lambda: scheduler.hung_error() is None, "recovery", timeout_s=ENGINE_WAIT_S)
+        await until(
+            lambda: hung_error(engine_client.engine) is None, "recovery", timeout_s=ENGINE_WAIT_S
+        )
         assert (await client.get("/health")).status_code == 200
         assert (await generate(client, **FAST)).status_code == 200
         after = await metrics(client)

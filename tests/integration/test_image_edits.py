@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import http.server
-import io
 import threading
 from collections.abc import Iterator
 
@@ -17,19 +16,15 @@ import pytest
 from openai.types import ImagesResponse
 from PIL import Image
 
-from vllm_omni_images.engine.base import EngineRequest, ImageEngine
+from tests.support.engines import ObservedRunner
+from tests.support.images import FAST_STEPS, png
+from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
 from vllm_omni_images.images.limits import DEFAULT_LIMITS
 
 from .conftest import AppFactory
 from .helpers import assert_openai_error, http_client, pixels, sdk_client
 
-FAST = {"num_inference_steps": 2, "seed": 5}
-
-
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+FAST = {**FAST_STEPS, "seed": 5}
 
 
 def source(width: int = 64, height: int = 64) -> Image.Image:
@@ -121,7 +116,7 @@ async def test_a_variation_gives_n_different_images_of_the_input(
         image=("photo.png", png(source()), "image/png"),
         n=2,
         size="256x256",
-        extra_body={"seed": 3, "num_inference_steps": 2},
+        extra_body={**FAST_STEPS, "seed": 3},
     )
     assert_different_images(result, 2, (256, 256, 3))
 
@@ -219,14 +214,22 @@ async def test_too_many_or_too_large_images_are_refused_and_serving_goes_on(
     served: tuple[openai.AsyncOpenAI, httpx.AsyncClient],
 ) -> None:
     sdk, http = served
-    # ours to count; beyond, the form parser's limit
-    for count in (DEFAULT_LIMITS.max_input_images + 1, 40):
+    # Ours to count, before any image is decoded (parts that are no images are refused for
+    # their count); beyond the files a form may carry, the form parser's limit.
+    for part in (png(source()), b"not an image"):
+        two = [("image[]", ("in.png", part, "image/png"))] * 2
+        response = await http.post("/v1/images/edits", data={"prompt": "p"}, files=two)
+        error = assert_openai_error(response, 400, "image")
+        assert error["message"].startswith("This model edits one image at a time; got 2.")
+    for count in (DEFAULT_LIMITS.form_files, DEFAULT_LIMITS.form_files + 1, 40):
         many = [("image[]", ("in.png", png(source(16, 16)), "image/png"))] * count
         response = await http.post("/v1/images/edits", data={"prompt": "p"}, files=many)
-        assert_openai_error(response, 400)
-    two = [("image[]", ("in.png", png(source()), "image/png"))] * 2
-    response = await http.post("/v1/images/edits", data={"prompt": "p"}, files=two)
-    assert_openai_error(response, 400, "image")  # this model edits one image at a time
+        error = assert_openai_error(response, 400)
+        assert "This model edits one image at a time" in error["message"]
+        if count <= DEFAULT_LIMITS.form_files:
+            assert error["param"] == "image" and f"; got {count}." in error["message"]
+        else:
+            assert "Too many files" in error["message"]
     huge = b"\x89PNG\r\n\x1a\n" + bytes(DEFAULT_LIMITS.max_input_bytes)
     response = await http.post("/v1/images/edits", data={"prompt": "p"}, files=upload(huge))
     assert_openai_error(response, 413)
@@ -237,18 +240,10 @@ async def test_too_many_or_too_large_images_are_refused_and_serving_goes_on(
 
 
 async def test_concurrent_edits_batch_and_each_keeps_its_own_input(
-    make_app: AppFactory, tiny_engine: ImageEngine
+    make_app: AppFactory, tiny_runner: DiffusersRunner
 ) -> None:
-    app = await make_app(tiny_engine, ["--image-batch-delay-ms", "200"])
-    timings: list[int] = []
-    observer = app.state.engine_client.scheduler._observer
-    original = observer.on_batch_start
-
-    def record(requests: list[EngineRequest], queue_wait_s: list[float]) -> None:
-        timings.append(sum(r.num_images for r in requests))
-        original(requests, queue_wait_s)
-
-    observer.on_batch_start = record
+    runner = ObservedRunner(tiny_runner)
+    app = await make_app(runner, ["--image-batch-delay-ms", "200"])
     sources = [source(), noise()]
 
     async def edit(sdk: openai.AsyncOpenAI, image: Image.Image) -> np.ndarray:
@@ -269,7 +264,7 @@ async def test_concurrent_edits_batch_and_each_keeps_its_own_input(
         assert np.abs(solo - batched).max() <= 1  # batching only rounds
         kept = np.asarray(image, np.int16)[:, 33:]
         assert np.abs(batched[:, 33:] - kept).mean() < 1  # its own input, not its neighbour's
-    assert timings == [1, 1, 2]  # alone, alone, then one batch of both
+    assert runner.batches == [1, 1, 2]  # alone, alone, then one batch of both
 
 
 @pytest.fixture(scope="module")
@@ -296,7 +291,7 @@ def image_host() -> Iterator[str]:
 
 
 async def test_an_image_url_is_fetched_only_from_hosts_the_operator_allowed(
-    make_app: AppFactory, tiny_engine: ImageEngine, image_host: str
+    make_app: AppFactory, tiny_runner: DiffusersRunner, image_host: str
 ) -> None:
     edit = {"prompt": "a red fox", "image": f"{image_host}/fox.png", "num_inference_steps": "2"}
     for flags, status in [
@@ -304,7 +299,7 @@ async def test_an_image_url_is_fetched_only_from_hosts_the_operator_allowed(
         (["--allowed-media-domains", "images.example.com"], 400),  # another host
         (["--allowed-media-domains", "127.0.0.1"], 200),
     ]:
-        async with http_client(await make_app(tiny_engine, flags)) as http:
+        async with http_client(await make_app(tiny_runner, flags)) as http:
             response = await http.post("/v1/images/edits", data=edit)
         if status == 200:
             assert response.status_code == 200, response.text

@@ -12,7 +12,7 @@ import openai
 import pytest
 from PIL import Image
 
-from vllm_omni_images.engine.base import ImageEngine
+from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
 
 from .conftest import AppFactory
 from .helpers import assert_openai_error, http_client, pixels, sdk_client
@@ -105,11 +105,11 @@ async def test_streams_that_cannot_be_served_are_400s_before_streaming(
 
 
 async def test_a_failure_mid_stream_is_an_error_event_the_sdk_raises(
-    make_app: AppFactory, tiny_engine: ImageEngine
+    make_app: AppFactory, tiny_runner: DiffusersRunner
 ) -> None:
-    from tests.support.engines import FailingEngine
+    from tests.support.engines import FailingRunner
 
-    app = await make_app(FailingEngine(tiny_engine))
+    app = await make_app(FailingRunner(tiny_runner))
     async with sdk_client(app) as sdk:
         stream = await sdk.images.generate(
             model="tiny-qwen-image", prompt="fail", size="64x64", stream=True, extra_body=SEEDED
@@ -120,21 +120,24 @@ async def test_a_failure_mid_stream_is_an_error_event_the_sdk_raises(
 
 
 async def test_a_full_queue_refuses_a_stream_with_a_plain_429(
-    make_app: AppFactory, tiny_engine: ImageEngine
+    make_app: AppFactory, tiny_runner: DiffusersRunner
 ) -> None:
-    from tests.support.engines import ObservedEngine
+    from tests.support.engines import ObservedRunner
     from tests.support.waiting import ENGINE_WAIT_S, until
 
-    engine = ObservedEngine(tiny_engine)
+    engine = ObservedRunner(tiny_runner)
     app = await make_app(engine, ["--image-max-queue", "1"])
-    scheduler = app.state.engine_client.scheduler
+    engine_client = app.state.engine_client
     body = {"prompt": "a fox", "size": "64x64", "num_inference_steps": 2}
     async with http_client(app) as http:
         engine.gate.clear()
         running = asyncio.create_task(http.post("/v1/images/generations", json=body))
         await until(engine.started.is_set, "the first request to run", timeout_s=ENGINE_WAIT_S)
         waiting = asyncio.create_task(http.post("/v1/images/generations", json=body))
-        await until(lambda: scheduler.queued_images == 1, "a full queue")
+        await until(
+            lambda: (engine_client.running_images, engine_client.queued_images) == (1, 1),
+            "one running and a full queue",
+        )
         refused = await http.post(
             "/v1/images/generations", json={**body, "stream": True, "partial_images": 1}
         )

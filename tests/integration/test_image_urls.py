@@ -12,7 +12,8 @@ import openai
 import pytest
 from openai.types import ImagesResponse
 
-from vllm_omni_images.engine.base import ImageEngine
+from tests.support.images import FAST_STEPS
+from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
 
 from .conftest import AppFactory
 from .helpers import http_client, sdk_client
@@ -26,17 +27,17 @@ async def generate(sdk: openai.AsyncOpenAI, **fields: Any) -> ImagesResponse:
         model="tiny-qwen-image",
         prompt="a fox",
         size="64x64",
-        extra_body={"num_inference_steps": 2, "seed": 11},
+        extra_body={**FAST_STEPS, "seed": 11},
         **fields,
     )
 
 
 @pytest.fixture
 async def served(
-    make_app: AppFactory, tiny_engine: ImageEngine
+    make_app: AppFactory, tiny_runner: DiffusersRunner
 ) -> AsyncIterator[tuple[openai.AsyncOpenAI, httpx.AsyncClient]]:
     """The SDK with the API key, and a bare HTTP client (no key) on the same app."""
-    app = await make_app(tiny_engine, ["--api-key", KEY, "--image-url-ttl", "0.5"])
+    app = await make_app(tiny_runner, ["--api-key", KEY, "--image-url-ttl", "0.5"])
     async with sdk_client(app, KEY) as sdk, http_client(app) as bare:
         yield sdk, bare
 
@@ -99,8 +100,8 @@ async def test_names_that_were_never_issued_are_404(
     assert (await bare.get(path)).status_code == 404
 
 
-async def test_urls_carry_the_root_path(make_app: AppFactory, tiny_engine: ImageEngine) -> None:
-    app = await make_app(tiny_engine, ["--root-path", "/proxy"])
+async def test_urls_carry_the_root_path(make_app: AppFactory, tiny_runner: DiffusersRunner) -> None:
+    app = await make_app(tiny_runner, ["--root-path", "/proxy"])
     async with sdk_client(app, "none") as sdk, http_client(app) as http:
         result = await generate(sdk, response_format="url")
         assert result.data is not None and result.data[0].url is not None

@@ -6,15 +6,18 @@ import asyncio
 
 import numpy as np
 import pytest
+from vllm.v1.metrics.prometheus import get_prometheus_registry
 
-from tests.support.engines import FailingEngine
+from tests.support.engines import FailingRunner
+from tests.support.images import FAST_STEPS
+from tests.support.waiting import ENGINE_WAIT_S, until
 from vllm_omni_images.images.encoding import decode_image_base64
 
 from .helpers import FAST, assert_openai_error, generate, http_client, pixels
 
 
 async def test_one_image_at_the_model_default_size(client):
-    response = await generate(client, num_inference_steps=2)
+    response = await generate(client, **FAST_STEPS)
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["size"] == "256x256"
@@ -27,7 +30,7 @@ async def test_one_image_at_the_model_default_size(client):
 
 
 async def test_requested_size_is_width_by_height(client):
-    response = await generate(client, size="128x64", num_inference_steps=2)
+    response = await generate(client, size="128x64", **FAST_STEPS)
     assert response.status_code == 200, response.text
     assert decode_image_base64(response.json()["data"][0]["b64_json"]).size == (128, 64)
 
@@ -166,8 +169,8 @@ async def test_text_only_routes_answer_a_clear_404(client, path):
     assert "/v1/images/generations" in error["message"]
 
 
-async def test_served_model_name_flag(make_app, tiny_engine):
-    app = await make_app(tiny_engine, ["--served-model-name", "my-images"])
+async def test_served_model_name_flag(make_app, tiny_runner):
+    app = await make_app(tiny_runner, ["--served-model-name", "my-images"])
     async with http_client(app) as client:
         assert (await generate(client, model="my-images", **FAST)).status_code == 200
         assert_openai_error(await generate(client, model="tiny-qwen-image", **FAST), 404)
@@ -175,8 +178,8 @@ async def test_served_model_name_flag(make_app, tiny_engine):
         assert [card["id"] for card in models["data"]] == ["my-images"]
 
 
-async def test_api_key_is_required_when_set(make_app, tiny_engine):
-    app = await make_app(tiny_engine, ["--api-key", "secret"])
+async def test_api_key_is_required_when_set(make_app, tiny_runner):
+    app = await make_app(tiny_runner, ["--api-key", "secret"])
     async with http_client(app) as client:
         denied = await generate(client, **FAST)
         assert denied.status_code == 401
@@ -195,8 +198,10 @@ async def test_api_key_is_required_when_set(make_app, tiny_engine):
         assert allowed.status_code == 200, allowed.text
 
 
-async def test_model_not_loaded_is_a_503(make_app):
-    async with http_client(await make_app(None)) as client:
+async def test_model_not_loaded_is_a_503(make_app, tiny_runner):
+    app = await make_app(tiny_runner)
+    await app.state.engine_client.close()  # as at the end of a shutdown: the model is released
+    async with http_client(app) as client:
         assert (await client.get("/health")).status_code == 503
         error = assert_openai_error(await generate(client, **FAST), 503)
         assert "not loaded" in error["message"]
@@ -207,9 +212,9 @@ async def test_model_not_loaded_is_a_503(make_app):
     [("oom", 503, "out of GPU memory"), ("fail", 500, "NaNs"), ("bug", 500, "unexpected")],
 )
 async def test_engine_errors_fail_one_request_and_the_server_keeps_serving(
-    make_app, tiny_engine, prompt, status, fragment
+    make_app, tiny_runner, prompt, status, fragment
 ):
-    async with http_client(await make_app(FailingEngine(tiny_engine))) as client:
+    async with http_client(await make_app(FailingRunner(tiny_runner))) as client:
         failed = await client.post("/v1/images/generations", json={"prompt": prompt, **FAST})
         error = assert_openai_error(failed, status)
         assert fragment in error["message"]
@@ -217,9 +222,21 @@ async def test_engine_errors_fail_one_request_and_the_server_keeps_serving(
         assert (await generate(client, **FAST)).status_code == 200
 
 
+def denoising_steps_run() -> float:
+    """Denoising steps the engines of this process have run (`/metrics`' step histogram)."""
+    registry = get_prometheus_registry()
+    labels = {"model_name": "tiny-qwen-image"}
+    return registry.get_sample_value("vllm:image_denoise_step_seconds_count", labels) or 0.0
+
+
 async def test_health_answers_while_an_image_is_generated(client):
+    steps_before = denoising_steps_run()
     generation = asyncio.create_task(generate(client, size="512x512", num_inference_steps=8))
-    await asyncio.sleep(0.2)  # let the request reach the engine thread
+    await until(
+        lambda: denoising_steps_run() > steps_before,
+        "the request's first denoising step on the engine thread",
+        timeout_s=ENGINE_WAIT_S,
+    )
     health = await client.get("/health")
     assert health.status_code == 200
     assert not generation.done(), "the health check waited for the generation"

@@ -9,7 +9,6 @@ end (or, with a `Content-Length` above the limit, before its first chunk).
 from __future__ import annotations
 
 import base64
-import io
 import random
 import struct
 import zlib
@@ -20,9 +19,10 @@ import pytest
 from fastapi import FastAPI
 from PIL import Image
 
-from vllm_omni_images.engine.base import ImageEngine
+from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
 
-from ..support.engines import ObservedEngine
+from ..support.engines import ObservedRunner
+from ..support.images import png
 from .conftest import AppFactory
 from .helpers import FAST, assert_openai_error, generate, http_client
 
@@ -52,12 +52,6 @@ class CountedBody:
             yield chunk
 
 
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG that declares `width`x`height` but holds no pixel data: reading its header is
     cheap; decoding it fails. A server that decoded before checking the size would answer
@@ -71,14 +65,10 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
 
 
-def picture(width: int = 64, height: int = 64, mode: str = "RGB") -> bytes:
-    return png(Image.new(mode, (width, height), (200, 40, 40, 255)[: len(mode)]))
-
-
 async def app_with(
-    make_app: AppFactory, tiny_engine: ImageEngine, flags: Sequence[str] = ()
-) -> tuple[FastAPI, ObservedEngine]:
-    engine = ObservedEngine(tiny_engine)
+    make_app: AppFactory, tiny_runner: DiffusersRunner, flags: Sequence[str] = ()
+) -> tuple[FastAPI, ObservedRunner]:
+    engine = ObservedRunner(tiny_runner)
     return await make_app(engine, flags), engine
 
 
@@ -125,7 +115,7 @@ FILE_PART = (
 )
 async def test_a_body_without_an_honest_length_stops_being_read_at_the_limit(
     make_app: AppFactory,
-    tiny_engine: ImageEngine,
+    tiny_runner: DiffusersRunner,
     path: str,
     content_type: str,
     first: bytes,
@@ -134,7 +124,7 @@ async def test_a_body_without_an_honest_length_stops_being_read_at_the_limit(
     declared: str | None,
 ) -> None:
     flags = ["--image-max-form-mb", *flags] if flags else []
-    app, engine = await app_with(make_app, tiny_engine, flags)
+    app, engine = await app_with(make_app, tiny_runner, flags)
     limit_bytes = limit * MiB
     body = CountedBody(first=first)
     headers = {"Content-Type": content_type}
@@ -149,8 +139,10 @@ async def test_a_body_without_an_honest_length_stops_being_read_at_the_limit(
         assert (await generate(http, **FAST)).status_code == 200  # and serving goes on
 
 
-async def test_the_body_limits_are_flags(make_app: AppFactory, tiny_engine: ImageEngine) -> None:
-    app, _ = await app_with(make_app, tiny_engine, ["--image-max-json-mb", "0.01"])
+async def test_the_body_limits_are_flags(
+    make_app: AppFactory, tiny_runner: DiffusersRunner
+) -> None:
+    app, _ = await app_with(make_app, tiny_runner, ["--image-max-json-mb", "0.01"])
     async with http_client(app) as http:
         response = await generate(http, negative_prompt="x" * 20_000, **FAST)
         error = assert_openai_error(response, 413)
@@ -162,9 +154,9 @@ async def test_the_body_limits_are_flags(make_app: AppFactory, tiny_engine: Imag
 
 
 async def test_pixels_per_image_and_per_request_are_refused_before_the_engine(
-    make_app: AppFactory, tiny_engine: ImageEngine
+    make_app: AppFactory, tiny_runner: DiffusersRunner
 ) -> None:
-    app, engine = await app_with(make_app, tiny_engine)
+    app, engine = await app_with(make_app, tiny_runner)
     async with http_client(app) as http:
         # Defaults: 2048x2048 per image (the model's), four of them per request.
         assert_openai_error(await generate(http, size="2064x2048"), 400, "size")
@@ -174,7 +166,7 @@ async def test_pixels_per_image_and_per_request_are_refused_before_the_engine(
     assert engine.batches == []
 
     flags = ["--image-max-pixels", "64x64", "--image-max-request-pixels", "8192"]
-    app, engine = await app_with(make_app, tiny_engine, flags)
+    app, engine = await app_with(make_app, tiny_runner, flags)
     async with http_client(app) as http:
         assert_openai_error(await generate(http, size="128x64"), 400, "size")
         assert_openai_error(await generate(http, size="64x64", n=3), 400, "n")
@@ -185,9 +177,9 @@ async def test_pixels_per_image_and_per_request_are_refused_before_the_engine(
 
 
 async def test_the_prompt_limit_is_a_flag_and_the_prompt_is_not_echoed(
-    make_app: AppFactory, tiny_engine: ImageEngine
+    make_app: AppFactory, tiny_runner: DiffusersRunner
 ) -> None:
-    app, engine = await app_with(make_app, tiny_engine, ["--image-max-prompt-chars", "100"])
+    app, engine = await app_with(make_app, tiny_runner, ["--image-max-prompt-chars", "100"])
     async with http_client(app) as http:
         for field in ("prompt", "negative_prompt"):
             response = await generate(http, **{field: "secret-" * 20}, **FAST)
@@ -196,7 +188,7 @@ async def test_the_prompt_limit_is_a_flag_and_the_prompt_is_not_echoed(
         edit = await http.post(
             "/v1/images/edits",
             data={"prompt": "y" * 101},
-            files={"image": ("in.png", picture(), "image/png")},
+            files={"image": ("in.png", png(), "image/png")},
         )
         assert_openai_error(edit, 400, "prompt")
         assert (await generate(http, prompt="z" * 100, **FAST)).status_code == 200
@@ -230,17 +222,17 @@ async def test_hostile_json_is_a_400(client: httpx.AsyncClient, body: bytes) -> 
 
 
 async def test_edit_inputs_are_held_to_the_input_flags(
-    make_app: AppFactory, tiny_engine: ImageEngine
+    make_app: AppFactory, tiny_runner: DiffusersRunner
 ) -> None:
     flags = [
         "--image-max-input-images",
-        "1",
+        "4",  # more than the engines edit at once: changes nothing (it can only lower it)
         "--image-max-input-mb",
         "0.01",
         "--image-max-input-pixels",
         "64x64",
     ]
-    app, engine = await app_with(make_app, tiny_engine, flags)
+    app, engine = await app_with(make_app, tiny_runner, flags)
     noisy = png(Image.frombytes("RGB", (64, 64), random.Random(0).randbytes(64 * 64 * 3)))
     assert len(noisy) > 0.01 * MiB
     data_url = "data:image/png;base64," + base64.b64encode(noisy).decode()
@@ -251,21 +243,21 @@ async def test_edit_inputs_are_held_to_the_input_flags(
                 "/v1/images/edits", data={"prompt": "p", **data}, files=files or []
             )
 
-        two = [("image[]", ("a.png", picture(), "image/png"))] * 2
+        two = [("image[]", ("a.png", png(), "image/png"))] * 2
         error = assert_openai_error(await edit(two), 400, "image")
-        assert "--image-max-input-images" in error["message"]
+        assert error["message"].startswith("This model edits one image at a time; got 2.")
         assert_openai_error(await edit([("image", ("a.png", noisy, "image/png"))]), 413)
         assert_openai_error(await edit(image=data_url), 413)
-        big = [("image", ("a.png", picture(65, 64), "image/png"))]
+        big = [("image", ("a.png", png(width=65, height=64), "image/png"))]
         error = assert_openai_error(await edit(big), 400, "image")
         assert "--image-max-input-pixels" in error["message"]
         # A mask is bounded the same way, before its size is compared with the image's.
         masked = [
-            ("image", ("a.png", picture(32, 32), "image/png")),
+            ("image", ("a.png", png(width=32, height=32), "image/png")),
             ("mask", ("m.png", png_header_only(4096, 4096), "image/png")),
         ]
         assert_openai_error(await edit(masked), 400, "mask")
-        ok = await edit([("image", ("a.png", picture(), "image/png"))], num_inference_steps="2")
+        ok = await edit([("image", ("a.png", png(), "image/png"))], num_inference_steps="2")
         assert ok.status_code == 200, ok.text
     assert engine.batches == [1]
 
@@ -276,7 +268,7 @@ async def test_an_image_header_is_checked_before_the_image_is_decoded(
     client: httpx.AsyncClient, parameter: str, side: int
 ) -> None:
     bomb = ("bomb.png", png_header_only(side, side), "image/png")
-    files = {"image": bomb} if parameter == "image" else {"image": ("a.png", picture(), "")}
+    files = {"image": bomb} if parameter == "image" else {"image": ("a.png", png(), "")}
     if parameter == "mask":
         files["mask"] = bomb
     response = await client.post("/v1/images/edits", data={"prompt": "p"}, files=files)
@@ -285,7 +277,7 @@ async def test_an_image_header_is_checked_before_the_image_is_decoded(
 
 
 async def test_form_fields_are_bounded_while_the_form_is_read(client: httpx.AsyncClient) -> None:
-    image = {"image": ("a.png", picture(), "image/png")}
+    image = {"image": ("a.png", png(), "image/png")}
     many = {f"field{index}": "1" for index in range(2000)}
     error = assert_openai_error(
         await client.post("/v1/images/edits", data={"prompt": "p", **many}, files=image), 400
@@ -298,14 +290,14 @@ async def test_form_fields_are_bounded_while_the_form_is_read(client: httpx.Asyn
 
 
 async def test_edit_pixels_per_request_count_n_images_of_the_output_size(
-    make_app: AppFactory, tiny_engine: ImageEngine
+    make_app: AppFactory, tiny_runner: DiffusersRunner
 ) -> None:
-    app, engine = await app_with(make_app, tiny_engine, ["--image-max-request-pixels", "64x64"])
+    app, engine = await app_with(make_app, tiny_runner, ["--image-max-request-pixels", "64x64"])
     async with http_client(app) as http:
         response = await http.post(
             "/v1/images/variations",
             data={"n": "2"},
-            files={"image": ("a.png", picture(), "image/png")},
+            files={"image": ("a.png", png(), "image/png")},
         )
         assert_openai_error(response, 400, "n")
     assert engine.batches == []

@@ -20,7 +20,7 @@ import uvicorn
 
 from testing.server_process import free_port
 from tests.support.waiting import ENGINE_WAIT_S, until
-from vllm_omni_images.engine.base import ImageEngine
+from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
 
 from .conftest import AppFactory
 from .helpers import metric_value
@@ -68,10 +68,10 @@ async def burst(client: httpx.AsyncClient, seed: int) -> tuple[int, int]:
 
 
 async def test_a_burst_with_clients_that_leave_leaves_no_task_thread_or_image_behind(
-    make_app: AppFactory, tiny_engine: ImageEngine
+    make_app: AppFactory, tiny_runner: DiffusersRunner
 ) -> None:
-    app = await make_app(tiny_engine, ["--image-max-batch-size", "4"])
-    scheduler = app.state.engine_client.scheduler
+    app = await make_app(tiny_runner, ["--image-max-batch-size", "4"])
+    engine_client = app.state.engine_client
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="warning")
     server = uvicorn.Server(config)
@@ -80,12 +80,12 @@ async def test_a_burst_with_clients_that_leave_leaves_no_task_thread_or_image_be
         await until(lambda: server.started, "uvicorn", timeout_s=ENGINE_WAIT_S)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
             await burst(client, seed=0)  # starts the engine's thread, the workers, connections
-            await until(lambda: scheduler.running_images == 0, "idle", timeout_s=ENGINE_WAIT_S)
+            await until(lambda: engine_client.running_images == 0, "idle", timeout_s=ENGINE_WAIT_S)
             tasks = {task.get_name() for task in asyncio.all_tasks()}
             threads = own_threads()
 
             answered, left = await burst(client, seed=1)
-            await until(lambda: scheduler.running_images == 0, "idle", timeout_s=ENGINE_WAIT_S)
+            await until(lambda: engine_client.running_images == 0, "idle", timeout_s=ENGINE_WAIT_S)
             await until(
                 lambda: {task.get_name() for task in asyncio.all_tasks()} <= tasks,
                 "the request tasks to end",
@@ -99,5 +99,5 @@ async def test_a_burst_with_clients_that_leave_leaves_no_task_thread_or_image_be
     assert answered + left == REQUESTS and left > 0
     # The server heard them leave: their work was withdrawn, not finished for nobody.
     assert metric_value(metrics, "vllm:image_requests_total", outcome="cancelled") > 0
-    assert scheduler.queued_images == 0
+    assert engine_client.queued_images == 0
     assert own_threads() <= threads

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.support.engines import req
+from tests.support.engines import hung_error, images_of, req
 from tests.support.omni import (
     SAME_IMAGE,
     WorkerProbe,
@@ -25,13 +25,13 @@ from tests.support.omni import (
     until_waiting_in_vllm_omni,
 )
 from tests.support.waiting import ENGINE_WAIT_S, until
+from vllm_omni_images.engine.base import EngineObserver
 from vllm_omni_images.engine.client import ImageEngineClient
 from vllm_omni_images.engine.errors import EngineNotReadyError, SchedulerClosedError
 from vllm_omni_images.engine.omni_engine import OmniEngine
-from vllm_omni_images.engine.scheduler import ImageScheduler, SchedulerConfig
 
 from .conftest import AppFactory
-from .helpers import FAST, generate, http_client
+from .helpers import FAST, assert_openai_error, generate, http_client
 
 
 async def test_vllm_serve_flags_to_http_five_requests_run_as_four_and_one(
@@ -50,12 +50,12 @@ async def test_vllm_serve_flags_to_http_five_requests_run_as_four_and_one(
     worker = WorkerProbe(engine)
     try:
         app = await make_app(engine, flags)
-        scheduler = app.state.engine_client.scheduler
+        engine_client = app.state.engine_client
         async with http_client(app) as http:
             worker.hold.clear()
             blocker = asyncio.create_task(generate(http, seed=100, **FAST))
             await until(worker.denoising.is_set, "the worker to start", timeout_s=ENGINE_WAIT_S)
-            await until(lambda: scheduler.running_images == 1, "the scheduler to see it start")
+            await until(lambda: engine_client.running_images == 1, "admission to see it start")
             five = [asyncio.create_task(generate(http, seed=seed, **FAST)) for seed in range(5)]
             await until_waiting_in_vllm_omni(engine, 5)
             worker.hold.set()
@@ -63,7 +63,7 @@ async def test_vllm_serve_flags_to_http_five_requests_run_as_four_and_one(
         assert [response.status_code for response in responses] == [200] * 6
         assert batch_sizes(worker) == [1, 4, 1]
     finally:
-        engine.close()
+        await engine.close()
 
 
 async def test_shutdown_fails_the_waiting_and_lets_the_running_finish(tiny_model_dir: Path) -> None:
@@ -71,13 +71,11 @@ async def test_shutdown_fails_the_waiting_and_lets_the_running_finish(tiny_model
     worker = WorkerProbe(engine)
     client = ImageEngineClient(engine, "tiny-qwen-image")
     worker.hold.clear()
-    running = asyncio.create_task(client.generate(req(1)))
+    running = asyncio.create_task(images_of(client.generate(req(1))))
     await until(worker.denoising.is_set, "the worker to start", timeout_s=ENGINE_WAIT_S)
-    waiting = asyncio.create_task(client.generate(req(2)))
-    scheduler = client.scheduler
-    assert scheduler is not None
+    waiting = asyncio.create_task(images_of(client.generate(req(2))))
     await until(
-        lambda: (scheduler.running_images, scheduler.queued_images) == (1, 1),
+        lambda: (client.running_images, client.queued_images) == (1, 1),
         "one running and one waiting image",
         timeout_s=ENGINE_WAIT_S,
     )
@@ -89,21 +87,19 @@ async def test_shutdown_fails_the_waiting_and_lets_the_running_finish(tiny_model
     [image] = await running
     assert isinstance(image, Image.Image)
     await asyncio.wait_for(closing, ENGINE_WAIT_S)
-    assert not client.is_ready
+    assert not client.is_running
     with pytest.raises(EngineNotReadyError):  # vllm-omni's engine is closed
-        engine.submit(req(1), lambda _: None)
+        engine.check_admission(1)
 
 
 async def test_shutdown_waits_for_a_stuck_request_no_longer_than_the_hang_grace(
     tiny_model_dir: Path,
 ) -> None:
-    engine = build_engine(tiny_model_dir, max_batch_size=1)
+    engine = build_engine(tiny_model_dir, max_batch_size=1, hang_grace_s=0.5)
     worker = WorkerProbe(engine)
-    client = ImageEngineClient(
-        engine, "tiny-qwen-image", scheduler_config=SchedulerConfig(hang_grace_s=0.5)
-    )
+    client = ImageEngineClient(engine, "tiny-qwen-image")
     worker.hold.clear()
-    running = asyncio.create_task(client.generate(req(1)))
+    running = asyncio.create_task(images_of(client.generate(req(1))))
     await until(worker.denoising.is_set, "the worker to start", timeout_s=ENGINE_WAIT_S)
     # Closing vllm-omni's engine waits for its worker thread, which the probe holds: let it go
     # a while after the hang grace, from a thread (the event loop waits on that close).
@@ -112,30 +108,72 @@ async def test_shutdown_waits_for_a_stuck_request_no_longer_than_the_hang_grace(
     with pytest.raises(SchedulerClosedError):
         await asyncio.wait_for(running, ENGINE_WAIT_S)
     await asyncio.wait_for(closing, ENGINE_WAIT_S)
-    assert not client.is_ready
+    assert not client.is_running
+
+
+async def test_a_stuck_worker_is_taken_as_hung_until_it_returns(
+    make_app: AppFactory, tiny_model_dir: Path
+) -> None:
+    """A live worker that does not return: once its aborted request has not left vllm-omni
+    `--image-engine-hang-grace` seconds later, /health answers 503 and requests 503 at once;
+    when the worker returns, the server serves again."""
+    engine = build_engine(tiny_model_dir, max_batch_size=1, hang_grace_s=0.5)
+    worker = WorkerProbe(engine)
+    try:
+        app = await make_app(engine, ["--image-request-timeout", "0.5"])
+        async with http_client(app) as http:
+            worker.hold.clear()
+            assert_openai_error(await generate(http, **FAST), 504)
+            await until(lambda: hung_error(engine) is not None, "the engine to be taken as hung")
+            assert (await http.get("/health")).status_code == 503
+            error = assert_openai_error(await generate(http, **FAST), 503)
+            assert "not responding" in error["message"]
+            worker.hold.set()
+            await until(
+                lambda: hung_error(engine) is None,
+                "the engine to serve again",
+                timeout_s=ENGINE_WAIT_S,
+            )
+            assert (await http.get("/health")).status_code == 200
+            assert (await generate(http, **FAST)).status_code == 200
+    finally:
+        await engine.close()
 
 
 # vllm-omni's step-level batching (--step-execution)
 
 
+class RunningImages(EngineObserver):
+    """Every value admission reports for the running-images gauge, in order."""
+
+    def __init__(self) -> None:
+        self.values: list[int] = []
+
+    def on_running_images(self, images: int) -> None:
+        self.values.append(images)
+
+
 async def test_a_request_joins_a_running_batch_at_a_step_boundary(tiny_model_dir: Path) -> None:
     engine = build_engine(tiny_model_dir, step_execution=True)
     worker = WorkerProbe(engine)
-    scheduler = ImageScheduler(engine, SchedulerConfig())
+    running = RunningImages()
+    client = ImageEngineClient(engine, "tiny-qwen-image", observer=running)
     try:
         worker.hold.clear()
-        first = asyncio.create_task(scheduler.submit(req(1, num_inference_steps=6)))
+        first = asyncio.create_task(images_of(client.generate(req(1, num_inference_steps=6))))
         await until(worker.denoising.is_set, "the first to denoise", timeout_s=ENGINE_WAIT_S)
         worker.hold.set()
         await until(lambda: len(worker.waves) >= 3, "a few steps", timeout_s=ENGINE_WAIT_S)
-        second = asyncio.create_task(scheduler.submit(req(2, num_inference_steps=6)))
+        second = asyncio.create_task(images_of(client.generate(req(2, num_inference_steps=6))))
         [one], [two] = await asyncio.gather(first, second)
         joined = next(i for i, wave in enumerate(worker.waves) if wave.new and i > 0)
         assert worker.waves[joined].running == 2  # it ran beside the first, mid-denoise
         assert 0 < joined < 6
-        [alone] = await scheduler.submit(req(2, num_inference_steps=6))
+        # What `vllm:image_running_images` shows: both while both run, the second alone
+        # after the first ends (not 0), then none.
+        assert running.values == [1, 2, 1, 0]
+        [alone] = await images_of(client.generate(req(2, num_inference_steps=6)))
         assert difference(two, alone) <= SAME_IMAGE
         assert difference(one, two) > 10 * SAME_IMAGE
     finally:
-        await scheduler.close()
-        engine.close()
+        await client.close()

@@ -19,13 +19,16 @@ the parallel engines start (it holds process-wide parallel state).
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
 from vllm_omni.diffusion.executor.multiproc_executor import MultiprocDiffusionExecutor
 
+from tests.support.engines import images_of
 from tests.support.omni import SAME_IMAGE, build_engine, difference
 from vllm_omni_images.engine.base import EngineRequest
 from vllm_omni_images.engine.omni_engine import OmniEngine
@@ -58,27 +61,31 @@ def fox(negative_prompt: str | None = "blurry") -> EngineRequest:
     )
 
 
-def generate(engine: OmniEngine, request: EngineRequest) -> Image.Image:
-    return engine.submit(request, lambda count: None).future.result(GENERATION_WAIT_S)[0]
+async def generate(engine: OmniEngine, request: EngineRequest) -> Image.Image:
+    [image] = await asyncio.wait_for(images_of(engine.generate(request)), GENERATION_WAIT_S)
+    return image
 
 
 @pytest.fixture(scope="module")
 def single_worker_image(tiny_model_dir: Path) -> Image.Image:
-    engine = build_engine(tiny_model_dir, max_batch_size=1)
-    try:
-        image = generate(engine, fox())
-        # The negative branch counts, so CFG parallelism has a second branch to run.
-        assert difference(image, generate(engine, fox(negative_prompt=None))) > SAME_IMAGE
-        return image
-    finally:
-        engine.close()
+    async def images() -> tuple[Image.Image, Image.Image]:
+        engine = build_engine(tiny_model_dir, max_batch_size=1)
+        try:
+            return await generate(engine, fox()), await generate(engine, fox(negative_prompt=None))
+        finally:
+            await engine.close()
+
+    image, without_negative = asyncio.run(images())
+    # The negative branch counts, so CFG parallelism has a second branch to run.
+    assert difference(image, without_negative) > SAME_IMAGE
+    return image
 
 
 @pytest.mark.parametrize(("options", "workers"), PARALLEL.values(), ids=PARALLEL.keys())
-def test_worker_processes_make_the_in_process_workers_image(
+async def test_worker_processes_make_the_in_process_workers_image(
     tiny_model_dir: Path,
     single_worker_image: Image.Image,
-    options: dict[str, object],
+    options: dict[str, Any],
     workers: int,
 ) -> None:
     engine = build_engine(tiny_model_dir, max_batch_size=1, **options)
@@ -86,6 +93,6 @@ def test_worker_processes_make_the_in_process_workers_image(
         executor = engine.diffusion_engine.executor
         assert isinstance(executor, MultiprocDiffusionExecutor)
         assert executor.od_config.parallel_config.world_size == workers
-        assert difference(generate(engine, fox()), single_worker_image) <= SAME_IMAGE
+        assert difference(await generate(engine, fox()), single_worker_image) <= SAME_IMAGE
     finally:
-        engine.close()
+        await engine.close()

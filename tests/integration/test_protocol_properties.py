@@ -167,8 +167,8 @@ async def answer(client: httpx.AsyncClient, body: Any) -> httpx.Response:
 
 
 @pytest.fixture
-async def client(make_app: AppFactory, tiny_engine: Any) -> Any:
-    app = await make_app(tiny_engine, ["--image-max-request-pixels", REQUEST_PIXELS])
+async def client(make_app: AppFactory, tiny_runner: Any) -> Any:
+    app = await make_app(tiny_runner, ["--image-max-request-pixels", REQUEST_PIXELS])
     async with http_client(app) as http:
         yield http
 

@@ -9,48 +9,56 @@ import logging
 import httpx
 import pytest
 
-from tests.support.engines import ObservedEngine
+from tests.support.engines import ObservedRunner, refuses_new_work
 from tests.support.waiting import ENGINE_WAIT_S, until
-from vllm_omni_images.engine.base import ImageEngine
+from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
 from vllm_omni_images.images.protocol import ImageGenerationRequest
 
 from .helpers import FAST, assert_openai_error, generate, http_client, metric_value
 
 
 async def one_running_one_queued(
-    client: httpx.AsyncClient, app, engine: ObservedEngine, queued_n: int = 1
+    client: httpx.AsyncClient, app, engine: ObservedRunner, queued_n: int = 1
 ) -> tuple[asyncio.Task[httpx.Response], asyncio.Task[httpx.Response]]:
     """Hold a first request in the engine (the gate is closed) and queue a second behind it."""
     engine.gate.clear()
     running = asyncio.create_task(generate(client, **FAST))
     await asyncio.to_thread(engine.started.wait, ENGINE_WAIT_S)
     queued = asyncio.create_task(generate(client, **FAST, n=queued_n))
-    scheduler = app.state.engine_client.scheduler
-    await until(lambda: scheduler.queued_images == queued_n, "queued", timeout_s=ENGINE_WAIT_S)
+    engine_client = app.state.engine_client
+    await until(
+        lambda: (engine_client.running_images, engine_client.queued_images) == (1, queued_n),
+        "one running, the rest queued",
+        timeout_s=ENGINE_WAIT_S,
+    )
     return running, queued
 
 
 @pytest.fixture
-def engine(tiny_engine: ImageEngine) -> ObservedEngine:
-    return ObservedEngine(tiny_engine)
+def engine(tiny_runner: DiffusersRunner) -> ObservedRunner:
+    return ObservedRunner(tiny_runner)
 
 
-async def test_concurrent_requests_share_batches(make_app, engine: ObservedEngine) -> None:
+async def test_concurrent_requests_share_batches(make_app, engine: ObservedRunner) -> None:
     app = await make_app(engine, ["--image-max-batch-size", "4", "--image-batch-delay-ms", "50"])
     engine.gate.clear()  # the first batch waits, so the rest queue up behind it
     async with http_client(app) as client:
         first = asyncio.create_task(generate(client, **FAST, seed=0))
         await asyncio.to_thread(engine.started.wait, ENGINE_WAIT_S)
         rest = [asyncio.create_task(generate(client, **FAST, seed=s)) for s in range(1, 9)]
-        scheduler = app.state.engine_client.scheduler
-        await until(lambda: scheduler.queued_images == 8, "queued", timeout_s=ENGINE_WAIT_S)
+        engine_client = app.state.engine_client
+        await until(
+            lambda: (engine_client.running_images, engine_client.queued_images) == (1, 8),
+            "one running, eight queued",
+            timeout_s=ENGINE_WAIT_S,
+        )
         engine.gate.set()
         responses = await asyncio.gather(first, *rest)
     assert [r.status_code for r in responses] == [200] * 9
     assert engine.batches == [1, 4, 4]
 
 
-async def test_a_full_queue_answers_429_with_retry_after(make_app, engine: ObservedEngine) -> None:
+async def test_a_full_queue_answers_429_with_retry_after(make_app, engine: ObservedRunner) -> None:
     app = await make_app(engine, ["--image-max-batch-size", "1", "--image-max-queue", "2"])
     async with http_client(app) as client:
         running, queued = await one_running_one_queued(client, app, engine, queued_n=2)
@@ -71,7 +79,7 @@ async def test_a_full_queue_answers_429_with_retry_after(make_app, engine: Obser
 
 
 async def test_a_request_past_its_timeout_gets_504_and_its_work_stops(
-    make_app, engine: ObservedEngine
+    make_app, engine: ObservedRunner
 ) -> None:
     # Room for the quick request below on two loaded cores (it took up to 1.2 s there).
     app = await make_app(engine, ["--image-request-timeout", "3"])
@@ -87,10 +95,10 @@ async def test_a_request_past_its_timeout_gets_504_and_its_work_stops(
         assert (await generate(client, **FAST)).status_code == 200
 
 
-async def test_a_client_that_goes_away_frees_its_place(make_app, engine: ObservedEngine) -> None:
+async def test_a_client_that_goes_away_frees_its_place(make_app, engine: ObservedRunner) -> None:
     app = await make_app(engine, ["--image-max-batch-size", "1"])
     serving = app.state.openai_serving_image
-    scheduler = app.state.engine_client.scheduler
+    engine_client = app.state.engine_client
     request = ImageGenerationRequest(prompt="a red fox", size="256x256", num_inference_steps=200)
 
     # Gone while running: the engine stops at the next denoising step.
@@ -98,12 +106,16 @@ async def test_a_client_that_goes_away_frees_its_place(make_app, engine: Observe
     await until(lambda: engine.steps > 0, "running", timeout_s=ENGINE_WAIT_S)
     # Gone while queued: dropped from the queue, never run.
     queued = asyncio.create_task(serving.create_image(request))
-    await until(lambda: scheduler.queued_images == 1, "queued", timeout_s=ENGINE_WAIT_S)
+    await until(
+        lambda: (engine_client.running_images, engine_client.queued_images) == (1, 1),
+        "one running, one queued",
+        timeout_s=ENGINE_WAIT_S,
+    )
     queued.cancel()
     running.cancel()
     await asyncio.gather(running, queued, return_exceptions=True)
-    await until(lambda: scheduler.running_images == 0, "engine free", timeout_s=ENGINE_WAIT_S)
-    assert scheduler.queued_images == 0
+    await until(lambda: engine_client.running_images == 0, "engine free", timeout_s=ENGINE_WAIT_S)
+    assert engine_client.queued_images == 0
     assert engine.batches == [1]
     assert engine.steps < 200
 
@@ -113,8 +125,34 @@ async def test_a_client_that_goes_away_frees_its_place(make_app, engine: Observe
     assert metric_value(metrics, "vllm:image_requests_total", outcome="cancelled") >= 2
 
 
+async def test_the_running_images_gauge_counts_every_running_request(
+    make_app, engine: ObservedRunner
+) -> None:
+    app = await make_app(
+        engine,
+        ["--served-model-name", "gauge-model", "--image-max-batch-size", "4",
+         "--image-batch-delay-ms", "200"],
+    )  # fmt: skip
+    engine_client = app.state.engine_client
+    labels = {"model_name": "gauge-model"}
+    engine.gate.clear()
+    async with http_client(app) as client:
+        one = asyncio.create_task(generate(client, **FAST, seed=1))
+        two = asyncio.create_task(generate(client, **FAST, seed=2, n=2))
+        await until(lambda: engine_client.running_images == 3, "both running in one batch")
+        metrics = (await client.get("/metrics")).text
+        running = metric_value(metrics, "vllm:image_running_images", **labels)
+        engine.gate.set()
+        assert [(await task).status_code for task in (one, two)] == [200, 200]
+        idle = metric_value(
+            (await client.get("/metrics")).text, "vllm:image_running_images", **labels
+        )
+    assert engine.batches == [3]
+    assert (running, idle) == (3, 0)
+
+
 async def test_metrics_and_the_request_log_line(
-    make_app, engine: ObservedEngine, caplog: pytest.LogCaptureFixture
+    make_app, engine: ObservedRunner, caplog: pytest.LogCaptureFixture
 ) -> None:
     app = await make_app(engine, ["--served-model-name", "metrics-model"])
     labels = {"model_name": "metrics-model"}
@@ -149,8 +187,8 @@ async def test_metrics_and_the_request_log_line(
         assert fragment in line
 
 
-async def test_concurrent_mixed_requests_all_get_their_own_images(make_app, tiny_engine) -> None:
-    app = await make_app(tiny_engine)
+async def test_concurrent_mixed_requests_all_get_their_own_images(make_app, tiny_runner) -> None:
+    app = await make_app(tiny_runner)
     sizes = ["64x64", "128x64", "64x128"]
     async with http_client(app) as client:
 
@@ -167,7 +205,7 @@ async def test_concurrent_mixed_requests_all_get_their_own_images(make_app, tiny
         assert len(body["data"]) == 1 + index % 2
 
 
-async def test_shutdown_answers_every_accepted_request(make_app, engine: ObservedEngine) -> None:
+async def test_shutdown_answers_every_accepted_request(make_app, engine: ObservedRunner) -> None:
     app = await make_app(engine, ["--image-max-batch-size", "1"])
     engine_client = app.state.engine_client
     async with http_client(app) as client:
@@ -185,7 +223,7 @@ async def test_shutdown_answers_every_accepted_request(make_app, engine: Observe
 
 
 async def test_a_draining_shutdown_finishes_accepted_work_and_takes_no_new(
-    make_app, engine: ObservedEngine
+    make_app, engine: ObservedRunner
 ) -> None:
     app = await make_app(engine, ["--image-max-batch-size", "1"])
     engine_client = app.state.engine_client
@@ -193,7 +231,7 @@ async def test_a_draining_shutdown_finishes_accepted_work_and_takes_no_new(
         running, queued = await one_running_one_queued(client, app, engine)
 
         shutdown = asyncio.create_task(asyncio.to_thread(engine_client.shutdown, 30))
-        await until(lambda: engine_client._closing, "draining", timeout_s=ENGINE_WAIT_S)
+        await until(lambda: refuses_new_work(engine_client), "draining", timeout_s=ENGINE_WAIT_S)
         late = await generate(client, **FAST)
         assert "shut down" in assert_openai_error(late, 503)["message"]
         engine.gate.set()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import http.server
-import io
 import logging
 import os
 import re
@@ -16,21 +15,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-from PIL import Image
 
-from vllm_omni_images.engine.base import ImageEngine
+from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
 from vllm_omni_images.images.file_store import NAME_PATTERN
 
+from ..support.images import FAST, png
 from .conftest import AppFactory
-from .helpers import FAST, assert_openai_error, generate, http_client
+from .helpers import assert_openai_error, generate, http_client
 
 SERVING_LOGGER = "vllm_omni_images.images.serving"
-
-
-def png(width: int = 64, height: int = 64) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), (20, 120, 200)).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def found(folder: Path, pattern: str) -> list[Path]:
@@ -186,12 +179,12 @@ async def test_encoded_traversal_and_absolute_paths_are_404(
 
 
 async def test_the_store_serves_only_the_files_it_wrote_never_a_symlink(
-    make_app: AppFactory, tiny_engine: ImageEngine, tmp_path: Path
+    make_app: AppFactory, tiny_runner: DiffusersRunner, tmp_path: Path
 ) -> None:
     store = tmp_path / "store"
     secret = tmp_path / "secret.txt"
     secret.write_text("root:x:0:0")
-    app = await make_app(tiny_engine, ["--image-store-dir", str(store)])
+    app = await make_app(tiny_runner, ["--image-store-dir", str(store)])
     planted = "A" * 32 + ".png"
     (store / planted).symlink_to(secret)
     async with http_client(app) as http:
@@ -222,7 +215,7 @@ class ImageHost:
         self.requests: list[str] = []
         self.bodies: dict[str, bytes] = {
             "/fox.png": png(),
-            "/big.png": png(64, 64) + b"\0" * (2 * 1024 * 1024),
+            "/big.png": png() + b"\0" * (2 * 1024 * 1024),
             "/bomb.png": _png_header(9000, 9000),
         }
         host = self
@@ -287,10 +280,10 @@ async def test_no_url_is_fetched_without_allowed_hosts_and_no_file_is_read(
 
 
 async def test_an_allowed_host_is_held_to_the_input_limits(
-    make_app: AppFactory, tiny_engine: ImageEngine, image_host: ImageHost
+    make_app: AppFactory, tiny_runner: DiffusersRunner, image_host: ImageHost
 ) -> None:
     flags = ["--allowed-media-domains", "127.0.0.1", "--image-max-input-mb", "1"]
-    async with http_client(await make_app(tiny_engine, flags)) as http:
+    async with http_client(await make_app(tiny_runner, flags)) as http:
 
         async def edit(path: str) -> httpx.Response:
             data = {"prompt": "p", "image": f"{image_host.url}{path}", **FAST}
@@ -327,9 +320,9 @@ async def test_a_request_id_or_user_cannot_forge_a_log_line(
 
 
 async def test_the_api_key_and_payloads_are_not_logged(
-    make_app: AppFactory, tiny_engine: ImageEngine, caplog: pytest.LogCaptureFixture
+    make_app: AppFactory, tiny_runner: DiffusersRunner, caplog: pytest.LogCaptureFixture
 ) -> None:
-    app = await make_app(tiny_engine, ["--api-key", "sk-very-secret"])
+    app = await make_app(tiny_runner, ["--api-key", "sk-very-secret"])
     payload = base64.b64encode(png()).decode()
     with caplog.at_level(logging.DEBUG):
         async with http_client(app) as http:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from vllm_omni_images import tiny_model
-from vllm_omni_images.engine.diffusers_engine import DiffusersEngine
+from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
 from vllm_omni_images.tiny_model import (
     CACHE_ENV_VAR,
     MARKER_FILE,
@@ -73,8 +73,8 @@ def test_a_folder_without_a_current_marker_is_not_built(tmp_path: Path) -> None:
     assert not is_built(tmp_path)
 
 
-def test_the_system_prompt_is_exactly_what_the_pipeline_drops(tiny_engine: DiffusersEngine) -> None:
-    pipe = tiny_engine.pipeline
+def test_the_system_prompt_is_exactly_what_the_pipeline_drops(tiny_runner: DiffusersRunner) -> None:
+    pipe = tiny_runner.pipeline
     system_part = pipe.prompt_template_encode.split("{}")[0]
     assert len(pipe.tokenizer(system_part).input_ids) == pipe.prompt_template_encode_start_idx
     text = "a café, 3 cats"

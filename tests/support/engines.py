@@ -1,39 +1,60 @@
-"""Engines for tests: a fake one for the scheduler, and wrappers around the real tiny engine.
+"""Engines and pipeline runners for tests.
 
-`FakeEngine` paints one small image per seed in `colour(seed)` and can hold a batch at a gate;
-`req` builds requests for it. `DelegatingEngine` forwards to a real engine, and its subclasses
-change only `generate`: to fail on purpose, or to hold and count batches and steps.
-`FaultyEngine` injects faults (an exception, out of memory, a hang) inside the real engine's
-pipeline call. `FakeQueueingEngine` queues by itself, as vllm-omni's engine does; the test
-drives its jobs.
+Runners (`batching.PipelineRunner`, what `BatchingEngine` batches for):
+
+- `FakeRunner` paints one small image per seed in `colour(seed)` and can hold a call at a
+  gate; `req` builds requests for it.
+- `DelegatingRunner` forwards to a real runner (the session's tiny diffusers runner) and never
+  closes it; its subclasses change only `run`: `FailingRunner` fails on purpose,
+  `ObservedRunner` holds and counts calls and steps, `FaultyRunner` injects faults (an
+  exception, out of memory, a hang) inside the real pipeline call.
+
+Engines (`ImageEngine`): `ScriptedEngine` queues by itself, as vllm-omni's engine does; the
+test starts, finishes or fails each of its requests by hand.
+
+`images_of` drains a stream to its images, for tests that do not look at the stream.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import asyncio
+import contextlib
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any
 
 import torch
 from PIL import Image
 
 from vllm_omni_images.engine.base import (
+    EngineOutput,
     EngineRequest,
+    FinalImages,
     ImageEngine,
     ImagesStarted,
     ModelDefaults,
-    QueueingImageEngine,
-    StepCallback,
 )
+from vllm_omni_images.engine.batching import PipelineRunner, PreviewCallback, StepCallback
+from vllm_omni_images.engine.client import ImageEngineClient
 from vllm_omni_images.engine.errors import (
     EngineDiedError,
     EngineError,
+    EngineHungError,
     EngineOutOfMemoryError,
     GenerationCancelled,
+    SchedulerClosedError,
 )
 
 from .waiting import ENGINE_WAIT_S, WAIT_S
+
+
+async def images_of(stream: AsyncGenerator[EngineOutput, None]) -> list[Image.Image]:
+    """The images a stream ends with (its other outputs are passed over)."""
+    async with contextlib.aclosing(stream):
+        async for output in stream:
+            if isinstance(output, FinalImages):
+                return output.images
+    raise AssertionError("the stream ended without images")
 
 
 def colour(seed: int) -> tuple[int, int, int]:
@@ -63,10 +84,12 @@ class FakeClock:
         return self.now
 
 
-class FakeEngine(ImageEngine):
-    """Records its batches and makes one 8x8 image per seed, coloured by the seed.
+class FakeRunner:
+    """Records its calls (`batches`) and makes one 8x8 image per seed, coloured by the seed.
 
-    Before each step it waits for `gate`, so a test holds a batch mid-run by clearing it.
+    Before each step it waits for `gate`, so a test holds a call mid-run by clearing it. A
+    request with `partial_images` gets a preview (its images, grey) after each step but the
+    last, when the call is given `on_preview`.
     """
 
     def __init__(self, steps: int = 2, clock: FakeClock | None = None) -> None:
@@ -81,13 +104,20 @@ class FakeEngine(ImageEngine):
         """Raise this error for a batch whose first prompt is the key."""
         self.fault: Callable[[Sequence[EngineRequest]], None] | None = None
         """Called with each batch before it runs: it may raise (or block) to inject a fault."""
+        self.closed = False
 
     @property
     def defaults(self) -> ModelDefaults:
         return ModelDefaults(width=64, height=64, num_inference_steps=2, size_multiple=8)
 
-    def generate(
-        self, requests: Sequence[EngineRequest], on_step: StepCallback | None = None
+    def close(self) -> None:
+        self.closed = True
+
+    def run(
+        self,
+        requests: Sequence[EngineRequest],
+        on_step: StepCallback | None = None,
+        on_preview: PreviewCallback | None = None,
     ) -> list[list[Image.Image]]:
         self.batches.append(list(requests))
         self.steps_run.append(0)
@@ -108,6 +138,13 @@ class FakeEngine(ImageEngine):
                 self.steps_run[-1] += 1
                 if on_step is not None:
                     on_step(step, self.steps)
+                if on_preview is not None and step < self.steps - 1:
+                    for position, request in enumerate(requests):
+                        if request.partial_images:
+                            grey = [Image.new("RGB", (8, 8), (step, step, step))] * len(
+                                request.seeds
+                            )
+                            on_preview(position, step, grey)
         except GenerationCancelled:
             self.finished.append("cancelled")
             raise
@@ -115,34 +152,40 @@ class FakeEngine(ImageEngine):
         return [[Image.new("RGB", (8, 8), colour(seed)) for seed in r.seeds] for r in requests]
 
 
-class DelegatingEngine(ImageEngine):
-    """An engine that forwards to `inner`; subclasses override what they change.
+class DelegatingRunner:
+    """A runner that forwards to `inner`; subclasses override what they change.
 
-    `close` does not close `inner`: the inner engine is the session-wide tiny engine, which
+    `close` does not close `inner`: the inner runner is the session-wide tiny runner, which
     every later test still uses after an app built on a wrapper shuts down.
     """
 
-    def __init__(self, inner: ImageEngine) -> None:
+    def __init__(self, inner: PipelineRunner) -> None:
         self.inner = inner
 
     @property
     def defaults(self) -> ModelDefaults:
         return self.inner.defaults
 
-    def generate(
-        self, requests: Sequence[EngineRequest], on_step: StepCallback | None = None
+    def run(
+        self,
+        requests: Sequence[EngineRequest],
+        on_step: StepCallback | None = None,
+        on_preview: PreviewCallback | None = None,
     ) -> list[list[Image.Image]]:
-        return self.inner.generate(requests, on_step)
+        return self.inner.run(requests, on_step, on_preview)
 
-    def check_health(self) -> None:
-        self.inner.check_health()
+    def close(self) -> None:
+        return None
 
 
-class FailingEngine(DelegatingEngine):
+class FailingRunner(DelegatingRunner):
     """The inner engine, except for the prompts "oom", "fail" and "bug", which fail as named."""
 
-    def generate(
-        self, requests: Sequence[EngineRequest], on_step: StepCallback | None = None
+    def run(
+        self,
+        requests: Sequence[EngineRequest],
+        on_step: StepCallback | None = None,
+        on_preview: PreviewCallback | None = None,
     ) -> list[list[Image.Image]]:
         prompt = requests[0].prompt
         if prompt == "oom":
@@ -151,13 +194,13 @@ class FailingEngine(DelegatingEngine):
             raise EngineError("the VAE produced NaNs")
         if prompt == "bug":
             raise KeyError("unexpected")
-        return super().generate(requests, on_step)
+        return super().run(requests, on_step, on_preview)
 
 
-class ObservedEngine(DelegatingEngine):
+class ObservedRunner(DelegatingRunner):
     """The inner engine, holding each batch at `gate` and counting batches and steps."""
 
-    def __init__(self, inner: ImageEngine) -> None:
+    def __init__(self, inner: PipelineRunner) -> None:
         super().__init__(inner)
         self.gate = threading.Event()
         self.gate.set()
@@ -166,8 +209,11 @@ class ObservedEngine(DelegatingEngine):
         """The number of images of each batch, in order."""
         self.steps = 0
 
-    def generate(
-        self, requests: Sequence[EngineRequest], on_step: StepCallback | None = None
+    def run(
+        self,
+        requests: Sequence[EngineRequest],
+        on_step: StepCallback | None = None,
+        on_preview: PreviewCallback | None = None,
     ) -> list[list[Image.Image]]:
         self.batches.append(sum(request.num_images for request in requests))
         self.started.set()
@@ -178,10 +224,10 @@ class ObservedEngine(DelegatingEngine):
             if on_step is not None:
                 on_step(step, total)
 
-        return super().generate(requests, counting)
+        return super().run(requests, counting, on_preview)
 
 
-class FaultyEngine(DelegatingEngine):
+class FaultyRunner(DelegatingRunner):
     """The real engine with faults injected inside its pipeline call, at the end of the first
     denoising step, as a real fault would strike mid-call:
 
@@ -200,15 +246,18 @@ class FaultyEngine(DelegatingEngine):
     HANG_PROMPT = "hang the engine"
     FAILURE = "the VAE produced NaNs"
 
-    def __init__(self, inner: ImageEngine, max_images: int | None = None) -> None:
+    def __init__(self, inner: PipelineRunner, max_images: int | None = None) -> None:
         super().__init__(inner)
         self.max_images = max_images
         self.release = threading.Event()
         self.hanging = threading.Event()
         self.calls: list[list[int]] = []
 
-    def generate(
-        self, requests: Sequence[EngineRequest], on_step: StepCallback | None = None
+    def run(
+        self,
+        requests: Sequence[EngineRequest],
+        on_step: StepCallback | None = None,
+        on_preview: PreviewCallback | None = None,
     ) -> list[list[Image.Image]]:
         self.calls.append([seed for request in requests for seed in request.seeds])
         fault = self._fault(requests)
@@ -219,7 +268,7 @@ class FaultyEngine(DelegatingEngine):
             if on_step is not None:
                 on_step(index, total)
 
-        return super().generate(requests, step)
+        return super().run(requests, step, on_preview)
 
     def _fault(self, requests: Sequence[EngineRequest]) -> Callable[[], None] | None:
         prompts = {request.prompt for request in requests}
@@ -247,45 +296,83 @@ HANG_LIMIT_S = 120.0
 """The longest `FaultyEngine` hangs when a test forgets to release it."""
 
 
-class FakeJob:
-    """A request in `FakeQueueingEngine`: the test starts and finishes it by hand."""
+class ScriptedRequest:
+    """A request in `ScriptedEngine`: the test starts, finishes or fails it by hand."""
 
-    def __init__(self, request: EngineRequest, on_started: ImagesStarted) -> None:
+    def __init__(self, request: EngineRequest) -> None:
         self.request = request
-        self.on_started = on_started
-        self.future: concurrent.futures.Future[list[Image.Image]] = concurrent.futures.Future()
+        self.inbox: asyncio.Queue[EngineOutput | BaseException] = asyncio.Queue()
         self.aborted = False
+        """Its stream was closed before its images."""
+        self.left = asyncio.Event()
+        """Its stream ended, whatever the way."""
 
-    def abort(self) -> None:
-        self.aborted = True
-        if not self.future.done():
-            self.future.set_exception(GenerationCancelled())
+    def start(self, images: int) -> None:
+        self.inbox.put_nowait(ImagesStarted(images, self.request.num_images))
 
     def finish(self) -> None:
         images = [Image.new("RGB", (8, 8), colour(seed)) for seed in self.request.seeds]
-        self.future.set_result(images)
+        self.inbox.put_nowait(FinalImages(images))
+
+    def fail(self, error: BaseException) -> None:
+        self.inbox.put_nowait(error)
 
 
-class FakeQueueingEngine(QueueingImageEngine):
-    """An engine with a queue of its own, for the scheduler's hand-over mode: it keeps each
-    submitted `FakeJob` for the test to start (`job.on_started(n)`) and finish."""
-
-    name = "fake-queueing"
+class ScriptedEngine(ImageEngine):
+    """An engine with a queue of its own, as vllm-omni's: it keeps each request it is given
+    (`requests`) for the test to start (`start(n)`), finish or fail."""
 
     def __init__(self) -> None:
-        self.jobs: list[FakeJob] = []
+        self.requests: list[ScriptedRequest] = []
         self.dead = False
+        self.closed = False
 
     @property
     def defaults(self) -> ModelDefaults:
         return ModelDefaults(width=64, height=64, num_inference_steps=2, size_multiple=16)
 
-    def submit(self, request: EngineRequest, on_started: ImagesStarted) -> FakeJob:
-        if self.dead:
-            raise EngineDiedError("the fake engine died")
-        self.jobs.append(FakeJob(request, on_started))
-        return self.jobs[-1]
+    def check_admission(self, num_images: int) -> None:
+        self.check_health()
 
-    def close(self) -> None:
-        for job in self.jobs:
-            job.abort()
+    def check_health(self) -> None:
+        if self.dead:
+            raise EngineDiedError("the scripted engine died")
+
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
+        self.check_admission(request.num_images)
+        scripted = ScriptedRequest(request)
+        self.requests.append(scripted)
+        try:
+            while True:
+                output = await scripted.inbox.get()
+                if isinstance(output, BaseException):
+                    raise output
+                yield output
+                if isinstance(output, FinalImages):
+                    return
+        except (asyncio.CancelledError, GeneratorExit):
+            scripted.aborted = True
+            raise
+        finally:
+            scripted.left.set()
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def hung_error(engine: ImageEngine) -> EngineHungError | None:
+    """The error `engine` answers while it is taken as hung; `None` while it is not."""
+    try:
+        engine.check_health()
+    except EngineHungError as error:
+        return error
+    return None
+
+
+def refuses_new_work(client: ImageEngineClient) -> bool:
+    """Whether `client` is shutting down: it refuses new requests with a shutdown error."""
+    try:
+        client.check_admission(1)
+    except SchedulerClosedError:
+        return True
+    return False

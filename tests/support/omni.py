@@ -213,8 +213,13 @@ SAME_IMAGE = 2
 batched, agree to within float rounding, not bit for bit."""
 
 
-def build_engine(model_dir: Path, max_batch_size: int = 4, **options: object) -> OmniEngine:
-    return OmniEngine(build_omni_config(str(model_dir), options, max_batch_size=max_batch_size))
+def build_engine(
+    model_dir: Path, max_batch_size: int = 4, hang_grace_s: float = 60.0, **options: object
+) -> OmniEngine:
+    return OmniEngine(
+        build_omni_config(str(model_dir), options, max_batch_size=max_batch_size),
+        hang_grace_s=hang_grace_s,
+    )
 
 
 def difference(a: Image.Image, b: Image.Image) -> int:
@@ -226,7 +231,7 @@ def batch_sizes(worker: WorkerProbe) -> list[int]:
 
 
 async def until_waiting_in_vllm_omni(engine: OmniEngine, count: int) -> None:
-    """Wait until `count` requests wait in vllm-omni's own scheduler: our scheduler counts a
+    """Wait until `count` requests wait in vllm-omni's own scheduler: admission counts a
     request as queued when it hands it over, a loop hop before vllm-omni has it."""
     await until(
         lambda: engine.diffusion_engine.scheduler.num_waiting_requests() == count,

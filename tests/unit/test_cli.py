@@ -54,13 +54,26 @@ def test_image_flags_parse_and_are_added_once():
         parser.parse_args(["--task", "video"])
 
 
-def test_the_timeout_and_hang_grace_reach_the_scheduler(serve_parser):
-    from vllm_omni_images.server.launcher import scheduler_config_from_args
+def test_the_timeout_reaches_admission_and_the_hang_grace_the_engine(serve_parser):
+    from vllm_omni_images.server.launcher import (
+        admission_config_from_args,
+        batching_config_from_args,
+    )
 
-    defaults = scheduler_config_from_args(serve_parser.parse_args(["m", "--task", "image"]))
-    assert (defaults.request_timeout_s, defaults.hang_grace_s) == (600.0, 60.0)
+    defaults = serve_parser.parse_args(["m", "--task", "image"])
+    assert admission_config_from_args(defaults).request_timeout_s == 600.0
+    assert batching_config_from_args(defaults).hang_grace_s == 60.0
     flags = ["--image-request-timeout", "0", "--image-engine-hang-grace", "0"]
-    off = scheduler_config_from_args(serve_parser.parse_args(["m", "--task", "image", *flags]))
-    assert (off.request_timeout_s, off.hang_grace_s) == (None, None)
+    off = serve_parser.parse_args(["m", "--task", "image", *flags])
+    assert admission_config_from_args(off).request_timeout_s is None
+    assert batching_config_from_args(off).hang_grace_s is None
     with pytest.raises(SystemExit):
         serve_parser.parse_args(["m", "--task", "image", "--image-engine-hang-grace", "-1"])
+
+
+def test_the_batching_flags_reach_both_engines_in_one_config(serve_parser):
+    from vllm_omni_images.server.launcher import engine_settings_from_args
+
+    flags = ["--image-max-batch-size", "3", "--image-batch-delay-ms", "250"]
+    settings = engine_settings_from_args(serve_parser.parse_args(["m", "--task", "image", *flags]))
+    assert (settings.batching.max_batch_size, settings.batching.batch_delay_s) == (3, 0.25)

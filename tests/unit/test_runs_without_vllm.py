@@ -1,4 +1,4 @@
-"""The engines, the scheduler and the engine benchmark must import where vLLM is not installed
+"""The engines, admission and the engine benchmark must import where vLLM is not installed
 (a GPU machine with only torch, transformers and diffusers runs their benchmark)."""
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ sys.meta_path.insert(0, NoVllm())
 """
 
 
-def test_engine_scheduler_and_engine_benchmark_import_without_vllm() -> None:
+def test_engines_admission_and_engine_benchmark_import_without_vllm() -> None:
     code = BLOCK_VLLM + (
-        "import vllm_omni_images.engine.diffusers_engine, vllm_omni_images.engine.scheduler\n"
+        "import vllm_omni_images.engine.diffusers_runner, vllm_omni_images.engine.batching\n"
+        "import vllm_omni_images.engine.client\n"
         "import vllm_omni_images.tiny_model, benchmarks.engine_throughput\n"
         "from vllm_omni_images.engine.selection import create_engine\n"
         "print('ok')\n"

@@ -1,14 +1,21 @@
-"""The engines and their scheduler: everything below the HTTP API, importable without vLLM.
+"""The engines and admission: everything below the HTTP API, importable without vLLM.
 
-- `base.py`: the `ImageEngine` interface, `EngineRequest` and `ModelDefaults`.
+- `base.py`: `ImageEngine`, the one engine interface (as vLLM's `EngineClient`), what it
+  takes (`EngineRequest`) and streams (`ImagesStarted`, `PreviewImages`, `FinalImages`),
+  `ModelDefaults`, and the `EngineObserver` the metrics implement.
 - `errors.py`: every exception this layer raises, the ones a client can see first.
+- `client.py`: `ImageEngineClient`, admission in front of any engine (queue limit, 429,
+  timeout, withdrawal, the counts) and vLLM's engine client.
+- `batching.py`: `BatchingEngine`, which batches for a pipeline runner (batcher,
+  out-of-memory halving, hang watch); `batch_planning.py`, its pure planning functions.
+- `diffusers_runner.py`: any diffusers pipeline, on CPU or GPU, the runner `BatchingEngine`
+  drives; `previews.py`, its partial images.
+- `omni_engine.py`: vllm-omni's `DiffusionEngine`, which batches by itself.
+- `hang_watch.py`: telling a hung engine from a slow one, for both engines.
 - `selection.py`: `--image-engine` names and `create_engine`.
-- `diffusers_engine.py`: any diffusers pipeline, on CPU or GPU.
-- `scheduler.py`: the queue and batcher in front of one engine.
-- `client.py`: `ImageEngineClient`, the one object the API layer and vLLM's server talk to.
-- `metrics.py`: Prometheus metrics of the scheduler and the requests.
-- `cpu_priority.py`: bulk work steps aside for the event loop.
+- `metrics.py`: Prometheus metrics of admission and the engines.
+- `model_folder.py`: what a model folder says; `cpu_priority.py`: bulk work steps aside.
 
 Modules import what they need from each other directly; this file re-exports nothing, so
-reading a flag's choices does not pull in PIL, torch or the scheduler.
+reading a flag's choices does not pull in PIL, torch or the engines.
 """

@@ -1,20 +1,28 @@
-"""The small interface every image engine implements.
+"""The one engine interface, `ImageEngine`, shaped like vLLM's `EngineClient`, and what it
+takes and gives.
 
-Everything above this module (scheduler, serving, HTTP) talks only to `ImageEngine`, so an
-engine can be swapped by platform or model without touching a caller. Its exceptions are in
-`errors.py`. This module must stay importable without vLLM: the GPU benchmarks run engines
-where only diffusers is installed.
+An engine takes an `EngineRequest` and streams `EngineOutput`s: `ImagesStarted` as the
+request's images leave its queue, `PreviewImages` for streamed partial images, then one
+`FinalImages`, or it raises one of `errors.py`'s exceptions. Every engine presents it: the
+admission in front of any engine (`admission.py`), the batching engine over a diffusers
+pipeline (`batching.py`), vllm-omni's engine (`omni_engine.py`) and the tests' engines. So
+nothing above an engine asks which one it is.
+
+This module must stay importable without vLLM: the GPU benchmarks run engines where only
+diffusers is installed.
 """
 
 from __future__ import annotations
 
 import abc
-import concurrent.futures
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol, TypeAlias
+from typing import ParamSpec, Protocol, TypeAlias
 
 from PIL import Image
+
+logger = logging.getLogger(__name__)
 
 DEFAULTS_FILE = "vllm_omni_images.json"
 """A model folder may hold this file: `ModelDefaults` fields that override what an engine reads
@@ -36,12 +44,7 @@ class ModelDefaults:
     """Fewest denoising steps that give an image: 2 for a flow-matching scheduler with a
     terminal shift (Qwen-Image's), whose one-step schedule divides by zero (a black image)."""
     supports_partial_images: bool = False
-    """Whether the engine can decode previews of intermediate steps (`EngineRequest.on_preview`)."""
-
-
-PreviewSink = Callable[[int, list[Image.Image]], None]
-"""Called with (preview index, the request's images at that step), on the engine's thread; it
-must be cheap (hand the images over, encode elsewhere)."""
+    """Whether the engine streams previews of intermediate steps (`PreviewImages`)."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class EngineRequest:
     true_cfg_scale: float | None = None
     guidance_scale: float | None = None
     request_id: str = field(default="", compare=False)
+    """For logs; a client's `X-Request-Id`, so it may repeat."""
     image: Image.Image | None = field(default=None, compare=False)
     """The image to start from (an edit or a variation), RGB; `None` to generate."""
     mask: Image.Image | None = field(default=None, compare=False)
@@ -69,9 +73,7 @@ class EngineRequest:
     strength: float | None = None
     """With `image`: how far from it the result may move (0-1); `None`: the pipeline's own."""
     partial_images: int = 0
-    """Previews to decode from intermediate steps, evenly spaced (streaming)."""
-    on_preview: PreviewSink | None = field(default=None, compare=False)
-    """Where those previews go; called on the engine's thread."""
+    """Previews to stream from intermediate steps, evenly spaced (`PreviewImages`)."""
 
     @property
     def num_images(self) -> int:
@@ -85,114 +87,116 @@ class EngineRequest:
         return "edit" if self.mask is None else "inpaint"
 
 
-class BatchKey(NamedTuple):
-    """What requests must share to run in one pipeline call."""
+@dataclass(frozen=True)
+class ImagesStarted:
+    """`images` more of the request's images left the engine's queue and began to run."""
 
-    task: str
-    strength: float | None
-    width: int
-    height: int
-    num_inference_steps: int
-    true_cfg_scale: float | None
-    guidance_scale: float | None
-    has_negative_prompt: bool
+    images: int
+    batch_images: int
+    """Images running together with them, theirs included (as far as the engine knows)."""
 
 
-def batch_key(request: EngineRequest) -> BatchKey:
-    """The request's batch key; prompts, negative prompt texts and seeds may differ."""
-    return BatchKey(
-        request.task,
-        request.strength,
-        request.width,
-        request.height,
-        request.num_inference_steps,
-        request.true_cfg_scale,
-        request.guidance_scale,
-        request.negative_prompt is not None,
-    )
+@dataclass(frozen=True)
+class PreviewImages:
+    """Preview `index` (0-based) of the request's images, decoded from an intermediate step."""
+
+    index: int
+    images: list[Image.Image]
 
 
-StepCallback = Callable[[int, int], None]
-"""Called after each denoising step with (step index, total steps). It may raise
-`errors.GenerationCancelled` to stop the batch at once."""
+@dataclass(frozen=True)
+class FinalImages:
+    """The request's images, in seed order: the last output of its stream."""
+
+    images: list[Image.Image]
+
+
+EngineOutput: TypeAlias = ImagesStarted | PreviewImages | FinalImages
 
 
 class ImageEngine(abc.ABC):
-    """A loaded model that turns batches of `EngineRequest`s into images; the scheduler forms
-    the batches.
+    """A served image model, as vLLM's `EngineClient` is a served text model.
 
-    `generate` is blocking and is never called on the event loop; callers run it in a worker
-    thread, one batch at a time per engine.
+    - `check_admission(num_images)`: refuses at once, by raising, a request the engine cannot
+      take now (full, closed, hung, dead), so that the answer carries its status before any
+      work, as vLLM's `check_admission`. Engines without admission control accept everything.
+    - `generate(request)`: the request's outputs (see the module docstring). The request is
+      taken when the stream is first iterated. Closing the stream before its `FinalImages` (or
+      cancelling the task that iterates it) aborts the request: a waiting one leaves the queue
+      at once, a running one stops as soon as the engine allows, as vLLM's
+      `AsyncLLM.generate` aborts on `CancelledError` and `GeneratorExit`. There is no abort by
+      id: ids come from clients' `X-Request-Id` headers and may repeat.
+    - `check_health()`: raises `errors.EngineDiedError` or `errors.EngineHungError` when the
+      engine cannot serve.
+    - `close()`: stops taking work and releases the model; what was started may finish.
     """
-
-    name: str = "engine"
 
     @property
     @abc.abstractmethod
     def defaults(self) -> ModelDefaults: ...
 
-    @abc.abstractmethod
-    def generate(
-        self,
-        requests: Sequence[EngineRequest],
-        on_step: StepCallback | None = None,
-    ) -> list[list[Image.Image]]:
-        """Generate every request's images in one pipeline call.
+    def check_admission(self, num_images: int) -> None:  # noqa: B027 - accepts everything
+        """Raise if a request of `num_images` images cannot be taken now."""
 
-        The requests of one call share size, steps and guidance settings (the scheduler
-        groups them). Returns, per request and in order, its images in seed order.
-        """
+    @abc.abstractmethod
+    def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]: ...
 
     def check_health(self) -> None:  # noqa: B027 - engines with nothing to check keep this
-        """Raise if the engine can no longer serve."""
-
-    def close(self) -> None:  # noqa: B027 - engines with nothing to release keep this
-        """Release the model's memory."""
-
-
-ImagesStarted = Callable[[int], None]
-"""Called, from any thread, with a number of a request's images that just left the engine's
-waiting queue and began to run."""
-
-
-class EngineJob(Protocol):
-    """One request submitted to a `QueueingImageEngine`."""
-
-    @property
-    def future(self) -> concurrent.futures.Future[list[Image.Image]]:
-        """Settles once: the request's images in seed order, or the engine's exception."""
-        ...
-
-    def abort(self) -> None:
-        """Withdraw the request: a waiting one leaves the engine's queue at once, a running
-        one stops as soon as the engine allows. Its future then fails. Idempotent."""
-        ...
-
-
-class QueueingImageEngine(abc.ABC):
-    """An engine that queues and batches requests itself, as vllm-omni's `DiffusionEngine` does.
-
-    The scheduler above keeps admission (queue limit, timeouts, cancellation, metrics) and hands
-    each accepted request over at once; the engine decides what runs together. Every method is
-    thread-safe and none needs the caller's event loop.
-    """
-
-    name: str = "engine"
-
-    @property
-    @abc.abstractmethod
-    def defaults(self) -> ModelDefaults: ...
+        """Raise if the engine cannot serve."""
 
     @abc.abstractmethod
-    def submit(self, request: EngineRequest, on_started: ImagesStarted) -> EngineJob:
-        """Queue `request`; raises at once (e.g. `EngineDiedError`) if it cannot be taken."""
-
-    def check_health(self) -> None:  # noqa: B027 - engines with nothing to check keep this
-        """Raise `errors.EngineDiedError` if the engine can no longer serve."""
-
-    @abc.abstractmethod
-    def close(self) -> None:
-        """Stop the engine and release the model's memory."""
+    async def close(self) -> None: ...
 
 
-AnyImageEngine: TypeAlias = ImageEngine | QueueingImageEngine
+class EngineObserver(Protocol):
+    """Where engines report what metrics show (`metrics.ModelMetrics`). Subclass it to inherit
+    its no-op defaults. `on_step` runs on an engine thread, every other hook on the event
+    loop; all must be cheap. An exception from a hook is logged and otherwise ignored
+    (`notify`)."""
+
+    def on_queue_depth(self, images: int) -> None:
+        """Admission: the number of admitted images that have not started changed."""
+        return None
+
+    def on_running_images(self, images: int) -> None:
+        """Admission: the number of started images of unanswered requests changed."""
+        return None
+
+    def on_queue_wait(self, wait_s: float) -> None:
+        """Admission: a request's first image started `wait_s` after it was admitted."""
+        return None
+
+    def on_batch_start(self, images: int) -> None:
+        """An engine call of `images` images started."""
+        return None
+
+    def on_step(self, step_s: float) -> None:
+        """A denoising step finished `step_s` after the previous one (or the call's start)."""
+        return None
+
+    def on_batch_end(self, engine_s: float) -> None:
+        """An engine call (every out-of-memory retry included) ended after `engine_s`."""
+        return None
+
+    def on_batch_split(self, images: int) -> None:
+        """An engine call of `images` images ran out of memory; its halves run next."""
+        return None
+
+    def on_engine_hung(self, hung: bool) -> None:
+        """The engine was taken as hung (`True`), or what hung it returned at last (`False`)."""
+        return None
+
+
+class NoObserver(EngineObserver):
+    pass
+
+
+_P = ParamSpec("_P")
+
+
+def notify(hook: Callable[_P, None], *args: _P.args, **kwargs: _P.kwargs) -> None:
+    """Call an `EngineObserver` hook; a failing hook is logged, never raised."""
+    try:
+        hook(*args, **kwargs)
+    except Exception:
+        logger.exception("Engine observer hook %s failed", getattr(hook, "__name__", hook))

@@ -1,11 +1,24 @@
-"""`ImageEngineClient`: the one seam between the HTTP layers and an image engine.
+"""`ImageEngineClient`: admission in front of any `ImageEngine`, and vLLM's engine client.
 
-vLLM's server keeps it as `app.state.engine_client` (as it keeps `AsyncLLM` for a text
-model): its core routes and server loop ask it for `check_health()`, `errored`, `is_running`,
-`do_log_stats()` and `shutdown()`. The Images API asks it for the model's defaults, for
-images, which it gets through the scheduler (admission, batching, timeouts), never on the
-event loop, and records each request's outcome through it. Nothing above it touches the
-scheduler, the engine or the metrics directly.
+**Admission**, in one place and one code path for every engine:
+
+- `check_admission(num_images)`, synchronous, as vLLM's: refuses at once a request the server
+  cannot take now: `SchedulerClosedError` while shutting down, the engine's own refusal
+  (`EngineDiedError`, `EngineHungError`), `RequestTooLargeError` for more images than the
+  whole queue holds, `QueueFullError` (429, with a Retry-After guess) when the admitted images
+  that have not started would pass `max_queue_images`.
+- `generate(request)` checks admission again (nothing awaits in between, so the counts it
+  checks are the counts it changes), then streams the engine's outputs: `ImagesStarted`,
+  `PreviewImages`, and the request's one `FinalImages`, or raises exactly one exception. Past
+  `request_timeout_s` it raises `RequestTimeoutError` and the request is withdrawn from the
+  engine; a caller that goes away (its task cancelled, or the stream closed) withdraws it.
+- It counts the images admitted and not started (`queued_images`) and started and not
+  answered (`running_images`) from the engine's `ImagesStarted`, the same way for every
+  engine, and reports them and each request's queue wait to the metrics.
+
+**vLLM's engine client.** vLLM's server keeps it as `app.state.engine_client` (as it keeps
+`AsyncLLM` for a text model): its core routes and server loop ask it for `check_health()`,
+`errored`, `is_running`, `do_log_stats()` and `shutdown()`.
 
 Importable without vLLM: vLLM's own exception is imported only to report a dead engine.
 """
@@ -15,22 +28,47 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass, field
 
-from PIL import Image
-
-from vllm_omni_images.engine.base import AnyImageEngine, EngineRequest, ModelDefaults
+from vllm_omni_images.engine.base import (
+    EngineObserver,
+    EngineOutput,
+    EngineRequest,
+    FinalImages,
+    ImageEngine,
+    ImagesStarted,
+    ModelDefaults,
+    NoObserver,
+    notify,
+)
 from vllm_omni_images.engine.errors import (
     EngineDiedError,
+    EngineError,
     EngineHungError,
     EngineNotReadyError,
+    QueueFullError,
+    RequestTimeoutError,
+    RequestTooLargeError,
     SchedulerClosedError,
 )
-from vllm_omni_images.engine.scheduler import ImageScheduler, RequestTimings, SchedulerConfig
 
-if TYPE_CHECKING:
-    from vllm_omni_images.engine.metrics import ModelMetrics, Outcome
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    """How much waiting work is accepted (`--image-max-queue`) and for how long
+    (`--image-request-timeout`)."""
+
+    max_queue_images: int = 256
+    """Admitted images that have not started, beyond which new requests are refused."""
+    request_timeout_s: float | None = 600.0
+    """Limit on queue wait plus run time; `None` for none."""
+
+    def __post_init__(self) -> None:
+        if self.max_queue_images < 1:
+            raise ValueError(f"max_queue_images must be >= 1, got {self.max_queue_images}")
+        if self.request_timeout_s is not None and self.request_timeout_s <= 0:
+            raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -40,42 +78,72 @@ class ShutdownConfig:
     shutdown_timeout: int = 0
 
 
+@dataclass
+class RequestTimings:
+    """Where one request's time went; filled in as it goes."""
+
+    queue_s: float = 0.0
+    """From admission until its first image started (or until it left, if none did)."""
+    engine_s: float = 0.0
+    """From its first image's start until it was answered."""
+    batch_images: int = 0
+    """Images running together with its first, its own included."""
+
+
+@dataclass(eq=False)
+class _Admitted:
+    request: EngineRequest
+    arrival: float
+    timings: RequestTimings = field(default_factory=RequestTimings)
+    waiting: int = 0
+    started: int = 0
+    started_at: float | None = None
+
+
 class ImageEngineClient:
     def __init__(
         self,
-        engine: AnyImageEngine | None,
+        engine: ImageEngine,
         model_name: str,
-        scheduler_config: SchedulerConfig | None = None,
+        config: AdmissionConfig | None = None,
         *,
-        metrics: ModelMetrics | None = None,
+        observer: EngineObserver | None = None,
         shutdown_timeout: int = 0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.model_name = model_name
         self.vllm_config = ShutdownConfig(shutdown_timeout)
         self._engine = engine
-        self.scheduler: ImageScheduler | None = None
-        if engine is not None:
-            self.scheduler = ImageScheduler(
-                engine, scheduler_config or SchedulerConfig(), observer=metrics
-            )
-        self._metrics = metrics
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._config = config or AdmissionConfig()
+        self._observer = observer or NoObserver()
+        self._clock = clock
+        self._queued_images = 0
+        self._running_images = 0
+        self._seconds_per_image: float | None = None
+        self._loop = _running_loop()
         self._closing = False
+        self._close_started = False
         self._closed = threading.Event()
 
     @property
-    def engine(self) -> AnyImageEngine:
-        if self._engine is None or self._closed.is_set():
+    def engine(self) -> ImageEngine:
+        if self._closed.is_set():
             raise EngineNotReadyError(f"The model `{self.model_name}` is not loaded.")
         return self._engine
 
     @property
-    def is_ready(self) -> bool:
-        return self._engine is not None and not self._closed.is_set()
-
-    @property
     def defaults(self) -> ModelDefaults:
         return self.engine.defaults
+
+    @property
+    def queued_images(self) -> int:
+        """Admitted images that have not started."""
+        return self._queued_images
+
+    @property
+    def running_images(self) -> int:
+        """Started images of requests not answered yet."""
+        return self._running_images
 
     # vLLM's server loop shuts the server down when `errored and not is_running`; an image
     # engine error fails one request, never the server, and a hung engine may yet recover.
@@ -85,15 +153,13 @@ class ImageEngineClient:
 
     @property
     def is_running(self) -> bool:
-        return self.is_ready
+        return not self._closed.is_set()
 
     async def check_health(self) -> None:
-        """Raise vLLM's `EngineDeadError` (which `/health` answers with 503) when no model is
-        loaded, the engine died, or it is taken as hung (until its call returns)."""
+        """Raise vLLM's `EngineDeadError` (which `/health` answers with 503) when the model is
+        no longer loaded, the engine died, or it is taken as hung."""
         try:
-            self.engine.check_health()  # raises EngineNotReadyError without a model
-            if self.scheduler is not None and (hung := self.scheduler.hung_error()) is not None:
-                raise hung
+            self.engine.check_health()
         except (EngineNotReadyError, EngineDiedError, EngineHungError) as error:
             from vllm.v1.engine.exceptions import EngineDeadError
 
@@ -102,48 +168,116 @@ class ImageEngineClient:
     async def do_log_stats(self) -> None:
         return None
 
+    def check_admission(self, num_images: int) -> None:
+        """Raise if a request of `num_images` images cannot be taken now (module docstring)."""
+        engine = self.engine  # EngineNotReadyError once the model is released
+        if self._closing:  # draining: finish what was admitted, take nothing new
+            raise SchedulerClosedError()
+        engine.check_admission(num_images)
+        limit = self._config.max_queue_images
+        if num_images > limit:
+            raise RequestTooLargeError(num_images, limit)
+        if self._queued_images + num_images > limit:
+            excess = self._queued_images + num_images - limit
+            raise QueueFullError(max(1.0, round(excess * (self._seconds_per_image or 1.0), 1)))
+
     async def generate(
         self, request: EngineRequest, timings: RequestTimings | None = None
-    ) -> list[Image.Image]:
-        """Queue `request` with the scheduler and wait for its images. Raises
-        `EngineNotReadyError` without a model, `SchedulerClosedError` while shutting down, and
-        whatever `ImageScheduler.submit` raises."""
-        self.engine  # noqa: B018 - raises EngineNotReadyError when there is no model
-        assert self.scheduler is not None
-        if self._closing:  # draining: finish what was accepted, take nothing new
-            raise SchedulerClosedError()
-        self._loop = asyncio.get_running_loop()
-        return await self.scheduler.submit(request, timings)
+    ) -> AsyncGenerator[EngineOutput, None]:
+        """The request's outputs, admitted first (module docstring); `timings`, if given, is
+        filled in with where its time went."""
+        if request.num_images < 1:
+            raise ValueError("A request needs at least one seed.")
+        self.check_admission(request.num_images)
+        self._loop = asyncio.get_running_loop()  # where `shutdown` runs `close`
+        admitted = _Admitted(request, self._clock(), timings or RequestTimings())
+        self._count(admitted, queued=request.num_images)
+        timeout_s = self._config.request_timeout_s
+        deadline = None if timeout_s is None else self._loop.time() + timeout_s
+        stream = self._engine.generate(request)
+        try:
+            while True:
+                # The deadline covers the engine's work only, never the caller's between
+                # outputs (a timeout around a `yield` would cancel the caller's own awaits).
+                try:
+                    async with asyncio.timeout_at(deadline) as limit:
+                        output = await anext(stream)
+                except StopAsyncIteration:
+                    raise EngineError("The engine ended the request without its images.") from None
+                except TimeoutError:
+                    if not limit.expired():
+                        raise  # the engine's own TimeoutError
+                    raise RequestTimeoutError(timeout_s or 0.0) from None
+                if isinstance(output, ImagesStarted):
+                    self._started(admitted, output)
+                elif isinstance(output, FinalImages):
+                    self._answered(admitted, len(output.images))
+                yield output
+                if isinstance(output, FinalImages):
+                    return
+        finally:
+            await stream.aclose()  # withdraws the request unless it was answered
+            self._leave(admitted)
 
-    def record_request(
-        self, outcome: Outcome, images: int = 0, encode_s: float | None = None
-    ) -> None:
-        """Count one answered API request (called once per request, whatever its outcome)."""
-        if self._metrics is not None:
-            self._metrics.record_request(outcome, images, encode_s)
+    def _count(self, admitted: _Admitted, *, queued: int = 0, running: int = 0) -> None:
+        """Add `queued` images to the admitted images not started and `running` images to the
+        started ones (negative: take them away)."""
+        admitted.waiting += queued
+        admitted.started += running
+        if queued:
+            self._queued_images += queued
+            notify(self._observer.on_queue_depth, self._queued_images)
+        if running:
+            self._running_images += running
+            notify(self._observer.on_running_images, self._running_images)
+
+    def _started(self, admitted: _Admitted, output: ImagesStarted) -> None:
+        if admitted.started_at is None:
+            admitted.started_at = self._clock()
+            admitted.timings.queue_s = admitted.started_at - admitted.arrival
+            admitted.timings.batch_images = output.batch_images
+            notify(self._observer.on_queue_wait, admitted.timings.queue_s)
+        started = min(output.images, admitted.waiting)
+        self._count(admitted, queued=-started, running=started)
+
+    def _answered(self, admitted: _Admitted, images: int) -> None:
+        if images != admitted.request.num_images:
+            raise EngineError(
+                f"The engine returned {images} images for a request of "
+                f"{admitted.request.num_images}."
+            )
+        if admitted.started_at is not None:
+            per_image = (self._clock() - admitted.started_at) / max(
+                admitted.timings.batch_images, images
+            )
+            previous = self._seconds_per_image
+            self._seconds_per_image = (
+                per_image if previous is None else 0.8 * previous + 0.2 * per_image
+            )
+
+    def _leave(self, admitted: _Admitted) -> None:
+        now = self._clock()
+        if admitted.started_at is None:
+            admitted.timings.queue_s = now - admitted.arrival
+        else:
+            admitted.timings.engine_s = now - admitted.started_at
+        self._count(admitted, queued=-admitted.waiting, running=-admitted.started)
 
     async def close(self, drain_timeout_s: float = 0.0) -> None:
-        """Stop taking work and free the model. Waiting requests get a shutdown error after
-        at most `drain_timeout_s` of draining; a running batch finishes first."""
-        if self._closing:
+        """Stop taking work, let what was admitted finish for at most `drain_timeout_s`, then
+        close the engine (waiting requests then fail with a shutdown error; a running batch
+        finishes first) and free the model."""
+        if self._close_started:
             return
-        self._closing = True
-        if self.scheduler is not None:
-            deadline = time.monotonic() + drain_timeout_s
-            # A once-per-process wait: polling keeps the scheduler free of an idle event.
-            while self._busy() and time.monotonic() < deadline:  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
-            await self.scheduler.close()
-        self._release_engine()
-
-    def _release_engine(self) -> None:
-        self._closed.set()
-        if self._engine is not None:
-            self._engine.close()
-
-    def _busy(self) -> bool:
-        scheduler = self.scheduler
-        return scheduler is not None and scheduler.queued_images + scheduler.running_images > 0
+        self._close_started = self._closing = True
+        deadline = time.monotonic() + drain_timeout_s
+        # A once-per-process wait: polling keeps admission free of an idle event.
+        while self._queued_images + self._running_images and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        try:
+            await self._engine.close()
+        finally:
+            self._closed.set()
 
     def shutdown(self, timeout: float | None = None) -> None:
         """vLLM's synchronous shutdown hook, called from a worker thread on SIGTERM/SIGINT:
@@ -154,8 +288,16 @@ class ImageEngineClient:
         if loop is not None and loop.is_running() and not _on_loop_thread(loop):
             asyncio.run_coroutine_threadsafe(self.close(timeout or 0.0), loop).result()
             return
-        # No request ever ran (so no worker to stop), or we are past the loop.
-        self._release_engine()
+        # Past the loop: take nothing new; the loop's owner closes the engine as it ends (the
+        # launcher does, when serving ends).
+        self._closing = True
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:

@@ -1,6 +1,8 @@
-"""An engine for any diffusers pipeline folder, on CPU or GPU.
+"""`DiffusersRunner`: any diffusers pipeline folder, on CPU or GPU, one blocking call per batch.
 
-Importable without vLLM: the GPU benchmarks run it where only diffusers is installed.
+It is the `batching.PipelineRunner` of the diffusers engine: `BatchingEngine` forms its
+batches, retries them out of memory and streams its previews. Importable without vLLM: the
+GPU benchmarks run it where only diffusers is installed.
 """
 
 from __future__ import annotations
@@ -16,13 +18,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from vllm_omni_images.engine.base import (
-    EngineRequest,
-    ImageEngine,
-    ModelDefaults,
-    StepCallback,
-    batch_key,
-)
+from vllm_omni_images.engine.base import EngineRequest, ModelDefaults
+from vllm_omni_images.engine.batch_planning import batch_key
+from vllm_omni_images.engine.batching import PreviewCallback, StepCallback
 from vllm_omni_images.engine.errors import (
     EngineError,
     EngineOutOfMemoryError,
@@ -45,10 +43,8 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
-class DiffusersEngine(ImageEngine):
-    """Serves a `DiffusionPipeline`: one pipeline call per batch, one generator per image."""
-
-    name = "diffusers"
+class DiffusersRunner:
+    """Runs a `DiffusionPipeline`: one pipeline call per batch, one generator per image."""
 
     def __init__(
         self,
@@ -93,15 +89,16 @@ class DiffusersEngine(ImageEngine):
     def pipeline(self) -> Any:
         return self._pipe
 
-    def generate(
+    def run(
         self,
         requests: Sequence[EngineRequest],
         on_step: StepCallback | None = None,
+        on_preview: PreviewCallback | None = None,
     ) -> list[list[Image.Image]]:
         if not requests:
             return []
         pipe = self.pipeline_for(requests[0].task)
-        kwargs = self.pipeline_kwargs(requests, on_step, pipe)
+        kwargs = self.pipeline_kwargs(pipe, requests, on_step, on_preview)
         try:
             with torch.inference_mode():
                 images = pipe(**kwargs).images
@@ -109,7 +106,7 @@ class DiffusersEngine(ImageEngine):
             raise
         except (torch.OutOfMemoryError, MemoryError) as error:
             # The error's traceback holds the failed call's frames, and so its tensors: clear
-            # them first, so that the memory is free for the scheduler's retry in halves.
+            # them first, so that the memory is free for the batching engine's retry in halves.
             traceback.clear_frames(error.__traceback__)
             self._release_cached_memory()
             raise EngineOutOfMemoryError(str(error) or type(error).__name__) from error
@@ -141,12 +138,12 @@ class DiffusersEngine(ImageEngine):
 
     def pipeline_kwargs(
         self,
+        pipe: Any,
         requests: Sequence[EngineRequest],
-        on_step: StepCallback | None,
-        pipe: Any = None,
+        on_step: StepCallback | None = None,
+        on_preview: PreviewCallback | None = None,
     ) -> dict[str, Any]:
-        """The arguments of the one pipeline call that serves `requests` (a compatible batch)."""
-        pipe = pipe or self._pipe
+        """The arguments of `pipe`'s one call that serves `requests` (a compatible batch)."""
         call_params = frozenset(inspect.signature(pipe.__call__).parameters)
         first = requests[0]
         for request in requests[1:]:
@@ -181,7 +178,7 @@ class DiffusersEngine(ImageEngine):
             # Without a negative prompt true CFG is off anyway; saying so keeps Qwen-Image's
             # default of 4.0 from logging a warning on every request.
             kwargs["true_cfg_scale"] = 1.0
-        previews = preview_rows(requests) if supports_previews(pipe) else []
+        previews = preview_rows(requests) if on_preview and supports_previews(pipe) else []
         if (on_step is not None or previews) and "callback_on_step_end" in call_params:
             total = first.num_inference_steps
 
@@ -192,12 +189,12 @@ class DiffusersEngine(ImageEngine):
                     on_step(step, total)  # may stop the batch: before any preview work
                 # An edit runs only part of the schedule; the pipeline knows how much.
                 steps_run = getattr(pipe, "num_timesteps", None) or total
-                for start, request in previews:
+                for position, start, request in previews:
                     schedule = preview_steps(request.partial_images, steps_run)
-                    if step in schedule and request.on_preview is not None:
+                    if step in schedule and on_preview is not None:
                         rows = callback_kwargs["latents"][start : start + request.num_images]
                         images = decode_previews(pipe, rows, first.height, first.width)
-                        request.on_preview(schedule.index(step), images)
+                        on_preview(position, schedule.index(step), images)
                 return callback_kwargs
 
             kwargs["callback_on_step_end"] = step_end
@@ -216,13 +213,13 @@ class DiffusersEngine(ImageEngine):
         self._release_cached_memory()
 
 
-def preview_rows(requests: Sequence[EngineRequest]) -> list[tuple[int, EngineRequest]]:
-    """(first row in the batch, request) of each request that asked for previews."""
+def preview_rows(requests: Sequence[EngineRequest]) -> list[tuple[int, int, EngineRequest]]:
+    """(position, first row in the batch, request) of each request that asked for previews."""
     rows = []
     start = 0
-    for request in requests:
-        if request.partial_images > 0 and request.on_preview is not None:
-            rows.append((start, request))
+    for position, request in enumerate(requests):
+        if request.partial_images > 0:
+            rows.append((position, start, request))
         start += request.num_images
     return rows
 

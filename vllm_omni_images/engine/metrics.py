@@ -1,33 +1,21 @@
-"""Prometheus metrics of the image server, in vLLM's own registry (served at `/metrics`).
+"""Prometheus metrics of the engine layer, in vLLM's own registry (served at `/metrics`).
 
-Names follow vLLM's (`vllm:` prefix, a `model_name` label with the served name). Importable
-without vLLM: only `image_metrics()` reaches for vLLM's registry.
+Admission and the engines report into `ModelMetrics`, their `EngineObserver`; the answered
+requests' metrics are the Images API's (`images/request_metrics.py`). Names follow vLLM's
+(`vllm:` prefix, a `model_name` label with the served name). Importable without vLLM: only
+`image_metrics()` reaches for vLLM's registry.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from vllm_omni_images.engine.base import EngineRequest
-from vllm_omni_images.engine.scheduler import SchedulerObserver
+from vllm_omni_images.engine.base import EngineObserver
 
-Outcome = Literal[
-    "ok",  # images returned
-    "invalid",  # 4xx for the request itself (bad field, unknown model)
-    "rejected",  # 429: the queue was full
-    "timeout",  # waited and ran longer than --image-request-timeout
-    "cancelled",  # the client went away
-    "out_of_memory",
-    "error",  # the engine failed
-    "unavailable",  # no model loaded, or the server is shutting down
-]
-
-_SECONDS_BUCKETS = (
+SECONDS_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 )  # fmt: skip
 _STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -38,13 +26,10 @@ _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 class ImageMetrics:
     """The metric families; one set per process, labelled per served model."""
 
-    requests: Counter
-    images: Counter
     queue_images: Gauge
     running_images: Gauge
     queue_wait: Histogram
     engine_time: Histogram
-    encode_time: Histogram
     batch_size: Histogram
     step_time: Histogram
     batch_splits: Counter
@@ -54,18 +39,6 @@ class ImageMetrics:
     def create(cls, registry: CollectorRegistry) -> ImageMetrics:
         model = ["model_name"]
         return cls(
-            requests=Counter(
-                "vllm:image_requests",
-                "Image requests answered, by outcome.",
-                [*model, "outcome"],
-                registry=registry,
-            ),
-            images=Counter(
-                "vllm:image_images_generated",
-                "Images generated and returned.",
-                model,
-                registry=registry,
-            ),
             queue_images=Gauge(
                 "vllm:image_queue_images",
                 "Images waiting for the engine.",
@@ -75,7 +48,7 @@ class ImageMetrics:
             ),
             running_images=Gauge(
                 "vllm:image_running_images",
-                "Images in the batch the engine is running.",
+                "Images of unanswered requests that the engine started.",
                 model,
                 registry=registry,
                 multiprocess_mode="mostrecent",
@@ -85,21 +58,14 @@ class ImageMetrics:
                 "Time a request waited before its batch started.",
                 model,
                 registry=registry,
-                buckets=_SECONDS_BUCKETS,
+                buckets=SECONDS_BUCKETS,
             ),
             engine_time=Histogram(
                 "vllm:image_engine_seconds",
                 "Time of one pipeline call (a batch).",
                 model,
                 registry=registry,
-                buckets=_SECONDS_BUCKETS,
-            ),
-            encode_time=Histogram(
-                "vllm:image_encode_seconds",
-                "Time to encode one request's images (in parallel threads).",
-                model,
-                registry=registry,
-                buckets=_SECONDS_BUCKETS,
+                buckets=SECONDS_BUCKETS,
             ),
             batch_size=Histogram(
                 "vllm:image_batch_size",
@@ -139,54 +105,36 @@ def image_metrics() -> ImageMetrics:
     return ImageMetrics.create(get_prometheus_registry())
 
 
-class ModelMetrics(SchedulerObserver):
-    """The metrics of one served model: the scheduler reports into it as an observer, the
-    engine client records each API request's outcome and encoding time."""
+class ModelMetrics(EngineObserver):
+    """The engine metrics of one served model: admission and the engines report into it."""
 
     def __init__(self, metrics: ImageMetrics, model_name: str) -> None:
-        self._requests = {
-            outcome: metrics.requests.labels(model_name=model_name, outcome=outcome)
-            for outcome in get_args(Outcome)
-        }
-        self._images = metrics.images.labels(model_name=model_name)
         self._queue_images = metrics.queue_images.labels(model_name=model_name)
         self._running_images = metrics.running_images.labels(model_name=model_name)
         self._queue_wait = metrics.queue_wait.labels(model_name=model_name)
         self._engine_time = metrics.engine_time.labels(model_name=model_name)
-        self._encode_time = metrics.encode_time.labels(model_name=model_name)
         self._batch_size = metrics.batch_size.labels(model_name=model_name)
         self._step_time = metrics.step_time.labels(model_name=model_name)
         self._batch_splits = metrics.batch_splits.labels(model_name=model_name)
         self._engine_hung = metrics.engine_hung.labels(model_name=model_name)
         self._engine_hung.set(0)
 
-    def record_request(
-        self, outcome: Outcome, images: int = 0, encode_s: float | None = None
-    ) -> None:
-        self._requests[outcome].inc()
-        if images:
-            self._images.inc(images)
-        if encode_s is not None:
-            self._encode_time.observe(encode_s)
-
-    # SchedulerObserver
     def on_queue_depth(self, images: int) -> None:
         self._queue_images.set(images)
 
-    def on_batch_start(self, requests: Sequence[EngineRequest], queue_wait_s: list[float]) -> None:
-        images = sum(request.num_images for request in requests)
+    def on_running_images(self, images: int) -> None:
         self._running_images.set(images)
+
+    def on_queue_wait(self, wait_s: float) -> None:
+        self._queue_wait.observe(wait_s)
+
+    def on_batch_start(self, images: int) -> None:
         self._batch_size.observe(images)
-        for wait_s in queue_wait_s:
-            self._queue_wait.observe(wait_s)
 
     def on_step(self, step_s: float) -> None:
         self._step_time.observe(step_s)
 
-    def on_batch_end(
-        self, requests: Sequence[EngineRequest], engine_s: float, outcome: str
-    ) -> None:
-        self._running_images.set(0)
+    def on_batch_end(self, engine_s: float) -> None:
         self._engine_time.observe(engine_s)
 
     def on_batch_split(self, images: int) -> None:

@@ -14,7 +14,8 @@ How a request maps onto vllm-omni (`to_omni_requests`):
    diffusers engine, so a seed gives the same noise on any device.
 3. Prompt and negative prompt go in an `OmniTextPrompt`; size, steps and guidance in
    `OmniDiffusionSamplingParams`, which also asks for the "started" event
-   (`emit_request_lifecycle`) that tells the scheduler an image left vllm-omni's queue.
+   (`emit_request_lifecycle`) that becomes the request's `ImagesStarted`: admission counts
+   an image as queued until then.
 
 vllm-omni's engine binds to the first event loop that drives it, and its post-processing
 (tensors to PIL images) runs on that loop; it gets a loop thread of its own, so it neither
@@ -24,13 +25,13 @@ blocks the server's loop nor cares which loop submits.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
 import multiprocessing
 import threading
+import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
@@ -38,10 +39,15 @@ import torch
 from PIL import Image
 
 from vllm_omni_images.engine.base import (
+    EngineObserver,
+    EngineOutput,
     EngineRequest,
+    FinalImages,
+    ImageEngine,
     ImagesStarted,
     ModelDefaults,
-    QueueingImageEngine,
+    NoObserver,
+    notify,
 )
 from vllm_omni_images.engine.errors import (
     EngineDiedError,
@@ -50,7 +56,9 @@ from vllm_omni_images.engine.errors import (
     EngineOutOfMemoryError,
     EngineRequestError,
     GenerationCancelled,
+    SchedulerClosedError,
 )
+from vllm_omni_images.engine.hang_watch import HangWatch
 from vllm_omni_images.engine.model_folder import defaults_for_pipeline_class
 
 if TYPE_CHECKING:
@@ -141,25 +149,29 @@ def to_omni_requests(
 
 
 @dataclass(eq=False)
-class OmniJob:
-    """A request in vllm-omni: its images' request ids there, and the outcome to come."""
+class _InFlight:
+    """One request handed to vllm-omni: its images' ids there, and what its stream receives
+    (a count of images that started, the outcome, or an exception that ends it)."""
 
-    engine: OmniEngine
     request_ids: list[str]
-    future: concurrent.futures.Future[list[Image.Image]]
-    """Cancelled, rather than failed, if the engine closes under the request."""
-
-    def abort(self) -> None:
-        self.engine.abort(self.request_ids)
+    inbox: asyncio.Queue[int | asyncio.Future[list[Image.Image]] | BaseException]
+    started: int = 0
 
 
-class OmniEngine(QueueingImageEngine):
+class OmniEngine(ImageEngine):
     """Serves a model through vllm-omni's `DiffusionEngine` (see the module docstring)."""
 
-    name = "omni"
-
-    def __init__(self, config: OmniDiffusionConfig, defaults: ModelDefaults | None = None) -> None:
-        """Start vllm-omni's engine for `config` (loads the pipeline and runs its warm-up)."""
+    def __init__(
+        self,
+        config: OmniDiffusionConfig,
+        defaults: ModelDefaults | None = None,
+        *,
+        hang_grace_s: float | None = 60.0,
+        observer: EngineObserver | None = None,
+    ) -> None:
+        """Start vllm-omni's engine for `config` (loads the pipeline and runs its warm-up).
+        A started request that has not left vllm-omni `hang_grace_s` after it was aborted
+        marks the engine hung (`hang_watch.py`) until it leaves."""
         from vllm_omni.diffusion.diffusion_engine import DiffusionEngine
         from vllm_omni.diffusion.io_support import supports_multimodal_input
 
@@ -174,10 +186,14 @@ class OmniEngine(QueueingImageEngine):
         self._defaults = defaults or defaults_for_pipeline_class(
             config.model_class_name, config.model
         )
+        self._observer = observer or NoObserver()
+        self._hang_watch = HangWatch(hang_grace_s, self._fail_waiting, observer=self._observer)
         self._died: str | None = None
-        # Ids handed over and not finished (added by `submit`), and those of them aborted.
+        # Ids handed over and not finished (added by `generate`), and those of them aborted:
+        # read and written on the engine's loop.
         self._live: set[str] = set()
         self._aborted: set[str] = set()
+        self._in_flight: dict[asyncio.Future[list[Image.Image]], _InFlight] = {}
         self._closed = False
         self._engine: DiffusionEngine = DiffusionEngine.make_engine(config)
         self._engine.executor.register_failure_callback(self._executor_failed)
@@ -204,9 +220,65 @@ class OmniEngine(QueueingImageEngine):
     def diffusion_engine(self) -> DiffusionEngine:
         return self._engine
 
-    def submit(self, request: EngineRequest, on_started: ImagesStarted) -> OmniJob:
+    def check_admission(self, num_images: int) -> None:
         if self._closed:
             raise EngineNotReadyError("The vllm-omni engine is closed.")
+        self.check_health()
+
+    def check_health(self) -> None:
+        if self._died is None and not self._closed:
+            try:
+                self._engine.executor.check_health()
+            except Exception as error:
+                self._died = f"its worker died ({type(error).__name__}: {error})"
+            # vllm-omni closes its engine itself when its scheduling loop fails; it exposes
+            # no public flag for that.
+            if self._died is None and getattr(self._engine, "_closed", False):
+                self._died = "its scheduling loop stopped"
+        if self._died is not None:
+            raise EngineDiedError(f"vllm-omni's diffusion engine is dead: {self._died}")
+        if (hung := self._hang_watch.error()) is not None:
+            raise hung
+
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
+        """Hands each image to vllm-omni at once (its scheduler batches them) and streams the
+        request's `ImagesStarted` as vllm-omni reports them, then its images."""
+        self.check_admission(request.num_images)
+        self._refuse_what_vllm_omni_cannot_do(request)
+        # vllm-omni keys its queue and output streams by id: a suffix of our own keeps two
+        # requests apart even when a client sends the same X-Request-Id twice.
+        base = f"{request.request_id or 'image'}-{uuid.uuid4().hex[:12]}"
+        flight = _InFlight([f"{base}-{i}" for i in range(request.num_images)], asyncio.Queue())
+        loop = asyncio.get_running_loop()
+
+        def on_started(images: int) -> None:  # the engine's loop
+            with contextlib.suppress(RuntimeError):  # the caller's loop is gone
+                loop.call_soon_threadsafe(flight.inbox.put_nowait, images)
+
+        run = self._run(to_omni_requests(request, flight.request_ids), on_started)
+        self._live.update(flight.request_ids)  # before the loop can see an abort for them
+        job = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(run, self._loop))
+        self._in_flight[job] = flight
+        job.add_done_callback(flight.inbox.put_nowait)
+        started_at: float | None = None
+        try:
+            while True:
+                message = await flight.inbox.get()
+                if isinstance(message, BaseException):
+                    raise message
+                if isinstance(message, int):
+                    if started_at is None:
+                        started_at = time.monotonic()
+                        notify(self._observer.on_batch_start, request.num_images)
+                    flight.started += message
+                    yield ImagesStarted(message, request.num_images)
+                    continue
+                yield FinalImages(self._outcome(message))
+                return
+        finally:
+            self._left(job, flight, started_at)
+
+    def _refuse_what_vllm_omni_cannot_do(self, request: EngineRequest) -> None:
         if request.image is not None and not self.takes_images:
             raise EngineRequestError(
                 f"{self.model_class_name} takes no input image in vllm-omni, so this server "
@@ -218,14 +290,54 @@ class OmniEngine(QueueingImageEngine):
                 "Masks are not supported by the vllm-omni engine in this version; edit "
                 "without a mask, or serve with --image-engine diffusers (inpainting)."
             )
-        self.check_health()
-        # vllm-omni keys its queue and output streams by id: a suffix of our own keeps two
-        # requests apart even when a client sends the same X-Request-Id twice.
-        base = f"{request.request_id or 'image'}-{uuid.uuid4().hex[:12]}"
-        request_ids = [f"{base}-{i}" for i in range(request.num_images)]
-        run = self._run(to_omni_requests(request, request_ids), on_started)
-        self._live.update(request_ids)  # before the loop can see an abort for them
-        return OmniJob(self, request_ids, asyncio.run_coroutine_threadsafe(run, self._loop))
+
+    def _outcome(self, job: asyncio.Future[list[Image.Image]]) -> list[Image.Image]:
+        """The images of a finished job, or the exception its stream raises."""
+        if job.cancelled():  # the engine was closed under it
+            raise SchedulerClosedError()
+        error = job.exception()
+        if error is None:
+            return job.result()
+        if self._closed:
+            raise SchedulerClosedError() from error
+        if not isinstance(error, GenerationCancelled):
+            logger.warning("Image request failed in the engine: %r", error)
+        raise error
+
+    def _left(
+        self,
+        job: asyncio.Future[list[Image.Image]],
+        flight: _InFlight,
+        started_at: float | None,
+    ) -> None:
+        """The stream ended. An unfinished job is aborted; if it had started and has not left
+        vllm-omni `hang_grace_s` later, the engine is stuck (step mode stops a request at its
+        next step; otherwise it leaves when its batch returns)."""
+
+        def finished(_: object) -> None:
+            if not job.cancelled():
+                job.exception()  # seen: a stream that left early does not read it
+            self._in_flight.pop(job, None)
+            self._hang_watch.returned(job)
+            if started_at is not None:
+                notify(self._observer.on_batch_end, time.monotonic() - started_at)
+
+        if not job.done():
+            self.abort(flight.request_ids)
+            if flight.started:
+                self._hang_watch.stopping(
+                    job,
+                    lambda: not job.done(),
+                    f"the {flight.started} started image(s) of a request",
+                )
+        job.add_done_callback(finished)
+
+    def _fail_waiting(self, error: BaseException) -> None:
+        """Requests none of whose images started leave vllm-omni and fail with `error`."""
+        for flight in self._in_flight.values():
+            if flight.started == 0:
+                self.abort(flight.request_ids)
+                flight.inbox.put_nowait(error)
 
     def abort(self, request_ids: Sequence[str]) -> None:
         """Abort now in vllm-omni (it is thread-safe), and again on the engine's loop, where
@@ -240,25 +352,31 @@ class OmniEngine(QueueingImageEngine):
         self._aborted.update(rid for rid in request_ids if rid in self._live)
         self._engine.abort(request_ids)
 
-    def check_health(self) -> None:
-        if self._died is None and not self._closed:
-            try:
-                self._engine.executor.check_health()
-            except Exception as error:
-                self._died = f"its worker died ({type(error).__name__}: {error})"
-            # vllm-omni closes its engine itself when its scheduling loop fails; it exposes
-            # no public flag for that.
-            if self._died is None and getattr(self._engine, "_closed", False):
-                self._died = "its scheduling loop stopped"
-        if self._died is not None:
-            raise EngineDiedError(f"vllm-omni's diffusion engine is dead: {self._died}")
-
-    def close(self) -> None:
-        """Close vllm-omni's engine, then end every request still in flight (each job's future
-        fails) before the engine's loop stops, so no caller waits forever."""
+    async def close(self) -> None:
+        """Refuse new work and fail the requests that have not started; let the started ones
+        finish for at most `hang_grace_s` (a stuck worker may never finish them); then close
+        vllm-omni's engine, which ends what is left, and free the model."""
         if self._closed:
             return
         self._closed = True
+        self._fail_waiting(SchedulerClosedError())
+        # Only started requests are waited for: an aborted waiting one leaves vllm-omni's
+        # queue without a word until its scheduler runs again, which it may never do.
+        started = [job for job, flight in self._in_flight.items() if flight.started]
+        if started:
+            _, left = await asyncio.wait(started, timeout=self._hang_watch.grace_s)
+            if left:
+                logger.error(
+                    "Shutting down with %d request(s) still running in the image engine after "
+                    "%g s; they are abandoned.",
+                    len(left),
+                    self._hang_watch.grace_s,
+                )
+        await asyncio.to_thread(self._close_vllm_omni)
+
+    def _close_vllm_omni(self) -> None:
+        """Close vllm-omni's engine, then end every request still in flight (each job is
+        cancelled) before the engine's loop stops, so no caller waits forever."""
         self._engine.close()
         asyncio.run_coroutine_threadsafe(_cancel_other_tasks(), self._loop).result(timeout=10)
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -267,7 +385,7 @@ class OmniEngine(QueueingImageEngine):
     # On the engine's own loop:
 
     async def _run(
-        self, omni_requests: list[OmniDiffusionRequest], on_started: ImagesStarted
+        self, omni_requests: list[OmniDiffusionRequest], on_started: Callable[[int], None]
     ) -> list[Image.Image]:
         """Every image of one API request; the first failure aborts the others."""
         request_ids = [r.request_id for r in omni_requests]
@@ -286,7 +404,9 @@ class OmniEngine(QueueingImageEngine):
             raise next((e for e in errors if not isinstance(e, GenerationCancelled)), errors[0])
         return [r for r in results if isinstance(r, Image.Image)]
 
-    async def _image(self, request: OmniDiffusionRequest, on_started: ImagesStarted) -> Image.Image:
+    async def _image(
+        self, request: OmniDiffusionRequest, on_started: Callable[[int], None]
+    ) -> Image.Image:
         from vllm_omni.diffusion.data import (
             DiffusionRequestAbortedError,
             is_diffusion_request_started_output,

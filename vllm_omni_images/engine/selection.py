@@ -12,7 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from vllm_omni_images.engine.base import AnyImageEngine
+from vllm_omni_images.engine.base import EngineObserver, ImageEngine
+from vllm_omni_images.engine.batching import BatchingConfig
 from vllm_omni_images.engine.errors import EngineUnavailableError
 from vllm_omni_images.engine.model_folder import pipeline_class_name
 
@@ -31,8 +32,9 @@ class EngineChoice:
 class EngineSettings:
     """What an engine is built with, beyond the model."""
 
-    max_batch_size: int = 1
-    batch_delay_ms: float = 0.0
+    batching: BatchingConfig = field(default_factory=lambda: BatchingConfig(max_batch_size=1))
+    """The batching flags: the diffusers engine batches with them; vllm-omni's own scheduler
+    gets the size and delay in its config, and its engine the hang grace."""
     omni_options: Mapping[str, Any] = field(default_factory=dict)
     """vllm-omni config fields by their vllm-omni names (`server/cli_args.OMNI_FLAGS`)."""
 
@@ -112,27 +114,34 @@ def create_engine(
     engine: str | EngineChoice = "auto",
     device: str | None = None,
     settings: EngineSettings | None = None,
-) -> AnyImageEngine:
-    """Load the model at `model_path` (a diffusers folder or hub id) into the chosen engine."""
+    observer: EngineObserver | None = None,
+) -> ImageEngine:
+    """Load the model at `model_path` (a diffusers folder or hub id) into the chosen engine,
+    which reports to `observer` (the metrics)."""
     settings = settings or EngineSettings()
     choice = engine if isinstance(engine, EngineChoice) else choose_engine(engine, model_path)
     logger.info("Image engine: %s (%s)", choice.name, choice.reason)
     if choice.name == "omni":
         from vllm_omni_images.engine.omni_engine import OmniEngine, build_omni_config
 
+        batching = settings.batching
         return OmniEngine(
             build_omni_config(
                 model_path,
                 settings.omni_options,
-                max_batch_size=settings.max_batch_size,
-                batch_delay_ms=settings.batch_delay_ms,
-            )
+                max_batch_size=batching.max_batch_size,
+                batch_delay_ms=batching.batch_delay_s * 1000,
+            ),
+            hang_grace_s=batching.hang_grace_s,
+            observer=observer,
         )
     if settings.omni_options:
         raise EngineUnavailableError(
             f"Only the vllm-omni engine understands {', '.join(sorted(settings.omni_options))}; "
             f"the diffusers engine was chosen ({choice.reason})."
         )
-    from vllm_omni_images.engine.diffusers_engine import DiffusersEngine
+    from vllm_omni_images.engine.batching import BatchingEngine
+    from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
 
-    return DiffusersEngine(model_path, device=device)
+    runner = DiffusersRunner(model_path, device=device)
+    return BatchingEngine(runner, settings.batching, observer=observer)

@@ -39,7 +39,7 @@ from vllm_omni_images.engine.errors import (
     RequestTooLargeError,
     SchedulerClosedError,
 )
-from vllm_omni_images.engine.metrics import Outcome
+from vllm_omni_images.images.request_metrics import Outcome
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,23 @@ INTERNAL_ERROR = ErrorKind(
 """Anything else: an engine error or a bug fails its request, never the server."""
 
 
+MODEL_NOT_FOUND = ErrorKind(HTTPStatus.NOT_FOUND, "NotFoundError", "invalid", param="model")
+"""Serving's answer to a `model` this server does not serve (vLLM's 404). No exception's row:
+serving checks the model before anything else."""
+
+
+def answered_errors() -> dict[HTTPStatus, list[str]]:
+    """Every status an Images API request can be answered with other than 200, and the
+    OpenAI error types it carries: each row's, anything else's (500) and an unknown model's
+    (404). Each route's OpenAPI `responses` lists them (`api_router.ERROR_RESPONSES`)."""
+    answered: dict[HTTPStatus, list[str]] = {}
+    for kind in [*(kind for _, kind in ERROR_TABLE), INTERNAL_ERROR, MODEL_NOT_FOUND]:
+        types = answered.setdefault(kind.status, [])
+        if kind.type not in types:
+            types.append(kind.type)
+    return dict(sorted(answered.items()))
+
+
 def error_kind(error: Exception) -> ErrorKind:
     for error_class, kind in ERROR_TABLE:
         if isinstance(error, error_class):
@@ -220,12 +237,24 @@ def echo(value: object) -> str:
 
 def describe_validation_errors(errors: Sequence[Any]) -> tuple[str, str | None]:
     """pydantic's validation errors as one short message, and the field of the first: each
-    error is `field: what is wrong (got <a prefix of the value>)`."""
+    error is `field: what is wrong (got <a prefix of the value>)`.
+
+    An error that wraps a `VLLMValidationError` (a model validator's refusal: pydantic wraps
+    it where it is a `ValueError`, and lets it through unwrapped where it is not, as in the
+    vLLM installed here) reads as it does unwrapped: its own message, and its `parameter` as
+    the field, as vLLM's own validation handler takes it."""
     parts: list[str] = []
     param: str | None = None
+    refused: str | None = None
     for error in errors[:MAX_REPORTED_ERRORS]:
         if not isinstance(error, Mapping):  # FastAPI's plain-text errors (a content type)
             parts.append(printable(str(error), 200))
+            continue
+        context = error.get("ctx")
+        cause = context.get("error") if isinstance(context, Mapping) else None
+        if isinstance(cause, VLLMValidationError):
+            parts.append(str(cause))
+            refused = refused or cause.parameter
             continue
         loc = tuple(error.get("loc", ()))
         kind = error.get("type")
@@ -244,4 +273,4 @@ def describe_validation_errors(errors: Sequence[Any]) -> tuple[str, str | None]:
         parts.append(what if what.startswith(field) else f"{field}: {what}")
     if len(errors) > MAX_REPORTED_ERRORS:
         parts.append(f"and {len(errors) - MAX_REPORTED_ERRORS} more")
-    return "; ".join(parts) or "The request is not valid.", param
+    return "; ".join(parts) or "The request is not valid.", refused or param

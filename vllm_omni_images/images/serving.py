@@ -8,14 +8,14 @@ alone; every failure is answered from the error table in `errors.py`.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import contextlib
 import os
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from fastapi import Request
 from PIL import Image
@@ -26,11 +26,9 @@ from vllm.exceptions import VLLMValidationError
 from vllm.logger import init_logger
 from vllm.utils import random_uuid
 
-from vllm_omni_images.engine.base import EngineRequest
-from vllm_omni_images.engine.client import ImageEngineClient
+from vllm_omni_images.engine.base import EngineRequest, FinalImages, PreviewImages
+from vllm_omni_images.engine.client import ImageEngineClient, RequestTimings
 from vllm_omni_images.engine.cpu_priority import yield_cpu_to_serving
-from vllm_omni_images.engine.metrics import Outcome
-from vllm_omni_images.engine.scheduler import RequestTimings
 from vllm_omni_images.images.edits import ImageInputs, RemoteImageFetcher
 from vllm_omni_images.images.encoding import encode_image, encode_image_base64
 from vllm_omni_images.images.errors import error_kind, error_response, printable
@@ -42,6 +40,7 @@ from vllm_omni_images.images.protocol import (
     ImageGenerationResponse,
     ImageObject,
 )
+from vllm_omni_images.images.request_metrics import Outcome, RequestMetrics
 from vllm_omni_images.images.streaming import (
     completed_event,
     partial_image_event,
@@ -83,9 +82,12 @@ class OpenAIServingImage:
         image_store: ImageStore | None = None,
         fetch_remote_image: RemoteImageFetcher | None = None,
         limits: ImageLimits = DEFAULT_LIMITS,
+        request_metrics: RequestMetrics | None = None,
     ) -> None:
         self.engine_client = engine_client
         self.models = models
+        self.request_metrics = request_metrics
+        """Where each answered request's outcome is counted (`/metrics`)."""
         self.limits = limits
         """What a request may ask for (`--image-max-*`), checked before the engine sees it."""
         self.image_store = image_store
@@ -167,8 +169,11 @@ class OpenAIServingImage:
                 engine_request = request.to_engine_request(defaults, record.request_id, self.limits)
             record.engine_request = engine_request
             if request.stream:
-                return "ok", await self._start_stream(request, engine_request, record)
-            images = await self.engine_client.generate(engine_request, record.timings)
+                # Overload and shutdown answers keep their status (429, 503) as plain JSON:
+                # asked before the first event, as vLLM asks before it streams.
+                self.engine_client.check_admission(engine_request.num_images)
+                return "ok", self._stream(request, engine_request, record)
+            images = await self._generate(engine_request, record)
             data = await self._deliver(images, request, record, raw_request)
         except Exception as exc:
             return self._failed(record, exc)
@@ -178,34 +183,22 @@ class OpenAIServingImage:
             output_format=request.output_format,
         )
 
-    async def _start_stream(
-        self,
-        request: ImageGenerationRequest,
-        engine_request: EngineRequest,
-        record: _RequestRecord,
-    ) -> AsyncIterator[str]:
-        """Queue the request, then hand back its events. Admission (a full queue: 429, a dead
-        engine: 503) is decided before the first event, so those answers stay plain JSON."""
-        previews: asyncio.Queue[tuple[int, Image.Image]] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-
-        def on_preview(index: int, images: list[Image.Image]) -> None:  # the engine's thread
-            loop.call_soon_threadsafe(previews.put_nowait, (index, images[0]))
-
-        work = dataclasses.replace(engine_request, on_preview=on_preview)
-        generation = asyncio.ensure_future(self.engine_client.generate(work, record.timings))
-        await asyncio.sleep(0)  # the scheduler admits or refuses at once, on its first step
-        if generation.done() and (refused := generation.exception()) is not None:
-            raise refused
-        return self._stream(request, engine_request, record, previews, generation)
+    async def _generate(
+        self, engine_request: EngineRequest, record: _RequestRecord
+    ) -> list[Image.Image]:
+        """The request's images: the last output of its engine stream."""
+        outputs = self.engine_client.generate(engine_request, record.timings)
+        async with contextlib.aclosing(outputs):
+            async for output in outputs:
+                if isinstance(output, FinalImages):
+                    return output.images
+        raise AssertionError("the engine client ends every stream with images or an error")
 
     async def _stream(
         self,
         request: ImageGenerationRequest,
         engine_request: EngineRequest,
         record: _RequestRecord,
-        previews: asyncio.Queue[tuple[int, Image.Image]],
-        generation: asyncio.Future[list[Image.Image]],
     ) -> AsyncIterator[str]:
         """The request's events: its partial images as the engine decodes them, then the
         completed image, or an error event. Closing the iterator (the client left) withdraws
@@ -213,22 +206,29 @@ class OpenAIServingImage:
         kind = "image_edit" if isinstance(request, ImageEditRequest) else "image_generation"
         outcome: Outcome = "cancelled"
         try:
-            async for index, preview in _previews_until(previews, generation):
-                [text] = await self._encode([preview], request, record, encode_image_base64)
-                yield server_sent_event(
-                    partial_image_event(kind, request, engine_request, text, index)
-                )
-            try:
-                images = generation.result()
-                [text] = await self._encode(images, request, record, encode_image_base64)
-            except Exception as exc:
-                outcome, response = self._failed(record, exc)
-                yield server_sent_event(response.model_dump(), event="error")
-                return
+            outputs = self.engine_client.generate(engine_request, record.timings)
+            async with contextlib.aclosing(outputs):
+                try:
+                    async for output in outputs:
+                        if isinstance(output, PreviewImages):
+                            [text] = await self._encode(
+                                output.images[:1], request, record, encode_image_base64
+                            )
+                            event = partial_image_event(
+                                kind, request, engine_request, text, output.index
+                            )
+                            yield server_sent_event(event)
+                        elif isinstance(output, FinalImages):
+                            [completed] = await self._encode(
+                                output.images, request, record, encode_image_base64
+                            )
+                except Exception as exc:
+                    outcome, response = self._failed(record, exc)
+                    yield server_sent_event(response.model_dump(), event="error")
+                    return
             outcome = "ok"
-            yield server_sent_event(completed_event(kind, request, engine_request, text))
+            yield server_sent_event(completed_event(kind, request, engine_request, completed))
         finally:
-            generation.cancel()  # no-op once it finished; withdraws it if the client left
             self._finish(record, outcome)
 
     def _check_response_format(
@@ -301,7 +301,8 @@ class OpenAIServingImage:
         return kind.outcome, error_response(exc)
 
     def _finish(self, record: _RequestRecord, outcome: Outcome) -> None:
-        self.engine_client.record_request(outcome, record.images, record.encode_s)
+        if self.request_metrics is not None:
+            self.request_metrics.record_request(outcome, record.images, record.encode_s)
         work = record.engine_request
         if work is None:
             logger.info("Image request %s: %s", record.request_id, outcome)
@@ -322,20 +323,3 @@ class OpenAIServingImage:
             (record.encode_s or 0.0) * 1e3,
             record.user,
         )
-
-
-async def _previews_until(
-    previews: asyncio.Queue[tuple[int, Image.Image]], generation: asyncio.Future[list[Image.Image]]
-) -> AsyncIterator[tuple[int, Image.Image]]:
-    """Each preview as it arrives, until `generation` is done (then the ones still queued: the
-    engine hands every preview over before its batch's result)."""
-    while not generation.done():
-        waiting: asyncio.Future[tuple[int, Image.Image]] = asyncio.ensure_future(previews.get())
-        either: list[asyncio.Future[Any]] = [waiting, generation]
-        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-        if not waiting.done():
-            waiting.cancel()
-            break
-        yield waiting.result()
-    while not previews.empty():
-        yield previews.get_nowait()

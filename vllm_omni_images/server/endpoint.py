@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import io
+import logging
 import math
 import shutil
 import sys
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 
 PLUGIN_NAME = "images"
 
+logger = logging.getLogger(__name__)
+
 
 class ImagesEndpointPlugin:
     """Adds `/v1/images/*` to vLLM's app and builds the serving object behind it."""
@@ -46,9 +49,10 @@ class ImagesEndpointPlugin:
         self, engine_client: EngineClient | None, state: State, args: Namespace
     ) -> None:
         from vllm_omni_images.engine.client import ImageEngineClient
+        from vllm_omni_images.images.request_metrics import RequestMetrics
         from vllm_omni_images.images.serving import OpenAIServingImage
 
-        # The routes read them from the state (`limits.limits_of`), before any body is read.
+        # The routes read them from the state (`request_guard.limits_of`) before any body.
         state.image_limits = limits = limits_from_args(args)
         if not isinstance(engine_client, ImageEngineClient):
             state.openai_serving_image = None
@@ -65,13 +69,23 @@ class ImagesEndpointPlugin:
             image_store=store,
             fetch_remote_image=remote_image_fetcher(args, limits),
             limits=limits,
+            request_metrics=RequestMetrics((args.served_model_name or [args.model])[0]),
         )
 
 
 def limits_from_args(args: Namespace) -> ImageLimits:
-    """The `--image-max-*` flags as the limits the routes and the serving object apply."""
-    from vllm_omni_images.images.limits import ImageLimits
+    """The `--image-max-*` flags as the limits the routes and the serving object apply.
+    `--image-max-input-images` can only lower what the engines edit at once: a value above it
+    is said in the log, not silently dropped."""
+    from vllm_omni_images.images.limits import EDIT_INPUT_IMAGES, ImageLimits
 
+    if args.image_max_input_images > EDIT_INPUT_IMAGES:
+        logger.warning(
+            "--image-max-input-images %d is more than the engines edit at once (%d): an edit "
+            "or variation that sends more than one image is refused (400).",
+            args.image_max_input_images,
+            EDIT_INPUT_IMAGES,
+        )
     form_mb = args.image_max_form_mb
     return ImageLimits(
         max_json_bytes=_mib_bytes(args.image_max_json_mb),

@@ -17,11 +17,11 @@ from vllm.entrypoints.launchers.utils.server_utils import get_uvicorn_log_config
 from vllm.logger import init_logger
 from vllm.tasks import SupportedTask
 
-from vllm_omni_images.engine.base import AnyImageEngine
-from vllm_omni_images.engine.client import ImageEngineClient
+from vllm_omni_images.engine.base import ImageEngine
+from vllm_omni_images.engine.batching import BatchingConfig
+from vllm_omni_images.engine.client import AdmissionConfig, ImageEngineClient
 from vllm_omni_images.engine.errors import EngineUnavailableError
 from vllm_omni_images.engine.metrics import ModelMetrics, image_metrics
-from vllm_omni_images.engine.scheduler import SchedulerConfig
 from vllm_omni_images.engine.selection import EngineSettings, choose_engine, create_engine
 from vllm_omni_images.server import vllm_patches
 from vllm_omni_images.server.cli_args import (
@@ -50,26 +50,41 @@ def build_image_app(args: argparse.Namespace) -> FastAPI:
     return app
 
 
-def scheduler_config_from_args(args: argparse.Namespace) -> SchedulerConfig:
-    return SchedulerConfig(
-        max_batch_size=args.image_max_batch_size,
-        batch_delay_s=args.image_batch_delay_ms / 1000,
+def served_name(args: argparse.Namespace) -> str:
+    return str((args.served_model_name or [args.model])[0])
+
+
+def engine_metrics(args: argparse.Namespace) -> ModelMetrics:
+    """Where admission and the engine report (`/metrics`), labelled with the served name."""
+    return ModelMetrics(image_metrics(), served_name(args))
+
+
+def admission_config_from_args(args: argparse.Namespace) -> AdmissionConfig:
+    return AdmissionConfig(
         max_queue_images=args.image_max_queue,
         request_timeout_s=args.image_request_timeout or None,
+    )
+
+
+def batching_config_from_args(args: argparse.Namespace) -> BatchingConfig:
+    """The batching flags, for the engine that batches a diffusers pipeline (vllm-omni gets
+    them in its own config: `engine_settings_from_args`)."""
+    return BatchingConfig(
+        max_batch_size=args.image_max_batch_size,
+        batch_delay_s=args.image_batch_delay_ms / 1000,
         hang_grace_s=args.image_engine_hang_grace or None,
     )
 
 
 def make_engine_client(
-    engine: AnyImageEngine | None, args: argparse.Namespace
+    engine: ImageEngine, args: argparse.Namespace, metrics: ModelMetrics
 ) -> ImageEngineClient:
-    """The engine client for `engine`, scheduled and measured as the flags say."""
-    served_name = (args.served_model_name or [args.model])[0]
+    """Admission in front of `engine`, as the flags say, reporting into `metrics`."""
     return ImageEngineClient(
         engine,
         model_name=args.model,
-        scheduler_config=scheduler_config_from_args(args),
-        metrics=ModelMetrics(image_metrics(), served_name),
+        config=admission_config_from_args(args),
+        observer=metrics,
         shutdown_timeout=args.shutdown_timeout,
     )
 
@@ -82,13 +97,12 @@ async def init_image_app_state(
 
 def engine_settings_from_args(args: argparse.Namespace) -> EngineSettings:
     return EngineSettings(
-        max_batch_size=args.image_max_batch_size,
-        batch_delay_ms=args.image_batch_delay_ms,
+        batching=batching_config_from_args(args),
         omni_options=omni_options_from_args(args),
     )
 
 
-def load_engine(args: argparse.Namespace) -> AnyImageEngine:
+def load_engine(args: argparse.Namespace, metrics: ModelMetrics | None = None) -> ImageEngine:
     """Load `args.model` (a diffusers folder, a hub id, or the embedded `tiny-qwen-image`)
     into the engine `--image-engine` chooses."""
     model_path = resolve_model_path(args.model)
@@ -101,7 +115,9 @@ def load_engine(args: argparse.Namespace) -> AnyImageEngine:
             "or serve on a GPU with --image-engine omni."
         )
     try:
-        return create_engine(model_path, choice, settings=engine_settings_from_args(args))
+        return create_engine(
+            model_path, choice, settings=engine_settings_from_args(args), observer=metrics
+        )
     except OSError as error:
         # diffusers' own words for a folder without model_index.json, or a hub id that is not
         # cached while offline: the cause is the model argument, so say that in one line.
@@ -113,8 +129,9 @@ def load_engine(args: argparse.Namespace) -> AnyImageEngine:
 
 async def load_engine_client(args: argparse.Namespace) -> ImageEngineClient:
     logger.info("Loading image model %s (engine: %s)", args.model, args.image_engine)
-    engine = await asyncio.to_thread(load_engine, args)
-    return make_engine_client(engine, args)
+    metrics = engine_metrics(args)
+    engine = await asyncio.to_thread(load_engine, args, metrics)
+    return make_engine_client(engine, args, metrics)
 
 
 async def serve_image_app(

@@ -1,0 +1,117 @@
+"""How the batching engine plans its calls, as pure functions: batch formation, the company
+wait, and the halves an out-of-memory call is retried in."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Any
+
+import pytest
+
+from tests.support.engines import req
+from vllm_omni_images.engine.batch_planning import (
+    BatchSlice,
+    batch_key,
+    company_wait_s,
+    form_batch,
+    split_in_halves,
+)
+
+# Batch formation
+
+
+def test_form_batch_groups_compatible_requests_up_to_max_images() -> None:
+    assert form_batch([req(i) for i in range(6)], max_images=4) == [0, 1, 2, 3]
+    assert form_batch([req(i) for i in range(3)], max_images=4) == [0, 1, 2]
+    assert form_batch([], max_images=4) == []
+
+
+def test_form_batch_keeps_incompatible_requests_apart() -> None:
+    queue = [req(1), req(2, width=128), req(3), req(4, width=128), req(5)]
+    assert form_batch(queue, max_images=4) == [0, 2, 4]
+    assert form_batch(queue[1:], max_images=4) == [0, 2]
+
+
+def test_form_batch_counts_images_and_skips_requests_that_do_not_fit() -> None:
+    assert form_batch([req(1, 2), req(3, 4), req(5)], max_images=4) == [0, 1]
+    assert form_batch([req(1, 2, 3), req(4, 5), req(6)], max_images=4) == [0, 2]
+    assert form_batch([req(1), req(2, 3, 4, 5), req(6, 7)], max_images=4) == [0, 2]
+
+
+def test_form_batch_runs_an_oversized_request_alone_and_never_splits_it() -> None:
+    assert form_batch([req(*range(6)), req(9)], max_images=4) == [0]
+    assert form_batch([req(1), req(*range(10, 16)), req(2)], max_images=4) == [0, 2]
+
+
+def test_form_batch_always_starts_with_the_oldest_request() -> None:
+    odd = req(1, width=96)
+    assert form_batch([odd, *(req(i) for i in range(10, 20))], max_images=4) == [0]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"width": 128},
+        {"height": 128},
+        {"num_inference_steps": 3},
+        {"true_cfg_scale": 4.0},
+        {"guidance_scale": 1.0},
+        {"negative_prompt": ""},
+    ],
+)
+def test_each_batch_key_field_separates_batches(change: dict[str, Any]) -> None:
+    base = req(1)
+    other = dataclasses.replace(base, seeds=(2,), **change)
+    assert batch_key(base) != batch_key(other)
+    assert form_batch([base, other], max_images=4) == [0]
+
+
+def test_prompts_negative_texts_and_seeds_may_differ_within_a_batch() -> None:
+    a = req(1, prompt="a fox", negative_prompt="blurry")
+    b = req(2, 3, prompt="a cat", negative_prompt="dark")
+    assert batch_key(a) == batch_key(b)
+    assert form_batch([a, b], max_images=4) == [0, 1]
+
+
+# The company wait
+
+
+def test_company_wait_counts_from_the_head_arrival() -> None:
+    assert company_wait_s(2, 4, head_arrival=10.0, now=10.002, delay_s=0.005) == pytest.approx(
+        0.003
+    )
+    assert company_wait_s(2, 4, head_arrival=10.0, now=11.0, delay_s=0.005) == 0.0
+    assert company_wait_s(4, 4, head_arrival=10.0, now=10.0, delay_s=0.005) == 0.0
+    assert company_wait_s(6, 4, head_arrival=10.0, now=10.0, delay_s=0.005) == 0.0
+
+
+# Out of memory: the halves to retry in
+
+
+def test_split_in_halves_cuts_at_the_middle_image() -> None:
+    four = [BatchSlice(index, 0, 1) for index in range(4)]
+    assert split_in_halves(four) == (four[:2], four[2:])
+    # A request across the middle goes to both halves, its seeds in order.
+    assert split_in_halves([BatchSlice(0, 0, 1), BatchSlice(1, 0, 3)]) == (
+        [BatchSlice(0, 0, 1), BatchSlice(1, 0, 1)],
+        [BatchSlice(1, 1, 3)],
+    )
+    assert split_in_halves([BatchSlice(0, 0, 4)]) == ([BatchSlice(0, 0, 2)], [BatchSlice(0, 2, 4)])
+    # An odd count: the first half is the larger; a part of a request splits again.
+    assert split_in_halves([BatchSlice(0, 2, 5)]) == ([BatchSlice(0, 2, 4)], [BatchSlice(0, 4, 5)])
+    with pytest.raises(ValueError):
+        split_in_halves([BatchSlice(0, 0, 1)])
+
+
+def test_split_in_halves_keeps_every_image_once_in_order() -> None:
+    rng = random.Random(3)
+    for _ in range(200):
+        slices = [BatchSlice(i, 0, rng.randint(1, 5)) for i in range(rng.randint(1, 6))]
+        if sum(part.num_images for part in slices) < 2:
+            continue
+        first, second = split_in_halves(slices)
+        images = [(p.index, seed) for p in first + second for seed in range(p.start, p.stop)]
+        assert images == [(p.index, seed) for p in slices for seed in range(p.start, p.stop)]
+        sizes = [sum(part.num_images for part in half) for half in (first, second)]
+        assert 0 <= sizes[0] - sizes[1] <= 1

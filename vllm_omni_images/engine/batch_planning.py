@@ -1,0 +1,114 @@
+"""How the batching engine plans its engine calls: pure functions, no state and no clock.
+
+- `batch_key`: what requests must share to run in one pipeline call.
+- `form_batch`: which waiting requests run next (the oldest always goes, so none starves).
+- `company_wait_s`: how long a batch that is not full waits for compatible requests.
+- `split_in_halves`: the two calls to retry a call that ran out of device memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from vllm_omni_images.engine.base import EngineRequest
+
+
+class BatchKey(NamedTuple):
+    """What requests must share to run in one pipeline call."""
+
+    task: str
+    strength: float | None
+    width: int
+    height: int
+    num_inference_steps: int
+    true_cfg_scale: float | None
+    guidance_scale: float | None
+    has_negative_prompt: bool
+
+
+def batch_key(request: EngineRequest) -> BatchKey:
+    """The request's batch key; prompts, negative prompt texts and seeds may differ."""
+    return BatchKey(
+        request.task,
+        request.strength,
+        request.width,
+        request.height,
+        request.num_inference_steps,
+        request.true_cfg_scale,
+        request.guidance_scale,
+        request.negative_prompt is not None,
+    )
+
+
+def form_batch(queue: Sequence[EngineRequest], max_images: int) -> list[int]:
+    """Indices into `queue` (oldest first) of the requests that should run next.
+
+    The oldest request always goes, whatever its size, so no request starves. Later requests
+    with its batch key join in arrival order while the total stays within `max_images`; one
+    that does not fit is skipped and the scan goes on. A request is never split.
+    """
+    if not queue:
+        return []
+    key = batch_key(queue[0])
+    chosen = [0]
+    total = queue[0].num_images
+    for index in range(1, len(queue)):
+        if total >= max_images:
+            break
+        request = queue[index]
+        if total + request.num_images <= max_images and batch_key(request) == key:
+            chosen.append(index)
+            total += request.num_images
+    return chosen
+
+
+@dataclass(frozen=True)
+class BatchSlice:
+    """Images `start` to `stop` (indices into its seeds) of request `index` of a batch."""
+
+    index: int
+    start: int
+    stop: int
+
+    @property
+    def num_images(self) -> int:
+        return self.stop - self.start
+
+
+def split_in_halves(slices: Sequence[BatchSlice]) -> tuple[list[BatchSlice], list[BatchSlice]]:
+    """The two halves to retry an engine call that ran out of memory: the first holds the first
+    half of its images (the larger half when the count is odd), the second the rest, in order.
+    A request whose images straddle the middle is split between the halves."""
+    total = sum(part.num_images for part in slices)
+    if total < 2:
+        raise ValueError("a single image cannot be split")
+    middle = (total + 1) // 2
+    first: list[BatchSlice] = []
+    second: list[BatchSlice] = []
+    seen = 0
+    for part in slices:
+        if seen + part.num_images <= middle:
+            first.append(part)
+        elif seen >= middle:
+            second.append(part)
+        else:
+            cut = part.start + middle - seen
+            first.append(BatchSlice(part.index, part.start, cut))
+            second.append(BatchSlice(part.index, cut, part.stop))
+        seen += part.num_images
+    return first, second
+
+
+def company_wait_s(
+    batch_images: int, max_images: int, head_arrival: float, now: float, delay_s: float
+) -> float:
+    """How much longer a batch should wait for compatible requests before it runs.
+
+    The delay counts from the oldest request's arrival, so a request that already waited
+    that long does not wait again; a full batch never waits.
+    """
+    if batch_images >= max_images:
+        return 0.0
+    return max(0.0, head_arrival + delay_s - now)

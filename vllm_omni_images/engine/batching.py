@@ -1,0 +1,475 @@
+"""`BatchingEngine`: an `ImageEngine` that batches requests for a pipeline that cannot.
+
+A diffusers pipeline runs one call at a time and batches nothing by itself; this engine plays
+the part vllm-omni's own scheduler plays for vllm-omni's pipelines:
+
+1. **Batching.** One worker task takes the oldest waiting request, adds compatible waiting
+   requests up to `max_batch_size` images (`batch_planning.form_batch`), waits up to
+   `batch_delay_s` for company when the batch is not full, and runs the batch in one blocking
+   `PipelineRunner.run` call on a single engine thread, one call at a time.
+2. **Previews** the runner decodes go to their request's stream as `PreviewImages`, each once.
+3. **Faults stay with the requests they hit.** A runner exception fails the requests of its
+   call, and the worker goes on with the next batch. Out of device memory
+   (`EngineOutOfMemoryError`), the call's images are split in two halves at the middle image
+   (a request's images may go to both; image `i` depends only on `seeds[i]`, so its images
+   are the same) and each half runs in turn, halving again down to single images. Only a
+   request with an image that does not fit even alone fails; the others get their images,
+   each request answered as soon as its last image is in. A request withdrawn between tries
+   is not retried.
+4. **Withdrawal.** A request whose stream is closed leaves the queue at once; a batch that no
+   request waits for any more is stopped at its next step.
+5. **A hung call.** A call still running `hang_grace_s` after it was asked to stop marks the
+   engine hung (`hang_watch.py`): waiting requests fail with `EngineHungError`, and new ones
+   are refused with it, until the call returns.
+6. **A dead worker** (a bug in this module) fails what waits, and `check_health` says so.
+
+Admission (queue limit, timeout) is not here: it is in front of every engine
+(`admission.py`). Importable without vLLM (the GPU benchmarks run it with diffusers only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import AsyncGenerator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from PIL import Image
+
+from vllm_omni_images.engine.base import (
+    EngineObserver,
+    EngineOutput,
+    EngineRequest,
+    FinalImages,
+    ImageEngine,
+    ImagesStarted,
+    ModelDefaults,
+    NoObserver,
+    PreviewImages,
+    notify,
+)
+from vllm_omni_images.engine.batch_planning import (
+    BatchSlice,
+    company_wait_s,
+    form_batch,
+    split_in_halves,
+)
+from vllm_omni_images.engine.cpu_priority import yield_cpu_to_serving
+from vllm_omni_images.engine.errors import (
+    EngineDiedError,
+    EngineError,
+    EngineOutOfMemoryError,
+    GenerationCancelled,
+    SchedulerClosedError,
+)
+from vllm_omni_images.engine.hang_watch import HangWatch
+
+logger = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, int], None]
+"""Called after each denoising step with (step index, total steps). It may raise
+`errors.GenerationCancelled` to stop the call at once."""
+
+PreviewCallback = Callable[[int, int, list[Image.Image]], None]
+"""Called with (request's position in the call, preview index, that request's images at
+that step), on the engine thread; it must be cheap."""
+
+
+class PipelineRunner(Protocol):
+    """What `BatchingEngine` drives: a loaded pipeline, run one blocking call at a time."""
+
+    @property
+    def defaults(self) -> ModelDefaults: ...
+
+    def run(
+        self,
+        requests: Sequence[EngineRequest],
+        on_step: StepCallback | None = None,
+        on_preview: PreviewCallback | None = None,
+    ) -> list[list[Image.Image]]:
+        """Every request's images, in order and in seed order, from one pipeline call. The
+        requests share `batch_planning.batch_key`. Raises `EngineOutOfMemoryError` when the
+        device runs out of memory, `GenerationCancelled` when `on_step` raised it."""
+        ...
+
+    def close(self) -> None:
+        """Release the model's memory."""
+        ...
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """How requests are batched (`--image-max-batch-size`, `--image-batch-delay-ms`) and when a
+    call is taken as hung (`--image-engine-hang-grace`)."""
+
+    max_batch_size: int = 4
+    """Images per pipeline call; a single request with more images still runs, alone."""
+    batch_delay_s: float = 0.0
+    """How long a non-full batch waits for compatible company, counted from its oldest
+    request's arrival."""
+    hang_grace_s: float | None = 60.0
+    """How long a call may go on after it was asked to stop before the engine is taken as
+    hung; `None`: never."""
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.batch_delay_s < 0:
+            raise ValueError(f"batch_delay_s must be >= 0, got {self.batch_delay_s}")
+        if self.hang_grace_s is not None and self.hang_grace_s <= 0:
+            raise ValueError(f"hang_grace_s must be > 0, got {self.hang_grace_s}")
+
+
+Message = EngineOutput | BaseException
+"""What a request's stream receives: an output, or the exception that ends it."""
+
+
+@dataclass(eq=False)
+class _Pending:
+    request: EngineRequest
+    arrival: float
+    inbox: asyncio.Queue[Message] = field(default_factory=asyncio.Queue)
+    batch: _Batch | None = None
+    settled: bool = False
+    """Its last message (images or an exception) is sent."""
+    withdrawn: bool = False
+
+    def send(self, message: Message) -> None:
+        if not self.settled:
+            self.settled = isinstance(message, (FinalImages, BaseException))
+            self.inbox.put_nowait(message)
+
+    @property
+    def wanted(self) -> bool:
+        return not (self.settled or self.withdrawn)
+
+
+@dataclass(eq=False)
+class _Batch:
+    items: list[_Pending]
+    # Read by `on_step` on the engine thread, set on the event loop.
+    cancel: threading.Event = field(default_factory=threading.Event)
+    call: asyncio.Future[list[list[Image.Image]]] | None = None
+    """The runner call running now (one of several after running out of memory)."""
+
+    @property
+    def num_images(self) -> int:
+        return sum(item.request.num_images for item in self.items)
+
+
+@dataclass(eq=False)
+class _BatchRun:
+    """One batch's way through the runner: the images gathered so far per request (after
+    running out of memory, a request's images may come from several calls)."""
+
+    batch: _Batch
+    images: list[list[Image.Image | None]] = field(init=False)
+    previews_sent: list[set[int]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.images = [[None] * item.request.num_images for item in self.batch.items]
+        self.previews_sent = [set() for _ in self.batch.items]
+
+    def wants(self, index: int) -> bool:
+        return self.batch.items[index].wanted
+
+    def request_for(self, part: BatchSlice) -> EngineRequest:
+        """What the runner is asked for `part`: the request, or the seeds of the part (a
+        preview shows all of a request's images, so a part asks for none)."""
+        request = self.batch.items[part.index].request
+        if part.num_images == request.num_images:
+            return request
+        return dataclasses.replace(
+            request, seeds=request.seeds[part.start : part.stop], partial_images=0
+        )
+
+    def preview(self, index: int, preview: int, images: list[Image.Image]) -> None:
+        """On the loop: request `index`'s preview, sent once (a retried call decodes it again)."""
+        if preview not in self.previews_sent[index]:
+            self.previews_sent[index].add(preview)
+            self.batch.items[index].send(PreviewImages(preview, images))
+
+    def deliver(self, parts: Sequence[BatchSlice], results: list[list[Image.Image]]) -> None:
+        for part, images in zip(parts, results, strict=True):
+            if not self.wants(part.index):
+                continue
+            gathered = self.images[part.index]
+            gathered[part.start : part.stop] = images
+            if all(image is not None for image in gathered):
+                final = [image for image in gathered if image is not None]
+                self.batch.items[part.index].send(FinalImages(final))
+
+    def fail(self, parts: Sequence[BatchSlice], error: BaseException) -> None:
+        for index in dict.fromkeys(part.index for part in parts):
+            self.batch.items[index].send(error)
+
+
+class BatchingEngine(ImageEngine):
+    """Batches requests for a `PipelineRunner` (see the module docstring)."""
+
+    def __init__(
+        self,
+        runner: PipelineRunner,
+        config: BatchingConfig | None = None,
+        *,
+        observer: EngineObserver | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        executor: concurrent.futures.Executor | None = None,
+    ) -> None:
+        self.runner = runner
+        self._config = config or BatchingConfig()
+        self._clock = clock
+        self._owns_executor = executor is None
+        self._executor = executor or concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="image-engine", initializer=yield_cpu_to_serving
+        )
+        self._observer = observer or NoObserver()
+        self._hang_watch = HangWatch(
+            self._config.hang_grace_s, self._fail_waiting, observer=self._observer, clock=clock
+        )
+        self._queue: list[_Pending] = []
+        self._batch: _Batch | None = None
+        self._arrived = asyncio.Event()
+        self._worker: asyncio.Task[None] | None = None
+        self._closed = False
+        self._died: str | None = None
+
+    @property
+    def defaults(self) -> ModelDefaults:
+        return self.runner.defaults
+
+    def check_health(self) -> None:
+        if self._died is not None:
+            raise EngineDiedError(self._died)
+        if (hung := self._hang_watch.error()) is not None:
+            raise hung
+
+    def check_admission(self, num_images: int) -> None:
+        if self._closed and self._died is None:
+            raise SchedulerClosedError()
+        self.check_health()
+
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
+        if request.num_images < 1:
+            raise ValueError("A request needs at least one seed.")
+        self.check_admission(request.num_images)
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(
+                self._run(), name="image-batching-engine"
+            )
+        pending = _Pending(request, self._clock())
+        self._queue.append(pending)
+        self._arrived.set()
+        try:
+            while True:
+                message = await pending.inbox.get()
+                if isinstance(message, BaseException):
+                    raise message
+                yield message
+                if isinstance(message, FinalImages):
+                    return
+        finally:
+            if not pending.settled:
+                self._withdraw(pending)
+
+    async def close(self) -> None:
+        """Refuse new work, fail waiting requests, and let the running batch finish (unless
+        the engine is hung: its call is then abandoned), then release the model."""
+        self._closed = True
+        self._fail_waiting(SchedulerClosedError())
+        self._arrived.set()
+        if self._worker is not None:
+            hung = asyncio.ensure_future(self._hang_watch.hung.wait())
+            await asyncio.wait([self._worker, hung], return_when=asyncio.FIRST_COMPLETED)
+            hung.cancel()
+            await asyncio.wait([hung])
+            if not self._worker.done():
+                # A hung call may never return: do not wait for it (its thread is left behind).
+                logger.error("Shutting down with the image engine hung; its call is abandoned.")
+                self._worker.cancel()
+                await asyncio.wait([self._worker])
+        if self._owns_executor:
+            self._executor.shutdown(wait=False)
+        self.runner.close()
+
+    def _withdraw(self, pending: _Pending) -> None:
+        """The stream was closed before its images: drop a waiting request, or abandon a
+        running one (its batch stops once no request of it is wanted)."""
+        pending.withdrawn = True
+        batch = pending.batch
+        if batch is None:
+            if pending in self._queue:
+                self._queue.remove(pending)
+            return
+        if not batch.cancel.is_set() and not any(item.wanted for item in batch.items):
+            batch.cancel.set()
+            self._hang_watch.stopping(
+                batch,
+                lambda: self._batch is batch and batch.call is not None and not batch.call.done(),
+                f"a batch of {batch.num_images} image(s)",
+            )
+
+    def _fail_waiting(self, error: BaseException) -> None:
+        waiting, self._queue = self._queue, []
+        for pending in waiting:
+            pending.send(error)
+
+    async def _run(self) -> None:
+        try:
+            while (batch := await self._next_batch()) is not None:
+                await self._run_batch(batch)
+        except Exception as error:
+            logger.exception("The batching engine's worker stopped")
+            self._died = f"its batching worker stopped ({type(error).__name__}: {error})"
+        finally:
+            # Whatever stopped the worker, no accepted request may be left hanging.
+            self._closed = True
+            self._fail_waiting(SchedulerClosedError())
+
+    async def _next_batch(self) -> _Batch | None:
+        """Wait for work, then take the next batch off the queue (`None` once closed)."""
+        delay_over_for: _Pending | None = None
+        while True:
+            if self._closed:
+                return None
+            if not self._queue:
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            head = self._queue[0]
+            indices = form_batch([p.request for p in self._queue], self._config.max_batch_size)
+            wait_s = 0.0
+            if head is not delay_over_for:
+                images = sum(self._queue[i].request.num_images for i in indices)
+                wait_s = company_wait_s(
+                    images,
+                    self._config.max_batch_size,
+                    head.arrival,
+                    self._clock(),
+                    self._config.batch_delay_s,
+                )
+            if wait_s > 0:
+                # Any arrival re-forms the batch; a timeout means the head waited long enough.
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), wait_s)
+                except TimeoutError:
+                    delay_over_for = head
+                continue
+            chosen = set(indices)
+            batch = _Batch([self._queue[i] for i in indices])
+            self._queue = [p for i, p in enumerate(self._queue) if i not in chosen]
+            return batch
+
+    async def _run_batch(self, batch: _Batch) -> None:
+        loop = asyncio.get_running_loop()
+        run = _BatchRun(batch)
+        start = self._clock()
+        self._batch = batch
+        for pending in batch.items:
+            pending.batch = batch
+            pending.send(ImagesStarted(pending.request.num_images, batch.num_images))
+        notify(self._observer.on_batch_start, batch.num_images)
+        last_step = start
+
+        def on_step(step: int, total: int) -> None:  # the engine thread
+            nonlocal last_step
+            now = self._clock()
+            notify(self._observer.on_step, now - last_step)
+            last_step = now
+            if batch.cancel.is_set():
+                raise GenerationCancelled()
+
+        def on_preview(position: int, index: int, images: list[Image.Image]) -> None:
+            loop.call_soon_threadsafe(run.preview, position, index, images)
+
+        whole = [BatchSlice(i, 0, item.request.num_images) for i, item in enumerate(batch.items)]
+        try:
+            await self._run_slices(run, whole, on_step, on_preview)
+        finally:
+            # Every request is answered by now unless the worker itself was cancelled.
+            for pending in batch.items:
+                pending.send(SchedulerClosedError())
+            self._batch = None
+        notify(self._observer.on_batch_end, self._clock() - start)
+
+    async def _run_slices(
+        self,
+        run: _BatchRun,
+        parts: Sequence[BatchSlice],
+        on_step: StepCallback,
+        on_preview: PreviewCallback,
+    ) -> None:
+        """Run the `parts` of `run`'s batch still wanted in one runner call, and answer each
+        request whose images are all in, or that failed. Out of memory, run each half of them
+        in turn, down to single images (see the module docstring)."""
+        parts = [part for part in parts if run.wants(part.index)]
+        if not parts:
+            return
+        requests = [run.request_for(part) for part in parts]
+        images = sum(part.num_images for part in parts)
+
+        def preview(position: int, index: int, images: list[Image.Image]) -> None:
+            on_preview(parts[position].index, index, images)
+
+        out_of_memory: str | None = None
+        call = asyncio.get_running_loop().run_in_executor(
+            self._executor, self.runner.run, requests, on_step, preview
+        )
+        run.batch.call = call
+        try:
+            try:
+                results = await call
+            finally:
+                if not call.cancelled():  # it returned; cancelled: the worker was stopped
+                    self._hang_watch.returned(run.batch)
+            check_results(requests, results)
+        except EngineOutOfMemoryError as error:
+            out_of_memory = str(error) or type(error).__name__
+        except Exception as error:
+            if not (isinstance(error, GenerationCancelled) and run.batch.cancel.is_set()):
+                logger.warning("Image batch of %d request(s) failed: %r", len(requests), error)
+                run.fail(parts, error)
+        else:
+            run.deliver(parts, results)
+        if out_of_memory is None:
+            return
+        # Retried out here, not in the except block, so that the failed call's traceback (and
+        # whatever memory its frames hold) is gone before the next call.
+        if images == 1:
+            request = requests[0]
+            logger.warning(
+                "One %dx%d image of request %s ran out of device memory even alone; the request "
+                "fails: %s",
+                request.width,
+                request.height,
+                request.request_id or "(no id)",
+                out_of_memory,
+            )
+            message = f"one {request.width}x{request.height} image did not fit, even alone"
+            run.fail(parts, EngineOutOfMemoryError(message))
+            return
+        first, second = split_in_halves(parts)
+        logger.warning(
+            "A batch of %d images ran out of device memory (%s); retrying it as %d + %d images.",
+            images,
+            out_of_memory,
+            sum(part.num_images for part in first),
+            sum(part.num_images for part in second),
+        )
+        notify(self._observer.on_batch_split, images)
+        await self._run_slices(run, first, on_step, on_preview)
+        await self._run_slices(run, second, on_step, on_preview)
+
+
+def check_results(requests: Sequence[EngineRequest], results: list[list[Image.Image]]) -> None:
+    """Refuse a result that cannot be matched to its requests, rather than mis-deliver it."""
+    counts = [len(images) for images in results]
+    expected = [request.num_images for request in requests]
+    if counts != expected:
+        raise EngineError(f"The engine returned {counts} images for requests of {expected}.")
