@@ -224,11 +224,11 @@ async def test_too_many_or_too_large_images_are_refused_and_serving_goes_on(
     for count in (DEFAULT_LIMITS.form_files, DEFAULT_LIMITS.form_files + 1, 40):
         many = [("image[]", ("in.png", png(source(16, 16)), "image/png"))] * count
         response = await http.post("/v1/images/edits", data={"prompt": "p"}, files=many)
-        error = assert_openai_error(response, 400)
+        error = assert_openai_error(response, 400, "image")
         assert "This model edits one image at a time" in error["message"]
         if count <= DEFAULT_LIMITS.form_files:
-            assert error["param"] == "image" and f"; got {count}." in error["message"]
-        else:
+            assert f"; got {count}." in error["message"]
+        else:  # a flood: the form parser stops reading at its file limit
             assert "Too many files" in error["message"]
     huge = b"\x89PNG\r\n\x1a\n" + bytes(DEFAULT_LIMITS.max_input_bytes)
     response = await http.post("/v1/images/edits", data={"prompt": "p"}, files=upload(huge))

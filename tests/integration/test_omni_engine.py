@@ -312,7 +312,7 @@ async def test_requests_aborted_on_their_way_to_an_idle_engine_leave_nothing_beh
 ) -> None:
     """The abort races vllm-omni's admission on an idle engine: before it (stopped at the
     door), during or after it (aborted there). Each way, the request ends, nothing stays
-    queued or running in either scheduler, and the next request is served."""
+    queued or running in admission or in vllm-omni, and the next request is served."""
     for seed in range(20):
         early = asyncio.create_task(images_from(client, req(seed)))
         for _ in range(seed % 4):  # a little further on its way each time

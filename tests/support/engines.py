@@ -58,12 +58,12 @@ async def images_of(stream: AsyncGenerator[EngineOutput, None]) -> list[Image.Im
 
 
 def colour(seed: int) -> tuple[int, int, int]:
-    """The colour `FakeEngine` paints the image of `seed`."""
+    """The colour `FakeRunner` paints the image of `seed`."""
     return (seed % 256, seed // 256 % 256, 99)
 
 
 def req(*seeds: int, **fields: Any) -> EngineRequest:
-    """A request of `FakeEngine`'s default size and steps, with one image per seed (default 1)."""
+    """A request of `FakeRunner`'s default size and steps, with one image per seed (default 1)."""
     values: dict[str, Any] = {
         "prompt": "a red fox",
         "width": 64,
@@ -75,7 +75,7 @@ def req(*seeds: int, **fields: Any) -> EngineRequest:
 
 
 class FakeClock:
-    """A clock that moves only when a test (or `FakeEngine`) moves `now`."""
+    """A clock that moves only when a test (or `FakeRunner`) moves `now`."""
 
     def __init__(self) -> None:
         self.now = 0.0
@@ -293,7 +293,7 @@ class FaultyRunner(DelegatingRunner):
 
 
 HANG_LIMIT_S = 120.0
-"""The longest `FaultyEngine` hangs when a test forgets to release it."""
+"""The longest `FaultyRunner` hangs when a test forgets to release it."""
 
 
 class ScriptedRequest:

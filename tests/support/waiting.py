@@ -1,6 +1,6 @@
 """Waiting, in tests, for state that changes without an event to await.
 
-Some state changes on the engine thread, where no asyncio.Event can be set, and the scheduler
+Some state changes on the engine thread, where no asyncio.Event can be set, and admission
 exposes no event for the rest; `until` polls it instead, with a deadline, so a test that goes
 wrong fails instead of hanging.
 """

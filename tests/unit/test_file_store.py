@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.engines import FakeClock
+from tests.support.waiting import until
 from vllm_omni_images.images.file_store import NAME_PATTERN, LocalImageStore
 
 
@@ -86,10 +87,6 @@ async def test_the_background_clean_up_removes_expired_files(tmp_path: Path) -> 
     name = await store.put(b"x", "png")
     cleanup = asyncio.create_task(store.run_cleanup())
     try:
-        for _ in range(200):
-            if not (tmp_path / name).exists():
-                break
-            await asyncio.sleep(0.01)
-        assert not (tmp_path / name).exists()
+        await until(lambda: not (tmp_path / name).exists(), "the clean-up to remove it")
     finally:
         cleanup.cancel()

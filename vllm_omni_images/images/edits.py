@@ -100,8 +100,8 @@ async def read_multipart(
         raise  # the whole body passed its limit: a 413, answered by the route
     except HTTPException as error:  # Starlette's own limits and parse errors
         message = f"The form could not be read: {error.detail}"
-        if str(error.detail).startswith("Too many files"):
-            message += f" {ONE_AT_A_TIME}."
+        if str(error.detail).startswith("Too many files"):  # a flood of image parts
+            raise VLLMValidationError(f"{message} {ONE_AT_A_TIME}.", parameter="image") from None
         raise VLLMValidationError(message) from None
     try:
         return await _read_form(form, request_model, allow_mask, fetch_remote, limits)
