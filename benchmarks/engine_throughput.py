@@ -15,19 +15,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import torch
-from PIL import Image
 
 from benchmarks.report import benchmark_parser, markdown_table, percentile, publish
-from vllm_omni_images.engine.base import EngineRequest, FinalImages, ModelDefaults
+from testing.shared_runner import SharedRunner
+from vllm_omni_images.engine.base import EngineRequest, FinalImages
 from vllm_omni_images.engine.batching import (
     BatchingConfig,
     BatchingEngine,
-    PreviewCallback,
-    StepCallback,
 )
 from vllm_omni_images.engine.client import AdmissionConfig, ImageEngineClient
 from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
@@ -43,28 +40,6 @@ def load_engine(shape: str, layers: int, device: str) -> DiffusersRunner:
         return DiffusersRunner(str(ensure_tiny_model()), device=device)
     pipeline = build_qwen_image_pipeline(wide_shape(layers=layers), device=device)
     return DiffusersRunner(f"wide-qwen-image-{layers}-layers", device=device, pipeline=pipeline)
-
-
-class SharedRunner:
-    """The loaded runner, kept open when one batching engine closes, for the next."""
-
-    def __init__(self, runner: DiffusersRunner) -> None:
-        self.runner = runner
-
-    @property
-    def defaults(self) -> ModelDefaults:
-        return self.runner.defaults
-
-    def run(
-        self,
-        requests: Sequence[EngineRequest],
-        on_step: StepCallback | None = None,
-        on_preview: PreviewCallback | None = None,
-    ) -> list[list[Image.Image]]:
-        return self.runner.run(requests, on_step, on_preview)
-
-    def close(self) -> None:
-        return None
 
 
 async def closed_loop(

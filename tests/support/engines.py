@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from testing.shared_runner import SharedRunner
 from vllm_omni_images.engine.base import (
     EngineOutput,
     EngineRequest,
@@ -152,30 +153,10 @@ class FakeRunner:
         return [[Image.new("RGB", (8, 8), colour(seed)) for seed in r.seeds] for r in requests]
 
 
-class DelegatingRunner:
-    """A runner that forwards to `inner`; subclasses override what they change.
-
-    `close` does not close `inner`: the inner runner is the session-wide tiny runner, which
-    every later test still uses after an app built on a wrapper shuts down.
-    """
-
-    def __init__(self, inner: PipelineRunner) -> None:
-        self.inner = inner
-
-    @property
-    def defaults(self) -> ModelDefaults:
-        return self.inner.defaults
-
-    def run(
-        self,
-        requests: Sequence[EngineRequest],
-        on_step: StepCallback | None = None,
-        on_preview: PreviewCallback | None = None,
-    ) -> list[list[Image.Image]]:
-        return self.inner.run(requests, on_step, on_preview)
-
-    def close(self) -> None:
-        return None
+class DelegatingRunner(SharedRunner):
+    """A runner that forwards to `inner` and never closes it (the session-wide tiny runner,
+    which every later test still uses after an app built on a wrapper shuts down); subclasses
+    override what they change."""
 
 
 class FailingRunner(DelegatingRunner):
