@@ -17,6 +17,7 @@ from PIL import Image
 from testing.server_process import (
     VLLM,
 )
+from tests.support.images import FAST_STEPS
 from vllm_omni_images.images.encoding import decode_image_base64
 
 from .live_server import API_KEY, AUTH
@@ -36,7 +37,7 @@ def test_openai_sdk_gets_pngs_of_the_requested_size(sdk):
         n=2,
         size="128x64",
         response_format="b64_json",
-        extra_body={"seed": 3, "num_inference_steps": 2},
+        extra_body={"seed": 3, **FAST_STEPS},
     )
     assert result.data is not None and len(result.data) == 2
     for item in result.data:
@@ -71,7 +72,7 @@ def test_openai_sdk_edits_with_a_mask_and_asks_for_variations(sdk):
         image=("in.png", buffer.getvalue(), "image/png"),
         mask=("mask.png", mask.getvalue(), "image/png"),
         prompt="a red fox",
-        extra_body={"seed": 2, "num_inference_steps": 2},
+        extra_body={"seed": 2, **FAST_STEPS},
     )
     assert edited.data is not None and edited.size == "64x64"
     kept = np.asarray(decode_image_base64(edited.data[0].b64_json or ""))[:, 33:]
@@ -81,7 +82,7 @@ def test_openai_sdk_edits_with_a_mask_and_asks_for_variations(sdk):
         image=("in.png", buffer.getvalue(), "image/png"),
         n=2,
         size="256x256",
-        extra_body={"num_inference_steps": 2},
+        extra_body=FAST_STEPS,
     )
     assert varied.data is not None and len(varied.data) == 2
 

@@ -12,6 +12,7 @@ import openai
 import pytest
 from PIL import Image
 
+from tests.support.images import FAST
 from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
 
 from .conftest import AppFactory
@@ -128,7 +129,7 @@ async def test_a_full_queue_refuses_a_stream_with_a_plain_429(
     engine = ObservedRunner(tiny_runner)
     app = await make_app(engine, ["--image-max-queue", "1"])
     engine_client = app.state.engine_client
-    body = {"prompt": "a fox", "size": "64x64", "num_inference_steps": 2}
+    body = {"prompt": "a fox", **FAST}
     async with http_client(app) as http:
         engine.gate.clear()
         running = asyncio.create_task(http.post("/v1/images/generations", json=body))

@@ -171,7 +171,7 @@ async def test_pixels_per_image_and_per_request_are_refused_before_the_engine(
         assert_openai_error(await generate(http, size="128x64"), 400, "size")
         assert_openai_error(await generate(http, size="64x64", n=3), 400, "n")
         assert engine.batches == []
-        response = await generate(http, size="64x64", n=2, num_inference_steps=2)
+        response = await generate(http, **FAST, n=2)
         assert response.status_code == 200, response.text
     assert engine.batches == [2]
 

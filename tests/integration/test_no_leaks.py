@@ -19,6 +19,7 @@ import httpx
 import uvicorn
 
 from testing.server_process import free_port
+from tests.support.images import FAST
 from tests.support.waiting import ENGINE_WAIT_S, until
 from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
 
@@ -49,8 +50,7 @@ async def burst(client: httpx.AsyncClient, seed: int) -> tuple[int, int]:
         nonlocal answered, left
         while queue:
             index = queue.pop()
-            body = {"prompt": f"leak {index}", "size": "64x64", "num_inference_steps": 2,
-                    "n": 1 + index % 2, "seed": index}  # fmt: skip
+            body = {"prompt": f"leak {index}", **FAST, "n": 1 + index % 2, "seed": index}
             call = client.post("/v1/images/generations", json=body)
             if rng.random() < 0.25:
                 try:

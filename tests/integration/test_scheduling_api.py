@@ -195,7 +195,7 @@ async def test_concurrent_mixed_requests_all_get_their_own_images(make_app, tiny
         async def one(index: int) -> tuple[int, httpx.Response]:
             size = sizes[index % len(sizes)]
             n = 1 + index % 2
-            return index, await generate(client, size=size, n=n, num_inference_steps=2)
+            return index, await generate(client, **{**FAST, "size": size, "n": n})
 
         results = await asyncio.gather(*(one(i) for i in range(12)))
     for index, response in results:
