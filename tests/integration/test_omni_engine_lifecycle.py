@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.support.batching import RecordingObserver
 from tests.support.engines import hung_error, images_of, req
 from tests.support.omni import (
     SAME_IMAGE,
@@ -25,7 +26,6 @@ from tests.support.omni import (
     until_waiting_in_vllm_omni,
 )
 from tests.support.waiting import ENGINE_WAIT_S, until
-from vllm_omni_images.engine.base import EngineObserver
 from vllm_omni_images.engine.client import ImageEngineClient
 from vllm_omni_images.engine.errors import EngineNotReadyError, SchedulerClosedError
 from vllm_omni_images.engine.omni_engine import OmniEngine
@@ -143,21 +143,11 @@ async def test_a_stuck_worker_is_taken_as_hung_until_it_returns(
 # vllm-omni's step-level batching (--step-execution)
 
 
-class RunningImages(EngineObserver):
-    """Every value admission reports for the running-images gauge, in order."""
-
-    def __init__(self) -> None:
-        self.values: list[int] = []
-
-    def on_running_images(self, images: int) -> None:
-        self.values.append(images)
-
-
 async def test_a_request_joins_a_running_batch_at_a_step_boundary(tiny_model_dir: Path) -> None:
     engine = build_engine(tiny_model_dir, step_execution=True)
     worker = WorkerProbe(engine)
-    running = RunningImages()
-    client = ImageEngineClient(engine, "tiny-qwen-image", observer=running)
+    observer = RecordingObserver()
+    client = ImageEngineClient(engine, "tiny-qwen-image", observer=observer)
     try:
         worker.hold.clear()
         first = asyncio.create_task(images_of(client.generate(req(1, num_inference_steps=6))))
@@ -171,7 +161,7 @@ async def test_a_request_joins_a_running_batch_at_a_step_boundary(tiny_model_dir
         assert 0 < joined < 6
         # What `vllm:image_running_images` shows: both while both run, the second alone
         # after the first ends (not 0), then none.
-        assert running.values == [1, 2, 1, 0]
+        assert observer.of("running") == [1, 2, 1, 0]
         [alone] = await images_of(client.generate(req(2, num_inference_steps=6)))
         assert difference(two, alone) <= SAME_IMAGE
         assert difference(one, two) > 10 * SAME_IMAGE

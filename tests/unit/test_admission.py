@@ -17,7 +17,15 @@ import pytest
 from PIL import Image
 
 from tests.support.batching import RecordingObserver, assert_images_of, serving
-from tests.support.engines import FakeClock, FakeRunner, ScriptedEngine, colour, images_of, req
+from tests.support.engines import (
+    FakeClock,
+    FakeRunner,
+    ScriptedEngine,
+    colour,
+    images_of,
+    refuses_new_work,
+    req,
+)
 from tests.support.waiting import WAIT_S, until
 from vllm_omni_images.engine.base import EngineRequest
 from vllm_omni_images.engine.client import AdmissionConfig, ImageEngineClient
@@ -38,14 +46,6 @@ def runner() -> FakeRunner:
 
 def submit(client: ImageEngineClient, request: EngineRequest) -> asyncio.Task[list[Image.Image]]:
     return asyncio.create_task(images_of(client.generate(request)))
-
-
-def refuses_as_closed(client: ImageEngineClient) -> bool:
-    try:
-        client.check_admission(1)
-    except SchedulerClosedError:
-        return True
-    return False
 
 
 @pytest.mark.parametrize("fields", [{"max_queue_images": 0}, {"request_timeout_s": 0.0}])
@@ -287,7 +287,7 @@ async def test_close_waits_for_what_an_engine_that_queues_itself_started(
     engine.requests[0].start(1)
     await until(lambda: client.running_images == 1, "the request to start")
     closing = asyncio.create_task(client.close(drain_timeout_s=WAIT_S))
-    await until(lambda: refuses_as_closed(client), "the close to refuse new work")
+    await until(lambda: refuses_new_work(client), "the close to refuse new work")
     assert not closing.done() and not engine.closed
     engine.requests[0].finish()
     assert len(await started) == 1

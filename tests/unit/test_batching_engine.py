@@ -24,7 +24,7 @@ from tests.support.batching import (
     assert_images_of,
     serving,
 )
-from tests.support.engines import FakeClock, FakeRunner, images_of, req
+from tests.support.engines import FakeClock, FakeRunner, hung_error, images_of, req
 from tests.support.waiting import WAIT_S, until
 from vllm_omni_images.engine.base import EngineOutput, EngineRequest, FinalImages, PreviewImages
 from vllm_omni_images.engine.batch_planning import batch_key
@@ -55,15 +55,6 @@ def runner() -> FakeRunner:
 
 def seeds_of(batch: Sequence[EngineRequest]) -> list[int]:
     return [seed for request in batch for seed in request.seeds]
-
-
-def is_hung(engine: BatchingEngine) -> bool:
-    """Whether the engine's health check (what `/health` asks) says it is hung."""
-    try:
-        engine.check_health()
-    except EngineHungError:
-        return True
-    return False
 
 
 @pytest.mark.parametrize(
@@ -507,7 +498,7 @@ async def test_a_call_that_does_not_stop_marks_the_engine_hung_until_it_returns(
         stuck.cancel()  # its only request goes away: the call is asked to stop, and does not
         with pytest.raises(EngineHungError):
             await queued  # a waiting request does not wait for a hung engine
-        assert is_hung(served.engine) and served.client.queued_images == 0
+        assert hung_error(served.engine) is not None and served.client.queued_images == 0
         with pytest.raises(EngineHungError, match="not responding"):
             served.client.check_admission(1)  # refused at once
         with pytest.raises(EngineHungError, match="not responding"):
@@ -515,7 +506,7 @@ async def test_a_call_that_does_not_stop_marks_the_engine_hung_until_it_returns(
         assert observer.of("hung") == [True]
 
         runner.gate.set()  # the call returns at last
-        await until(lambda: not is_hung(served.engine), "the engine to recover")
+        await until(lambda: hung_error(served.engine) is None, "the engine to recover")
         assert_images_of(req(4), await images_of(served.client.generate(req(4))))
     assert observer.of("hung") == [True, False]
     assert runner.finished == ["cancelled", "ok"]
@@ -529,9 +520,9 @@ async def test_a_call_running_past_the_timeout_and_the_grace_is_a_hang(
         runner.gate.clear()
         with pytest.raises(RequestTimeoutError):
             await images_of(served.client.generate(req(1)))
-        await until(lambda: is_hung(served.engine), "the engine to be taken as hung")
+        await until(lambda: hung_error(served.engine) is not None, "the engine to be taken as hung")
         runner.gate.set()
-        await until(lambda: not is_hung(served.engine), "the engine to recover")
+        await until(lambda: hung_error(served.engine) is None, "the engine to recover")
 
 
 async def test_a_call_that_stops_when_asked_is_not_a_hang() -> None:
@@ -545,7 +536,7 @@ async def test_a_call_that_stops_when_asked_is_not_a_hang() -> None:
         runner.gate.set()  # it stops at the end of its next step
         await until(lambda: runner.finished == ["cancelled"], "the call to stop")
         await asyncio.sleep(grace_s * 2)  # past the grace: the check finds the call gone
-        assert not is_hung(served.engine)
+        assert hung_error(served.engine) is None
         served.engine.check_health()
 
 
@@ -556,7 +547,7 @@ async def test_close_does_not_wait_for_a_hung_call(runner: FakeRunner) -> None:
         stuck = asyncio.create_task(images_of(engine.generate(req(1))))
         await until(lambda: len(runner.batches) == 1, "the call to start")
         stuck.cancel()
-        await until(lambda: is_hung(engine), "the engine to be taken as hung")
+        await until(lambda: hung_error(engine) is not None, "the engine to be taken as hung")
         await asyncio.wait_for(engine.close(), WAIT_S)
         with pytest.raises(SchedulerClosedError):
             await images_of(engine.generate(req(2)))
