@@ -1,0 +1,235 @@
+"""`serve_flags` classifies every flag of vLLM's real `vllm serve` parser, and refuses exactly
+the refused ones that a command line sets.
+
+The parser is vLLM's own with our plugin loaded (the session's `serve_parser` fixture), so a
+vLLM release that adds, renames or moves a flag fails here until the table says what the image
+task does with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vllm_omni_images.server import launcher, vllm_patches
+from vllm_omni_images.server.cli_args import HELP_GROUP
+from vllm_omni_images.server.serve_flags import (
+    SERVE_FLAGS,
+    SERVE_GROUPS,
+    Verdict,
+    flag_name,
+    main,
+    markdown_table,
+    refusal_message,
+    refused_flags,
+    unclassified,
+)
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "image_api.md"
+BEGIN_MARK = "<!-- serve-flags:begin"
+END_MARK = "<!-- serve-flags:end -->"
+
+SPECULATIVE = json.dumps({"method": "ngram", "num_speculative_tokens": 2})
+
+
+def parse(parser: argparse.ArgumentParser, *flags: str) -> argparse.Namespace:
+    return parser.parse_args(["tiny-qwen-image", "--task", "image", *flags])
+
+
+def parser_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    return [action for action in parser._actions if not isinstance(action, argparse._HelpAction)]
+
+
+def test_every_flag_of_the_parser_is_classified(serve_parser: argparse.ArgumentParser) -> None:
+    assert unclassified(serve_parser) == []
+
+
+def test_no_entry_of_the_table_is_stale(serve_parser: argparse.ArgumentParser) -> None:
+    dests = {action.dest for action in parser_actions(serve_parser)}
+    assert [dest for dest in SERVE_FLAGS if dest not in dests] == []
+
+
+def test_the_table_follows_the_parser_groups_and_order(
+    serve_parser: argparse.ArgumentParser,
+) -> None:
+    """Grouped as `vllm serve --help` groups the flags, in its order: the table reads as the
+    help does, and a flag vLLM moves to another group is noticed."""
+    parser_groups = {
+        group.title: [
+            action.dest
+            for action in group._group_actions
+            if not isinstance(action, argparse._HelpAction)
+        ]
+        for group in serve_parser._action_groups
+    }
+    table_groups = {title: list(rules) for title, rules in SERVE_GROUPS.items()}
+    assert table_groups == {title: dests for title, dests in parser_groups.items() if dests}
+
+
+def test_flag_names_are_the_parsers(serve_parser: argparse.ArgumentParser) -> None:
+    """The docs table names each flag without the parser; it must be the parser's spelling."""
+    for action in parser_actions(serve_parser):
+        longs = [option for option in action.option_strings if option.startswith("--")]
+        if longs:
+            assert flag_name(action.dest) == longs[0]
+
+
+def test_image_task_flags_are_honoured() -> None:
+    assert {rule.verdict for rule in SERVE_GROUPS[HELP_GROUP].values()} == {Verdict.HONOURED}
+
+
+def test_every_rule_says_how_in_one_line() -> None:
+    assert [dest for dest, rule in SERVE_FLAGS.items() if not rule.how or "\n" in rule.how] == []
+
+
+def test_the_plain_image_command_line_sets_no_refused_flag(
+    serve_parser: argparse.ArgumentParser,
+) -> None:
+    assert refused_flags(parse(serve_parser), serve_parser) == []
+
+
+def test_refused_flags_are_named_in_the_parsers_order(
+    serve_parser: argparse.ArgumentParser,
+) -> None:
+    args = parse(
+        serve_parser,
+        "--max-model-len",
+        "100",
+        "--speculative-config",
+        SPECULATIVE,
+        "--tokenizer",
+        "x",
+        "--enable-prefix-caching",
+    )
+    assert refused_flags(args, serve_parser) == [
+        "--tokenizer",
+        "--max-model-len",
+        "--enable-prefix-caching",
+        "--speculative-config",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        # A yes/no flag whose default is unset asks for something either way.
+        (["--no-enable-prefix-caching"], ["--enable-prefix-caching"]),
+        # Short options and the lists of a JSON flag are told by value.
+        (["-q", "fp8"], ["--quantization"]),
+        (["--limit-mm-per-prompt", '{"image": 2}'], ["--limit-mm-per-prompt"]),
+        (["--api-server-count", "2"], ["--api-server-count"]),
+        (
+            ["--max-num-seqs", "8", "--gpu-memory-utilization", "0.5"],
+            ["--gpu-memory-utilization", "--max-num-seqs"],
+        ),
+    ],
+)
+def test_a_refused_flag_counts_however_it_is_spelled(
+    serve_parser: argparse.ArgumentParser, flags: list[str], named: list[str]
+) -> None:
+    assert refused_flags(parse(serve_parser, *flags), serve_parser) == named
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--no-enable-log-outputs"],  # restates the default
+        ["--api-server-count", "1"],  # one API server is what the image task runs
+        ["--data-parallel-size", "1", "--pipeline-parallel-size", "1"],
+        ["--ignore-patterns", "original/**/*"],  # a list equal to the default
+    ],
+)
+def test_restating_a_default_is_not_refused(
+    serve_parser: argparse.ArgumentParser, flags: list[str]
+) -> None:
+    assert refused_flags(parse(serve_parser, *flags), serve_parser) == []
+
+
+def test_honoured_flags_are_never_named(serve_parser: argparse.ArgumentParser) -> None:
+    args = parse(
+        serve_parser,
+        *["--dtype", "float16", "--seed", "3", "--revision", "main", "--trust-remote-code"],
+        *["--served-model-name", "a", "b", "--enforce-eager", "-tp", "2"],
+        *["--api-key", "k", "--root-path", "/x", "--allowed-origins", '["http://a"]'],
+        *["--port", "9000", "--uvicorn-log-level", "debug", "--enable-request-id-headers"],
+        *["--disable-fastapi-docs", "--shutdown-timeout", "5", "--allowed-media-domains", "a.b"],
+        *["--enable-lora", "--max-lora-rank", "64", "--disable-log-stats"],
+        *["--image-max-batch-size", "2", "--cache-backend", "tea_cache", "--vae-use-tiling"],
+    )
+    assert refused_flags(args, serve_parser) == []
+
+
+def test_the_refusal_is_one_line_naming_every_flag() -> None:
+    message = refusal_message(["--tokenizer", "--max-model-len", "--enable-prefix-caching"])
+    assert "\n" not in message
+    assert message.startswith("--tokenizer, --max-model-len, --enable-prefix-caching: these")
+    assert "drop them" in message
+    assert "this vLLM flag" in refusal_message(["--max-model-len"])
+
+
+def test_the_parser_vllm_built_is_kept_for_the_launcher(
+    serve_parser: argparse.ArgumentParser,
+) -> None:
+    """`vllm_patches` keeps the serve parser that vLLM built (the fixture's, or one built
+    later in the session), for the launcher's `refused_flags`."""
+    parser = vllm_patches.serve_parser()
+    assert parser is not None
+    assert unclassified(parser) == []
+    assert refused_flags(parse(parser, "--max-model-len", "100"), parser) == ["--max-model-len"]
+
+
+def test_vllm_cli_hands_the_launcher_what_refused_flags_reads(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """On vLLM's real command line: the namespace the launcher gets and the parser
+    `serve_parser` keeps agree, and a `--config` file's flags count as if given."""
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    from vllm_omni_images.server.plugin import register
+
+    launched: list[argparse.Namespace] = []
+    monkeypatch.setattr(launcher, "run_image_server_cli", launched.append)
+    register()
+    config = tmp_path / "serve.yaml"
+    config.write_text("max-model-len: 100\nimage-max-batch-size: 2\n")
+    command = ["serve", "tiny-qwen-image", "--task", "image", "--config", str(config)]
+    monkeypatch.setattr(sys, "argv", ["vllm", *command, "--tokenizer", "x", "--api-key", "k"])
+    # vLLM's CLI sets this for its subprocesses; keep it out of the rest of the test run.
+    monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    vllm_main()
+    [args] = launched
+    parser = vllm_patches.serve_parser()
+    assert parser is not None
+    assert args.image_max_batch_size == 2
+    assert refused_flags(args, parser) == ["--tokenizer", "--max-model-len"]
+
+
+def test_the_table_imports_without_vllm_or_torch() -> None:
+    """The launcher reads it before any engine loads: it costs no heavy import."""
+    code = (
+        "import sys, vllm_omni_images.server.serve_flags\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('vllm', 'vllm_omni', 'torch', 'diffusers')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_docs_table_is_the_generated_one() -> None:
+    """docs/image_api.md's table ("vLLM's serve flags") is `markdown_table()`'s: run
+    `python -m vllm_omni_images.server.serve_flags --markdown` and paste it when this fails."""
+    docs = DOCS.read_text()
+    begin = docs.index("\n", docs.index(BEGIN_MARK)) + 1
+    assert docs[begin : docs.index(END_MARK)] == markdown_table()
+
+
+def test_the_command_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["--markdown"])
+    assert capsys.readouterr().out == markdown_table()
