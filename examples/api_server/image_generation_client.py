@@ -20,6 +20,14 @@ Start a server (`make serve`, or `vllm serve tiny-qwen-image --task image`), the
     # stream: a line per partial image as the server sends it, then the final image
     python examples/api_server/image_generation_client.py --prompt "a boat" --stream
 
+    # the server's models: the base model, then each LoRA adapter with its base model
+    python examples/api_server/image_generation_client.py --list-models
+
+    # a LoRA adapter (served by `vllm serve M --task image --enable-lora --lora-modules
+    # style=/path/to/adapter`) is a model name; --lora-scale sets its strength (default 1.0)
+    python examples/api_server/image_generation_client.py --prompt "a cat" \\
+        --model style --lora-scale 0.7
+
     # another server, started with --api-key (or set OPENAI_API_KEY); its root or its /v1 URL
     python examples/api_server/image_generation_client.py --prompt "a boat" \\
         --base-url http://gpu-box:8000 --api-key secret
@@ -41,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import openai
-from openai.types import ImagesResponse
+from openai.types import ImagesResponse, Model
 
 # `--output` suffixes that ask the server for another encoding than PNG (its default).
 OUTPUT_FORMATS = {".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
@@ -52,7 +60,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--prompt", required=True, help="what to draw (or how to edit --image)")
+    parser.add_argument(
+        "--prompt", help="what to draw (or how to edit --image); required unless --list-models"
+    )
     parser.add_argument(
         "--output",
         type=Path,
@@ -115,8 +125,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=os.environ.get("OPENAI_API_KEY") or "EMPTY",
         help="the server's --api-key (default: $OPENAI_API_KEY, else none)",
     )
-    parser.add_argument("--model", help="the model name (default: the served model)")
+    parser.add_argument(
+        "--model",
+        help="a served model name or a LoRA adapter's (--list-models shows them; default: the "
+        "server's base model)",
+    )
+    parser.add_argument(
+        "--lora-scale",
+        type=float,
+        help="the LoRA adapter's strength (lora_scale; server default: 1.0); only with an "
+        "adapter as --model: the server refuses it for a base model",
+    )
+    parser.add_argument(
+        "--list-models",
+        action="store_true",
+        help="print the server's models (GET /v1/models), one a line: the base model's name, "
+        "and each adapter's followed by the base model it adapts; then exit",
+    )
     args = parser.parse_args(argv)
+    if args.prompt is None and not args.list_models:
+        parser.error("--prompt is required (unless --list-models)")
     if args.mask and not args.image:
         parser.error("--mask needs --image")
     return args
@@ -131,6 +159,29 @@ def api_url(base_url: str) -> str:
     return base_url
 
 
+def model_lines(models: Iterable[Model]) -> list[str]:
+    """`--list-models`' lines: a base model's name; an adapter's name and the base model it
+    adapts (vLLM's model card gives an adapter a `parent`, a base model none). The name comes
+    first so that `cut -d' ' -f1` gives the names alone."""
+    lines = []
+    for model in models:
+        parent = model_parent(model)
+        lines.append(model.id if parent is None else f"{model.id} (LoRA adapter of {parent})")
+    return lines
+
+
+def model_parent(model: Model) -> str | None:
+    # `parent` is vLLM's field, not OpenAI's: the SDK keeps it as an extra attribute.
+    parent = (model.model_extra or {}).get("parent")
+    return str(parent) if parent else None
+
+
+def base_model(client: openai.OpenAI) -> str | None:
+    """The server's base model: the first model without a parent (vLLM lists the base models
+    first, then the adapters); None leaves the choice to the server."""
+    return next((model.id for model in client.models.list() if model_parent(model) is None), None)
+
+
 def request_images(client: openai.OpenAI, args: argparse.Namespace) -> list[bytes]:
     """Send the request that the options describe; return the images' encoded bytes."""
     extensions = {
@@ -140,9 +191,10 @@ def request_images(client: openai.OpenAI, args: argparse.Namespace) -> list[byte
         "true_cfg_scale": args.cfg_scale,
         "guidance_scale": args.guidance_scale,
         "strength": args.strength,
+        "lora_scale": args.lora_scale,
     }
     fields: dict[str, Any] = {
-        "model": args.model or client.models.list().data[0].id,
+        "model": args.model or base_model(client),
         "prompt": args.prompt,
         "n": args.n,
         "size": args.size,
@@ -228,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     args.base_url = api_url(args.base_url)
     client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key)
     try:
+        if args.list_models:
+            for line in model_lines(client.models.list()):
+                print(line)
+            return 0
         images = request_images(client, args)
         for index, image in enumerate(images):
             path = output_path(args.output, index)

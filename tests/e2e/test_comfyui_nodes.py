@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import inspect
+import logging
 import sys
 import threading
 import time
 import types
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -130,7 +133,8 @@ def test_the_package_loads_as_comfyui_loads_a_custom_node(package):
         assert seed["min"] == 0 and seed["max"] == SEED_MAX and seed["control_after_generate"]
         for side in ("width", "height"):
             assert inputs["required"][side][1]["step"] == 16
-        assert {"api_key", "model"} <= set(inputs["optional"])
+        assert {"api_key", "model", "lora_scale"} <= set(inputs["optional"])
+        assert inputs["optional"]["lora_scale"][1]["default"] == 1.0
     edit_inputs = package.NODE_CLASS_MAPPINGS["VLLMImageEdit"].INPUT_TYPES()
     assert edit_inputs["required"]["image"][0] == "IMAGE"
     assert edit_inputs["optional"]["mask"][0] == "MASK"
@@ -367,3 +371,141 @@ def test_comfyuis_cancel_withdraws_the_request(package, generate, server, monkey
         time.sleep(0.1)
     (images,) = generate.generate(**generate_args(server))  # and it serves on
     assert_comfy_image(images, 1, 64, 64)
+
+
+# The model picker: the default server's /v1/models as a combo, and lora_scale.
+
+
+def served_names(server: str) -> list[str]:
+    response = httpx.get(f"{server}/v1/models", headers=AUTH, timeout=30)
+    assert response.status_code == 200, response.text
+    return [card["id"] for card in response.json()["data"]]
+
+
+def model_input(node: Any) -> tuple[list[str], dict]:
+    choices, options = node.INPUT_TYPES()["optional"]["model"]
+    return choices, options
+
+
+def test_the_model_picker_lists_the_default_servers_models(package, server, monkeypatch):
+    """As ComfyUI builds the widgets (page load, "refresh node definitions"): the combo holds
+    "(server default)", then every name the server at $COMFYUI_VLLM_IMAGES_URL serves,
+    listed with the key from ComfyUI's environment; new nodes point at that server."""
+    monkeypatch.setenv("COMFYUI_VLLM_IMAGES_URL", server)
+    monkeypatch.setenv("VLLM_API_KEY", API_KEY)
+    names = served_names(server)
+    assert names[0] == "tiny-qwen-image"
+    # LoRA: extend when adapters land: serve an adapter and assert it is listed after the base.
+    for node in package.NODE_CLASS_MAPPINGS.values():
+        choices, options = model_input(node)
+        assert choices == ["(server default)", *names]
+        assert options["default"] == "(server default)"
+        assert node.INPUT_TYPES()["required"]["server_url"][1]["default"] == server
+
+
+@pytest.mark.parametrize("reason", ["unreachable", "wrong key"])
+def test_the_model_picker_offers_the_server_default_when_the_list_fails(
+    package, server, monkeypatch, caplog, reason
+):
+    """A server that is down (or refuses the key) leaves a combo of "(server default)" alone,
+    at once, without an exception (ComfyUI would drop the node), and one warning in the log."""
+    url = f"http://127.0.0.1:{free_port()}" if reason == "unreachable" else server
+    monkeypatch.setenv("COMFYUI_VLLM_IMAGES_URL", url)
+    monkeypatch.setenv("VLLM_API_KEY", "wrong")
+    monkeypatch.setattr(package.nodes, "MODELS", package.model_list.ModelList())
+    caplog.set_level(logging.WARNING)
+    started = time.monotonic()
+    for node in package.NODE_CLASS_MAPPINGS.values():
+        choices, options = model_input(node)
+        assert choices == ["(server default)"] and options["default"] == "(server default)"
+    assert time.monotonic() - started < package.model_list.LIST_TIMEOUT_S
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 1 and f"cannot list the models of {url}" in warnings[0], warnings
+
+
+def test_the_model_list_is_cached_briefly_and_follows_the_configured_server(package, monkeypatch):
+    """One page load or queued prompt calls INPUT_TYPES for each node and more: one lookup
+    serves them all for a few seconds, failures included; a refresh after that asks again."""
+    model_list = package.model_list
+    calls: list[tuple[str, str]] = []
+    answers: list[list | Exception] = [
+        [model_list.ServedModel("base"), model_list.ServedModel("style", parent="base")],
+        package.client.ServerError("Cannot reach the vLLM server"),
+        [model_list.ServedModel("base")],
+    ]
+
+    def fetch(base_url: str, api_key: str) -> list:
+        calls.append((base_url, api_key))
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    now = [0.0]
+    models = model_list.ModelList(fetch, ttl_s=5.0, clock=lambda: now[0])
+    monkeypatch.setenv("COMFYUI_VLLM_IMAGES_URL", "http://gpu-box:8000")
+    monkeypatch.setenv("VLLM_API_KEY", "k")
+    assert models.choices() == ["(server default)", "base", "style"]
+    now[0] = 4.9
+    assert models.choices() == ["(server default)", "base", "style"]
+    assert calls == [("http://gpu-box:8000", "k")]
+    now[0] = 5.0
+    assert models.choices() == ["(server default)"]  # the failure, cached too
+    now[0] = 9.0
+    assert models.choices() == ["(server default)"] and len(calls) == 2
+    monkeypatch.setenv("COMFYUI_VLLM_IMAGES_URL", "http://other:8000")  # another server
+    assert models.choices() == ["(server default)", "base"]
+    assert calls[-1] == ("http://other:8000", "k")
+
+
+def test_validate_inputs_lets_any_model_name_through(package):
+    """ComfyUI refuses a combo value its list lacks unless VALIDATE_INPUTS names the input
+    (execution.validate_inputs); it must take only `model` (a **kwargs would switch off
+    ComfyUI's checks of every other input), with a default for workflows without it."""
+    for node in package.NODE_CLASS_MAPPINGS.values():
+        spec = inspect.getfullargspec(node.VALIDATE_INPUTS)
+        assert spec.args[1:] == ["model"] and spec.varkw is None
+        assert node.VALIDATE_INPUTS() is True
+        for name in ("(server default)", "", "tiny-qwen-image", "an-adapter-not-loaded-now"):
+            assert node.VALIDATE_INPUTS(model=name) is True
+        assert node.VALIDATE_INPUTS(model=None) is True  # a linked input, not yet run
+        assert isinstance(node.VALIDATE_INPUTS(model=3), str)
+
+
+def test_the_fields_send_model_and_lora_scale_only_when_chosen(package):
+    fields = package.nodes._fields
+    for default in ("(server default)", "", "  "):
+        assert "model" not in fields("p", "", 0, 4.0, default)
+    assert fields("p", "", 0, 4.0, " style ")["model"] == "style"
+    assert "lora_scale" not in fields("p", "", 0, 4.0, "style", 1.0)
+    assert fields("p", "", 0, 4.0, "style", 0.6)["lora_scale"] == 0.6
+    assert fields("p", "", 0, 4.0, "(server default)", 0.0)["lora_scale"] == 0.0
+
+
+def test_the_picked_model_is_sent_and_an_unknown_name_raises_the_servers_404(
+    package, generate, server
+):
+    (default,) = generate.generate(**generate_args(server, model="(server default)"))
+    (named,) = generate.generate(**generate_args(server, model="tiny-qwen-image"))
+    (legacy,) = generate.generate(**generate_args(server, model=""))
+    assert torch.equal(default, named) and torch.equal(default, legacy)
+    # LoRA: extend when adapters land: model="<adapter>" (same seed) gives another image.
+    with pytest.raises(package.client.ServerError) as raised:
+        generate.generate(**generate_args(server, model="no-such-adapter"))
+    assert raised.value.status == 404
+    assert "no-such-adapter" in str(raised.value) and "does not exist" in str(raised.value)
+
+
+def test_lora_scale_is_sent_unless_1_and_refused_without_an_adapter(
+    package, generate, edit, server
+):
+    (images,) = generate.generate(**generate_args(server, lora_scale=1.0))  # not sent
+    assert_comfy_image(images, 1, 64, 64)
+    with pytest.raises(package.client.ServerError) as raised:
+        generate.generate(**generate_args(server, lora_scale=0.5))
+    assert raised.value.status == 400 and "lora_scale" in str(raised.value)
+    with pytest.raises(package.client.ServerError) as raised:  # the edit's form field
+        edit.edit(**edit_args(server, gradient_image(), lora_scale=0.5))
+    assert raised.value.status == 400 and "lora_scale" in str(raised.value)
+    # LoRA: extend when adapters land: with model="<adapter>", lora_scale=0.5 succeeds and
+    # differs from lora_scale=1.0; lora_scale=0.0 gives the base model's image.

@@ -96,8 +96,13 @@ def comfyui(tmp_path_factory: pytest.TempPathFactory, server: str) -> Iterator[C
         "--disable-api-nodes", "--disable-auto-launch",
     ]  # fmt: skip
     # The key comes from the environment, as the package README recommends, so that it is
-    # saved neither in the workflow nor in the PNGs.
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "VLLM_API_KEY": API_KEY}
+    # saved neither in the workflow nor in the PNGs; the model picker lists that server.
+    env = {
+        **os.environ,
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "VLLM_API_KEY": API_KEY,
+        "COMFYUI_VLLM_IMAGES_URL": server,
+    }
     env.pop("OPENAI_API_KEY", None)
     with open(log, "wb") as log_file:
         process = subprocess.Popen(
@@ -168,7 +173,14 @@ def saved_images(comfyui: ComfyUI, entry: dict[str, Any], node_id: str) -> list[
     return paths
 
 
-def test_comfyui_loads_the_package_and_lists_its_nodes(comfyui):
+def combo_options(spec: list[Any]) -> list[str]:
+    """A combo input's entries as /object_info shows them: `[[...], {...}]`, or
+    `["COMBO", {"options": [...]}]` where ComfyUI converts V1 combos."""
+    options: list[str] = spec[1]["options"] if spec[0] == "COMBO" else spec[0]
+    return options
+
+
+def test_comfyui_loads_the_package_and_lists_its_nodes(comfyui, server):
     info = httpx.get(f"{comfyui.url}/object_info", timeout=60).json()
     assert info["VLLMImageGenerate"]["display_name"] == "vLLM Image Generate"
     assert info["VLLMImageEdit"]["display_name"] == "vLLM Image Edit"
@@ -178,6 +190,15 @@ def test_comfyui_loads_the_package_and_lists_its_nodes(comfyui):
         seed = info[name]["input"]["required"]["seed"][1]
         assert seed["max"] == 2**64 - 1 and seed["control_after_generate"] is True
     assert info["VLLMImageEdit"]["input"]["optional"]["mask"][0] == "MASK"
+    served = httpx.get(f"{server}/v1/models", headers=AUTH, timeout=30).json()["data"]
+    for name in OUR_NODES:
+        optional = info[name]["input"]["optional"]
+        # LoRA: extend when adapters land: serve an adapter; it is listed here too.
+        assert combo_options(optional["model"]) == [
+            "(server default)",
+            *(card["id"] for card in served),
+        ]
+        assert optional["lora_scale"][0] == "FLOAT"
     log = comfyui.log.read_text()
     assert "comfyui_vllm_images" in log and "IMPORT FAILED" not in log
 
@@ -227,6 +248,22 @@ def test_a_server_error_shows_on_the_node_with_the_servers_message(comfyui, serv
     assert errors[0]["exception_type"].endswith("ServerError")
     assert errors[0]["exception_message"].strip() == message  # ComfyUI appends a newline
     assert API_KEY not in json.dumps(errors[0])  # the node's inputs are in the error too
+
+
+def test_a_model_name_the_list_lacks_passes_validation_and_the_server_judges_it(comfyui, server):
+    """A saved workflow whose adapter is not listed (not loaded now, another server): ComfyUI
+    queues it (the nodes' VALIDATE_INPUTS takes any name, so no "Value not in list") and the
+    node fails with the server's own message."""
+    workflow = sample_workflow(server)
+    workflow["1"]["inputs"]["model"] = "no-such-adapter"
+    body = {"prompt": "x", "size": "64x64", "model": "no-such-adapter"}
+    direct = httpx.post(f"{server}/v1/images/generations", json=body, headers=AUTH, timeout=60)
+    assert direct.status_code == 404
+    entry = wait_for(comfyui, queue(comfyui, workflow))  # queue() asserts a 200
+    assert entry["status"]["status_str"] == "error"
+    errors = [data for kind, data in entry["status"]["messages"] if kind == "execution_error"]
+    assert len(errors) == 1 and errors[0]["node_id"] == "1"
+    assert errors[0]["exception_message"].strip() == direct.json()["error"]["message"]
 
 
 def server_metric(server: str, name: str, label: str = "") -> float:

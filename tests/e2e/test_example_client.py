@@ -7,16 +7,20 @@ import importlib.util
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
+from typing import Any
 
+import httpx
 import numpy as np
 import pytest
+from openai.types import Model
 from PIL import Image
 
 from testing.server_process import free_port
 from tests.support.images import FAST_STEPS
 
-from .live_server import API_KEY
+from .live_server import API_KEY, AUTH
 
 pytestmark = pytest.mark.e2e
 
@@ -210,10 +214,7 @@ def test_the_servers_root_is_taken_and_another_path_says_what_to_pass(server, tm
 
 
 def test_a_server_root_gets_v1_and_other_urls_are_kept():
-    spec = importlib.util.spec_from_file_location("image_generation_client", REPO / CLIENT)
-    assert spec is not None and spec.loader is not None
-    client = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(client)
+    client = load_client()
     for given, used in [
         ("http://gpu-box:8000", "http://gpu-box:8000/v1"),
         ("http://gpu-box:8000/", "http://gpu-box:8000/v1"),
@@ -221,3 +222,95 @@ def test_a_server_root_gets_v1_and_other_urls_are_kept():
         ("https://proxy.example/images/v1", "https://proxy.example/images/v1"),
     ]:
         assert client.api_url(given) == used
+
+
+def load_client() -> types.ModuleType:
+    """The client as a module (it is a script, not a package), for its pure functions."""
+    spec = importlib.util.spec_from_file_location("image_generation_client", REPO / CLIENT)
+    assert spec is not None and spec.loader is not None
+    client = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(client)
+    return client
+
+
+def served_models(server: str) -> list[dict[str, Any]]:
+    response = httpx.get(f"{server}/v1/models", headers=AUTH, timeout=30)
+    assert response.status_code == 200, response.text
+    cards: list[dict[str, Any]] = response.json()["data"]
+    return cards
+
+
+def test_list_models_prints_each_model_and_each_adapters_base(server):
+    cards = served_models(server)
+    assert cards[0]["id"] == "tiny-qwen-image" and not cards[0].get("parent")
+    # LoRA: extend when adapters land: serve an adapter and assert its line,
+    # "<adapter> (LoRA adapter of tiny-qwen-image)", here.
+    expected = [
+        card["id"] if not card.get("parent") else f"{card['id']} (LoRA adapter of {card['parent']})"
+        for card in cards
+    ]
+    result = run_client(server, "--list-models")  # no --prompt needed
+    assert succeeded(result).splitlines() == expected
+    assert result.stderr == ""
+
+
+def test_list_models_lines_name_an_adapters_base_model():
+    client = load_client()
+    models = [
+        Model.model_validate(card)
+        for card in (
+            {"id": "tiny-qwen-image", "object": "model", "created": 1, "owned_by": "vllm",
+             "root": "/models/tiny", "parent": None},
+            {"id": "style", "object": "model", "created": 1, "owned_by": "vllm",
+             "root": "/adapters/style", "parent": "tiny-qwen-image"},
+        )
+    ]  # fmt: skip
+    assert client.model_lines(models) == [
+        "tiny-qwen-image",
+        "style (LoRA adapter of tiny-qwen-image)",
+    ]
+
+
+def test_without_prompt_or_list_models_the_client_says_what_it_needs(tmp_path):
+    result = subprocess.run(
+        [sys.executable, CLIENT, "--output", tmp_path / "never.png"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2  # argparse's usage error
+    assert "--prompt is required (unless --list-models)" in result.stderr
+
+
+def test_model_picks_the_served_model_and_an_unknown_name_exits_1(server, tmp_path):
+    fields = ("--prompt", "a boat", "--size", "64x64", "--seed", "5", *FAST)
+    named, default = tmp_path / "named.png", tmp_path / "default.png"
+    succeeded(run_client(server, *fields, "--model", "tiny-qwen-image", "--output", named))
+    succeeded(run_client(server, *fields, "--output", default))
+    assert named.read_bytes() == default.read_bytes()  # the base model's name is the default
+    # LoRA: extend when adapters land: `--model <adapter>` (same seed) gives another image
+    # than the base model, and --list-models names the adapter.
+    unknown = run_client(server, *fields, "--model", "no-such-adapter", "--output", tmp_path / "x")
+    assert unknown.returncode == 1
+    assert unknown.stderr.startswith("error: 404: ")
+    assert "no-such-adapter" in unknown.stderr and "does not exist" in unknown.stderr
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("edit", [False, True], ids=["generation", "edit"])
+def test_lora_scale_is_sent_and_refused_without_an_adapter(server, tmp_path, edit):
+    """`--lora-scale` reaches the server (in the JSON body, or the edit's form): with the base
+    model the server refuses it with a 400 that names it, rather than ignore it."""
+    image, _ = write_input_and_mask(tmp_path)
+    inputs = ("--image", image) if edit else ("--size", "64x64")
+    output = tmp_path / "never.png"
+    fields = ("--prompt", "a boat", *inputs, *FAST, "--output", output)
+    result = run_client(server, *fields, "--lora-scale", "0.5")
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.startswith("error: 400: ") and "lora_scale" in result.stderr
+    assert not output.exists()
+    # LoRA: extend when adapters land: with `--model <adapter>`, --lora-scale 0.5 succeeds and
+    # gives another image than --lora-scale 1 (which equals no --lora-scale), and
+    # --lora-scale 0 the base model's image.

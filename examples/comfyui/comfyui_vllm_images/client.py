@@ -21,8 +21,14 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
+DEFAULT_SERVER_URL = "http://127.0.0.1:8000"
+SERVER_URL_ENV_VAR = "COMFYUI_VLLM_IMAGES_URL"
+"""Names the server that new nodes point at and whose models the nodes' `model` list offers.
+Not a `VLLM_` name: vLLM warns of every `VLLM_` variable it does not know in its own
+environment, and ComfyUI and vLLM are often started from one shell."""
 DEFAULT_TIMEOUT_S = 3600.0
 """Seconds to wait for an answer: a diffusion model on a CPU can take many minutes."""
 API_KEY_ENV_VARS = ("VLLM_API_KEY", "OPENAI_API_KEY")
@@ -36,6 +42,15 @@ POLL_INTERVAL_S = 0.2
 ABORT_GRACE_S = 5.0
 
 Fields = Mapping[str, str | int | float | None]
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One card of `GET /v1/models`: a base model (no parent) or a LoRA adapter, whose
+    `parent` is the base model it adapts (vLLM's `ModelCard`)."""
+
+    name: str
+    parent: str | None = None
 
 
 class ServerError(RuntimeError):
@@ -76,6 +91,12 @@ def resolve_api_key(api_key: str | None, environ: Mapping[str, str] | None = Non
     return ""
 
 
+def default_server_url(environ: Mapping[str, str] | None = None) -> str:
+    """`$COMFYUI_VLLM_IMAGES_URL`, else `http://127.0.0.1:8000` (`vllm serve`'s own default)."""
+    environ = os.environ if environ is None else environ
+    return environ.get(SERVER_URL_ENV_VAR, "").strip() or DEFAULT_SERVER_URL
+
+
 def normalize_base_url(url: str) -> str:
     """`http://host:8000`, `http://host:8000/` and `http://host:8000/v1` are one server."""
     url = url.strip().rstrip("/")
@@ -104,6 +125,19 @@ class ImagesClient:
         self.timeout_s = timeout_s
         self.should_stop = should_stop
 
+    def models(self) -> list[ServedModel]:
+        """`GET /v1/models`: the served models in the server's order (vLLM lists the base
+        model first, then its LoRA adapters)."""
+        answer = self._request("/v1/models")
+        data = answer.get("data") if isinstance(answer, dict) else None
+        if not isinstance(data, list):
+            raise ServerError(f"The server answered /v1/models without a list: {answer!r:.300}")
+        return [
+            ServedModel(str(card["id"]), str(card["parent"]) if card.get("parent") else None)
+            for card in data
+            if isinstance(card, dict) and card.get("id")
+        ]
+
     def generate(self, fields: Fields) -> list[bytes]:
         """`POST /v1/images/generations`; the images' encoded bytes, in order."""
         body = json.dumps(_present(fields)).encode()
@@ -119,7 +153,7 @@ class ImagesClient:
         return self._images("/v1/images/edits", body, content_type)
 
     def _images(self, path: str, body: bytes, content_type: str) -> list[bytes]:
-        answer = self._post(path, body, content_type)
+        answer = self._request(path, body, content_type)
         data = answer.get("data") if isinstance(answer, dict) else None
         if not isinstance(data, list) or not data:
             raise ServerError(f"The server answered without images: {answer!r:.300}")
@@ -131,16 +165,16 @@ class ImagesClient:
             images.append(base64.b64decode(encoded))
         return images
 
-    def _post(self, path: str, body: bytes, content_type: str) -> Any:
+    def _request(self, path: str, body: bytes | None = None, content_type: str = "") -> Any:
+        """POST `body` to `path`, or GET `path` when there is no body; the answer's JSON."""
         url = self.base_url + path
-        headers = {
-            "Content-Type": content_type,
-            "Accept": "application/json",
-            "User-Agent": "comfyui-vllm-images",
-        }
+        headers = {"Accept": "application/json", "User-Agent": "comfyui-vllm-images"}
+        if content_type:
+            headers["Content-Type"] = content_type
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+        method = "GET" if body is None else "POST"
+        request = urllib.request.Request(url, data=body, headers=headers, method=method)
         connections: list[http.client.HTTPConnection] = []
         opener = urllib.request.build_opener(
             _TrackingHTTPHandler(connections), _TrackingHTTPSHandler(connections)

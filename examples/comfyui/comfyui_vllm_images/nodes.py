@@ -19,7 +19,15 @@ import torch
 import torch.nn.functional as F  # noqa: N812  (torch's own spelling)
 from PIL import Image
 
-from .client import MAX_IMAGES_PER_REQUEST, Cancelled, ImagesClient, request_seed
+from .client import (
+    MAX_IMAGES_PER_REQUEST,
+    SERVER_URL_ENV_VAR,
+    Cancelled,
+    ImagesClient,
+    default_server_url,
+    request_seed,
+)
+from .model_list import SERVER_DEFAULT_MODEL, ModelList, accepts_model
 
 CATEGORY = "image/vLLM"
 SIZE_STEP = 16
@@ -32,6 +40,12 @@ MAX_BATCH = 64
 on `n`), whose seeds continue one another, so a batch is the same however it is split."""
 MAX_STEPS = 200
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
+DEFAULT_LORA_SCALE = 1.0
+"""The adapter's full strength, the server's default: not sent (see `_fields`)."""
+LORA_SCALE_RANGE = 100.0
+"""As ComfyUI's own LoraLoader strengths; the server says which values it takes."""
+
+MODELS = ModelList()
 
 ImageTensor = torch.Tensor
 
@@ -41,9 +55,10 @@ def _server_inputs() -> dict[str, Any]:
         "server_url": (
             "STRING",
             {
-                "default": "http://127.0.0.1:8000",
+                "default": default_server_url(),
                 "tooltip": "The vLLM server: `vllm serve <model> --task image` (with or "
-                "without /v1).",
+                f"without /v1). New nodes start with ${SERVER_URL_ENV_VAR}, else "
+                "http://127.0.0.1:8000.",
             },
         ),
     }
@@ -126,10 +141,26 @@ def _optional_inputs() -> dict[str, Any]:
             },
         ),
         "model": (
-            "STRING",
+            MODELS.choices(),
             {
-                "default": "",
-                "tooltip": "A served model name (/v1/models). Empty: the model the server serves.",
+                "default": SERVER_DEFAULT_MODEL,
+                "tooltip": f"The served model or LoRA adapter to use. {SERVER_DEFAULT_MODEL}: "
+                "the server's base model. The list is /v1/models of "
+                f"${SERVER_URL_ENV_VAR} (else http://127.0.0.1:8000), read when the page loads "
+                "and when node definitions are refreshed (R); a name that is not listed is "
+                "still sent, and the server says if it does not serve it.",
+            },
+        ),
+        "lora_scale": (
+            "FLOAT",
+            {
+                "default": DEFAULT_LORA_SCALE,
+                "min": -LORA_SCALE_RANGE,
+                "max": LORA_SCALE_RANGE,
+                "step": 0.01,
+                "tooltip": "The LoRA adapter's strength, when model is an adapter. 1.0: its "
+                "full strength (not sent). Another value is sent as lora_scale, and the "
+                "server refuses it for a base model rather than ignore it.",
             },
         ),
     }
@@ -164,6 +195,10 @@ class VLLMImageGenerate:
             "optional": _optional_inputs(),
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, model: object = SERVER_DEFAULT_MODEL) -> bool | str:  # noqa: N802
+        return accepts_model(model)
+
     def generate(
         self,
         server_url: str,
@@ -176,10 +211,11 @@ class VLLMImageGenerate:
         seed: int,
         batch_size: int,
         api_key: str = "",
-        model: str = "",
+        model: str = SERVER_DEFAULT_MODEL,
+        lora_scale: float = DEFAULT_LORA_SCALE,
     ) -> tuple[ImageTensor]:
         client = _client(server_url, api_key)
-        fields = _fields(prompt, negative_prompt, steps, true_cfg_scale, model)
+        fields = _fields(prompt, negative_prompt, steps, true_cfg_scale, model, lora_scale)
         fields["size"] = f"{width}x{height}"
         images: list[bytes] = []
         for offset, n in _chunks(batch_size):
@@ -240,6 +276,10 @@ class VLLMImageEdit:
             },
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, model: object = SERVER_DEFAULT_MODEL) -> bool | str:  # noqa: N802
+        return accepts_model(model)
+
     def edit(
         self,
         image: ImageTensor,
@@ -255,12 +295,13 @@ class VLLMImageEdit:
         strength: float = 0.0,
         mask: torch.Tensor | None = None,
         api_key: str = "",
-        model: str = "",
+        model: str = SERVER_DEFAULT_MODEL,
+        lora_scale: float = DEFAULT_LORA_SCALE,
     ) -> tuple[ImageTensor]:
         if (width == 0) != (height == 0):
             raise ValueError("Set both width and height, or both to 0 for the input image's size.")
         client = _client(server_url, api_key)
-        fields = _fields(prompt, negative_prompt, steps, true_cfg_scale, model)
+        fields = _fields(prompt, negative_prompt, steps, true_cfg_scale, model, lora_scale)
         fields["size"] = f"{width}x{height}" if width else "auto"
         if strength > 0:
             fields["strength"] = strength
@@ -360,11 +401,22 @@ def _client(server_url: str, api_key: str) -> ImagesClient:
 
 
 def _fields(
-    prompt: str, negative_prompt: str, steps: int, true_cfg_scale: float, model: str
+    prompt: str,
+    negative_prompt: str,
+    steps: int,
+    true_cfg_scale: float,
+    model: str,
+    lora_scale: float = DEFAULT_LORA_SCALE,
 ) -> dict[str, Any]:
     fields: dict[str, Any] = {"prompt": prompt, "response_format": "b64_json"}
-    if model.strip():
+    # "" is what workflows saved before the picker hold for the server's model.
+    if model.strip() not in ("", SERVER_DEFAULT_MODEL):
         fields["model"] = model.strip()
+    # Sent when it differs from the adapter's full strength, whatever the model: the server
+    # refuses it without an adapter, so a strength set for a base model is reported, not
+    # silently dropped, and no /v1/models lookup is needed to tell adapters apart.
+    if lora_scale != DEFAULT_LORA_SCALE:
+        fields["lora_scale"] = lora_scale
     if negative_prompt.strip():
         fields["negative_prompt"] = negative_prompt
         fields["true_cfg_scale"] = true_cfg_scale
