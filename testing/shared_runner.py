@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from PIL import Image
 
-from vllm_omni_images.engine.base import EngineRequest, ModelDefaults
+from vllm_omni_images.engine.base import EngineRequest, LoRAAdapter, ModelDefaults
 from vllm_omni_images.engine.batching import PipelineRunner, PreviewCallback, StepCallback
 
 
@@ -30,6 +30,9 @@ class SharedRunner:
         on_preview: PreviewCallback | None = None,
     ) -> list[list[Image.Image]]:
         return self.inner.run(requests, on_step, on_preview)
+
+    def add_lora(self, adapter: LoRAAdapter) -> None:
+        self.inner.add_lora(adapter)
 
     def close(self) -> None:
         return None  # the runner outlives this engine

@@ -47,3 +47,15 @@ def serve_parser():
 
     vllm_patches.fall_back_to_cpu_platform()
     return make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))
+
+
+@pytest.fixture(scope="session")
+def tiny_loras(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Three random LoRA adapters of the tiny model in diffusers' format, by name."""
+    from testing.tiny_lora import build_tiny_lora
+
+    root = tmp_path_factory.mktemp("loras")
+    return {
+        name: build_tiny_lora(tiny_model_dir, root / name, seed=seed)
+        for seed, name in enumerate(("style", "other", "third"), start=1)
+    }

@@ -33,6 +33,7 @@ from vllm_omni_images.engine.base import (
     FinalImages,
     ImageEngine,
     ImagesStarted,
+    LoRAAdapter,
     ModelDefaults,
 )
 from vllm_omni_images.engine.batching import PipelineRunner, PreviewCallback, StepCallback
@@ -106,6 +107,8 @@ class FakeRunner:
         self.fault: Callable[[Sequence[EngineRequest]], None] | None = None
         """Called with each batch before it runs: it may raise (or block) to inject a fault."""
         self.closed = False
+        self.adapters: list[LoRAAdapter] = []
+        """The adapters added, in order (any adapter is accepted)."""
 
     @property
     def defaults(self) -> ModelDefaults:
@@ -113,6 +116,9 @@ class FakeRunner:
 
     def close(self) -> None:
         self.closed = True
+
+    def add_lora(self, adapter: LoRAAdapter) -> None:
+        self.adapters.append(adapter)
 
     def run(
         self,

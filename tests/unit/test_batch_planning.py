@@ -10,8 +10,12 @@ from typing import Any
 import pytest
 
 from tests.support.engines import req
+from vllm_omni_images.engine.base import LoRAAdapter
 from vllm_omni_images.engine.batch_planning import (
+    NO_BATCH_YET,
     BatchSlice,
+    LastAdapter,
+    adapter_of,
     batch_key,
     company_wait_s,
     form_batch,
@@ -19,6 +23,9 @@ from vllm_omni_images.engine.batch_planning import (
 )
 
 # Batch formation
+
+STYLE = LoRAAdapter("style", 1, "/adapters/style")
+OTHER = LoRAAdapter("other", 2, "/adapters/other")
 
 
 def test_form_batch_groups_compatible_requests_up_to_max_images() -> None:
@@ -115,3 +122,39 @@ def test_split_in_halves_keeps_every_image_once_in_order() -> None:
         assert images == [(p.index, seed) for p in slices for seed in range(p.start, p.stop)]
         sizes = [sum(part.num_images for part in half) for half in (first, second)]
         assert 0 <= sizes[0] - sizes[1] <= 1
+
+
+# LoRA adapters
+
+
+def test_a_batch_runs_one_adapter_at_one_strength() -> None:
+    queue = [
+        req(1),
+        req(2, lora=STYLE),
+        req(3),
+        req(4, lora=STYLE),
+        req(5, lora=STYLE, lora_scale=0.5),
+    ]
+    assert form_batch(queue, max_images=8) == [0, 2]
+    assert form_batch(queue[1:], max_images=8) == [0, 2]
+    assert batch_key(req(1, lora_scale=0.5)) == batch_key(req(1))  # no adapter: no strength
+
+
+def test_adapters_take_turns_so_none_waits_behind_a_run_of_another() -> None:
+    """Ten requests of one adapter, then one of another and one of the base model: after a
+    batch of the first adapter, the oldest request of another leads the next batch."""
+    queue = [req(i, lora=STYLE) for i in range(10)] + [req(10, lora=OTHER), req(11)]
+    order: list[int | None] = []
+    last: LastAdapter = NO_BATCH_YET
+    while queue:
+        indices = form_batch(queue, max_images=2, last_adapter=last)
+        last = adapter_of(queue[indices[0]])
+        order.append(last)
+        queue = [r for i, r in enumerate(queue) if i not in indices]
+    assert order[:4] == [1, 2, 1, None]  # the base model after the two adapters
+    assert order.count(1) == 5 and order[4:] == [1, 1, 1]
+
+
+def test_a_lone_adapter_keeps_its_turns() -> None:
+    queue = [req(1, lora=STYLE), req(2, lora=STYLE)]
+    assert form_batch(queue, max_images=1, last_adapter=STYLE.adapter_id) == [0]

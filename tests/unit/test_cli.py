@@ -77,3 +77,38 @@ def test_the_batching_flags_reach_both_engines_in_one_config(serve_parser):
     flags = ["--image-max-batch-size", "3", "--image-batch-delay-ms", "250"]
     settings = engine_settings_from_args(serve_parser.parse_args(["m", "--task", "image", *flags]))
     assert (settings.batching.max_batch_size, settings.batching.batch_delay_s) == (3, 0.25)
+
+
+def test_the_lora_flags_reach_the_engines_checked_as_vllm_checks_them(serve_parser):
+    from vllm_omni_images.engine.base import LoRASettings
+    from vllm_omni_images.engine.errors import EngineUnavailableError
+    from vllm_omni_images.server.launcher import lora_settings_from_args
+
+    def settings(*flags: str) -> LoRASettings | None:
+        return lora_settings_from_args(serve_parser.parse_args(["m", "--task", "image", *flags]))
+
+    assert settings() is None
+    assert settings("--enable-lora") == LoRASettings(max_loras=1, max_cpu_loras=1)
+    assert settings(
+        "--enable-lora", "--max-loras", "2", "--max-cpu-loras", "5", "--max-lora-rank", "32"
+    ) == LoRASettings(max_loras=2, max_cpu_loras=5, max_lora_rank=32)
+    with pytest.raises(EngineUnavailableError, match="--lora-modules needs --enable-lora"):
+        settings("--lora-modules", "style=/adapters/style")
+    with pytest.raises(EngineUnavailableError, match="max_cpu_loras"):
+        settings("--enable-lora", "--max-loras", "3", "--max-cpu-loras", "2")
+
+
+def test_the_model_flags_reach_the_engines(serve_parser):
+    from vllm_omni_images.engine.model_source import ModelSource
+    from vllm_omni_images.server.launcher import engine_settings_from_args, model_source_from_args
+
+    flags = ["--dtype", "bfloat16", "--revision", "v2", "--download-dir", "/models"]
+    args = serve_parser.parse_args(
+        ["org/model", "--task", "image", *flags, "--trust-remote-code", "--enforce-eager"]
+    )
+    settings = engine_settings_from_args(args)
+    assert (settings.dtype, settings.trust_remote_code) == ("bfloat16", True)
+    assert settings.omni_options["enforce_eager"] is True
+    assert model_source_from_args(args) == ModelSource(
+        revision="v2", download_dir="/models", trust_remote_code=True
+    )

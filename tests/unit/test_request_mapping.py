@@ -1,4 +1,5 @@
 import dataclasses
+import random
 from typing import Any
 
 import pytest
@@ -6,7 +7,7 @@ from pydantic import ValidationError
 from vllm.entrypoints.serve.engine.protocol import ErrorInfo
 from vllm.exceptions import VLLMValidationError
 
-from vllm_omni_images.engine.base import ModelDefaults
+from vllm_omni_images.engine.base import LoRAAdapter, ModelDefaults
 from vllm_omni_images.images.errors import error_response
 from vllm_omni_images.images.protocol import (
     ImageEditRequest,
@@ -62,6 +63,31 @@ def test_random_seeds_differ_between_requests_and_images():
     first, second = image_seeds(None, 2), image_seeds(None, 2)
     assert len(set(first)) == 2
     assert first != second
+
+
+def test_seedless_requests_draw_from_the_servers_seeded_source():
+    """As vLLM's `--seed`: the same run of seedless requests after a restart, yet each request
+    (and image) its own seed."""
+    source, after_restart = random.Random(0), random.Random(0)
+    run = [image_seeds(None, 2, source) for _ in range(3)]
+    assert run == [image_seeds(None, 2, after_restart) for _ in range(3)]
+    assert len({seed for seeds in run for seed in seeds}) == 6
+    assert run != [image_seeds(None, 2, random.Random(1)) for _ in range(3)]
+    assert image_seeds(5, 1, source) == (5,)  # a request's own seed wins
+
+
+def test_lora_scale_needs_an_adapter_and_reaches_the_engine():
+    adapter = LoRAAdapter("style", 3, "/adapters/style")
+    chosen = ImageGenerationRequest(prompt="p", model="style", lora_scale=0.5)
+    request = chosen.to_engine_request(DEFAULTS, "id", lora=adapter)
+    assert (request.lora, request.lora_scale) == (adapter, 0.5)
+    plain = ImageGenerationRequest(prompt="p", model="style").to_engine_request(
+        DEFAULTS, "id", lora=adapter
+    )
+    assert plain.lora_scale == 1.0
+    with pytest.raises(VLLMValidationError) as info:
+        ImageGenerationRequest(prompt="p", lora_scale=0.5).to_engine_request(DEFAULTS, "id")
+    assert info.value.parameter == "lora_scale"
 
 
 def test_mapping_applies_defaults():

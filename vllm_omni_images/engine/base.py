@@ -22,6 +22,8 @@ from typing import ParamSpec, Protocol, TypeAlias
 
 from PIL import Image
 
+from vllm_omni_images.engine.errors import LoRAAdapterError
+
 logger = logging.getLogger(__name__)
 
 DEFAULTS_FILE = "vllm_omni_images.json"
@@ -45,6 +47,36 @@ class ModelDefaults:
     terminal shift (Qwen-Image's), whose one-step schedule divides by zero (a black image)."""
     supports_partial_images: bool = False
     """Whether the engine streams previews of intermediate steps (`PreviewImages`)."""
+
+
+@dataclass(frozen=True)
+class LoRAAdapter:
+    """A LoRA adapter the server serves under `name` (vLLM's `LoRARequest`, without vLLM).
+
+    `path` is a diffusers LoRA (a folder with `pytorch_lora_weights.safetensors`, or that one
+    `.safetensors` file) or a PEFT folder (`adapter_config.json` + `adapter_model.safetensors`);
+    `lora_files.py` reads both. `adapter_id` is unique per name for the server's life."""
+
+    name: str
+    adapter_id: int
+    path: str
+
+
+@dataclass(frozen=True)
+class LoRASettings:
+    """`--enable-lora`'s limits, with vLLM's meanings."""
+
+    max_loras: int = 1
+    """Adapters loaded into the model at once (vLLM: per batch, on the device)."""
+    max_cpu_loras: int | None = None
+    """Adapters kept read in host memory, least recently used evicted (`None`: `max_loras`);
+    an evicted one is read again from its path when a request names it."""
+    max_lora_rank: int = 16
+    """Adapters of a higher rank are refused when they are loaded."""
+
+    @property
+    def cpu_slots(self) -> int:
+        return max(self.max_cpu_loras or self.max_loras, self.max_loras)
 
 
 @dataclass(frozen=True)
@@ -74,6 +106,10 @@ class EngineRequest:
     """With `image`: how far from it the result may move (0-1); `None`: the pipeline's own."""
     partial_images: int = 0
     """Previews to stream from intermediate steps, evenly spaced (`PreviewImages`)."""
+    lora: LoRAAdapter | None = None
+    """The adapter to apply (the model name the request chose); `None`: the base model."""
+    lora_scale: float = 1.0
+    """The adapter's strength (0: none, 1: as trained)."""
 
     @property
     def num_images(self) -> int:
@@ -126,6 +162,9 @@ class ImageEngine(abc.ABC):
       at once, a running one stops as soon as the engine allows, as vLLM's
       `AsyncLLM.generate` aborts on `CancelledError` and `GeneratorExit`. There is no abort by
       id: ids come from clients' `X-Request-Id` headers and may repeat.
+    - `add_lora(adapter)`: reads and checks the adapter now (raising `LoRAAdapterError` with
+      the reason), so a request that names it later does not fail on it, as vLLM's
+      `EngineClient.add_lora`. Engines built without LoRA refuse every adapter.
     - `check_health()`: raises `errors.EngineDiedError` or `errors.EngineHungError` when the
       engine cannot serve.
     - `close()`: stops taking work and releases the model; what was started may finish.
@@ -140,6 +179,10 @@ class ImageEngine(abc.ABC):
 
     @abc.abstractmethod
     def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]: ...
+
+    async def add_lora(self, adapter: LoRAAdapter) -> None:
+        """Load `adapter` for requests that name it; raise `LoRAAdapterError` if it cannot be."""
+        raise LoRAAdapterError.not_enabled(adapter.name)
 
     def check_health(self) -> None:  # noqa: B027 - engines with nothing to check keep this
         """Raise if the engine cannot serve."""

@@ -1,16 +1,18 @@
 """How the batching engine plans its engine calls: pure functions, no state and no clock.
 
 - `batch_key`: what requests must share to run in one pipeline call.
-- `form_batch`: which waiting requests run next (the oldest always goes, so none starves).
+- `form_batch`: which waiting requests run next (the oldest goes, or the oldest of another
+  adapter when the last batch ran its adapter: adapters take turns, and none starves).
 - `company_wait_s`: how long a batch that is not full waits for compatible requests.
 - `split_in_halves`: the two calls to retry a call that ran out of device memory.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple, TypeAlias
 
 from vllm_omni_images.engine.base import EngineRequest
 
@@ -26,10 +28,27 @@ class BatchKey(NamedTuple):
     true_cfg_scale: float | None
     guidance_scale: float | None
     has_negative_prompt: bool
+    lora_id: int | None
+    lora_scale: float
+
+
+class _NoBatch(enum.Enum):
+    YET = "no batch has run yet"
+
+
+NO_BATCH_YET = _NoBatch.YET
+LastAdapter: TypeAlias = int | Literal[_NoBatch.YET] | None
+"""The adapter of the last batch (`None`: the base model), or `NO_BATCH_YET`."""
+
+
+def adapter_of(request: EngineRequest) -> int | None:
+    """The request's LoRA adapter id; `None`: the base model."""
+    return None if request.lora is None else request.lora.adapter_id
 
 
 def batch_key(request: EngineRequest) -> BatchKey:
-    """The request's batch key; prompts, negative prompt texts and seeds may differ."""
+    """The request's batch key; prompts, negative prompt texts and seeds may differ. A batch
+    runs one adapter at one strength (the model is switched per call)."""
     return BatchKey(
         request.task,
         request.strength,
@@ -39,22 +58,35 @@ def batch_key(request: EngineRequest) -> BatchKey:
         request.true_cfg_scale,
         request.guidance_scale,
         request.negative_prompt is not None,
+        adapter_of(request),
+        request.lora_scale if request.lora is not None else 1.0,
     )
 
 
-def form_batch(queue: Sequence[EngineRequest], max_images: int) -> list[int]:
-    """Indices into `queue` (oldest first) of the requests that should run next.
+def form_batch(
+    queue: Sequence[EngineRequest], max_images: int, last_adapter: LastAdapter = NO_BATCH_YET
+) -> list[int]:
+    """Indices into `queue` (oldest first) of the requests that should run next, the one that
+    leads the batch first.
 
-    The oldest request always goes, whatever its size, so no request starves. Later requests
-    with its batch key join in arrival order while the total stays within `max_images`; one
-    that does not fit is skipped and the scan goes on. A request is never split.
+    The oldest request leads, whatever its size, so no request starves; but when the last
+    batch ran its adapter (`last_adapter`, `None` for the base model) and a request of another
+    adapter waits, the oldest of those leads instead: adapters take turns, so a request never
+    waits behind a long run of another adapter's. Later requests with the leader's batch key
+    join in arrival order while the total stays within `max_images`; one that does not fit is
+    skipped and the scan goes on. A request is never split.
     """
     if not queue:
         return []
-    key = batch_key(queue[0])
-    chosen = [0]
-    total = queue[0].num_images
-    for index in range(1, len(queue)):
+    lead = 0
+    if adapter_of(queue[0]) == last_adapter:
+        lead = next((i for i, r in enumerate(queue) if adapter_of(r) != last_adapter), 0)
+    key = batch_key(queue[lead])
+    chosen = [lead]
+    total = queue[lead].num_images
+    for index in range(len(queue)):
+        if index == lead:
+            continue
         if total >= max_images:
             break
         request = queue[index]

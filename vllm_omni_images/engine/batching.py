@@ -6,7 +6,9 @@ the part vllm-omni's own scheduler plays for vllm-omni's pipelines:
 1. **Batching.** One worker task takes the oldest waiting request, adds compatible waiting
    requests up to `max_batch_size` images (`batch_planning.form_batch`), waits up to
    `batch_delay_s` for company when the batch is not full, and runs the batch in one blocking
-   `PipelineRunner.run` call on a single engine thread, one call at a time.
+   `PipelineRunner.run` call on a single engine thread, one call at a time. LoRA adapters
+   take turns: after a batch of one adapter (or of the base model), the oldest request of
+   another waits no longer than that one batch.
 2. **Previews** the runner decodes go to their request's stream as `PreviewImages`, each once.
 3. **Faults stay with the requests they hit.** A runner exception fails the requests of its
    call, and the worker goes on with the next batch. Out of device memory
@@ -22,6 +24,8 @@ the part vllm-omni's own scheduler plays for vllm-omni's pipelines:
    engine hung (`hang_watch.py`): waiting requests fail with `EngineHungError`, and new ones
    are refused with it, until the call returns.
 6. **A dead worker** (a bug in this module) fails what waits, and `check_health` says so.
+7. **Adapters** are added on the engine thread between calls (`add_lora`), so a batch never
+   sees an adapter half loaded.
 
 Admission (queue limit, timeout) is not here: it is in front of every engine
 (`admission.py`). Importable without vLLM (the GPU benchmarks run it with diffusers only).
@@ -48,13 +52,17 @@ from vllm_omni_images.engine.base import (
     FinalImages,
     ImageEngine,
     ImagesStarted,
+    LoRAAdapter,
     ModelDefaults,
     NoObserver,
     PreviewImages,
     notify,
 )
 from vllm_omni_images.engine.batch_planning import (
+    NO_BATCH_YET,
     BatchSlice,
+    LastAdapter,
+    adapter_of,
     company_wait_s,
     form_batch,
     split_in_halves,
@@ -95,6 +103,11 @@ class PipelineRunner(Protocol):
         """Every request's images, in order and in seed order, from one pipeline call. The
         requests share `batch_planning.batch_key`. Raises `EngineOutOfMemoryError` when the
         device runs out of memory, `GenerationCancelled` when `on_step` raised it."""
+        ...
+
+    def add_lora(self, adapter: LoRAAdapter) -> None:
+        """Read and check `adapter` for the requests that name it; raise `LoRAAdapterError`
+        if it cannot be served. Called on the engine thread, between calls."""
         ...
 
     def close(self) -> None:
@@ -238,6 +251,8 @@ class BatchingEngine(ImageEngine):
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
         self._died: str | None = None
+        self._last_adapter: LastAdapter = NO_BATCH_YET
+        """The adapter of the last batch (`batch_planning.adapter_of`), whose turn is over."""
 
     @property
     def defaults(self) -> ModelDefaults:
@@ -276,6 +291,11 @@ class BatchingEngine(ImageEngine):
         finally:
             if not pending.settled:
                 self._withdraw(pending)
+
+    async def add_lora(self, adapter: LoRAAdapter) -> None:
+        await asyncio.get_running_loop().run_in_executor(
+            self._executor, self.runner.add_lora, adapter
+        )
 
     async def close(self) -> None:
         """Refuse new work, fail waiting requests, and let the running batch finish (unless
@@ -341,8 +361,10 @@ class BatchingEngine(ImageEngine):
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
-            head = self._queue[0]
-            indices = form_batch([p.request for p in self._queue], self._config.max_batch_size)
+            indices = form_batch(
+                [p.request for p in self._queue], self._config.max_batch_size, self._last_adapter
+            )
+            head = self._queue[indices[0]]
             wait_s = 0.0
             if head is not delay_over_for:
                 images = sum(self._queue[i].request.num_images for i in indices)
@@ -363,6 +385,7 @@ class BatchingEngine(ImageEngine):
                 continue
             chosen = set(indices)
             batch = _Batch([self._queue[i] for i in indices])
+            self._last_adapter = adapter_of(head.request)
             self._queue = [p for i, p in enumerate(self._queue) if i not in chosen]
             return batch
 

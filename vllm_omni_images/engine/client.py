@@ -18,7 +18,9 @@
 
 **vLLM's engine client.** vLLM's server keeps it as `app.state.engine_client` (as it keeps
 `AsyncLLM` for a text model): its core routes and server loop ask it for `check_health()`,
-`errored`, `is_running`, `do_log_stats()` and `shutdown()`.
+`errored`, `is_running`, `do_log_stats()` and `shutdown()`, and vLLM's `OpenAIServingModels`
+(`/v1/models`, the LoRA routes) for `add_lora(lora_request)` and the text model's
+`model_config`, `renderer` and `input_processor`, which an image model has not (`None`).
 
 Importable without vLLM: vLLM's own exception is imported only to report a dead engine.
 """
@@ -30,6 +32,7 @@ import threading
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from vllm_omni_images.engine.base import (
     EngineObserver,
@@ -38,6 +41,7 @@ from vllm_omni_images.engine.base import (
     FinalImages,
     ImageEngine,
     ImagesStarted,
+    LoRAAdapter,
     ModelDefaults,
     NoObserver,
     notify,
@@ -52,6 +56,14 @@ from vllm_omni_images.engine.errors import (
     RequestTooLargeError,
     SchedulerClosedError,
 )
+
+
+class AdapterRequest(Protocol):
+    """What `add_lora` reads of vLLM's `LoRARequest`."""
+
+    lora_name: str
+    lora_int_id: int
+    lora_path: str
 
 
 @dataclass(frozen=True)
@@ -101,6 +113,11 @@ class _Admitted:
 
 
 class ImageEngineClient:
+    # A text model's parts, which vLLM's serving-models object reads when it is built.
+    model_config: Any = None
+    renderer: Any = None
+    input_processor: Any = None
+
     def __init__(
         self,
         engine: ImageEngine,
@@ -167,6 +184,18 @@ class ImageEngineClient:
 
     async def do_log_stats(self) -> None:
         return None
+
+    async def add_lora(self, lora_request: AdapterRequest) -> bool:
+        """vLLM's: load the adapter of a `LoRARequest` (a static `--lora-modules` entry, or
+        `/v1/load_lora_adapter`) into the engine; raises `LoRAAdapterError` if it cannot."""
+        await self.engine.add_lora(
+            LoRAAdapter(
+                name=lora_request.lora_name,
+                adapter_id=lora_request.lora_int_id,
+                path=lora_request.lora_path,
+            )
+        )
+        return True
 
     def check_admission(self, num_images: int) -> None:
         """Raise if a request of `num_images` images cannot be taken now (module docstring)."""

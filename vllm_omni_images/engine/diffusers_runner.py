@@ -12,13 +12,14 @@ import gc
 import inspect
 import logging
 import traceback
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from PIL import Image
 
-from vllm_omni_images.engine.base import EngineRequest, ModelDefaults
+from vllm_omni_images.engine.base import EngineRequest, LoRAAdapter, LoRASettings, ModelDefaults
 from vllm_omni_images.engine.batch_planning import batch_key
 from vllm_omni_images.engine.batching import PreviewCallback, StepCallback
 from vllm_omni_images.engine.errors import (
@@ -26,6 +27,14 @@ from vllm_omni_images.engine.errors import (
     EngineOutOfMemoryError,
     EngineRequestError,
     GenerationCancelled,
+    LoRAAdapterError,
+)
+from vllm_omni_images.engine.lora_files import (
+    AdapterWeights,
+    check_fits,
+    check_rank,
+    diffusers_state_dict,
+    read_adapter,
 )
 from vllm_omni_images.engine.model_folder import read_defaults
 from vllm_omni_images.engine.previews import decode_previews, preview_steps, supports_previews
@@ -53,21 +62,26 @@ class DiffusersRunner:
         dtype: torch.dtype | None = None,
         *,
         pipeline: Any = None,
+        trust_remote_code: bool = False,
+        lora: LoRASettings | None = None,
     ) -> None:
         """Load the pipeline folder (or hub id) `model_path`; or serve `pipeline`, already
-        built in memory, under that name."""
+        built in memory, under that name. With `lora`, it serves LoRA adapters (`add_lora`)."""
         self.device = device or default_device()
         self.dtype = dtype or default_dtype(self.device)
         self.model_path = model_path
         if pipeline is None:
             from diffusers import DiffusionPipeline
 
-            pipeline = DiffusionPipeline.from_pretrained(model_path, dtype=self.dtype)
+            pipeline = DiffusionPipeline.from_pretrained(
+                model_path, dtype=self.dtype, trust_remote_code=trust_remote_code
+            )
         self._pipe: Any = pipeline.to(self.device, self.dtype)
         self._pipe.set_progress_bar_config(disable=True)
         # The edit and inpaint pipelines of the same model, built on first use from the loaded
         # components (diffusers' `from_pipe`: no second copy of the weights).
         self._task_pipes: dict[str, Any] = {}
+        self._lora = _LoRASlots(self._pipe, lora) if lora is not None else None
         self._defaults = dataclasses.replace(
             read_defaults(self._pipe, model_path),
             supports_partial_images=supports_previews(self._pipe),
@@ -89,6 +103,12 @@ class DiffusersRunner:
     def pipeline(self) -> Any:
         return self._pipe
 
+    def add_lora(self, adapter: LoRAAdapter) -> None:
+        """Read and check `adapter` now (`LoRAAdapterError` if it cannot be served)."""
+        if self._lora is None:
+            raise LoRAAdapterError.not_enabled(adapter.name)
+        self._lora.add(adapter)
+
     def run(
         self,
         requests: Sequence[EngineRequest],
@@ -97,7 +117,12 @@ class DiffusersRunner:
     ) -> list[list[Image.Image]]:
         if not requests:
             return []
-        pipe = self.pipeline_for(requests[0].task)
+        first = requests[0]
+        if self._lora is not None:
+            self._lora.activate(first.lora, first.lora_scale)
+        elif first.lora is not None:
+            raise EngineRequestError("LoRA is not enabled on this server.")
+        pipe = self.pipeline_for(first.task)
         kwargs = self.pipeline_kwargs(pipe, requests, on_step, on_preview)
         try:
             with torch.inference_mode():
@@ -210,7 +235,84 @@ class DiffusersRunner:
     def close(self) -> None:
         self._pipe = None
         self._task_pipes.clear()
+        self._lora = None
         self._release_cached_memory()
+
+
+class _LoRASlots:
+    """The adapters of one pipeline, as vLLM keeps them (`LoRASettings`): up to `max_loras`
+    loaded into the model as PEFT layers (diffusers' `load_lora_weights`: small A and B
+    matrices beside the base weights, never a copy of them) and up to `max_cpu_loras` read in
+    host memory, each least recently used first out. A batch runs one adapter at one strength
+    (`set_adapters`), or none (`disable_lora`). The edit and inpaint pipelines share the
+    transformer, so they see the same adapter. Runs on the engine thread only."""
+
+    def __init__(self, pipe: Any, settings: LoRASettings) -> None:
+        self._pipe = pipe
+        self._settings = settings
+        self._read: OrderedDict[int, tuple[LoRAAdapter, AdapterWeights]] = OrderedDict()
+        self._loaded: OrderedDict[int, LoRAAdapter] = OrderedDict()
+        self._active: tuple[int, float] | None = None
+
+    def add(self, adapter: LoRAAdapter) -> None:
+        weights = self._read_checked(adapter)
+        if adapter.adapter_id in self._loaded:  # loaded again in place: its weights changed
+            self._unload(adapter.adapter_id)
+        self._keep(adapter, weights)
+
+    def activate(self, adapter: LoRAAdapter | None, scale: float) -> None:
+        if adapter is None:
+            if self._active is not None:
+                self._pipe.disable_lora()
+                self._active = None
+            return
+        if self._active == (adapter.adapter_id, scale):
+            self._loaded.move_to_end(adapter.adapter_id)
+            return
+        if adapter.adapter_id not in self._loaded:
+            self._load(adapter)
+        self._loaded.move_to_end(adapter.adapter_id)
+        self._pipe.enable_lora()
+        self._pipe.set_adapters([_peft_name(adapter)], adapter_weights=[scale])
+        self._active = (adapter.adapter_id, scale)
+
+    def _read_checked(self, adapter: LoRAAdapter) -> AdapterWeights:
+        weights = read_adapter(adapter.path, adapter.name)
+        check_rank(weights, self._settings.max_lora_rank, adapter.name, adapter.path)
+        check_fits(weights, self._pipe.transformer, adapter.name, adapter.path)
+        return weights
+
+    def _keep(self, adapter: LoRAAdapter, weights: AdapterWeights) -> None:
+        self._read[adapter.adapter_id] = (adapter, weights)
+        self._read.move_to_end(adapter.adapter_id)
+        while len(self._read) > self._settings.cpu_slots:
+            self._read.popitem(last=False)
+
+    def _load(self, adapter: LoRAAdapter) -> None:
+        kept = self._read.get(adapter.adapter_id)
+        # Evicted from host memory since it was added: read it again, as vLLM does.
+        weights = kept[1] if kept is not None else self._read_checked(adapter)
+        self._keep(adapter, weights)
+        while len(self._loaded) >= self._settings.max_loras:
+            self._unload(next(iter(self._loaded)))
+        self._pipe.load_lora_weights(
+            diffusers_state_dict(weights), adapter_name=_peft_name(adapter)
+        )
+        self._loaded[adapter.adapter_id] = adapter
+        logger.info("Loaded LoRA adapter '%s' into the model", adapter.name)
+
+    def _unload(self, adapter_id: int) -> None:
+        adapter = self._loaded.pop(adapter_id)
+        self._pipe.delete_adapters(_peft_name(adapter))
+        if self._active is not None and self._active[0] == adapter_id:
+            self._active = None
+            if self._loaded:  # the others stay loaded, and off until a batch names one
+                self._pipe.disable_lora()
+
+
+def _peft_name(adapter: LoRAAdapter) -> str:
+    # By id: a name may be unloaded and loaded again for another file.
+    return f"lora_{adapter.adapter_id}"
 
 
 def preview_rows(requests: Sequence[EngineRequest]) -> list[tuple[int, int, EngineRequest]]:

@@ -24,6 +24,27 @@ class EngineDiedError(EngineError):
     """The engine or its worker died: nothing more can be generated until a restart."""
 
 
+class LoRAAdapterError(ValueError):
+    """A LoRA adapter cannot be served: its file is missing or unreadable, it is not a LoRA, it
+    was made for another architecture, its rank is above the limit, or LoRA is not enabled.
+    The message names the adapter and says why, in one line: it starts with `prefix(name)`."""
+
+    @staticmethod
+    def prefix(name: str) -> str:
+        return f"LoRA adapter '{name}'"
+
+    @classmethod
+    def not_enabled(cls, name: str) -> LoRAAdapterError:
+        return cls(
+            f"{cls.prefix(name)}: LoRA is not enabled on this server (start it with --enable-lora)."
+        )
+
+    @classmethod
+    def is_about(cls, message: str, name: str) -> bool:
+        """Whether `message` (this error's, passed on as text) refuses adapter `name`."""
+        return message.startswith(cls.prefix(name))
+
+
 class EngineNotReadyError(RuntimeError):
     """The model is not loaded (yet, or any more)."""
 

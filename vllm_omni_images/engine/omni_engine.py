@@ -16,6 +16,10 @@ How a request maps onto vllm-omni (`to_omni_requests`):
    `OmniDiffusionSamplingParams`, which also asks for the "started" event
    (`emit_request_lifecycle`) that becomes the request's `ImagesStarted`: admission counts
    an image as queued until then.
+4. A LoRA adapter goes as vllm-omni's own `LoRARequest` and `lora_scale` in the sampling
+   params; its scheduler keeps adapters and strengths in separate batches. Adapters are
+   loaded when they are added (`add_lora`, vllm-omni's worker RPC), from a PEFT copy that
+   `lora_files.py` writes (vllm-omni reads only PEFT's format, with its own module names).
 
 vllm-omni's engine binds to the first event loop that drives it, and its post-processing
 (tensors to PIL images) runs on that loop; it gets a loop thread of its own, so it neither
@@ -28,11 +32,14 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import shutil
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -45,6 +52,8 @@ from vllm_omni_images.engine.base import (
     FinalImages,
     ImageEngine,
     ImagesStarted,
+    LoRAAdapter,
+    LoRASettings,
     ModelDefaults,
     NoObserver,
     notify,
@@ -56,15 +65,24 @@ from vllm_omni_images.engine.errors import (
     EngineOutOfMemoryError,
     EngineRequestError,
     GenerationCancelled,
+    LoRAAdapterError,
     SchedulerClosedError,
 )
 from vllm_omni_images.engine.hang_watch import HangWatch
+from vllm_omni_images.engine.lora_files import (
+    check_fits,
+    check_rank,
+    meta_transformer,
+    read_adapter,
+    write_peft_folder,
+)
 from vllm_omni_images.engine.model_folder import defaults_for_pipeline_class
 
 if TYPE_CHECKING:
     from vllm_omni.diffusion.data import OmniDiffusionConfig
     from vllm_omni.diffusion.diffusion_engine import DiffusionEngine
     from vllm_omni.diffusion.request import OmniDiffusionRequest
+    from vllm_omni.lora.request import LoRARequest
 
 logger = logging.getLogger(__name__)
 
@@ -75,12 +93,13 @@ def build_omni_config(
     *,
     max_batch_size: int = 1,
     batch_delay_ms: float = 0.0,
+    lora: LoRASettings | None = None,
 ) -> OmniDiffusionConfig:
     """vllm-omni's engine config for `model_path`, as its own `vllm serve --omni` would build
     it: `options` are its config fields by their vllm-omni names (see
     `server/cli_args.OMNI_FLAGS`; `distributed_executor_backend` picks its executor: `mp`,
     `uni`, or a `DiffusionExecutor` class or its path); batching comes from this project's
-    batching flags."""
+    batching flags, and vllm-omni's adapter cache from `--max-cpu-loras`."""
     from vllm_omni.diffusion.data import DiffusionParallelConfig, OmniDiffusionConfig
     from vllm_omni.diffusion.diffusion_engine import supports_request_batch
     from vllm_omni.platforms import current_omni_platform
@@ -89,6 +108,8 @@ def build_omni_config(
         # vllm-omni's default, bfloat16, meets vLLM's CPU matmul with float32 inputs; the
         # diffusers engine runs float32 on the CPU too, so the two engines agree.
         options = {**options, "dtype": torch.float32}
+    if lora is not None:
+        options = {**options, "max_cpu_loras": lora.cpu_slots}
     # Sizes go to the parallel config (which picks its own fields), the rest to the top level.
     parallel = DiffusionParallelConfig.from_stage_overrides(options)
     parallel_fields = {f.name for f in fields(DiffusionParallelConfig)}
@@ -113,9 +134,10 @@ def build_omni_config(
 
 
 def to_omni_requests(
-    request: EngineRequest, request_ids: Sequence[str]
+    request: EngineRequest, request_ids: Sequence[str], lora: LoRARequest | None = None
 ) -> list[OmniDiffusionRequest]:
-    """One `OmniDiffusionRequest` per image of `request` (see the module docstring)."""
+    """One `OmniDiffusionRequest` per image of `request` (see the module docstring); `lora` is
+    vllm-omni's request for `request.lora`."""
     from vllm_omni.diffusion.request import OmniDiffusionRequest
     from vllm_omni.inputs.data import OmniDiffusionSamplingParams, OmniTextPrompt
 
@@ -138,6 +160,9 @@ def to_omni_requests(
         sampling["true_cfg_scale"] = request.true_cfg_scale
     if request.guidance_scale is not None:
         sampling["guidance_scale"] = request.guidance_scale
+    if lora is not None:
+        sampling["lora_request"] = lora
+        sampling["lora_scale"] = request.lora_scale
     return [
         OmniDiffusionRequest(
             prompt=dict(prompt),  # one each: vllm-omni's pre-processing may write to it
@@ -168,10 +193,12 @@ class OmniEngine(ImageEngine):
         *,
         hang_grace_s: float | None = 60.0,
         observer: EngineObserver | None = None,
+        lora: LoRASettings | None = None,
     ) -> None:
         """Start vllm-omni's engine for `config` (loads the pipeline and runs its warm-up).
         A started request that has not left vllm-omni `hang_grace_s` after it was aborted
-        marks the engine hung (`hang_watch.py`) until it leaves."""
+        marks the engine hung (`hang_watch.py`) until it leaves. With `lora` (and `config`
+        built with it) it serves LoRA adapters."""
         from vllm_omni.diffusion.diffusion_engine import DiffusionEngine
         from vllm_omni.diffusion.io_support import supports_multimodal_input
 
@@ -195,6 +222,11 @@ class OmniEngine(ImageEngine):
         self._aborted: set[str] = set()
         self._in_flight: dict[asyncio.Future[list[Image.Image]], _InFlight] = {}
         self._closed = False
+        self._model_path = config.model
+        self._lora = lora
+        self._adapters: dict[int, LoRARequest] = {}
+        self._adapter_dir: Path | None = None
+        self._transformer_shape: torch.nn.Module | None = None
         self._engine: DiffusionEngine = DiffusionEngine.make_engine(config)
         self._engine.executor.register_failure_callback(self._executor_failed)
         self._loop = asyncio.new_event_loop()
@@ -255,7 +287,8 @@ class OmniEngine(ImageEngine):
             with contextlib.suppress(RuntimeError):  # the caller's loop is gone
                 loop.call_soon_threadsafe(flight.inbox.put_nowait, images)
 
-        run = self._run(to_omni_requests(request, flight.request_ids), on_started)
+        lora = self._lora_request(request.lora)
+        run = self._run(to_omni_requests(request, flight.request_ids, lora), on_started)
         self._live.update(flight.request_ids)  # before the loop can see an abort for them
         job = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(run, self._loop))
         self._in_flight[job] = flight
@@ -277,6 +310,59 @@ class OmniEngine(ImageEngine):
                 return
         finally:
             self._left(job, flight, started_at)
+
+    async def add_lora(self, adapter: LoRAAdapter) -> None:
+        """Check the adapter against the model's transformer (built on the meta device from
+        its config: the weights are in vllm-omni's worker), write vllm-omni's PEFT copy, and
+        have the worker load it."""
+        from vllm_omni.lora.request import LoRARequest
+
+        if self._lora is None:
+            raise LoRAAdapterError.not_enabled(adapter.name)
+        limit = self._lora.max_lora_rank
+        folder = await asyncio.to_thread(self._peft_copy, adapter, limit)
+        request = LoRARequest(
+            lora_name=adapter.name, lora_int_id=adapter.adapter_id, lora_path=str(folder)
+        )
+
+        def load() -> None:
+            if adapter.adapter_id in self._adapters:  # loaded again in place
+                self._engine.collective_rpc("remove_lora", args=(adapter.adapter_id,))
+            self._engine.collective_rpc("add_lora", args=(request,))
+
+        try:
+            await asyncio.to_thread(load)
+        except Exception as error:
+            raise LoRAAdapterError(
+                f"{LoRAAdapterError.prefix(adapter.name)} ({adapter.path}) cannot be served: "
+                f"vllm-omni could not load it ({error})."
+            ) from error
+        self._adapters[adapter.adapter_id] = request
+
+    def _peft_copy(self, adapter: LoRAAdapter, max_rank: int) -> Path:
+        weights = read_adapter(adapter.path, adapter.name)
+        check_rank(weights, max_rank, adapter.name, adapter.path)
+        check_fits(weights, self._meta_transformer(), adapter.name, adapter.path)
+        if self._adapter_dir is None:
+            self._adapter_dir = Path(tempfile.mkdtemp(prefix="vllm-omni-images-lora-"))
+        # A new folder per load: vllm-omni may re-read an evicted adapter from its path.
+        folder = self._adapter_dir / f"{adapter.adapter_id}-{uuid.uuid4().hex[:8]}"
+        write_peft_folder(weights, folder)
+        return folder
+
+    def _meta_transformer(self) -> torch.nn.Module:
+        if self._transformer_shape is None:
+            assert self._model_path is not None
+            self._transformer_shape = meta_transformer(self._model_path)
+        return self._transformer_shape
+
+    def _lora_request(self, adapter: LoRAAdapter | None) -> LoRARequest | None:
+        if adapter is None:
+            return None
+        lora = self._adapters.get(adapter.adapter_id)
+        if lora is None:
+            raise EngineRequestError(f"LoRA adapter '{adapter.name}' was never loaded.")
+        return lora
 
     def _refuse_what_vllm_omni_cannot_do(self, request: EngineRequest) -> None:
         if request.image is not None and not self.takes_images:
@@ -373,6 +459,8 @@ class OmniEngine(ImageEngine):
                     self._hang_watch.grace_s,
                 )
         await asyncio.to_thread(self._close_vllm_omni)
+        if self._adapter_dir is not None:
+            shutil.rmtree(self._adapter_dir, ignore_errors=True)
 
     def _close_vllm_omni(self) -> None:
         """Close vllm-omni's engine, then end every request still in flight (each job is

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from vllm_omni_images.engine.base import EngineObserver, ImageEngine
+from vllm_omni_images.engine.base import EngineObserver, ImageEngine, LoRASettings
 from vllm_omni_images.engine.batching import BatchingConfig
 from vllm_omni_images.engine.errors import EngineUnavailableError
 from vllm_omni_images.engine.model_folder import pipeline_class_name
@@ -37,6 +37,35 @@ class EngineSettings:
     gets the size and delay in its config, and its engine the hang grace."""
     omni_options: Mapping[str, Any] = field(default_factory=dict)
     """vllm-omni config fields by their vllm-omni names (`server/cli_args.OMNI_FLAGS`)."""
+    dtype: str = "auto"
+    """The weights' dtype (`--dtype`): `auto` is float32 on the CPU and bfloat16 on a GPU."""
+    trust_remote_code: bool = False
+    """Whether a pipeline's own code in its folder may run (`--trust-remote-code`)."""
+    lora: LoRASettings | None = None
+    """`--enable-lora`'s limits; `None`: no adapters."""
+
+
+DTYPES = {
+    "half": "float16",
+    "float16": "float16",
+    "bfloat16": "bfloat16",
+    "float": "float32",
+    "float32": "float32",
+}
+"""vLLM's `--dtype` choices (besides `auto`) and the torch dtype each names."""
+
+
+def torch_dtype(name: str) -> Any:
+    """The torch dtype `--dtype` names; `None` for `auto` (the engine's own choice)."""
+    if name == "auto":
+        return None
+    if name not in DTYPES:
+        raise EngineUnavailableError(
+            f"--dtype {name}: an image model's weights load as auto, {', '.join(DTYPES)}."
+        )
+    import torch
+
+    return getattr(torch, DTYPES[name])
 
 
 def has_accelerator() -> bool:
@@ -125,15 +154,22 @@ def create_engine(
         from vllm_omni_images.engine.omni_engine import OmniEngine, build_omni_config
 
         batching = settings.batching
+        options = dict(settings.omni_options)
+        if settings.dtype != "auto":
+            options["dtype"] = DTYPES.get(settings.dtype, settings.dtype)
+        if settings.trust_remote_code:
+            options["trust_remote_code"] = True
         return OmniEngine(
             build_omni_config(
                 model_path,
-                settings.omni_options,
+                options,
                 max_batch_size=batching.max_batch_size,
                 batch_delay_ms=batching.batch_delay_s * 1000,
+                lora=settings.lora,
             ),
             hang_grace_s=batching.hang_grace_s,
             observer=observer,
+            lora=settings.lora,
         )
     if settings.omni_options:
         raise EngineUnavailableError(
@@ -143,5 +179,11 @@ def create_engine(
     from vllm_omni_images.engine.batching import BatchingEngine
     from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
 
-    runner = DiffusersRunner(model_path, device=device)
+    runner = DiffusersRunner(
+        model_path,
+        device=device,
+        dtype=torch_dtype(settings.dtype),
+        trust_remote_code=settings.trust_remote_code,
+        lora=settings.lora,
+    )
     return BatchingEngine(runner, settings.batching, observer=observer)

@@ -1,8 +1,8 @@
 """Pydantic models of the OpenAI Images API (`POST /v1/images/generations`).
 
 Field names, types and defaults follow OpenAI's API; the extensions (`negative_prompt`,
-`num_inference_steps`, `guidance_scale`, `true_cfg_scale`, `seed`) are the diffusion knobs
-OpenAI's models do not expose.
+`num_inference_steps`, `guidance_scale`, `true_cfg_scale`, `seed`, `lora_scale`) are the
+diffusion knobs OpenAI's models do not expose.
 
 What a request can be refused for is checked once, where what it depends on is known:
 
@@ -11,14 +11,16 @@ What a request can be refused for is checked once, where what it depends on is k
   own request models do;
 - the server's limits on what the request says (prompt length): `check_limits(limits)`;
 - the served model and the pixels it is asked for: as the request maps itself onto engine
-  work, `to_engine_request(defaults, request_id, limits)`, as vLLM's requests map themselves to
-  sampling parameters: the model's defaults and limits (the size rule) and the server's pixel
-  limits (per image and per request) apply there.
+  work, `to_engine_request(defaults, request_id, limits, lora=, seed_source=)`, as vLLM's
+  requests map themselves to sampling parameters: the model's defaults and limits (the size
+  rule), the server's pixel limits (per image and per request) and the adapter the request's
+  `model` chose (`lora_scale` needs one) apply there.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import random
 import re
 import secrets
 import time
@@ -29,7 +31,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from vllm.entrypoints.serve.engine.protocol import OpenAIBaseModel
 from vllm.exceptions import VLLMValidationError
 
-from vllm_omni_images.engine.base import EngineRequest, ModelDefaults
+from vllm_omni_images.engine.base import EngineRequest, LoRAAdapter, ModelDefaults
 from vllm_omni_images.images.limits import DEFAULT_LIMITS, EDIT_INPUT_IMAGES, ImageLimits
 
 INT64_MIN = -(2**63)
@@ -56,6 +58,8 @@ QUALITY_STEP_FACTORS: dict[str, float] = {
 """`quality` as a share of the model's default denoising steps (diffusion's quality knob)."""
 
 MAX_STEPS = 200
+MAX_LORA_SCALE = 100.0
+"""Most strength (either sign) a request may give its adapter, as ComfyUI's LoRA loader."""
 
 UNSUPPORTED_FIELDS: dict[str, str] = {
     "style": "style is a DALL-E 3 prompt rewrite; a diffusion pipeline has no equivalent. "
@@ -106,6 +110,8 @@ class ImageGenerationRequest(OpenAIBaseModel):
     guidance_scale: float | None = Field(default=None, ge=0.0, le=20.0)
     true_cfg_scale: float | None = Field(default=None, ge=0.0, le=20.0)
     seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
+    lora_scale: float | None = Field(default=None, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE)
+    """The strength of the LoRA adapter that `model` names (1: as trained; 0: none)."""
 
     @field_validator("prompt")
     @classmethod
@@ -171,9 +177,17 @@ class ImageGenerationRequest(OpenAIBaseModel):
                 )
 
     def to_engine_request(
-        self, defaults: ModelDefaults, request_id: str, limits: ImageLimits = DEFAULT_LIMITS
+        self,
+        defaults: ModelDefaults,
+        request_id: str,
+        limits: ImageLimits = DEFAULT_LIMITS,
+        *,
+        lora: LoRAAdapter | None = None,
+        seed_source: random.Random | None = None,
     ) -> EngineRequest:
-        """This request as engine work: the served model's defaults fill what it leaves unset.
+        """This request as engine work: the served model's defaults fill what it leaves unset;
+        `lora` is the adapter its `model` names, `seed_source` the server's draw of seeds for
+        a request without one (`--seed`).
 
         Raises `VLLMValidationError`, naming the field, for what the model cannot honour or
         the server's `limits` do not allow.
@@ -181,7 +195,9 @@ class ImageGenerationRequest(OpenAIBaseModel):
         self.check_limits(limits)
         defaults = within_limits(defaults, limits)
         width, height = resolve_size(self.size, defaults)
-        return self._engine_request(defaults, request_id, width, height, limits)
+        return self._engine_request(
+            defaults, request_id, width, height, limits, lora=lora, seed_source=seed_source
+        )
 
     def _engine_request(
         self,
@@ -190,9 +206,20 @@ class ImageGenerationRequest(OpenAIBaseModel):
         width: int,
         height: int,
         limits: ImageLimits,
+        *,
+        lora: LoRAAdapter | None,
+        seed_source: random.Random | None,
         **inputs: Any,
     ) -> EngineRequest:
         check_request_pixels(self.n, width, height, limits)
+        if self.lora_scale is not None and lora is None:
+            raise VLLMValidationError(
+                "lora_scale sets the strength of a LoRA adapter, and the model "
+                f"{'the server serves' if self.model is None else repr(self.model)} is the "
+                "base model: name an adapter in model (GET /v1/models lists them), or leave "
+                "lora_scale out.",
+                parameter="lora_scale",
+            )
         if self.num_inference_steps is not None and self.num_inference_steps < defaults.min_steps:
             raise VLLMValidationError(
                 f"num_inference_steps must be at least {defaults.min_steps} for this model: "
@@ -210,7 +237,7 @@ class ImageGenerationRequest(OpenAIBaseModel):
             partial_images=partial_images,
             prompt=self.prompt,
             negative_prompt=self.negative_prompt,
-            seeds=image_seeds(self.seed, self.n),
+            seeds=image_seeds(self.seed, self.n, seed_source),
             width=width,
             height=height,
             num_inference_steps=self.num_inference_steps
@@ -218,6 +245,8 @@ class ImageGenerationRequest(OpenAIBaseModel):
             true_cfg_scale=_first_set(self.true_cfg_scale, defaults.true_cfg_scale),
             guidance_scale=_first_set(self.guidance_scale, defaults.guidance_scale),
             request_id=request_id,
+            lora=lora,
+            lora_scale=1.0 if self.lora_scale is None else self.lora_scale,
             **inputs,
         )
 
@@ -249,9 +278,12 @@ class ImageEditRequest(ImageGenerationRequest):
         images: list[Image.Image],
         mask: Image.Image | None = None,
         limits: ImageLimits = DEFAULT_LIMITS,
+        *,
+        lora: LoRAAdapter | None = None,
+        seed_source: random.Random | None = None,
     ) -> EngineRequest:
         """This edit of `images` as engine work; `size` `auto` (or none) is the input's size,
-        rounded down to what the model can produce.
+        rounded down to what the model can produce (the rest as `to_engine_request`).
 
         `images` are as `edits.read_multipart` read them: their count, and this request's
         `check_limits`, were checked there, before any image was decoded."""
@@ -269,6 +301,8 @@ class ImageEditRequest(ImageGenerationRequest):
             width,
             height,
             limits,
+            lora=lora,
+            seed_source=seed_source,
             image=image,
             mask=mask,
             strength=self.strength,
@@ -375,10 +409,15 @@ def check_request_pixels(num_images: int, width: int, height: int, limits: Image
         )
 
 
-def image_seeds(seed: int | None, n: int) -> tuple[int, ...]:
+def image_seeds(seed: int | None, n: int, source: random.Random | None = None) -> tuple[int, ...]:
     """One seed per image: `seed, seed+1, ...` so the `n` images of a request differ and a
-    request is reproducible; a random base seed when none is given."""
-    base = secrets.randbits(63) if seed is None else seed
+    request is reproducible; without one, a base seed drawn from `source` (the server's, seeded
+    by `--seed`, as vLLM seeds its sampling: a run of seedless requests repeats after a
+    restart) or, without a source, from the operating system."""
+    if seed is not None:
+        base = seed
+    else:
+        base = source.getrandbits(63) if source is not None else secrets.randbits(63)
     # torch's generators take 64-bit unsigned seeds; wrapping keeps int64 input valid.
     return tuple((base + offset) & UINT64_MASK for offset in range(n))
 

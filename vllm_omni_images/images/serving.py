@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -19,14 +20,16 @@ from typing import TypeVar
 
 from fastapi import Request
 from PIL import Image
-from vllm.entrypoints.openai.models.serving import OpenAIModelRegistry
+from vllm import envs
+from vllm.entrypoints.openai.models.serving import OpenAIServingModels
 from vllm.entrypoints.serve import create_error_response
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.exceptions import VLLMValidationError
 from vllm.logger import init_logger
+from vllm.lora.request import LoRARequest
 from vllm.utils import random_uuid
 
-from vllm_omni_images.engine.base import EngineRequest, FinalImages, PreviewImages
+from vllm_omni_images.engine.base import EngineRequest, FinalImages, LoRAAdapter, PreviewImages
 from vllm_omni_images.engine.client import ImageEngineClient, RequestTimings
 from vllm_omni_images.engine.cpu_priority import yield_cpu_to_serving
 from vllm_omni_images.images.edits import ImageInputs, RemoteImageFetcher
@@ -75,7 +78,7 @@ class OpenAIServingImage:
     def __init__(
         self,
         engine_client: ImageEngineClient,
-        models: OpenAIModelRegistry,
+        models: OpenAIServingModels,
         *,
         log_error_stack: bool = False,
         encode_executor: Executor | None = None,
@@ -83,9 +86,14 @@ class OpenAIServingImage:
         fetch_remote_image: RemoteImageFetcher | None = None,
         limits: ImageLimits = DEFAULT_LIMITS,
         request_metrics: RequestMetrics | None = None,
+        seed: int | None = None,
     ) -> None:
         self.engine_client = engine_client
         self.models = models
+        """The base model's names and the adapters served as model names (vLLM's)."""
+        self.seed_source = random.Random(seed) if seed is not None else None
+        """Where a request without a seed gets one: seeded by `--seed`, as vLLM seeds its
+        sampling, so a run of seedless requests repeats after a restart; `None`: the OS."""
         self.request_metrics = request_metrics
         """Where each answered request's outcome is counted (`/metrics`)."""
         self.limits = limits
@@ -148,25 +156,29 @@ class OpenAIServingImage:
         raw_request: Request | None,
         inputs: ImageInputs | None,
     ) -> tuple[Outcome, ImageGenerationResponse | ErrorResponse | AsyncIterator[str]]:
-        if await self.models.check_model(request.model) is not None:
-            # vLLM's 404, with only a prefix of a long name echoed.
-            return "invalid", create_error_response(
-                f"The model `{printable(request.model or '', 100)}` does not exist.",
-                err_type="NotFoundError",
-                status_code=HTTPStatus.NOT_FOUND,
-                param="model",
-            )
+        lora = await self._adapter_named(request.model)
+        if isinstance(lora, ErrorResponse):
+            return "invalid", lora
         try:
             self._check_response_format(request, raw_request)
             defaults = self.engine_client.defaults
+            seeds = self.seed_source
             if isinstance(request, ImageEditRequest):
                 if inputs is None:
                     raise VLLMValidationError("image is required.", parameter="image")
                 engine_request = request.to_edit_request(
-                    defaults, record.request_id, inputs.images, inputs.mask, self.limits
+                    defaults,
+                    record.request_id,
+                    inputs.images,
+                    inputs.mask,
+                    self.limits,
+                    lora=lora,
+                    seed_source=seeds,
                 )
             else:
-                engine_request = request.to_engine_request(defaults, record.request_id, self.limits)
+                engine_request = request.to_engine_request(
+                    defaults, record.request_id, self.limits, lora=lora, seed_source=seeds
+                )
             record.engine_request = engine_request
             if request.stream:
                 # Overload and shutdown answers keep their status (429, 503) as plain JSON:
@@ -181,6 +193,30 @@ class OpenAIServingImage:
             data=data,
             size=f"{engine_request.width}x{engine_request.height}",
             output_format=request.output_format,
+        )
+
+    async def _adapter_named(self, model: str | None) -> LoRAAdapter | ErrorResponse | None:
+        """The LoRA adapter a request's `model` names: `None` for the base model (any of its
+        served names, or no name), vLLM's 404 for a name that is neither, as vLLM's serving
+        resolves it (`VLLM_SKIP_MODEL_NAME_VALIDATION` serves an unknown name by the base
+        model; with runtime LoRA updating, vLLM's resolver plugins may find an adapter)."""
+        if not model or self.models.is_base_model(model):
+            return None
+        found: LoRARequest | ErrorResponse | None = self.models.lora_requests.get(model)
+        if found is None and envs.VLLM_SKIP_MODEL_NAME_VALIDATION:
+            return None
+        if found is None and envs.VLLM_ALLOW_RUNTIME_LORA_UPDATING and self.models.lora_resolvers:
+            found = await self.models.resolve_lora(model)
+        if isinstance(found, LoRARequest):
+            return LoRAAdapter(found.lora_name, found.lora_int_id, found.lora_path)
+        if isinstance(found, ErrorResponse) and found.error.code == HTTPStatus.BAD_REQUEST:
+            return found  # a resolver found it, and it cannot be loaded
+        # vLLM's 404, with only a prefix of a long name echoed.
+        return create_error_response(
+            f"The model `{printable(model, 100)}` does not exist.",
+            err_type="NotFoundError",
+            status_code=HTTPStatus.NOT_FOUND,
+            param="model",
         )
 
     async def _generate(

@@ -303,8 +303,9 @@ OMNI_FLAGS: tuple[OmniFlag, ...] = (
 
 def omni_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The vllm-omni config fields the command line sets, by their vllm-omni names: the flags
-    above, and two of vLLM's own that vllm-omni reads too (--tensor-parallel-size above 1,
-    --distributed-executor-backend: `mp`, `uni` or a `DiffusionExecutor` class's path)."""
+    above, and three of vLLM's own that vllm-omni reads too (--tensor-parallel-size above 1,
+    --distributed-executor-backend: `mp`, `uni` or a `DiffusionExecutor` class's path, and
+    --enforce-eager, which keeps vllm-omni from compiling the model)."""
     options = {
         flag.config_field: getattr(args, flag.dest)
         for flag in OMNI_FLAGS
@@ -314,6 +315,8 @@ def omni_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         options["tensor_parallel_size"] = args.tensor_parallel_size
     if getattr(args, "distributed_executor_backend", None) is not None:
         options["distributed_executor_backend"] = args.distributed_executor_backend
+    if getattr(args, "enforce_eager", False):
+        options["enforce_eager"] = True
     return options
 
 

@@ -70,6 +70,7 @@ class ImagesEndpointPlugin:
             fetch_remote_image=remote_image_fetcher(args, limits),
             limits=limits,
             request_metrics=RequestMetrics((args.served_model_name or [args.model])[0]),
+            seed=args.seed,
         )
 
 

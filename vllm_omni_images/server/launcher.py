@@ -17,11 +17,12 @@ from vllm.entrypoints.launchers.utils.server_utils import get_uvicorn_log_config
 from vllm.logger import init_logger
 from vllm.tasks import SupportedTask
 
-from vllm_omni_images.engine.base import ImageEngine
+from vllm_omni_images.engine.base import ImageEngine, LoRASettings
 from vllm_omni_images.engine.batching import BatchingConfig
 from vllm_omni_images.engine.client import AdmissionConfig, ImageEngineClient
 from vllm_omni_images.engine.errors import EngineUnavailableError
 from vllm_omni_images.engine.metrics import ModelMetrics, image_metrics
+from vllm_omni_images.engine.model_source import ModelSource, local_model_path
 from vllm_omni_images.engine.selection import EngineSettings, choose_engine, create_engine
 from vllm_omni_images.server import vllm_patches
 from vllm_omni_images.server.cli_args import (
@@ -30,7 +31,8 @@ from vllm_omni_images.server.cli_args import (
     omni_options_from_args,
 )
 from vllm_omni_images.server.endpoint import ImagesEndpointPlugin
-from vllm_omni_images.server.model_registry import registry_from_args
+from vllm_omni_images.server.model_registry import serving_models_from_args
+from vllm_omni_images.server.serve_flags import refusal_message, refused_flags
 from vllm_omni_images.tiny_model import resolve_model_path
 
 logger = init_logger(__name__)
@@ -92,20 +94,73 @@ def make_engine_client(
 async def init_image_app_state(
     engine_client: ImageEngineClient, state: State, args: argparse.Namespace
 ) -> None:
-    await vllm_patches.init_image_app_state(engine_client, state, args, registry_from_args(args))
+    """vLLM's app state for the image model, then the `--lora-modules` adapters loaded (each
+    one read and checked now: a bad one stops the start-up, in one line naming it)."""
+    models = serving_models_from_args(engine_client, args)
+    await vllm_patches.init_image_app_state(engine_client, state, args, models)
+    try:
+        await models.init_static_loras()
+    except ValueError as error:  # vLLM's: the engine's refusal, as its message
+        raise EngineUnavailableError(f"--lora-modules: {error}") from None
+
+
+def lora_settings_from_args(args: argparse.Namespace) -> LoRASettings | None:
+    """`--enable-lora` and its limits, checked by vLLM's own `LoRAConfig` (e.g.
+    `--max-cpu-loras` below `--max-loras`); `None` without `--enable-lora`."""
+    if not args.enable_lora:
+        if args.lora_modules:
+            raise EngineUnavailableError(
+                "--lora-modules needs --enable-lora (as in vLLM): add it, or drop the adapters."
+            )
+        return None
+    from pydantic import ValidationError
+    from vllm.config.lora import LoRAConfig
+
+    try:
+        config = LoRAConfig(
+            max_lora_rank=args.max_lora_rank,
+            max_loras=args.max_loras,
+            max_cpu_loras=args.max_cpu_loras,
+        )
+    except (ValueError, ValidationError) as error:
+        raise EngineUnavailableError(f"LoRA limits: {error}") from None
+    return LoRASettings(
+        max_loras=config.max_loras,
+        max_cpu_loras=config.max_cpu_loras,
+        max_lora_rank=config.max_lora_rank,
+    )
+
+
+def model_source_from_args(args: argparse.Namespace) -> ModelSource:
+    return ModelSource(
+        revision=args.revision,
+        download_dir=args.download_dir,
+        token=args.hf_token,
+        trust_remote_code=args.trust_remote_code,
+    )
 
 
 def engine_settings_from_args(args: argparse.Namespace) -> EngineSettings:
     return EngineSettings(
         batching=batching_config_from_args(args),
         omni_options=omni_options_from_args(args),
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+        lora=lora_settings_from_args(args),
     )
 
 
 def load_engine(args: argparse.Namespace, metrics: ModelMetrics | None = None) -> ImageEngine:
     """Load `args.model` (a diffusers folder, a hub id, or the embedded `tiny-qwen-image`)
     into the engine `--image-engine` chooses."""
-    model_path = resolve_model_path(args.model)
+    settings = engine_settings_from_args(args)  # the flags' own errors first
+    try:
+        model_path = local_model_path(resolve_model_path(args.model), model_source_from_args(args))
+    except OSError as error:
+        raise EngineUnavailableError(
+            f"{error} The model must be a diffusers pipeline folder (with a model_index.json), "
+            "the hub id of one, or tiny-qwen-image."
+        ) from error
     choice = choose_engine(args.image_engine, model_path)
     if choice.name != "omni" and (flags := omni_flags_given(args)):
         raise EngineUnavailableError(
@@ -115,9 +170,7 @@ def load_engine(args: argparse.Namespace, metrics: ModelMetrics | None = None) -
             "or serve on a GPU with --image-engine omni."
         )
     try:
-        return create_engine(
-            model_path, choice, settings=engine_settings_from_args(args), observer=metrics
-        )
+        return create_engine(model_path, choice, settings=settings, observer=metrics)
     except OSError as error:
         # diffusers' own words for a folder without model_index.json, or a hub id that is not
         # cached while offline: the cause is the model argument, so say that in one line.
@@ -181,6 +234,11 @@ async def run_image_server(args: argparse.Namespace) -> None:
 
 
 def run_image_server_cli(args: argparse.Namespace) -> None:
+    parser = vllm_patches.serve_parser()
+    if parser is not None and (refused := refused_flags(args, parser)):
+        # Before anything loads: a flag the image task cannot honour is never ignored.
+        logger.error("Cannot serve %s: %s", args.model, refusal_message(refused))
+        raise SystemExit(1)
     vllm_patches.set_server_switch_interval()
     try:
         uvloop.run(run_image_server(args))

@@ -4,10 +4,12 @@ vLLM 0.30 has no `--task` flag, no hook to add a subcommand mode and no app stat
 without a text `ModelConfig`, so:
 
 - the general plugin (`plugin.py`) wraps `EngineArgs.add_cli_args` (the serve parser gains
-  the image flags) and `ServeSubcommand.cmd` (`--task image` runs our launcher), and switches
-  to vLLM's CPU platform where no accelerator is found (`fall_back_to_cpu_platform`: in
-  `vllm.platforms`, in the vLLM modules that already bound the unspecified platform, and
-  through `VLLM_TARGET_DEVICE=cpu` for the processes started later);
+  the image flags, and is kept for `serve_parser`: the launcher compares the parsed flags with
+  its defaults, `serve_flags.refused_flags`) and `ServeSubcommand.cmd` (`--task image` runs
+  our launcher), and switches to vLLM's CPU platform where no accelerator is found
+  (`fall_back_to_cpu_platform`: in `vllm.platforms`, in the vLLM modules that already bound
+  the unspecified platform, and through `VLLM_TARGET_DEVICE=cpu` for the processes started
+  later);
 - the launcher (`launcher.py`) builds vLLM's own app and then removes the text-only core
   routes (`remove_core_routes`), attaches the `images` endpoint plugin when `VLLM_PLUGINS`
   does not name it (`attach_endpoint_plugin`), fills the app state that vLLM's
@@ -36,7 +38,7 @@ from vllm_omni_images.server.cli_args import IMAGE_TASK, add_image_cli_args
 if TYPE_CHECKING:
     from fastapi import FastAPI
     from starlette.datastructures import State
-    from vllm.entrypoints.openai.models.serving import OpenAIModelRegistry
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
 
     from vllm_omni_images.engine.client import ImageEngineClient
 
@@ -45,6 +47,10 @@ logger = init_logger(__name__)
 SERVE_CLI_MODULE = "vllm.entrypoints.cli.serve"
 OMNI_SERVE_FLAG = "--omni"
 _PATCHED_MARK = "_vllm_omni_images_patched"
+
+# The last `vllm serve` parser vLLM built in this process (the one that parsed its command
+# line): vLLM keeps no reference to it that the launcher could reach.
+_serve_parser: argparse.ArgumentParser | None = None
 
 
 def _is_serve_parser(parser: argparse.ArgumentParser) -> bool:
@@ -66,15 +72,23 @@ def patch_engine_args_cli() -> None:
         return
 
     def add_cli_args(parser: Any, *args: Any, **kwargs: Any) -> Any:
+        global _serve_parser
         parser = original(parser, *args, **kwargs)
         # `vllm serve --omni` is vllm-omni's own server: it adds the vllm-omni flags that the
         # image task shares (--cache-backend, ...) to this parser itself.
         if _is_serve_parser(parser) and OMNI_SERVE_FLAG not in sys.argv:
             add_image_cli_args(parser)
+            _serve_parser = parser
         return parser
 
     setattr(add_cli_args, _PATCHED_MARK, True)
     EngineArgs.add_cli_args = staticmethod(add_cli_args)  # type: ignore[method-assign]
+
+
+def serve_parser() -> argparse.ArgumentParser | None:
+    """The `vllm serve` parser with the image flags that vLLM built last in this process, whose
+    defaults tell which flags a command line set; None before vLLM built one."""
+    return _serve_parser
 
 
 def patch_serve_command(run_image_server: Callable[[argparse.Namespace], None]) -> None:
@@ -125,6 +139,16 @@ def fall_back_to_cpu_platform() -> bool:
     for module in list(sys.modules.values()):
         if getattr(module, "current_platform", None) is unspecified:
             module.current_platform = cpu  # type: ignore[attr-defined]
+    # `vllm.utils.torch_utils.PIN_MEMORY` (and the modules that imported it by name, e.g.
+    # vLLM's LoRA loader, which vllm-omni's adapters go through) was read from the
+    # unspecified platform, which says yes; pinning needs a CUDA driver.
+    from vllm.utils import platform_utils
+
+    platform_utils.is_pin_memory_available.cache_clear()
+    for module in list(sys.modules.values()):
+        in_vllm = module is not None and module.__name__.startswith("vllm.")
+        if in_vllm and getattr(module, "PIN_MEMORY", None) is True:
+            module.PIN_MEMORY = cpu.is_pin_memory_available()  # type: ignore[attr-defined]
     # Processes started from here (vllm-omni's `mp` workers) pick it themselves.
     os.environ["VLLM_TARGET_DEVICE"] = "cpu"
     logger.info("No accelerator found: using vLLM's CPU platform for the image task.")
@@ -157,7 +181,7 @@ async def init_image_app_state(
     engine_client: ImageEngineClient,
     state: State,
     args: argparse.Namespace,
-    models: OpenAIModelRegistry,
+    models: OpenAIServingModels,
 ) -> None:
     """The part of vLLM's `init_app_state` that applies to an image model (vLLM's own needs a
     text `ModelConfig`), then vLLM's endpoint-plugin initialisation."""

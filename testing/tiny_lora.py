@@ -1,0 +1,43 @@
+"""Tiny random LoRA adapters for the tiny model, made with peft and saved in diffusers' format.
+
+Real structure (peft's LoRA layers on the tiny Qwen-Image transformer's attention
+projections, saved by `QwenImagePipeline.save_lora_weights` with their PEFT config), random
+weights: each seed gives an adapter that visibly changes the image. Shared by the tests and
+`benchmarks/lora.py`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def build_tiny_lora(
+    model_dir: Path, folder: Path, seed: int, rank: int = 4, alpha: int | None = None
+) -> Path:
+    """Write a rank-`rank` adapter of the model's transformer into `folder` and return it."""
+    from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    transformer = QwenImageTransformer2DModel.from_pretrained(
+        model_dir / "transformer", torch_dtype=torch.float32
+    )
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha or rank,
+        target_modules=list(TARGET_MODULES),
+        init_lora_weights=False,  # random A and B: the adapter changes the image from the start
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        transformer.add_adapter(config, adapter_name="tiny")
+    layers = get_peft_model_state_dict(transformer, adapter_name="tiny")
+    QwenImagePipeline.save_lora_weights(
+        folder,
+        transformer_lora_layers=layers,
+        transformer_lora_adapter_metadata=config.to_dict(),
+    )
+    return folder

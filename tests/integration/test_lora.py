@@ -1,0 +1,268 @@
+"""LoRA adapters served as model names, on the diffusers engine of the tiny model: vLLM's
+`--enable-lora --lora-modules`, `/v1/models`, `model` and `lora_scale` in requests, and vLLM's
+runtime load and unload routes. Real adapters (peft, diffusers' format: testing/tiny_lora.py)
+on the real pipeline; the vllm-omni engine's are in test_omni_engine.py."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from testing.tiny_lora import build_tiny_lora
+from tests.support.omni import SAME_IMAGE
+from vllm_omni_images.engine.base import LoRASettings
+from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
+from vllm_omni_images.engine.errors import EngineUnavailableError
+
+from .conftest import AppFactory
+from .helpers import FAST, assert_openai_error, generate, http_client, pixels, sdk_client
+
+BASE = "tiny-qwen-image"
+
+
+@pytest.fixture(scope="module")
+def lora_runner(tiny_model_dir: Path) -> Iterator[DiffusersRunner]:
+    """A runner of its own (adapters change its model): two adapters loaded at once, three
+    kept read."""
+    runner = DiffusersRunner(
+        str(tiny_model_dir), device="cpu", lora=LoRASettings(max_loras=2, max_cpu_loras=3)
+    )
+    yield runner
+    runner.close()
+
+
+def lora_flags(loras: dict[str, Path], *names: str) -> list[str]:
+    return ["--enable-lora", "--lora-modules", *(f"{n}={loras[n]}" for n in names)]
+
+
+@pytest.fixture
+async def lora_client(
+    make_app: AppFactory, lora_runner: DiffusersRunner, tiny_loras: dict[str, Path]
+) -> httpx.AsyncClient:
+    app = await make_app(lora_runner, lora_flags(tiny_loras, "style", "other"))
+    return http_client(app)
+
+
+async def image(client: httpx.AsyncClient, **body: object) -> np.ndarray:
+    response = await generate(client, **{**FAST, "seed": 11, **body})
+    assert response.status_code == 200, response.text
+    return pixels(response.json()["data"][0]["b64_json"]).astype(int)
+
+
+def differ(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a - b).max())
+
+
+async def test_models_lists_each_adapter_with_the_base_model_as_parent(
+    make_app: AppFactory, lora_runner: DiffusersRunner, tiny_loras: dict[str, Path]
+) -> None:
+    app = await make_app(lora_runner, lora_flags(tiny_loras, "style", "other"))
+    async with sdk_client(app) as sdk:
+        cards = {card.id: card for card in (await sdk.models.list()).data}
+    assert set(cards) == {BASE, "style", "other"}
+    style, base = cards["style"].model_dump(), cards[BASE].model_dump()
+    assert (style["parent"], style["root"]) == (BASE, str(tiny_loras["style"]))
+    assert base.get("parent") is None
+
+
+async def test_an_adapter_changes_the_image_and_the_base_model_stays_the_same(
+    lora_client: httpx.AsyncClient,
+) -> None:
+    async with lora_client as client:
+        before = await image(client)
+        style, other = await image(client, model="style"), await image(client, model="other")
+        during = await image(client, model=BASE)
+        half = await image(client, model="style", lora_scale=0.5)
+        off = await image(client, model="style", lora_scale=0.0)
+        after = await image(client)
+    assert differ(style, before) > 10 and differ(other, before) > 10 and differ(style, other) > 10
+    assert differ(during, before) <= SAME_IMAGE and differ(after, before) <= SAME_IMAGE
+    assert differ(off, before) <= SAME_IMAGE  # strength 0 is the base model
+    assert differ(half, before) > 2 and differ(half, style) > 2
+
+
+async def test_a_mix_of_base_and_adapters_gets_the_images_each_gets_alone(
+    make_app: AppFactory, lora_runner: DiffusersRunner, tiny_loras: dict[str, Path]
+) -> None:
+    # Batches of up to 4: the mix queues up behind the first call and batches per adapter.
+    flags = [*lora_flags(tiny_loras, "style", "other"), "--image-max-batch-size", "4"]
+    async with http_client(await make_app(lora_runner, flags)) as client:
+        models = [BASE, "style", "other", BASE, "style", "other", "style", BASE]
+        alone = {m: await image(client, model=m) for m in set(models)}
+        mixed = await asyncio.gather(*(image(client, model=m) for m in models))
+    for model, result in zip(models, mixed, strict=True):
+        assert differ(result, alone[model]) <= SAME_IMAGE, model
+
+
+async def test_an_unknown_model_is_a_404_and_lora_scale_needs_an_adapter(
+    lora_client: httpx.AsyncClient,
+) -> None:
+    async with lora_client as client:
+        assert_openai_error(await generate(client, model="nope", **FAST), 404, "model")
+        for model in (None, BASE):
+            body = {"lora_scale": 0.5, **FAST} | ({"model": model} if model else {})
+            error = assert_openai_error(await generate(client, **body), 400, "lora_scale")
+            assert "adapter" in error["message"]
+        too_strong = await generate(client, model="style", lora_scale=1000, **FAST)
+        assert_openai_error(too_strong, 400, "lora_scale")
+
+
+async def test_an_edit_uses_the_adapter_too(lora_client: httpx.AsyncClient) -> None:
+    from tests.support.images import png
+
+    async def edit(**fields: str) -> np.ndarray:
+        response = await client.post(
+            "/v1/images/edits",
+            data={"prompt": "a red fox", "seed": "3", "num_inference_steps": "2", **fields},
+            files={"image": ("in.png", png(), "image/png")},
+        )
+        assert response.status_code == 200, response.text
+        return pixels(response.json()["data"][0]["b64_json"]).astype(int)
+
+    async with lora_client as client:
+        assert differ(await edit(model="style"), await edit()) > 10
+        assert_openai_error(
+            await client.post(
+                "/v1/images/edits",
+                data={"prompt": "p", "lora_scale": "0.5"},
+                files={"image": ("in.png", png(), "image/png")},
+            ),
+            400,
+            "lora_scale",
+        )
+
+
+# Start-up: a bad adapter or flag stops it, in one line naming it.
+
+
+@pytest.mark.parametrize("problem", ["missing", "corrupt", "foreign"])
+async def test_a_bad_adapter_stops_the_start_up_naming_it(
+    make_app: AppFactory,
+    lora_runner: DiffusersRunner,
+    tiny_loras: dict[str, Path],
+    tmp_path: Path,
+    problem: str,
+) -> None:
+    bad = {
+        "missing": tmp_path / "nowhere",
+        "corrupt": tmp_path / "corrupt.safetensors",
+        "foreign": foreign_adapter(tmp_path),
+    }[problem]
+    if problem == "corrupt":
+        bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(EngineUnavailableError) as refused:
+        await make_app(lora_runner, [*lora_flags(tiny_loras, "style"), f"bad={bad}"])
+    message = str(refused.value)
+    assert message.startswith("--lora-modules: LoRA adapter 'bad'") and "\n" not in message
+
+
+async def test_an_adapter_above_max_lora_rank_is_refused(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from vllm_omni_images.engine.base import LoRAAdapter
+    from vllm_omni_images.engine.errors import LoRAAdapterError
+
+    rank_16 = build_tiny_lora(tiny_model_dir, tmp_path, seed=9, rank=16)
+    runner = DiffusersRunner(str(tiny_model_dir), device="cpu", lora=LoRASettings(max_lora_rank=8))
+    try:
+        with pytest.raises(LoRAAdapterError, match="rank 16 is above --max-lora-rank 8"):
+            runner.add_lora(LoRAAdapter("big", 1, str(rank_16)))
+    finally:
+        runner.close()
+
+
+def foreign_adapter(folder: Path) -> Path:
+    """An adapter of another model: its layers have other shapes."""
+    import torch
+    from safetensors.torch import save_file
+
+    save_file(
+        {
+            "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 3072),
+            "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(3072, 4),
+        },
+        str(folder / "pytorch_lora_weights.safetensors"),
+    )
+    return folder
+
+
+# Runtime loading and unloading (VLLM_ALLOW_RUNTIME_LORA_UPDATING), through vLLM's routes.
+
+
+@pytest.fixture
+async def runtime_client(
+    make_app: AppFactory,
+    lora_runner: DiffusersRunner,
+    tiny_loras: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> httpx.AsyncClient:
+    monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
+    app = await make_app(lora_runner, lora_flags(tiny_loras, "style"))
+    return http_client(app)
+
+
+async def model_ids(client: httpx.AsyncClient) -> set[str]:
+    return {card["id"] for card in (await client.get("/v1/models")).json()["data"]}
+
+
+async def test_adapters_load_and_unload_at_runtime(
+    runtime_client: httpx.AsyncClient, tiny_loras: dict[str, Path]
+) -> None:
+    async with runtime_client as client:
+        base = await image(client)
+        assert_openai_error(await generate(client, model="third", **FAST), 404, "model")
+        loaded = await client.post(
+            "/v1/load_lora_adapter",
+            json={"lora_name": "third", "lora_path": str(tiny_loras["third"])},
+        )
+        assert loaded.status_code == 200, loaded.text
+        assert await model_ids(client) == {BASE, "style", "third"}
+        third = await image(client, model="third")
+        assert differ(third, base) > 10 and differ(third, await image(client, model="style")) > 10
+        unloaded = await client.post("/v1/unload_lora_adapter", json={"lora_name": "third"})
+        assert unloaded.status_code == 200, unloaded.text
+        assert await model_ids(client) == {BASE, "style"}
+        assert_openai_error(await generate(client, model="third", **FAST), 404, "model")
+        assert differ(await image(client), base) <= SAME_IMAGE
+
+
+@pytest.mark.parametrize("problem", ["missing", "corrupt", "foreign"])
+async def test_loading_a_bad_adapter_is_a_400_and_the_server_keeps_serving(
+    runtime_client: httpx.AsyncClient, tmp_path: Path, problem: str
+) -> None:
+    path = {
+        "missing": tmp_path / "nothing-here",
+        "corrupt": tmp_path / "corrupt.safetensors",
+        "foreign": foreign_adapter(tmp_path),
+    }[problem]
+    if problem == "corrupt":
+        path.write_bytes(b"\x00" * 64)
+    async with runtime_client as client:
+        response = await client.post(
+            "/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": str(path)}
+        )
+        error = assert_openai_error(response, 400)
+        assert "'bad'" in error["message"]  # vLLM leaves paths out of error messages
+        assert await model_ids(client) == {BASE, "style"}
+        assert (await generate(client, model="style", **FAST)).status_code == 200
+
+
+async def test_unloading_an_adapter_in_use_lets_its_requests_finish_with_it(
+    runtime_client: httpx.AsyncClient,
+) -> None:
+    """vLLM's unload only stops new requests from naming the adapter: the ones already
+    admitted run with it, and nothing is lost."""
+    async with runtime_client as client:
+        alone = await image(client, model="style")
+        running = [asyncio.create_task(image(client, model="style")) for _ in range(3)]
+        await asyncio.sleep(0.05)  # admitted, and waiting or running
+        unloaded = await client.post("/v1/unload_lora_adapter", json={"lora_name": "style"})
+        assert unloaded.status_code == 200
+        for result in await asyncio.gather(*running):
+            assert differ(result, alone) <= SAME_IMAGE
+        assert_openai_error(await generate(client, model="style", **FAST), 404, "model")

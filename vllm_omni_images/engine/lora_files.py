@@ -1,0 +1,258 @@
+"""LoRA adapter files: read diffusers' and PEFT's formats into one form, check that an adapter
+fits the served model, and write it in the form each engine loads.
+
+The formats read (`read_adapter`):
+
+- diffusers' (`save_lora_weights`): a folder with `pytorch_lora_weights.safetensors`, or that
+  one `.safetensors` file; keys `transformer.<module>.lora_A.weight` / `.lora_B.weight`, the
+  PEFT config (alpha) in the file's metadata when diffusers wrote it;
+- PEFT's (`save_pretrained`): a folder with `adapter_config.json` and
+  `adapter_model.safetensors`; keys `base_model.model.<module>.lora_A.weight`.
+
+The one form, `AdapterWeights`, holds each module's `(A, B)` by the transformer's own module
+name, with the adapter's scaling (alpha / rank) folded into B, so that strength 1.0 is the
+adapter as trained whatever its alpha.
+
+Only adapters of the denoising transformer are served: the text encoder's would change the
+prompt's encoding for every image of a batch. Importable without vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vllm_omni_images.engine.errors import LoRAAdapterError
+
+DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
+"""Where diffusers' `save_lora_weights` keeps the adapters' PEFT configs (a JSON object whose
+keys are `transformer.<field>`)."""
+
+_TRANSFORMER_PREFIX = "transformer."
+_PEFT_PREFIX = "base_model.model."
+_SUFFIXES = {".lora_A.weight": 0, ".lora_B.weight": 1}
+
+
+@dataclass(frozen=True)
+class AdapterWeights:
+    """One adapter: `modules[name] = (A, B)`, A of shape (rank, in), B (out, rank), scaled."""
+
+    modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+    rank: int
+
+    @property
+    def target_modules(self) -> list[str]:
+        """The last part of each module name, as PEFT's `target_modules` lists them."""
+        return sorted({name.rsplit(".", 1)[-1] for name in self.modules})
+
+
+def read_adapter(path: str, name: str) -> AdapterWeights:
+    """The adapter at `path` (either format), or `LoRAAdapterError` saying why not."""
+    location = Path(path).expanduser()
+    if not location.exists():
+        raise _error(name, path, "there is no file or folder there")
+    if location.is_dir() and (location / PEFT_CONFIG).is_file():
+        peft_config = _read_json(location / PEFT_CONFIG, name, path)
+        tensors, _ = _read_safetensors(location / PEFT_WEIGHTS, name, path)
+        return _to_weights(tensors, _PEFT_PREFIX, peft_config, name, path)
+    weights_file = location / DIFFUSERS_WEIGHTS if location.is_dir() else location
+    if not weights_file.is_file():
+        raise _error(
+            name,
+            path,
+            f"it holds neither {DIFFUSERS_WEIGHTS} (diffusers) nor {PEFT_CONFIG} (PEFT)",
+        )
+    tensors, metadata = _read_safetensors(weights_file, name, path)
+    config: dict[str, Any] = {}
+    if DIFFUSERS_METADATA_KEY in metadata:
+        try:
+            fields = json.loads(metadata[DIFFUSERS_METADATA_KEY])
+        except ValueError:
+            raise _error(name, path, "its LoRA metadata is not JSON") from None
+        config = {
+            key[len(_TRANSFORMER_PREFIX) :]: value
+            for key, value in fields.items()
+            if key.startswith(_TRANSFORMER_PREFIX)
+        }
+    return _to_weights(tensors, _TRANSFORMER_PREFIX, config, name, path)
+
+
+def check_rank(weights: AdapterWeights, max_rank: int, name: str, path: str) -> None:
+    if weights.rank > max_rank:
+        raise _error(name, path, f"its rank {weights.rank} is above --max-lora-rank {max_rank}")
+
+
+def check_fits(weights: AdapterWeights, transformer: torch.nn.Module, name: str, path: str) -> None:
+    """Every module the adapter changes is a linear layer of `transformer` of the adapter's
+    shapes; otherwise the adapter was made for another model (`transformer` may live on the
+    meta device: only its structure is read)."""
+    model = type(transformer).__name__
+    for module_name, (down, up) in weights.modules.items():
+        try:
+            layer = transformer.get_submodule(module_name)
+        except AttributeError:
+            raise _error(
+                name, path, f"it was made for another model: {model} has no layer {module_name}"
+            ) from None
+        # A layer that already carries adapters is PEFT's wrapper around the original one.
+        while isinstance(inner := getattr(layer, "base_layer", None), torch.nn.Module):
+            layer = inner
+        if not isinstance(layer, torch.nn.Linear):
+            raise _error(name, path, f"{module_name} of {model} is not a linear layer")
+        if down.shape[1] != layer.in_features or up.shape[0] != layer.out_features:
+            raise _error(
+                name,
+                path,
+                f"it was made for another model: its {module_name} maps {down.shape[1]} to "
+                f"{up.shape[0]} features, {model}'s maps {layer.in_features} to "
+                f"{layer.out_features}",
+            )
+
+
+def meta_transformer(model_path: str) -> torch.nn.Module:
+    """The model folder's transformer, built on the meta device from its config (no weights,
+    no memory): what an adapter is checked against when the weights live in another process
+    (vllm-omni's workers)."""
+    import diffusers
+
+    config = _read_json(Path(model_path) / "transformer" / "config.json", "model", model_path)
+    model_class = getattr(diffusers, str(config.get("_class_name")), None)
+    if model_class is None:
+        raise LoRAAdapterError(f"{model_path}: diffusers has no transformer class {config!r}")
+    with torch.device("meta"):
+        return model_class.from_config(config)
+
+
+def diffusers_state_dict(weights: AdapterWeights) -> dict[str, torch.Tensor]:
+    """What diffusers' `load_lora_weights` takes (rank = alpha: the scaling is in B)."""
+    state: dict[str, torch.Tensor] = {}
+    for module_name, (down, up) in weights.modules.items():
+        state[f"{_TRANSFORMER_PREFIX}{module_name}.lora_A.weight"] = down
+        state[f"{_TRANSFORMER_PREFIX}{module_name}.lora_B.weight"] = up
+    return state
+
+
+VLLM_OMNI_MODULE_RENAMES = ((".to_out.0", ".to_out"),)
+"""diffusers' attention keeps its output projection in a list (`to_out.0`, then dropout);
+vllm-omni's attention has the one layer, `to_out`."""
+
+
+def write_peft_folder(weights: AdapterWeights, folder: Path) -> None:
+    """The adapter as the PEFT folder vllm-omni's LoRA manager loads (vLLM's `LoRAModel`),
+    with diffusers' module names mapped to vllm-omni's."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    targets: set[str] = set()
+    for module_name, (down, up) in weights.modules.items():
+        target = module_name
+        for old, new in VLLM_OMNI_MODULE_RENAMES:
+            if target.endswith(old):
+                target = target[: -len(old)] + new
+        targets.add(target.rsplit(".", 1)[-1])
+        tensors[f"{_PEFT_PREFIX}{target}.lora_A.weight"] = down.contiguous()
+        tensors[f"{_PEFT_PREFIX}{target}.lora_B.weight"] = up.contiguous()
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / PEFT_WEIGHTS))
+    config = {
+        "peft_type": "LORA",
+        "r": weights.rank,
+        "lora_alpha": weights.rank,  # the scaling is folded into B
+        "target_modules": sorted(targets),
+        "bias": "none",
+    }
+    (folder / PEFT_CONFIG).write_text(json.dumps(config))
+
+
+def _to_weights(
+    tensors: Mapping[str, torch.Tensor],
+    prefix: str,
+    config: Mapping[str, Any],
+    name: str,
+    path: str,
+) -> AdapterWeights:
+    if config.get("use_dora"):
+        raise _error(name, path, "it is a DoRA adapter; only plain LoRA is served")
+    pairs: dict[str, list[torch.Tensor | None]] = {}
+    others: list[str] = []
+    for key, tensor in tensors.items():
+        suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
+        if suffix is None or not key.startswith(prefix):
+            others.append(key)
+            continue
+        module_name = key[len(prefix) : -len(suffix)]
+        pairs.setdefault(module_name, [None, None])[_SUFFIXES[suffix]] = tensor
+    if others:
+        raise _error(
+            name,
+            path,
+            f"it holds {len(others)} tensor(s) that are not LoRA weights of the transformer "
+            f"(e.g. {others[0]}); only transformer LoRA adapters are served",
+        )
+    if not pairs:
+        raise _error(name, path, "it holds no LoRA weights")
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    ranks = set()
+    for module_name, (down, up) in pairs.items():
+        if down is None or up is None or down.dim() != 2 or up.dim() != 2:
+            raise _error(name, path, f"{module_name} lacks its lora_A or lora_B matrix")
+        if down.shape[0] != up.shape[1]:
+            raise _error(name, path, f"{module_name}'s lora_A and lora_B ranks differ")
+        ranks.add(down.shape[0])
+        modules[module_name] = (down, up)
+    rank = max(ranks)
+    for module_name, (down, up) in modules.items():
+        scale = _scaling(config, module_name, down.shape[0])
+        modules[module_name] = (down.float(), up.float() * scale)
+    return AdapterWeights(modules, rank)
+
+
+def _scaling(config: Mapping[str, Any], module_name: str, rank: int) -> float:
+    """PEFT's: alpha / rank (alpha / sqrt(rank) with rsLoRA); alpha defaults to the rank, and
+    `alpha_pattern` sets it per module (by the end of the module's name)."""
+    alpha = float(config.get("lora_alpha") or rank)
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if module_name == pattern or module_name.endswith(f".{pattern}"):
+            alpha = float(value)
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def _read_safetensors(
+    file: Path, name: str, path: str
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    if not file.is_file():
+        raise _error(name, path, f"{file.name} is missing")
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            keys = handle.keys()  # a safetensors handle is not iterable
+            return {key: handle.get_tensor(key) for key in keys}, metadata
+    except Exception as error:  # safetensors' own error types vary by version
+        raise _error(
+            name, path, f"{file.name} is not a readable safetensors file ({error})"
+        ) from None
+
+
+def _read_json(file: Path, name: str, path: str) -> dict[str, Any]:
+    try:
+        value = json.loads(file.read_text())
+    except (OSError, ValueError) as error:
+        raise _error(name, path, f"{file.name} cannot be read ({error})") from None
+    if not isinstance(value, dict):
+        raise _error(name, path, f"{file.name} is not a JSON object")
+    return value
+
+
+def _error(name: str, path: str, why: str) -> LoRAAdapterError:
+    return LoRAAdapterError(f"{LoRAAdapterError.prefix(name)} ({path}) cannot be served: {why}.")
