@@ -41,3 +41,37 @@ def build_tiny_lora(
         transformer_lora_adapter_metadata=config.to_dict(),
     )
     return folder
+
+
+def write_foreign_lora(folder: Path) -> Path:
+    """An adapter in diffusers' format for a larger Qwen-Image (its attention is 3072 wide, the
+    tiny model's is not): it names a layer the tiny model has, with other shapes."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {
+            "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 3072),
+            "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(3072, 4),
+        },
+        str(folder / "pytorch_lora_weights.safetensors"),
+    )
+    return folder
+
+
+def main() -> None:
+    """`python -m testing.tiny_lora FOLDER [--seed N]`: an adapter of the embedded model."""
+    import argparse
+
+    from vllm_omni_images.tiny_model import ensure_tiny_model
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--rank", type=int, default=4)
+    args = parser.parse_args()
+    print(build_tiny_lora(ensure_tiny_model(), args.folder, args.seed, args.rank))
+
+
+if __name__ == "__main__":
+    main()

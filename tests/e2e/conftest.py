@@ -1,5 +1,7 @@
-"""One `vllm serve tiny-qwen-image --task image --api-key ...` subprocess for every end-to-end
-test: starting vLLM costs ~25 s on 2 cores, so the modules share it (session scope)."""
+"""One `vllm serve tiny-qwen-image --task image --api-key ... --enable-lora --lora-modules
+style=...` subprocess for every end-to-end test: starting vLLM costs ~25 s on 2 cores, so the
+modules share it (session scope). It serves one LoRA adapter, `style`, and allows vLLM's
+runtime adapter loading (`VLLM_ALLOW_RUNTIME_LORA_UPDATING`)."""
 
 from __future__ import annotations
 
@@ -19,17 +21,24 @@ def server_log(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(tiny_model_dir: Path, model_cache: Path, server_log: Path) -> Iterator[str]:
+def server(
+    tiny_model_dir: Path, model_cache: Path, server_log: Path, tiny_loras: dict[str, Path]
+) -> Iterator[str]:
     port = free_port()
     log_path = server_log
-    command = vllm_serve_command("tiny-qwen-image", port, "--api-key", API_KEY)
+    lora = ["--enable-lora", "--max-loras", "2", "--lora-modules", f"style={tiny_loras['style']}"]
+    command = vllm_serve_command("tiny-qwen-image", port, "--api-key", API_KEY, *lora)
     try:
         with running_server(
             command,
             port,
             log_path,
             # vLLM's default level, as a user runs it (this test session quiets its own).
-            env={"VLLM_OMNI_IMAGES_CACHE": str(model_cache), "VLLM_LOGGING_LEVEL": "INFO"},
+            env={
+                "VLLM_OMNI_IMAGES_CACHE": str(model_cache),
+                "VLLM_LOGGING_LEVEL": "INFO",
+                "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+            },
         ) as base_url:
             yield base_url
     except ServerFailedError as error:

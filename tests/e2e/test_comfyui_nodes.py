@@ -394,8 +394,7 @@ def test_the_model_picker_lists_the_default_servers_models(package, server, monk
     monkeypatch.setenv("COMFYUI_VLLM_IMAGES_URL", server)
     monkeypatch.setenv("VLLM_API_KEY", API_KEY)
     names = served_names(server)
-    assert names[0] == "tiny-qwen-image"
-    # LoRA: extend when adapters land: serve an adapter and assert it is listed after the base.
+    assert names == ["tiny-qwen-image", "style"]  # the base model, then the server's adapter
     for node in package.NODE_CLASS_MAPPINGS.values():
         choices, options = model_input(node)
         assert choices == ["(server default)", *names]
@@ -489,7 +488,8 @@ def test_the_picked_model_is_sent_and_an_unknown_name_raises_the_servers_404(
     (named,) = generate.generate(**generate_args(server, model="tiny-qwen-image"))
     (legacy,) = generate.generate(**generate_args(server, model=""))
     assert torch.equal(default, named) and torch.equal(default, legacy)
-    # LoRA: extend when adapters land: model="<adapter>" (same seed) gives another image.
+    (styled,) = generate.generate(**generate_args(server, model="style"))
+    assert float((styled - default).abs().max()) > 10 / 255
     with pytest.raises(package.client.ServerError) as raised:
         generate.generate(**generate_args(server, model="no-such-adapter"))
     assert raised.value.status == 404
@@ -507,5 +507,9 @@ def test_lora_scale_is_sent_unless_1_and_refused_without_an_adapter(
     with pytest.raises(package.client.ServerError) as raised:  # the edit's form field
         edit.edit(**edit_args(server, gradient_image(), lora_scale=0.5))
     assert raised.value.status == 400 and "lora_scale" in str(raised.value)
-    # LoRA: extend when adapters land: with model="<adapter>", lora_scale=0.5 succeeds and
-    # differs from lora_scale=1.0; lora_scale=0.0 gives the base model's image.
+    (base,) = generate.generate(**generate_args(server))
+    (full,) = generate.generate(**generate_args(server, model="style", lora_scale=1.0))
+    (half,) = generate.generate(**generate_args(server, model="style", lora_scale=0.5))
+    (off,) = generate.generate(**generate_args(server, model="style", lora_scale=0.0))
+    assert float((off - base).abs().max()) <= 2 / 255  # strength 0: the base model
+    assert float((half - full).abs().max()) > 2 / 255 and float((half - base).abs().max()) > 2 / 255

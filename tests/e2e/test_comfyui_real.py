@@ -193,7 +193,7 @@ def test_comfyui_loads_the_package_and_lists_its_nodes(comfyui, server):
     served = httpx.get(f"{server}/v1/models", headers=AUTH, timeout=30).json()["data"]
     for name in OUR_NODES:
         optional = info[name]["input"]["optional"]
-        # LoRA: extend when adapters land: serve an adapter; it is listed here too.
+        assert "style" in [card["id"] for card in served]  # the server's adapter is offered
         assert combo_options(optional["model"]) == [
             "(server default)",
             *(card["id"] for card in served),

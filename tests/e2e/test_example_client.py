@@ -243,14 +243,13 @@ def served_models(server: str) -> list[dict[str, Any]]:
 def test_list_models_prints_each_model_and_each_adapters_base(server):
     cards = served_models(server)
     assert cards[0]["id"] == "tiny-qwen-image" and not cards[0].get("parent")
-    # LoRA: extend when adapters land: serve an adapter and assert its line,
-    # "<adapter> (LoRA adapter of tiny-qwen-image)", here.
     expected = [
         card["id"] if not card.get("parent") else f"{card['id']} (LoRA adapter of {card['parent']})"
         for card in cards
     ]
     result = run_client(server, "--list-models")  # no --prompt needed
     assert succeeded(result).splitlines() == expected
+    assert "style (LoRA adapter of tiny-qwen-image)" in expected  # the server's adapter
     assert result.stderr == ""
 
 
@@ -290,8 +289,9 @@ def test_model_picks_the_served_model_and_an_unknown_name_exits_1(server, tmp_pa
     succeeded(run_client(server, *fields, "--model", "tiny-qwen-image", "--output", named))
     succeeded(run_client(server, *fields, "--output", default))
     assert named.read_bytes() == default.read_bytes()  # the base model's name is the default
-    # LoRA: extend when adapters land: `--model <adapter>` (same seed) gives another image
-    # than the base model, and --list-models names the adapter.
+    styled = tmp_path / "styled.png"
+    succeeded(run_client(server, *fields, "--model", "style", "--output", styled))
+    assert pixel_difference(styled, default) > 10  # the adapter's image
     unknown = run_client(server, *fields, "--model", "no-such-adapter", "--output", tmp_path / "x")
     assert unknown.returncode == 1
     assert unknown.stderr.startswith("error: 404: ")
@@ -311,6 +311,28 @@ def test_lora_scale_is_sent_and_refused_without_an_adapter(server, tmp_path, edi
     assert result.returncode == 1, result.stdout
     assert result.stderr.startswith("error: 400: ") and "lora_scale" in result.stderr
     assert not output.exists()
-    # LoRA: extend when adapters land: with `--model <adapter>`, --lora-scale 0.5 succeeds and
-    # gives another image than --lora-scale 1 (which equals no --lora-scale), and
-    # --lora-scale 0 the base model's image.
+    if edit:
+        return  # adapters on edits: tests/integration/test_lora.py
+    outputs = {}
+    for name, scale in [
+        ("base", None),
+        ("full", None),
+        ("one", "1"),
+        ("half", "0.5"),
+        ("off", "0"),
+    ]:
+        model = () if name == "base" else ("--model", "style")
+        strength = () if scale is None else ("--lora-scale", scale)
+        outputs[name] = tmp_path / f"{name}.png"
+        fields = ("--prompt", "a boat", *inputs, *FAST, "--seed", "3")
+        succeeded(run_client(server, *fields, *model, *strength, "--output", outputs[name]))
+    assert pixel_difference(outputs["one"], outputs["full"]) <= 2  # 1 is the default
+    assert pixel_difference(outputs["off"], outputs["base"]) <= 2  # 0 is no adapter
+    assert pixel_difference(outputs["half"], outputs["full"]) > 2
+    assert pixel_difference(outputs["half"], outputs["base"]) > 2
+
+
+def pixel_difference(first: Path, second: Path) -> int:
+    """The largest difference of one pixel's channel between two image files."""
+    a, b = (np.asarray(Image.open(path).convert("RGB"), dtype=int) for path in (first, second))
+    return int(np.abs(a - b).max())

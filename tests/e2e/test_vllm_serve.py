@@ -108,8 +108,54 @@ def test_openai_sdk_sees_errors_as_exceptions(sdk):
         sdk.images.generate(model="dall-e-3", prompt="x", size="64x64")
 
 
-def test_openai_sdk_lists_the_model(sdk):
-    assert [model.id for model in sdk.models.list()] == ["tiny-qwen-image"]
+def test_openai_sdk_lists_the_model_and_its_adapter(sdk):
+    cards = [card.model_dump() for card in sdk.models.list()]
+    assert [(card["id"], card.get("parent")) for card in cards] == [
+        ("tiny-qwen-image", None),
+        ("style", "tiny-qwen-image"),
+    ]
+
+
+def test_openai_sdk_picks_the_adapter_by_its_model_name(sdk):
+    def image(**fields) -> bytes:
+        result = sdk.images.generate(prompt="a boat", size="64x64", **fields)
+        return base64.b64decode(result.data[0].b64_json)
+
+    knobs = {"num_inference_steps": 2, "seed": 4}
+    base = image(extra_body=knobs)
+    styled = image(model="style", extra_body=knobs)
+    assert styled != base
+    assert image(model="style", extra_body={**knobs, "lora_scale": 1.0}) == styled
+    half = image(model="style", extra_body={**knobs, "lora_scale": 0.5})
+    assert half not in (base, styled)
+    assert image(model="tiny-qwen-image", extra_body=knobs) == base
+    with pytest.raises(openai.BadRequestError, match="lora_scale"):
+        image(extra_body={**knobs, "lora_scale": 0.5})
+
+
+def test_adapters_load_and_unload_while_serving(server, tiny_loras):
+    """vLLM's own routes, allowed by VLLM_ALLOW_RUNTIME_LORA_UPDATING."""
+    body = {"prompt": "a boat", "size": "64x64", "num_inference_steps": 2, "seed": 1}
+
+    def generate(model: str) -> httpx.Response:
+        json = {**body, "model": model}
+        return httpx.post(f"{server}/v1/images/generations", json=json, headers=AUTH, timeout=60)
+
+    assert generate("other").status_code == 404
+    adapter = {"lora_name": "other", "lora_path": str(tiny_loras["other"])}
+    loaded = httpx.post(f"{server}/v1/load_lora_adapter", json=adapter, headers=AUTH)
+    assert loaded.status_code == 200, loaded.text
+    try:
+        assert generate("other").status_code == 200
+        bad = {"lora_name": "bad", "lora_path": "/nowhere"}
+        refused = httpx.post(f"{server}/v1/load_lora_adapter", json=bad, headers=AUTH)
+        assert refused.status_code == 400 and "'bad'" in refused.json()["error"]["message"]
+    finally:
+        unloaded = httpx.post(
+            f"{server}/v1/unload_lora_adapter", json={"lora_name": "other"}, headers=AUTH
+        )
+    assert unloaded.status_code == 200
+    assert generate("other").status_code == 404
 
 
 def test_raw_http_with_and_without_key(server):

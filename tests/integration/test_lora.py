@@ -6,6 +6,7 @@ on the real pipeline; the vllm-omni engine's are in test_omni_engine.py."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from testing.tiny_lora import build_tiny_lora
+from testing.tiny_lora import build_tiny_lora, write_foreign_lora
 from tests.support.omni import SAME_IMAGE
 from vllm_omni_images.engine.base import LoRASettings
 from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
@@ -68,6 +69,24 @@ async def test_models_lists_each_adapter_with_the_base_model_as_parent(
     style, base = cards["style"].model_dump(), cards[BASE].model_dump()
     assert (style["parent"], style["root"]) == (BASE, str(tiny_loras["style"]))
     assert base.get("parent") is None
+
+
+async def test_the_json_form_names_the_adapters_base_model(
+    make_app: AppFactory, lora_runner: DiffusersRunner, tiny_loras: dict[str, Path]
+) -> None:
+    """vLLM's JSON form of --lora-modules: `base_model_name` is the parent /v1/models shows,
+    among the names --served-model-name gives the base model."""
+    module = {"name": "other", "path": str(tiny_loras["other"]), "base_model_name": "qwen"}
+    flags = ["--served-model-name", BASE, "qwen", "--enable-lora"]
+    app = await make_app(lora_runner, [*flags, "--lora-modules", json.dumps(module)])
+    async with http_client(app) as client:
+        cards = (await client.get("/v1/models")).json()["data"]
+        assert [(c["id"], c.get("parent")) for c in cards] == [
+            (BASE, None),
+            ("qwen", None),
+            ("other", "qwen"),
+        ]
+        assert differ(await image(client, model="other"), await image(client, model="qwen")) > 10
 
 
 async def test_an_adapter_changes_the_image_and_the_base_model_stays_the_same(
@@ -148,13 +167,7 @@ async def test_a_bad_adapter_stops_the_start_up_naming_it(
     tmp_path: Path,
     problem: str,
 ) -> None:
-    bad = {
-        "missing": tmp_path / "nowhere",
-        "corrupt": tmp_path / "corrupt.safetensors",
-        "foreign": foreign_adapter(tmp_path),
-    }[problem]
-    if problem == "corrupt":
-        bad.write_bytes(b"not a safetensors file")
+    bad = bad_adapter(problem, tmp_path)
     with pytest.raises(EngineUnavailableError) as refused:
         await make_app(lora_runner, [*lora_flags(tiny_loras, "style"), f"bad={bad}"])
     message = str(refused.value)
@@ -176,19 +189,15 @@ async def test_an_adapter_above_max_lora_rank_is_refused(
         runner.close()
 
 
-def foreign_adapter(folder: Path) -> Path:
-    """An adapter of another model: its layers have other shapes."""
-    import torch
-    from safetensors.torch import save_file
-
-    save_file(
-        {
-            "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 3072),
-            "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(3072, 4),
-        },
-        str(folder / "pytorch_lora_weights.safetensors"),
-    )
-    return folder
+def bad_adapter(problem: str, folder: Path) -> Path:
+    """An adapter that cannot be served: not there, not a safetensors file, or of another
+    model."""
+    if problem == "missing":
+        return folder / "nowhere"
+    if problem == "corrupt":
+        (folder / "corrupt.safetensors").write_bytes(b"not a safetensors file")
+        return folder / "corrupt.safetensors"
+    return write_foreign_lora(folder)
 
 
 # Runtime loading and unloading (VLLM_ALLOW_RUNTIME_LORA_UPDATING), through vLLM's routes.
@@ -235,13 +244,7 @@ async def test_adapters_load_and_unload_at_runtime(
 async def test_loading_a_bad_adapter_is_a_400_and_the_server_keeps_serving(
     runtime_client: httpx.AsyncClient, tmp_path: Path, problem: str
 ) -> None:
-    path = {
-        "missing": tmp_path / "nothing-here",
-        "corrupt": tmp_path / "corrupt.safetensors",
-        "foreign": foreign_adapter(tmp_path),
-    }[problem]
-    if problem == "corrupt":
-        path.write_bytes(b"\x00" * 64)
+    path = bad_adapter(problem, tmp_path)
     async with runtime_client as client:
         response = await client.post(
             "/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": str(path)}

@@ -32,6 +32,7 @@ from vllm_omni.diffusion.sched.interface import DiffusionSchedulerOutput
 from vllm_omni.diffusion.worker.utils import BatchRunnerOutput, RunnerOutput
 
 from tests.support.waiting import ENGINE_WAIT_S, until
+from vllm_omni_images.engine.base import LoRASettings
 from vllm_omni_images.engine.omni_engine import OmniEngine, build_omni_config
 
 
@@ -214,11 +215,16 @@ batched, agree to within float rounding, not bit for bit."""
 
 
 def build_engine(
-    model_dir: Path, max_batch_size: int = 4, hang_grace_s: float = 60.0, **options: object
+    model_dir: Path,
+    max_batch_size: int = 4,
+    hang_grace_s: float = 60.0,
+    lora: LoRASettings | None = None,
+    **options: object,
 ) -> OmniEngine:
     return OmniEngine(
-        build_omni_config(str(model_dir), options, max_batch_size=max_batch_size),
+        build_omni_config(str(model_dir), options, max_batch_size=max_batch_size, lora=lora),
         hang_grace_s=hang_grace_s,
+        lora=lora,
     )
 
 

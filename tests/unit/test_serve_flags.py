@@ -183,17 +183,18 @@ def test_the_parser_vllm_built_is_kept_for_the_launcher(
     assert refused_flags(parse(parser, "--max-model-len", "100"), parser) == ["--max-model-len"]
 
 
-def test_vllm_cli_hands_the_launcher_what_refused_flags_reads(
+def test_vllm_serve_refuses_to_start_in_one_line_naming_the_refused_flags(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """On vLLM's real command line: the namespace the launcher gets and the parser
-    `serve_parser` keeps agree, and a `--config` file's flags count as if given."""
+    """On vLLM's real command line, through the launcher: a `--config` file's flags count as
+    if given, and the server stops before it loads anything, saying why in one line."""
     from vllm.entrypoints.cli.main import main as vllm_main
 
     from vllm_omni_images.server.plugin import register
 
-    launched: list[argparse.Namespace] = []
-    monkeypatch.setattr(launcher, "run_image_server_cli", launched.append)
+    errors: list[str] = []
+    monkeypatch.setattr(launcher.logger, "error", lambda text, *args: errors.append(text % args))
+    monkeypatch.setattr(launcher, "load_engine", None)  # must not be reached
     register()
     config = tmp_path / "serve.yaml"
     config.write_text("max-model-len: 100\nimage-max-batch-size: 2\n")
@@ -201,12 +202,12 @@ def test_vllm_cli_hands_the_launcher_what_refused_flags_reads(
     monkeypatch.setattr(sys, "argv", ["vllm", *command, "--tokenizer", "x", "--api-key", "k"])
     # vLLM's CLI sets this for its subprocesses; keep it out of the rest of the test run.
     monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-    vllm_main()
-    [args] = launched
-    parser = vllm_patches.serve_parser()
-    assert parser is not None
-    assert args.image_max_batch_size == 2
-    assert refused_flags(args, parser) == ["--tokenizer", "--max-model-len"]
+    with pytest.raises(SystemExit) as exited:
+        vllm_main()
+    assert exited.value.code == 1
+    [line] = errors
+    assert "--tokenizer, --max-model-len" in line and "\n" not in line
+    assert "--api-key" not in line and "--image-max-batch-size" not in line
 
 
 def test_the_table_imports_without_vllm_or_torch() -> None:

@@ -12,6 +12,7 @@ import gc
 import inspect
 import logging
 import traceback
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -295,9 +296,12 @@ class _LoRASlots:
         self._keep(adapter, weights)
         while len(self._loaded) >= self._settings.max_loras:
             self._unload(next(iter(self._loaded)))
-        self._pipe.load_lora_weights(
-            diffusers_state_dict(weights), adapter_name=_peft_name(adapter)
-        )
+        with warnings.catch_warnings():
+            # peft warns that a model with an adapter gets another: that is the point here.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            self._pipe.load_lora_weights(
+                diffusers_state_dict(weights), adapter_name=_peft_name(adapter)
+            )
         self._loaded[adapter.adapter_id] = adapter
         logger.info("Loaded LoRA adapter '%s' into the model", adapter.name)
 

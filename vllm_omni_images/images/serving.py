@@ -344,8 +344,9 @@ class OpenAIServingImage:
             logger.info("Image request %s: %s", record.request_id, outcome)
             return
         timings = record.timings
+        adapter = "" if work.lora is None else f", lora={work.lora.name}@{work.lora_scale:g}"
         logger.info(
-            "Image request %s: %s, %dx%d, n=%d, steps=%d, queue=%.0fms, engine=%.0fms "
+            "Image request %s: %s, %dx%d, n=%d, steps=%d%s, queue=%.0fms, engine=%.0fms "
             "(batch of %d), encode=%.0fms, user=%s",
             record.request_id,
             outcome,
@@ -353,6 +354,7 @@ class OpenAIServingImage:
             work.height,
             work.num_images,
             work.num_inference_steps,
+            adapter,
             timings.queue_s * 1e3,
             timings.engine_s * 1e3,
             timings.batch_images,

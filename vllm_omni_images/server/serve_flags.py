@@ -648,12 +648,12 @@ def refusal_message(flags: Sequence[str]) -> str:
     names = ", ".join(flags)
     if len(flags) == 1:
         return (
-            f"{names}: this vLLM flag has no meaning for a diffusion model (--task image); "
+            f"{names}: the image task (--task image) cannot honour this vLLM flag; "
             'drop it (docs/image_api.md, "vLLM\'s serve flags", says why and what to use '
             "instead)."
         )
     return (
-        f"{names}: these vLLM flags have no meaning for a diffusion model (--task image); "
+        f"{names}: the image task (--task image) cannot honour these vLLM flags; "
         'drop them (docs/image_api.md, "vLLM\'s serve flags", says why and what to use '
         "instead)."
     )
