@@ -62,6 +62,21 @@ async def test_without_seed_images_differ(client):
     )
 
 
+async def test_seed_flag_makes_a_run_of_seedless_requests_repeat_after_a_restart(
+    make_app, tiny_runner
+):
+    """As vLLM's `--seed` (default 0) seeds its sampling: the same server restarted draws the
+    same seeds, each request its own; another `--seed` draws others."""
+
+    async def run(seed: str) -> list[str]:
+        async with http_client(await make_app(tiny_runner, ["--seed", seed])) as client:
+            return [(await generate(client, **FAST)).json()["data"][0]["b64_json"] for _ in "ab"]
+
+    first, restarted, other = await run("7"), await run("7"), await run("8")
+    assert first == restarted
+    assert first[0] != first[1] and set(first).isdisjoint(other)
+
+
 async def test_negative_prompt_changes_the_image(client):
     plain = await generate(client, seed=5, **FAST)
     negative = await generate(client, seed=5, negative_prompt="blurry, dark", **FAST)
