@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 
 import httpx
 import numpy as np
@@ -12,6 +13,7 @@ import openai
 import pytest
 from PIL import Image
 
+from tests.support.engines import DelegatingRunner
 from tests.support.images import FAST
 from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
 
@@ -147,3 +149,28 @@ async def test_a_full_queue_refuses_a_stream_with_a_plain_429(
         assert refused.headers["content-type"].startswith("application/json")
         assert "retry-after" in refused.headers
         assert [(await task).status_code for task in (running, waiting)] == [200, 200]
+
+
+async def test_a_slow_stream_gets_vllms_keep_alive_comments_and_the_sdk_reads_on(
+    make_app: AppFactory, tiny_runner: DiffusersRunner
+) -> None:
+    """`--sse-keep-alive-interval`, as vLLM's chat stream: while no event comes, a comment
+    line keeps proxies from closing the connection; clients skip it."""
+
+    class SlowRunner(DelegatingRunner):
+        def run(self, requests, on_step=None, on_preview=None):
+            time.sleep(1.5)  # the engine thread, before the call: no event for a while
+            return super().run(requests, on_step, on_preview)
+
+    app = await make_app(SlowRunner(tiny_runner), ["--sse-keep-alive-interval", "1"])
+    body = {"prompt": "a fox", "stream": True, **FAST}
+    async with http_client(app) as http:
+        response = await http.post("/v1/images/generations", json=body)
+        lines = response.text.splitlines()
+    assert any(line.startswith(":") for line in lines)  # the keep-alive comment
+    assert any("image_generation.completed" in line for line in lines)
+    async with sdk_client(app) as sdk:
+        stream = await sdk.images.generate(
+            model="tiny-qwen-image", prompt="a fox", size="64x64", stream=True, extra_body=SEEDED
+        )
+        assert [event.type async for event in stream] == ["image_generation.completed"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from http import HTTPStatus
 from typing import Any
 
@@ -16,6 +16,7 @@ from vllm.entrypoints.serve.utils.api_utils import (
     validate_json_request,
     with_cancellation,
 )
+from vllm.entrypoints.serve.utils.sse_keep_alive import with_sse_keep_alive
 from vllm.exceptions import VLLMValidationError
 
 from vllm_omni_images.images.edits import ImageInputs, read_multipart
@@ -102,7 +103,7 @@ async def create_image(request: ImageGenerationRequest, raw_request: Request) ->
     handler = images(raw_request)
     if handler is None:
         raise NotImplementedError("The model does not support the Images API")
-    return _answer(await handler.create_image(request, raw_request))
+    return _answer(await handler.create_image(request, raw_request), raw_request)
 
 
 def multipart_body(request_model: type[ImageEditRequest], *, mask: bool) -> dict[str, Any]:
@@ -162,7 +163,7 @@ async def _serve_multipart(
             limits=handler.limits,
         )
     except (VLLMValidationError, PayloadTooLargeError) as error:
-        return _answer(error_response(error))
+        return _answer(error_response(error), raw_request)
     # The body is read: from here a client that disconnects cancels the work, as for JSON.
     return await _create_with_inputs(handler, raw_request, request, inputs)
 
@@ -174,15 +175,22 @@ async def _create_with_inputs(
     request: ImageEditRequest,
     inputs: ImageInputs,
 ) -> Response:
-    return _answer(await handler.create_image(request, raw_request, inputs))
+    return _answer(await handler.create_image(request, raw_request, inputs), raw_request)
 
 
 def _answer(
-    result: ImageGenerationResponse | ErrorResponse | AsyncIterator[str],
+    result: ImageGenerationResponse | ErrorResponse | AsyncGenerator[str, None],
+    raw_request: Request,
 ) -> Response:
-    """The HTTP answer: JSON, or server-sent events for a streamed request."""
+    """The HTTP answer: JSON, or server-sent events for a streamed request, with vLLM's
+    keep-alive comments while no event comes (`--sse-keep-alive-interval`, as vLLM's chat
+    stream: a large model can take minutes before its first partial image)."""
     if not isinstance(result, (ImageGenerationResponse, ErrorResponse)):
-        return StreamingResponse(result, media_type="text/event-stream")
+        args = getattr(raw_request.app.state, "args", None)
+        interval = float(getattr(args, "sse_keep_alive_interval", 0))
+        return StreamingResponse(
+            with_sse_keep_alive(result, interval), media_type="text/event-stream"
+        )
     if isinstance(result, ErrorResponse):
         return error_json(result)
     return JSONResponse(content=result.model_dump(exclude_none=True))

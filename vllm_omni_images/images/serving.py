@@ -12,7 +12,7 @@ import contextlib
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -124,7 +124,7 @@ class OpenAIServingImage:
         request: ImageGenerationRequest,
         raw_request: Request | None = None,
         inputs: ImageInputs | None = None,
-    ) -> ImageGenerationResponse | ErrorResponse | AsyncIterator[str]:
+    ) -> ImageGenerationResponse | ErrorResponse | AsyncGenerator[str, None]:
         """Generate (`ImageGenerationRequest`), or edit or vary `inputs` (an
         `ImageEditRequest` or `ImageVariationRequest` with the images it was sent).
 
@@ -155,7 +155,7 @@ class OpenAIServingImage:
         record: _RequestRecord,
         raw_request: Request | None,
         inputs: ImageInputs | None,
-    ) -> tuple[Outcome, ImageGenerationResponse | ErrorResponse | AsyncIterator[str]]:
+    ) -> tuple[Outcome, ImageGenerationResponse | ErrorResponse | AsyncGenerator[str, None]]:
         lora = await self._adapter_named(request.model)
         if isinstance(lora, ErrorResponse):
             return "invalid", lora
@@ -235,7 +235,7 @@ class OpenAIServingImage:
         request: ImageGenerationRequest,
         engine_request: EngineRequest,
         record: _RequestRecord,
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         """The request's events: its partial images as the engine decodes them, then the
         completed image, or an error event. Closing the iterator (the client left) withdraws
         the request, as a disconnect does for a plain request."""

@@ -160,8 +160,9 @@ _VLLM_GROUPS: dict[str, dict[str, FlagRule]] = {
         ),
         "enable_server_load_tracking": _honoured("/load counts the image requests in flight"),
         "enable_force_include_usage": _refused(_TOKENS),
-        "sse_keep_alive_interval": _refused(
-            "keep-alive comments of vLLM's text streams: the image stream does not send them"
+        "sse_keep_alive_interval": _honoured(
+            "seconds without an event after which a streamed image request gets vLLM's "
+            "keep-alive comment"
         ),
         "enable_tokenizer_info_endpoint": _refused(_TOKENIZER),
         "enable_log_outputs": _refused("logs generated text: an image server generates none"),
