@@ -167,8 +167,8 @@ def test_honoured_flags_are_never_named(serve_parser: argparse.ArgumentParser) -
 def test_the_refusal_is_one_line_naming_every_flag() -> None:
     message = refusal_message(["--tokenizer", "--max-model-len", "--enable-prefix-caching"])
     assert "\n" not in message
-    assert message.startswith("--tokenizer, --max-model-len, --enable-prefix-caching: these")
-    assert "drop them" in message
+    assert message.startswith("--tokenizer, --max-model-len, --enable-prefix-caching: the image")
+    assert "these vLLM flags" in message and "drop them" in message
     assert "this vLLM flag" in refusal_message(["--max-model-len"])
 
 
