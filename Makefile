@@ -41,9 +41,9 @@ pytest: install
 test: lint typecheck pytest
 
 # All benchmarks, side by side in one run on the embedded model; each writes its table to
-# docs/benchmarks/ (summarised in docs/performance.md and docs/reliability.md). About 45 minutes on
+# docs/benchmarks/ (summarised in docs/performance.md and docs/reliability.md). About 50 minutes on
 # 2 CPU cores.
-BENCHMARKS := encoding batch_invariance overhead liveness throughput engine_throughput engines_cpu step_batching startup edit_throughput soak fuzz
+BENCHMARKS := encoding batch_invariance overhead liveness throughput engine_throughput engines_cpu step_batching startup edit_throughput lora soak fuzz
 
 benchmark: install
 	for name in $(BENCHMARKS); do \
