@@ -60,17 +60,20 @@ def write_foreign_lora(folder: Path) -> Path:
 
 
 def main() -> None:
-    """`python -m testing.tiny_lora FOLDER [--seed N]`: an adapter of the embedded model."""
+    """`python -m testing.tiny_lora FOLDER [FOLDER ...]`: adapters of the embedded model, the
+    first made with `--seed`, each next with the next seed."""
     import argparse
 
     from vllm_omni_images.tiny_model import ensure_tiny_model
 
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("folder", type=Path)
+    parser.add_argument("folders", type=Path, nargs="+")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--rank", type=int, default=4)
     args = parser.parse_args()
-    print(build_tiny_lora(ensure_tiny_model(), args.folder, args.seed, args.rank))
+    model_dir = ensure_tiny_model()
+    for offset, folder in enumerate(args.folders):
+        print(build_tiny_lora(model_dir, folder, args.seed + offset, args.rank))
 
 
 if __name__ == "__main__":
