@@ -31,9 +31,11 @@ SAME_IMAGE = 2
 GUIDED = {"num_inference_steps": 3, "negative_prompt": "blurry", "true_cfg_scale": 4.0}
 
 
-def generate(sdk: openai.OpenAI, seed: int, n: int = 1) -> list[np.ndarray]:
+def generate(
+    sdk: openai.OpenAI, seed: int, n: int = 1, model: str = "tiny-qwen-image"
+) -> list[np.ndarray]:
     result = sdk.images.generate(
-        model="tiny-qwen-image",
+        model=model,
         prompt="a red fox in the snow",
         n=n,
         size="128x128",
@@ -45,7 +47,10 @@ def generate(sdk: openai.OpenAI, seed: int, n: int = 1) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def omni_server(
-    tiny_model_dir: Path, model_cache: Path, tmp_path_factory: pytest.TempPathFactory
+    tiny_model_dir: Path,
+    model_cache: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_loras: dict[str, Path],
 ) -> Iterator[tuple[str, Path]]:
     port = free_port()
     log_path = tmp_path_factory.mktemp("omni-server") / "vllm-serve.log"
@@ -54,6 +59,9 @@ def omni_server(
         port,
         "--image-engine",
         "omni",
+        "--enable-lora",
+        "--lora-modules",
+        f"style={tiny_loras['style']}",  # the adapter the shared e2e server serves too
     )
     env = {"VLLM_OMNI_IMAGES_CACHE": str(model_cache), "VLLM_LOGGING_LEVEL": "INFO"}
     try:
@@ -75,7 +83,7 @@ def test_the_omni_engine_serves_the_openai_sdk(omni_server: tuple[str, Path]) ->
     assert "Image engine: omni" in log
     assert "OmniPlatform plugin image_task is activated" in log
     sdk = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-    assert [model.id for model in sdk.models.list().data] == ["tiny-qwen-image"]
+    assert [model.id for model in sdk.models.list().data] == ["tiny-qwen-image", "style"]
     first, second = generate(sdk, seed=7, n=2)
     assert first.shape == second.shape == (128, 128, 3)
     assert difference(first, second) > 10 * SAME_IMAGE
@@ -91,3 +99,18 @@ def test_the_same_image_as_the_diffusers_engine(omni_server: tuple[str, Path], s
     [from_omni] = generate(omni, seed=42)
     [from_diffusers] = generate(diffusers, seed=42)
     assert difference(from_omni, from_diffusers) <= SAME_IMAGE
+
+
+def test_the_adapter_gives_the_diffusers_engines_image(
+    omni_server: tuple[str, Path], server: str
+) -> None:
+    """Both servers serve the same `style` adapter: vllm-omni's LoRA manager in its worker and
+    diffusers' PEFT layers make the same image."""
+    url, _ = omni_server
+    omni = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    diffusers = openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
+    [from_omni] = generate(omni, seed=42, model="style")
+    [from_diffusers] = generate(diffusers, seed=42, model="style")
+    assert difference(from_omni, from_diffusers) <= SAME_IMAGE
+    [base] = generate(omni, seed=42)
+    assert difference(from_omni, base) > 5 * SAME_IMAGE
