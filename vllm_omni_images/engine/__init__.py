@@ -1,8 +1,9 @@
 """The engines and admission: everything below the HTTP API, importable without vLLM.
 
 - `base.py`: `ImageEngine`, the one engine interface (as vLLM's `EngineClient`), what it
-  takes (`EngineRequest`) and streams (`ImagesStarted`, `PreviewImages`, `FinalImages`),
-  `ModelDefaults`, and the `EngineObserver` the metrics implement.
+  takes (`EngineRequest`, `LoRAAdapter`) and streams (`ImagesStarted`, `PreviewImages`,
+  `FinalImages`), `ModelDefaults`, `LoRASettings`, and the `EngineObserver` the metrics
+  implement.
 - `errors.py`: every exception this layer raises, the ones a client can see first.
 - `client.py`: `ImageEngineClient`, admission in front of any engine (queue limit, 429,
   timeout, withdrawal, the counts) and vLLM's engine client.
@@ -14,7 +15,9 @@
 - `hang_watch.py`: telling a hung engine from a slow one, for both engines.
 - `selection.py`: `--image-engine` names and `create_engine`.
 - `metrics.py`: Prometheus metrics of admission and the engines.
-- `model_folder.py`: what a model folder says; `cpu_priority.py`: bulk work steps aside.
+- `model_folder.py`: what a model folder says; `model_source.py`: a hub id to a folder
+  (`--revision`, `--download-dir`); `lora_files.py`: LoRA adapter files, read and checked;
+  `cpu_priority.py`: bulk work steps aside.
 
 Modules import what they need from each other directly; this file re-exports nothing, so
 reading a flag's choices does not pull in PIL, torch or the engines.
