@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -42,9 +43,15 @@ def load_engine(shape: str, layers: int, device: str) -> DiffusersRunner:
     return DiffusersRunner(f"wide-qwen-image-{layers}-layers", device=device, pipeline=pipeline)
 
 
-async def closed_loop(
-    client: ImageEngineClient, concurrency: int, requests: int, width: int, height: int, steps: int
-) -> dict[str, Any]:
+async def drive(
+    client: ImageEngineClient,
+    make_request: Callable[[int], EngineRequest],
+    concurrency: int,
+    requests: int,
+) -> tuple[int, float, list[float]]:
+    """Images, wall seconds and latencies of `requests` requests (request `i` is
+    `make_request(i)`) from `concurrency` submitters, each sending its next when the last is
+    answered: the engine-level closed loop (`benchmarks.load.closed_loop` is the HTTP one)."""
     next_index = 0
     latencies: list[float] = []
     images = 0
@@ -54,22 +61,30 @@ async def closed_loop(
         while next_index < requests:
             index = next_index
             next_index += 1
-            request = EngineRequest(
-                prompt=f"benchmark request {index}",
-                seeds=(index,),
-                width=width,
-                height=height,
-                num_inference_steps=steps,
-            )
             start = time.perf_counter()
-            async for output in client.generate(request):
+            async for output in client.generate(make_request(index)):
                 if isinstance(output, FinalImages):
                     images += len(output.images)
             latencies.append(time.perf_counter() - start)
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    wall_s = time.perf_counter() - start
+    return images, time.perf_counter() - start, latencies
+
+
+async def closed_loop(
+    client: ImageEngineClient, concurrency: int, requests: int, width: int, height: int, steps: int
+) -> dict[str, Any]:
+    def make_request(index: int) -> EngineRequest:
+        return EngineRequest(
+            prompt=f"benchmark request {index}",
+            seeds=(index,),
+            width=width,
+            height=height,
+            num_inference_steps=steps,
+        )
+
+    images, wall_s, latencies = await drive(client, make_request, concurrency, requests)
     return {
         "concurrency": concurrency,
         "requests": requests,

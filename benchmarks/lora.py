@@ -65,11 +65,12 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
+from benchmarks.engine_throughput import drive
 from benchmarks.engines_cpu import SHARED_NOTE, checkout, machine_load
 from benchmarks.report import benchmark_parser, markdown_table, median, percentile, publish
 from testing.shared_runner import SharedRunner
 from testing.tiny_lora import build_tiny_lora
-from vllm_omni_images.engine.base import EngineRequest, FinalImages, LoRAAdapter, LoRASettings
+from vllm_omni_images.engine.base import EngineRequest, LoRAAdapter, LoRASettings
 from vllm_omni_images.engine.batching import (
     BatchingConfig,
     BatchingEngine,
@@ -196,26 +197,11 @@ async def closed_loop(
     size: tuple[int, int],
     steps: int,
 ) -> tuple[int, float, list[float]]:
-    """Images, wall seconds and latencies of `requests` requests from `concurrency` submitters,
-    each sending its next when the last is answered."""
-    next_index = 0
-    latencies: list[float] = []
-    images = 0
-
-    async def worker() -> None:
-        nonlocal next_index, images
-        while next_index < requests:
-            index = next_index
-            next_index += 1
-            start = time.perf_counter()
-            async for output in client.generate(request(index, adapter_for(index), size, steps)):
-                if isinstance(output, FinalImages):
-                    images += len(output.images)
-            latencies.append(time.perf_counter() - start)
-
-    start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return images, time.perf_counter() - start, latencies
+    """Images, wall seconds and latencies of `requests` requests, request `i` with adapter
+    `adapter_for(i)` (`engine_throughput.drive`)."""
+    return await drive(
+        client, lambda index: request(index, adapter_for(index), size, steps), concurrency, requests
+    )
 
 
 async def serve(
