@@ -164,3 +164,13 @@ def test_an_adapter_of_another_model_or_rank_is_refused(tmp_path: Path) -> None:
     other.layer = torch.nn.Linear(8, 6)
     with pytest.raises(LoRAAdapterError, match=r"has no layer blocks\.0\.to_q"):
         check_fits(weights, other, "a", "p")
+
+
+def test_a_model_without_a_transformer_serves_no_adapter(tmp_path: Path) -> None:
+    """A UNet pipeline (or a folder without a diffusers transformer) has nothing to adapt."""
+    from vllm_omni_images.engine.lora_files import meta_transformer
+
+    weights = read_adapter(str(diffusers_file(tmp_path / "a")), "a")
+    assert meta_transformer(str(tmp_path)) is None
+    with pytest.raises(LoRAAdapterError, match=r"'a'.*has no transformer"):
+        check_fits(weights, None, "a", "p")

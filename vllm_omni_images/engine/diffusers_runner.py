@@ -280,7 +280,8 @@ class _LoRASlots:
     def _read_checked(self, adapter: LoRAAdapter) -> AdapterWeights:
         weights = read_adapter(adapter.path, adapter.name)
         check_rank(weights, self._settings.max_lora_rank, adapter.name, adapter.path)
-        check_fits(weights, self._pipe.transformer, adapter.name, adapter.path)
+        transformer = getattr(self._pipe, "transformer", None)  # a UNet pipeline has none
+        check_fits(weights, transformer, adapter.name, adapter.path)
         return weights
 
     def _keep(self, adapter: LoRAAdapter, weights: AdapterWeights) -> None:

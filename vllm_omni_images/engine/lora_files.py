@@ -19,6 +19,7 @@ prompt's encoding for every image of a batch. Importable without vLLM.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Mapping
@@ -91,10 +92,16 @@ def check_rank(weights: AdapterWeights, max_rank: int, name: str, path: str) -> 
         raise _error(name, path, f"its rank {weights.rank} is above --max-lora-rank {max_rank}")
 
 
-def check_fits(weights: AdapterWeights, transformer: torch.nn.Module, name: str, path: str) -> None:
+def check_fits(
+    weights: AdapterWeights, transformer: torch.nn.Module | None, name: str, path: str
+) -> None:
     """Every module the adapter changes is a linear layer of `transformer` of the adapter's
     shapes; otherwise the adapter was made for another model (`transformer` may live on the
-    meta device: only its structure is read)."""
+    meta device: only its structure is read; `None`: the served model has none)."""
+    if transformer is None:
+        raise _error(
+            name, path, "the served model has no transformer (only its adapters are served)"
+        )
     model = type(transformer).__name__
     for module_name, (down, up) in weights.modules.items():
         try:
@@ -118,16 +125,21 @@ def check_fits(weights: AdapterWeights, transformer: torch.nn.Module, name: str,
             )
 
 
-def meta_transformer(model_path: str) -> torch.nn.Module:
+@functools.cache
+def meta_transformer(model_path: str) -> torch.nn.Module | None:
     """The model folder's transformer, built on the meta device from its config (no weights,
-    no memory): what an adapter is checked against when the weights live in another process
-    (vllm-omni's workers)."""
+    no memory) once per folder: what an adapter is checked against when the weights live in
+    another process (vllm-omni's workers). `None` when the folder has no diffusers
+    transformer."""
     import diffusers
 
-    config = _read_json(Path(model_path) / "transformer" / "config.json", "model", model_path)
+    try:
+        config = json.loads((Path(model_path) / "transformer" / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
     model_class = getattr(diffusers, str(config.get("_class_name")), None)
     if model_class is None:
-        raise LoRAAdapterError(f"{model_path}: diffusers has no transformer class {config!r}")
+        return None
     with torch.device("meta"):
         return model_class.from_config(config)
 

@@ -226,7 +226,6 @@ class OmniEngine(ImageEngine):
         self._lora = lora
         self._adapters: dict[int, LoRARequest] = {}
         self._adapter_dir: Path | None = None
-        self._transformer_shape: torch.nn.Module | None = None
         self._engine: DiffusionEngine = DiffusionEngine.make_engine(config)
         self._engine.executor.register_failure_callback(self._executor_failed)
         self._loop = asyncio.new_event_loop()
@@ -342,19 +341,14 @@ class OmniEngine(ImageEngine):
     def _peft_copy(self, adapter: LoRAAdapter, max_rank: int) -> Path:
         weights = read_adapter(adapter.path, adapter.name)
         check_rank(weights, max_rank, adapter.name, adapter.path)
-        check_fits(weights, self._meta_transformer(), adapter.name, adapter.path)
+        assert self._model_path is not None
+        check_fits(weights, meta_transformer(self._model_path), adapter.name, adapter.path)
         if self._adapter_dir is None:
             self._adapter_dir = Path(tempfile.mkdtemp(prefix="vllm-omni-images-lora-"))
         # A new folder per load: vllm-omni may re-read an evicted adapter from its path.
         folder = self._adapter_dir / f"{adapter.adapter_id}-{uuid.uuid4().hex[:8]}"
         write_peft_folder(weights, folder)
         return folder
-
-    def _meta_transformer(self) -> torch.nn.Module:
-        if self._transformer_shape is None:
-            assert self._model_path is not None
-            self._transformer_shape = meta_transformer(self._model_path)
-        return self._transformer_shape
 
     def _lora_request(self, adapter: LoRAAdapter | None) -> LoRARequest | None:
         if adapter is None:
