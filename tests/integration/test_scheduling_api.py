@@ -151,6 +151,43 @@ async def test_the_running_images_gauge_counts_every_running_request(
     assert (running, idle) == (3, 0)
 
 
+async def test_vllm_load_gauges_count_image_requests_as_they_queue_and_run(
+    make_app, engine: ObservedRunner
+) -> None:
+    """`vllm:num_requests_running` / `_waiting`, as vLLM's routers and autoscalers read them:
+    requests, not images; back to 0 when all are answered or gone."""
+    app = await make_app(engine, ["--served-model-name", "load-model"])
+    engine_client = app.state.engine_client
+    labels = {"model_name": "load-model", "engine": "0"}
+
+    async def gauges(client: httpx.AsyncClient) -> tuple[float, float]:
+        text = (await client.get("/metrics")).text
+        return (
+            metric_value(text, "vllm:num_requests_running", **labels),
+            metric_value(text, "vllm:num_requests_waiting", **labels),
+        )
+
+    async with http_client(app) as client:
+        assert await gauges(client) == (0, 0)
+        running, queued = await one_running_one_queued(client, app, engine, queued_n=2)
+        third = asyncio.create_task(generate(client, **FAST, seed=7))
+        # One whose caller goes away while it waits (as a dropped connection does).
+        request = ImageGenerationRequest.model_validate({"prompt": "a red fox", **FAST})
+        gone = asyncio.create_task(app.state.openai_serving_image.create_image(request))
+        await until(lambda: engine_client.waiting_requests == 3, "three requests waiting")
+        busy = await gauges(client)
+        gone.cancel()
+        await asyncio.gather(gone, return_exceptions=True)
+        after_cancel = await gauges(client)
+        engine.gate.set()
+        answered = await asyncio.gather(running, queued, third)
+        idle = await gauges(client)
+    assert busy == (1, 3)  # requests, not images: the queued n=2 counts once
+    assert after_cancel == (1, 2)
+    assert [r.status_code for r in answered] == [200] * 3
+    assert idle == (0, 0)
+
+
 async def test_metrics_and_the_request_log_line(
     make_app, engine: ObservedRunner, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -205,6 +205,11 @@ class EngineObserver(Protocol):
         """Admission: the number of started images of unanswered requests changed."""
         return None
 
+    def on_requests(self, waiting: int, running: int) -> None:
+        """Admission: the number of admitted requests none of whose images started
+        (`waiting`), or some of whose did (`running`), changed."""
+        return None
+
     def on_queue_wait(self, wait_s: float) -> None:
         """Admission: a request's first image started `wait_s` after it was admitted."""
         return None

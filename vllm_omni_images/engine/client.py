@@ -14,7 +14,9 @@
   engine; a caller that goes away (its task cancelled, or the stream closed) withdraws it.
 - It counts the images admitted and not started (`queued_images`) and started and not
   answered (`running_images`) from the engine's `ImagesStarted`, the same way for every
-  engine, and reports them and each request's queue wait to the metrics.
+  engine, and reports them and each request's queue wait to the metrics. It counts requests
+  too, as vLLM's scheduler does for its load gauges: a request is waiting until its first
+  image starts (`waiting_requests`), then running until it leaves (`running_requests`).
 
 **vLLM's engine client.** vLLM's server keeps it as `app.state.engine_client` (as it keeps
 `AsyncLLM` for a text model): its core routes and server loop ask it for `check_health()`,
@@ -136,6 +138,8 @@ class ImageEngineClient:
         self._clock = clock
         self._queued_images = 0
         self._running_images = 0
+        self._waiting_requests = 0
+        self._running_requests = 0
         self._seconds_per_image: float | None = None
         self._loop = _running_loop()
         self._closing = False
@@ -161,6 +165,16 @@ class ImageEngineClient:
     def running_images(self) -> int:
         """Started images of requests not answered yet."""
         return self._running_images
+
+    @property
+    def waiting_requests(self) -> int:
+        """Admitted requests none of whose images started."""
+        return self._waiting_requests
+
+    @property
+    def running_requests(self) -> int:
+        """Admitted requests some of whose images started, not answered yet."""
+        return self._running_requests
 
     # vLLM's server loop shuts the server down when `errored and not is_running`; an image
     # engine error fails one request, never the server, and a hung engine may yet recover.
@@ -221,6 +235,7 @@ class ImageEngineClient:
         self._loop = asyncio.get_running_loop()  # where `shutdown` runs `close`
         admitted = _Admitted(request, self._clock(), timings or RequestTimings())
         self._count(admitted, queued=request.num_images)
+        self._count_requests(waiting=1)
         timeout_s = self._config.request_timeout_s
         deadline = None if timeout_s is None else self._loop.time() + timeout_s
         stream = self._engine.generate(request)
@@ -260,12 +275,18 @@ class ImageEngineClient:
             self._running_images += running
             notify(self._observer.on_running_images, self._running_images)
 
+    def _count_requests(self, *, waiting: int = 0, running: int = 0) -> None:
+        self._waiting_requests += waiting
+        self._running_requests += running
+        notify(self._observer.on_requests, self._waiting_requests, self._running_requests)
+
     def _started(self, admitted: _Admitted, output: ImagesStarted) -> None:
         if admitted.started_at is None:
             admitted.started_at = self._clock()
             admitted.timings.queue_s = admitted.started_at - admitted.arrival
             admitted.timings.batch_images = output.batch_images
             notify(self._observer.on_queue_wait, admitted.timings.queue_s)
+            self._count_requests(waiting=-1, running=1)
         started = min(output.images, admitted.waiting)
         self._count(admitted, queued=-started, running=started)
 
@@ -288,8 +309,10 @@ class ImageEngineClient:
         now = self._clock()
         if admitted.started_at is None:
             admitted.timings.queue_s = now - admitted.arrival
+            self._count_requests(waiting=-1)
         else:
             admitted.timings.engine_s = now - admitted.started_at
+            self._count_requests(running=-1)
         self._count(admitted, queued=-admitted.waiting, running=-admitted.started)
 
     async def close(self, drain_timeout_s: float = 0.0) -> None:

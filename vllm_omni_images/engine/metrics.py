@@ -4,6 +4,13 @@ Admission and the engines report into `ModelMetrics`, their `EngineObserver`; th
 requests' metrics are the Images API's (`images/request_metrics.py`). Names follow vLLM's
 (`vllm:` prefix, a `model_name` label with the served name). Importable without vLLM: only
 `image_metrics()` reaches for vLLM's registry.
+
+Two gauges are vLLM's own, under its names, help and labels (`vllm/v1/metrics/loggers.py`):
+`vllm:num_requests_running` and `vllm:num_requests_waiting`, labelled `model_name` and
+`engine` (always "0": one engine per server). They are what vLLM's routers and autoscalers read
+of a replica's load (production-stack's router and its KEDA example, llm-d's and the Gateway
+API Inference Extension's endpoint picker), so they count image requests as vLLM counts text
+ones: waiting until the request's first image starts, running until it is answered.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 class ImageMetrics:
     """The metric families; one set per process, labelled per served model."""
 
+    requests_running: Gauge
+    requests_waiting: Gauge
     queue_images: Gauge
     running_images: Gauge
     queue_wait: Histogram
@@ -38,7 +47,22 @@ class ImageMetrics:
     @classmethod
     def create(cls, registry: CollectorRegistry) -> ImageMetrics:
         model = ["model_name"]
+        per_engine = ["model_name", "engine"]  # vLLM's labels for its scheduler gauges
         return cls(
+            requests_running=Gauge(
+                "vllm:num_requests_running",
+                "Number of requests in model execution batches.",
+                per_engine,
+                registry=registry,
+                multiprocess_mode="mostrecent",
+            ),
+            requests_waiting=Gauge(
+                "vllm:num_requests_waiting",
+                "Number of requests waiting to be processed.",
+                per_engine,
+                registry=registry,
+                multiprocess_mode="mostrecent",
+            ),
             queue_images=Gauge(
                 "vllm:image_queue_images",
                 "Images waiting for the engine.",
@@ -108,7 +132,15 @@ def image_metrics() -> ImageMetrics:
 class ModelMetrics(EngineObserver):
     """The engine metrics of one served model: admission and the engines report into it."""
 
+    ENGINE_INDEX = "0"
+    """vLLM's `engine` label: the index of the engine core behind the server (one here)."""
+
     def __init__(self, metrics: ImageMetrics, model_name: str) -> None:
+        engine = {"model_name": model_name, "engine": self.ENGINE_INDEX}
+        self._requests_running = metrics.requests_running.labels(**engine)
+        self._requests_waiting = metrics.requests_waiting.labels(**engine)
+        self._requests_running.set(0)
+        self._requests_waiting.set(0)
         self._queue_images = metrics.queue_images.labels(model_name=model_name)
         self._running_images = metrics.running_images.labels(model_name=model_name)
         self._queue_wait = metrics.queue_wait.labels(model_name=model_name)
@@ -124,6 +156,10 @@ class ModelMetrics(EngineObserver):
 
     def on_running_images(self, images: int) -> None:
         self._running_images.set(images)
+
+    def on_requests(self, waiting: int, running: int) -> None:
+        self._requests_waiting.set(waiting)
+        self._requests_running.set(running)
 
     def on_queue_wait(self, wait_s: float) -> None:
         self._queue_wait.observe(wait_s)
