@@ -14,9 +14,14 @@ if not torch.cuda.is_available():
     # `vllm serve --task image` arranges on a machine without a GPU (vllm_patches.py).
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.support.s3 import S3Server
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +64,27 @@ def tiny_loras(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
         name: build_tiny_lora(tiny_model_dir, root / name, seed=seed)
         for seed, name in enumerate(("style", "other", "third"), start=1)
     }
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """A real S3 API server (moto's server mode) on a free port, for the whole run."""
+    from tests.support.s3 import S3Server, wait_until_up
+
+    server = S3Server()
+    server.start()
+    wait_until_up(server)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
+    """This process's AWS_* environment pointed at the test S3 server, for the test's length."""
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    return s3_server

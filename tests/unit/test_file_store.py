@@ -26,10 +26,11 @@ def store(tmp_path: Path, clock: FakeClock) -> LocalImageStore:
 
 async def test_an_image_is_served_as_written_with_its_media_type(store: LocalImageStore) -> None:
     name = await store.put(b"\x89PNG fake", "png")
-    stored = store.get(name)
-    assert stored is not None and stored.path.read_bytes() == b"\x89PNG fake"
+    stored = await store.get(name)
+    assert stored is not None and stored.path is not None
+    assert stored.path.read_bytes() == b"\x89PNG fake"
     assert stored.media_type == "image/png" and stored.expires_in_s == 60.0
-    webp = store.get(await store.put(b"RIFF", "webp"))
+    webp = await store.get(await store.put(b"RIFF", "webp"))
     assert webp is not None and webp.media_type == "image/webp"
 
 
@@ -46,9 +47,9 @@ async def test_an_expired_image_is_gone_before_and_after_the_sweep(
 ) -> None:
     name = await store.put(b"x", "png")
     clock.now += 59.0
-    assert store.get(name) is not None
+    assert await store.get(name) is not None
     clock.now += 1.0
-    assert store.get(name) is None
+    assert await store.get(name) is None
     assert (store.directory / name).exists()  # the sweep has not run yet
     assert store.sweep() == [name]
     assert not (store.directory / name).exists()
@@ -68,18 +69,18 @@ async def test_an_expired_image_is_gone_before_and_after_the_sweep(
         "",
     ],
 )
-def test_no_name_outside_the_pattern_is_looked_up(store: LocalImageStore, name: str) -> None:
+async def test_no_name_outside_the_pattern_is_looked_up(store: LocalImageStore, name: str) -> None:
     outside = store.directory.parent / "secret.png"
     outside.write_bytes(b"secret")
-    assert store.get(name) is None
+    assert await store.get(name) is None
 
 
 async def test_over_the_disk_cap_the_oldest_images_go_first(store: LocalImageStore) -> None:
     names = [await store.put(bytes(300), "png") for _ in range(3)]
-    assert all(store.get(name) is not None for name in names)
+    assert all([await store.get(name) is not None for name in names])
     newest = await store.put(bytes(300), "png")  # 1200 bytes > 1000: the oldest goes
-    assert store.get(names[0]) is None and not (store.directory / names[0]).exists()
-    assert all(store.get(name) is not None for name in [*names[1:], newest])
+    assert await store.get(names[0]) is None and not (store.directory / names[0]).exists()
+    assert all([await store.get(name) is not None for name in [*names[1:], newest]])
 
 
 async def test_the_background_clean_up_removes_expired_files(tmp_path: Path) -> None:

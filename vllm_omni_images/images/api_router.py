@@ -26,6 +26,7 @@ from vllm_omni_images.images.errors import (
     error_json,
     error_response,
 )
+from vllm_omni_images.images.file_store import ImageStoreError
 from vllm_omni_images.images.limits import BodyKind
 from vllm_omni_images.images.protocol import (
     ImageEditRequest,
@@ -206,13 +207,17 @@ def _answer(
         HTTPStatus.OK.value: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}},
         HTTPStatus.BAD_REQUEST.value: {"model": ErrorResponse},
         HTTPStatus.NOT_FOUND.value: {"model": ErrorResponse},
+        HTTPStatus.SERVICE_UNAVAILABLE.value: {"model": ErrorResponse},
     },
 )
 async def image_file(name: str, raw_request: Request) -> Response:
     handler = images(raw_request)
     stored = None
     if handler is not None and handler.image_store is not None:
-        stored = handler.image_store.get(name)
+        try:
+            stored = await handler.image_store.get(name)
+        except ImageStoreError as exc:  # the shared store is down: it may come back
+            return error_json(error_response(exc))
     if stored is None:
         error = create_error_response(
             "No such image: it never existed or its URL has expired.",
@@ -220,11 +225,10 @@ async def image_file(name: str, raw_request: Request) -> Response:
             status_code=HTTPStatus.NOT_FOUND,
         )
         return error_json(error)
-    return FileResponse(
-        stored.path,
-        media_type=stored.media_type,
-        headers={"Cache-Control": f"private, max-age={int(stored.expires_in_s)}"},
-    )
+    headers = {"Cache-Control": f"private, max-age={int(stored.expires_in_s)}"}
+    if stored.path is not None:
+        return FileResponse(stored.path, media_type=stored.media_type, headers=headers)
+    return Response(stored.data, media_type=stored.media_type, headers=headers)
 
 
 async def text_only_route(raw_request: Request) -> JSONResponse:

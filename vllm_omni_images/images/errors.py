@@ -39,6 +39,7 @@ from vllm_omni_images.engine.errors import (
     RequestTooLargeError,
     SchedulerClosedError,
 )
+from vllm_omni_images.images.file_store import ImageStoreError
 from vllm_omni_images.images.request_metrics import Outcome
 
 
@@ -114,6 +115,16 @@ ERROR_TABLE: tuple[tuple[type[Exception], ErrorKind], ...] = (
         ),
     ),
     (EngineHungError, _UNAVAILABLE),  # until its call returns; the message says so
+    (
+        ImageStoreError,  # `response_format: url` only; the images already stored stay
+        ErrorKind(
+            HTTPStatus.SERVICE_UNAVAILABLE,
+            "ServiceUnavailableError",
+            "unavailable",
+            "The image store is unavailable ({error}); retry later, or ask for "
+            "response_format 'b64_json'.",
+        ),
+    ),
     (
         EngineOutOfMemoryError,
         ErrorKind(

@@ -13,10 +13,18 @@ OpenAI's image URLs are:
   has removed its file yet. The clean-up runs every `sweep_interval_s` in the background.
 - **Disk cap**: when the folder holds more than `max_bytes`, the oldest images go first.
 
-`ImageStore` is the interface, so that a store shared by several servers behind a load
-balancer (object storage, a shared volume) can replace `LocalImageStore`, which keeps the
-files in one local folder. Its expiry reads the files' own times, so a folder shared by
-several servers works too; its disk cap counts only what this server wrote.
+`ImageStore` is the interface; two stores implement it:
+
+- `LocalImageStore` (the default, `--image-store-dir`) keeps the files in one local folder. Its
+  expiry reads the files' own times, so a folder shared by several servers works too; its disk
+  cap counts only what this server wrote.
+- `S3ImageStore` (`--image-store-url s3://bucket/prefix`, `s3_store.py`) keeps them in an
+  S3-compatible bucket that every replica behind a load balancer shares, so a URL one replica
+  handed out is answered by any other; or, with `--image-urls presigned`, by the store itself.
+
+A store that cannot be reached raises `ImageStoreError`: a 503 naming the cause, for the request
+that wanted its images stored, or for the URL being fetched. Images already stored stay, and
+are served again once the store is back.
 """
 
 from __future__ import annotations
@@ -40,11 +48,26 @@ MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{32}\.(png|jpeg|webp)$")
 
 
+class ImageStoreError(Exception):
+    """The store could not be reached or refused the operation; the message says why."""
+
+
 @dataclass(frozen=True)
 class StoredImage:
-    path: Path
+    """One stored image, as the route that serves it needs it: a local file (`path`), or the
+    bytes read from a remote store (`data`)."""
+
     media_type: str
     expires_in_s: float
+    path: Path | None = None
+    data: bytes | None = None
+
+
+def new_image_name(output_format: str) -> str:
+    """An unguessable name: 192 random bits and the format's extension."""
+    name = f"{secrets.token_urlsafe(24)}.{output_format}"
+    assert NAME_PATTERN.match(name) and output_format in MEDIA_TYPES
+    return name
 
 
 class ImageStore(abc.ABC):
@@ -52,11 +75,21 @@ class ImageStore(abc.ABC):
 
     @abc.abstractmethod
     async def put(self, data: bytes, output_format: str) -> str:
-        """Store one encoded image; returns its name (the last part of its URL)."""
+        """Store one encoded image; returns its name (the last part of its URL). Raises
+        `ImageStoreError` if it could not be stored."""
 
     @abc.abstractmethod
-    def get(self, name: str) -> StoredImage | None:
-        """The image called `name`, or `None` if there is none, or it has expired."""
+    async def get(self, name: str) -> StoredImage | None:
+        """The image called `name`, or `None` if there is none, or it has expired. Raises
+        `ImageStoreError` if the store cannot tell."""
+
+    async def url_of(self, name: str) -> str | None:
+        """A URL the store itself answers for the image (e.g. a presigned one), or `None`: the
+        server's own `/images/files/<name>` answers it."""
+        return None
+
+    async def check(self) -> None:  # noqa: B027 - a local folder needs no check
+        """Raise `ImageStoreError` if the store cannot be used (at start-up)."""
 
     async def run_cleanup(self) -> None:  # noqa: B027 - stores that expire by themselves keep it
         """Remove expired images until cancelled."""
@@ -82,8 +115,7 @@ class LocalImageStore(ImageStore):
         directory.mkdir(parents=True, exist_ok=True)
 
     async def put(self, data: bytes, output_format: str) -> str:
-        name = f"{secrets.token_urlsafe(24)}.{output_format}"
-        assert NAME_PATTERN.match(name) and output_format in MEDIA_TYPES
+        name = new_image_name(output_format)
         await asyncio.to_thread(self._write, name, data)
         self._written[name] = len(data)
         self._written_bytes += len(data)
@@ -96,7 +128,7 @@ class LocalImageStore(ImageStore):
             await asyncio.to_thread(self._unlink, over_cap)
         return name
 
-    def get(self, name: str) -> StoredImage | None:
+    async def get(self, name: str) -> StoredImage | None:
         match = NAME_PATTERN.match(name)
         if match is None:
             return None
@@ -111,7 +143,7 @@ class LocalImageStore(ImageStore):
         expires_in_s = written + self.ttl_s - self._clock()
         if expires_in_s <= 0:
             return None
-        return StoredImage(path, MEDIA_TYPES[match.group(1)], expires_in_s)
+        return StoredImage(MEDIA_TYPES[match.group(1)], expires_in_s, path=path)
 
     async def run_cleanup(self) -> None:
         while True:

@@ -284,14 +284,21 @@ class OpenAIServingImage:
         record: _RequestRecord,
         raw_request: Request | None,
     ) -> list[ImageObject]:
-        """Inline base64, or stored and linked by an absolute URL (behind `--root-path` too)."""
+        """Inline base64, or stored and linked: by the store's own URL (presigned), or by the
+        server's absolute URL (behind `--root-path` too). Every image is stored before any is
+        linked, so a store failure (503) hands out no URL."""
         if request.response_format != "url":
             texts = await self._encode(images, request, record, encode_image_base64)
             return [ImageObject(b64_json=text) for text in texts]
         assert self.image_store is not None and raw_request is not None
         blobs = await self._encode(images, request, record, encode_image)
-        names = [await self.image_store.put(blob, request.output_format) for blob in blobs]
-        return [ImageObject(url=str(raw_request.url_for(IMAGE_FILE_ROUTE, name=n))) for n in names]
+        store = self.image_store
+        names = await asyncio.gather(*(store.put(blob, request.output_format) for blob in blobs))
+        urls = [
+            await store.url_of(name) or str(raw_request.url_for(IMAGE_FILE_ROUTE, name=name))
+            for name in names
+        ]
+        return [ImageObject(url=url) for url in urls]
 
     async def _encode(
         self,

@@ -16,6 +16,7 @@ from vllm_omni_images.engine.selection import ENGINE_NAMES
 
 IMAGE_TASK = "image"
 HELP_GROUP = "ImageTask"  # `vllm serve --help=ImageTask` lists the image options
+IMAGE_URL_MODES = ("server", "presigned")
 
 
 def add_image_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -97,16 +98,35 @@ def add_image_cli_args(parser: argparse.ArgumentParser) -> None:
         "new temporary folder per server.",
     )
     group.add_argument(
+        "--image-store-url",
+        default=None,
+        metavar="s3://BUCKET[/PREFIX]",
+        help="Keep the images of `response_format: url` requests in an S3-compatible bucket "
+        "instead of a local folder, so that every replica sharing it answers every URL. "
+        "Configured by the standard AWS_* environment (credentials, AWS_REGION, "
+        "AWS_ENDPOINT_URL for MinIO, Ceph, R2, GCS); the bucket must exist. See "
+        "docs/deployment.md.",
+    )
+    group.add_argument(
+        "--image-urls",
+        choices=IMAGE_URL_MODES,
+        default="server",
+        help="What an image URL points at: `server`, the server's own /images/files/<name> "
+        "(any replica answers it from the store); or `presigned`, a presigned URL of the "
+        "object in the --image-store-url bucket, valid for --image-url-ttl (at most 7 days).",
+    )
+    group.add_argument(
         "--image-url-ttl",
         type=_positive_float,
         default=3600.0,
-        help="Seconds an image URL works; then it answers 404 and its file is removed.",
+        help="Seconds an image URL works; then it answers 404 and the image is removed.",
     )
     group.add_argument(
         "--image-store-max-mb",
         type=_positive_float,
-        default=1024.0,
-        help="Most disk the stored images may use; beyond it the oldest go first.",
+        default=None,
+        help="Most disk the images in --image-store-dir may use; beyond it the oldest go "
+        "first. Default: 1024. (A bucket's size is the store's to limit.)",
     )
     _add_limit_args(group)
     # vllm-omni's own options, under the names `vllm serve --omni` gives them, so its command

@@ -58,6 +58,7 @@ class ImagesEndpointPlugin:
             state.openai_serving_image = None
             return
         store = image_store_from_args(args)
+        await store.check()
         # Kept on the state: the loop holds tasks only weakly.
         state.image_store_cleanup = asyncio.get_running_loop().create_task(
             store.run_cleanup(), name="image-store-cleanup"
@@ -157,15 +158,46 @@ def remote_image_fetcher(args: Namespace, limits: ImageLimits) -> RemoteImageFet
     return fetch
 
 
-def image_store_from_args(args: Namespace) -> ImageStore:
-    from vllm_omni_images.images.file_store import LocalImageStore
+DEFAULT_STORE_MAX_MB = 1024.0
 
+
+def image_store_from_args(args: Namespace) -> ImageStore:
+    """The store of `--image-store-dir` / `--image-store-url`; raises `ImageStoreError` for
+    flags that do not go together (nothing is reached yet: `ImageStore.check` does that)."""
+    from vllm_omni_images.images.file_store import ImageStoreError, LocalImageStore
+
+    url = getattr(args, "image_store_url", None)
+    presigned = getattr(args, "image_urls", "server") == "presigned"
+    if url is not None:
+        from vllm_omni_images.images.s3_store import S3ImageStore, S3Location
+
+        given = [
+            flag
+            for flag, value in (
+                ("--image-store-dir", args.image_store_dir),
+                ("--image-store-max-mb", args.image_store_max_mb),
+            )
+            if value is not None
+        ]
+        if given:
+            raise ImageStoreError(
+                f"{', '.join(given)} apply to a local folder, not to --image-store-url {url}"
+            )
+        try:
+            location = S3Location.parse(url)
+        except ValueError as error:
+            raise ImageStoreError(f"--image-store-url: {error}") from None
+        return S3ImageStore(location, ttl_s=args.image_url_ttl, presigned_urls=presigned)
+    if presigned:
+        raise ImageStoreError(
+            "--image-urls presigned needs an object store (--image-store-url s3://...); a "
+            "local folder is answered by the server (--image-urls server)"
+        )
     directory = args.image_store_dir
     if directory is None:  # a folder of this server's own, gone when it exits
         directory = tempfile.mkdtemp(prefix="vllm-omni-images-")
         atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    max_mb = args.image_store_max_mb or DEFAULT_STORE_MAX_MB
     return LocalImageStore(
-        Path(directory),
-        ttl_s=args.image_url_ttl,
-        max_bytes=int(args.image_store_max_mb * 1024 * 1024),
+        Path(directory), ttl_s=args.image_url_ttl, max_bytes=int(max_mb * 1024 * 1024)
     )

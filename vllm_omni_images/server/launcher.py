@@ -24,13 +24,14 @@ from vllm_omni_images.engine.errors import EngineUnavailableError
 from vllm_omni_images.engine.metrics import ModelMetrics, image_metrics
 from vllm_omni_images.engine.model_source import ModelSource, local_model_path
 from vllm_omni_images.engine.selection import EngineSettings, choose_engine, create_engine
+from vllm_omni_images.images.file_store import ImageStoreError
 from vllm_omni_images.server import vllm_patches
 from vllm_omni_images.server.cli_args import (
     IMAGE_TASK,
     omni_flags_given,
     omni_options_from_args,
 )
-from vllm_omni_images.server.endpoint import ImagesEndpointPlugin
+from vllm_omni_images.server.endpoint import ImagesEndpointPlugin, image_store_from_args
 from vllm_omni_images.server.model_registry import serving_models_from_args
 from vllm_omni_images.server.serve_flags import refusal_message, refused_flags
 from vllm_omni_images.tiny_model import resolve_model_path
@@ -215,6 +216,9 @@ async def serve_image_app(
 
 
 async def run_image_server(args: argparse.Namespace) -> None:
+    # The image store first: a wrong flag or an unreachable bucket stops the start-up before
+    # the model loads (minutes, for a large one).
+    await image_store_from_args(args).check()
     listen_address, sock = setup_server(args, reuse_port=False)
     engine_client = await load_engine_client(args)
     cleanup: asyncio.Task[Any] | None = None
@@ -242,8 +246,8 @@ def run_image_server_cli(args: argparse.Namespace) -> None:
     vllm_patches.set_server_switch_interval()
     try:
         uvloop.run(run_image_server(args))
-    except EngineUnavailableError as error:
-        # A wrong engine or flag for this machine: the message says what to change, and a
-        # traceback would only bury it.
+    except (EngineUnavailableError, ImageStoreError) as error:
+        # A wrong engine, flag or image store for this machine: the message says what to
+        # change, and a traceback would only bury it.
         logger.error("Cannot serve %s: %s", args.model, error)
         raise SystemExit(1) from None
