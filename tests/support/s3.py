@@ -6,11 +6,10 @@ comes back: moto keeps its buckets in this process, so what was stored before is
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from typing import Any
-
-import logging
 
 from moto.server import ThreadedMotoServer
 

@@ -112,3 +112,32 @@ def test_the_model_flags_reach_the_engines(serve_parser):
     assert model_source_from_args(args) == ModelSource(
         revision="v2", download_dir="/models", trust_remote_code=True
     )
+
+
+def test_the_image_store_flags_choose_the_store_and_refuse_what_does_not_go_together(
+    serve_parser, tmp_path
+):
+    from vllm_omni_images.images.file_store import ImageStoreError, LocalImageStore
+    from vllm_omni_images.images.s3_store import S3ImageStore, S3Location
+    from vllm_omni_images.server.endpoint import image_store_from_args
+
+    def store(*flags: str):
+        return image_store_from_args(
+            serve_parser.parse_args(["tiny-qwen-image", "--task", "image", *flags])
+        )
+
+    local = store("--image-store-dir", str(tmp_path), "--image-store-max-mb", "2")
+    assert isinstance(local, LocalImageStore) and local.max_bytes == 2 * 1024 * 1024
+    s3 = store("--image-store-url", "s3://bucket/a/b", "--image-urls", "presigned")
+    assert isinstance(s3, S3ImageStore) and s3.presigned_urls
+    assert s3.location == S3Location("bucket", "a/b/") and s3.ttl_s == 3600.0
+    with pytest.raises(ImageStoreError, match="--image-store-dir, --image-store-max-mb apply"):
+        store("--image-store-url", "s3://b", "--image-store-dir", "x", "--image-store-max-mb", "1")
+    with pytest.raises(ImageStoreError, match="presigned needs an object store"):
+        store("--image-urls", "presigned")
+    with pytest.raises(ImageStoreError, match="--image-store-url: 'http://b' is not an S3 URL"):
+        store("--image-store-url", "http://b")
+    with pytest.raises(ImageStoreError, match="7 days"):
+        store("--image-store-url", "s3://b", "--image-urls", "presigned", "--image-url-ttl", "1e6")
+    with pytest.raises(SystemExit):
+        store("--image-urls", "public")
