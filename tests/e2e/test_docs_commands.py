@@ -129,6 +129,8 @@ NOT_RUN: tuple[tuple[str, str], ...] = (
         "needs a ComfyUI checkout (tests/e2e/test_comfyui_real.py, with COMFYUI_DIR)",
     ),
     (r"^git clone\b", "a clone needs the network; the tests run in a clone already"),
+    (r"^aws\b", "the AWS CLI on a real bucket (the tests use a local S3 server)"),
+    (r"^vllm-router\b", "production-stack's router, a package of its own, in front of GPUs"),
 )
 """The commands that cannot run on this CPU-only, offline machine, by pattern, and why."""
 
