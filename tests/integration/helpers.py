@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 import httpx2
 import numpy as np
 import openai
 from fastapi import FastAPI
+from openai.types import ImagesResponse
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.images import FAST as FAST  # the tests' one set of fast defaults
+from tests.support.images import FAST_STEPS
 from vllm_omni_images.images.encoding import decode_image_base64
 
 
@@ -27,6 +31,17 @@ def sdk_client(app: FastAPI, api_key: str = "none") -> openai.AsyncOpenAI:
         api_key=api_key,
         http_client=openai.DefaultAsyncHttpxClient(transport=transport, base_url="http://test"),
         max_retries=0,
+    )
+
+
+async def sdk_generate(sdk: openai.AsyncOpenAI, **fields: Any) -> ImagesResponse:
+    """One fast, seeded image request of the tiny model, as an app would send it."""
+    return await sdk.images.generate(
+        model="tiny-qwen-image",
+        prompt="a fox",
+        size="64x64",
+        extra_body={**FAST_STEPS, "seed": 11},
+        **fields,
     )
 
 

@@ -5,31 +5,18 @@ from __future__ import annotations
 import asyncio
 import base64
 from collections.abc import AsyncIterator
-from typing import Any
 
 import httpx
 import openai
 import pytest
-from openai.types import ImagesResponse
 
-from tests.support.images import FAST_STEPS
 from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
 
 from .conftest import AppFactory
 from .helpers import http_client, sdk_client
+from .helpers import sdk_generate as generate
 
 KEY = "url-test-key"
-
-
-async def generate(sdk: openai.AsyncOpenAI, **fields: Any) -> ImagesResponse:
-    """One fast, seeded image request of the tiny model, as an app would send it."""
-    return await sdk.images.generate(
-        model="tiny-qwen-image",
-        prompt="a fox",
-        size="64x64",
-        extra_body={**FAST_STEPS, "seed": 11},
-        **fields,
-    )
 
 
 @pytest.fixture

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-import openai
 import pytest
 from openai.types import ImagesResponse
 
@@ -20,18 +18,9 @@ from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
 
 from .conftest import AppFactory
 from .helpers import assert_openai_error, http_client, metric_value, sdk_client
+from .helpers import sdk_generate as generate
 
 KEY = "s3-test-key"
-
-
-async def generate(sdk: openai.AsyncOpenAI, **fields: Any) -> ImagesResponse:
-    return await sdk.images.generate(
-        model="tiny-qwen-image",
-        prompt="a fox",
-        size="64x64",
-        extra_body={**FAST_STEPS, "seed": 5},
-        **fields,
-    )
 
 
 def url_of(response: ImagesResponse) -> str:
