@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import openai
 import pytest
@@ -89,6 +90,10 @@ def test_the_omni_engine_serves_the_openai_sdk(omni_server: tuple[str, Path]) ->
     assert difference(first, second) > 10 * SAME_IMAGE
     [again] = generate(sdk, seed=8)
     assert difference(again, second) <= SAME_IMAGE  # image i depends on seed i alone
+    # vLLM's load gauges are exported as by the diffusers engine's server, idle again.
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    for gauge in ("vllm:num_requests_running", "vllm:num_requests_waiting"):
+        assert f'{gauge}{{engine="0",model_name="tiny-qwen-image"}} 0.0' in metrics
 
 
 def test_the_same_image_as_the_diffusers_engine(omni_server: tuple[str, Path], server: str) -> None:

@@ -162,6 +162,9 @@ async def test_a_request_joins_a_running_batch_at_a_step_boundary(tiny_model_dir
         # What `vllm:image_running_images` shows: both while both run, the second alone
         # after the first ends (not 0), then none.
         assert observer.of("running") == [1, 2, 1, 0]
+        # vLLM's load gauges, (waiting, running) requests: the second waits, then runs
+        # beside the first.
+        assert observer.of("requests") == [(1, 0), (0, 1), (1, 1), (0, 2), (0, 1), (0, 0)]
         [alone] = await images_of(client.generate(req(2, num_inference_steps=6)))
         assert difference(two, alone) <= SAME_IMAGE
         assert difference(one, two) > 10 * SAME_IMAGE

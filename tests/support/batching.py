@@ -107,6 +107,9 @@ class RecordingObserver(EngineObserver):
     def on_running_images(self, images: int) -> None:
         self.events.append(("running", images))
 
+    def on_requests(self, waiting: int, running: int) -> None:
+        self.events.append(("requests", (waiting, running)))
+
     def on_queue_wait(self, wait_s: float) -> None:
         self.events.append(("wait", wait_s))
 
