@@ -60,6 +60,21 @@ async def test_a_url_made_by_one_replica_is_answered_by_another(
     assert key == "urls/" + path_of(url_of(linked)).rsplit("/", 1)[1]
 
 
+async def test_behind_a_router_urls_start_with_the_public_base_and_any_replica_answers(
+    make_app: AppFactory, tiny_runner: DiffusersRunner, bucket: str
+) -> None:
+    """`--image-url-base`: for a router that does not pass the client's Host on, links point
+    at the address (an ingress) that reaches every replica's /images/files/."""
+    base = "https://images.example.com/gen"
+    first = await replica(make_app, tiny_runner, bucket, "--image-url-base", base + "/")
+    second = await replica(make_app, tiny_runner, bucket)
+    async with sdk_client(first, KEY) as sdk, http_client(second) as elsewhere:
+        url = url_of(await generate(sdk, response_format="url"))
+        assert url.startswith(f"{base}/images/files/")
+        fetched = await elsewhere.get(url.removeprefix(base))
+    assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
+
+
 async def test_presigned_urls_come_from_the_store_and_need_no_key(
     make_app: AppFactory, tiny_runner: DiffusersRunner, bucket: str, s3_env: S3Server
 ) -> None:

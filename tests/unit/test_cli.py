@@ -139,5 +139,9 @@ def test_the_image_store_flags_choose_the_store_and_refuse_what_does_not_go_toge
         store("--image-store-url", "http://b")
     with pytest.raises(ImageStoreError, match="7 days"):
         store("--image-store-url", "s3://b", "--image-urls", "presigned", "--image-url-ttl", "1e6")
-    with pytest.raises(SystemExit):
-        store("--image-urls", "public")
+    with pytest.raises(ImageStoreError, match="--image-url-base applies to the server's own"):
+        store("--image-store-url", "s3://b", "--image-urls", "presigned",
+              "--image-url-base", "https://images.example.com")  # fmt: skip
+    for refused in (["--image-urls", "public"], ["--image-url-base", "images.example.com"]):
+        with pytest.raises(SystemExit):
+            store(*refused)

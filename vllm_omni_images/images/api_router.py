@@ -35,9 +35,11 @@ from vllm_omni_images.images.protocol import (
     ImageVariationRequest,
 )
 from vllm_omni_images.images.request_guard import guard_route
-from vllm_omni_images.images.serving import IMAGE_FILE_ROUTE, OpenAIServingImage
-
-IMAGE_FILES_PATH = "/images/files"
+from vllm_omni_images.images.serving import (
+    IMAGE_FILE_ROUTE,
+    IMAGE_FILES_PATH,
+    OpenAIServingImage,
+)
 
 BODY_KINDS: dict[str, BodyKind] = {
     "/v1/images/generations": "json",

@@ -55,6 +55,7 @@ logger = init_logger(__name__)
 _Encoded = TypeVar("_Encoded", str, bytes)
 
 IMAGE_FILE_ROUTE = "image_file"
+IMAGE_FILES_PATH = "/images/files"
 """The name of the route that serves stored images (`api_router.image_file`)."""
 
 MAX_LOGGED_ID_CHARS = 128
@@ -83,6 +84,7 @@ class OpenAIServingImage:
         log_error_stack: bool = False,
         encode_executor: Executor | None = None,
         image_store: ImageStore | None = None,
+        image_url_base: str | None = None,
         fetch_remote_image: RemoteImageFetcher | None = None,
         limits: ImageLimits = DEFAULT_LIMITS,
         request_metrics: RequestMetrics | None = None,
@@ -100,6 +102,9 @@ class OpenAIServingImage:
         """What a request may ask for (`--image-max-*`), checked before the engine sees it."""
         self.image_store = image_store
         """Where `response_format: "url"` images go; without one, `url` is refused (400)."""
+        self.image_url_base = image_url_base
+        """The public address the server's image URLs start with (`--image-url-base`);
+        `None`: the address the request came to."""
         self.fetch_remote_image = fetch_remote_image
         """How edits fetch http(s) image URLs; `None` (the operator allowed no host): a 400."""
         self.log_error_stack = log_error_stack
@@ -294,11 +299,15 @@ class OpenAIServingImage:
         blobs = await self._encode(images, request, record, encode_image)
         store = self.image_store
         names = await asyncio.gather(*(store.put(blob, request.output_format) for blob in blobs))
-        urls = [
-            await store.url_of(name) or str(raw_request.url_for(IMAGE_FILE_ROUTE, name=name))
+        return [
+            ImageObject(url=await store.url_of(name) or self._file_url(name, raw_request))
             for name in names
         ]
-        return [ImageObject(url=url) for url in urls]
+
+    def _file_url(self, name: str, raw_request: Request) -> str:
+        if self.image_url_base is not None:
+            return f"{self.image_url_base}{IMAGE_FILES_PATH}/{name}"
+        return str(raw_request.url_for(IMAGE_FILE_ROUTE, name=name))
 
     async def _encode(
         self,

@@ -11,6 +11,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from vllm_omni_images.engine.selection import ENGINE_NAMES
 
@@ -114,6 +115,16 @@ def add_image_cli_args(parser: argparse.ArgumentParser) -> None:
         help="What an image URL points at: `server`, the server's own /images/files/<name> "
         "(any replica answers it from the store); or `presigned`, a presigned URL of the "
         "object in the --image-store-url bucket, valid for --image-url-ttl (at most 7 days).",
+    )
+    group.add_argument(
+        "--image-url-base",
+        type=_http_url,
+        default=None,
+        metavar="URL",
+        help="The public address image URLs start with (with --image-urls server): "
+        "<URL>/images/files/<name>. Default: the address the request came to, with vLLM's "
+        "--root-path. Set it behind a router that does not pass the client's Host on "
+        "(production-stack's), to an address that reaches the replicas' /images/files/.",
     )
     group.add_argument(
         "--image-url-ttl",
@@ -362,6 +373,13 @@ def _positive_float(text: str) -> float:
     if not value > 0:  # also refuses NaN
         raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
     return value
+
+
+def _http_url(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise argparse.ArgumentTypeError(f"must be an http(s)://host[/path] URL, got {text}")
+    return text.rstrip("/")
 
 
 def _pixel_count(text: str) -> int:

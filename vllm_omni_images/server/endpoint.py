@@ -68,6 +68,7 @@ class ImagesEndpointPlugin:
             state.openai_serving_models,
             log_error_stack=getattr(args, "log_error_stack", False),
             image_store=store,
+            image_url_base=getattr(args, "image_url_base", None),
             fetch_remote_image=remote_image_fetcher(args, limits),
             limits=limits,
             request_metrics=RequestMetrics((args.served_model_name or [args.model])[0]),
@@ -182,6 +183,11 @@ def image_store_from_args(args: Namespace) -> ImageStore:
         if given:
             raise ImageStoreError(
                 f"{', '.join(given)} apply to a local folder, not to --image-store-url {url}"
+            )
+        if presigned and getattr(args, "image_url_base", None) is not None:
+            raise ImageStoreError(
+                "--image-url-base applies to the server's own image URLs, not to "
+                "--image-urls presigned (the store's URLs carry the store's address)"
             )
         try:
             location = S3Location.parse(url)
