@@ -220,7 +220,7 @@ class S3ImageStore(ImageStore):
             return await asyncio.to_thread(function, *args, **kwargs)
         except ClientError as error:
             code = error.response.get("Error", {}).get("Code", "")
-            if code in ("NoSuchKey", "404") and doing == "read an image":
+            if code == "NoSuchKey":  # only GetObject says so (a HEAD's 404 has no code)
                 raise _NoSuchKeyError() from None
             message = error.response.get("Error", {}).get("Message") or code
             raise ImageStoreError(
