@@ -24,15 +24,12 @@ A command that cannot run on this CPU-only, offline machine is skipped only for 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shlex
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,69 +160,44 @@ class LiveServer:
 
 class Servers:
     """The servers the docs start, one per distinct command, kept for the whole module (a
-    start costs ~25 s) and stopped at its end. `start_all` starts them two at a time before
-    the first document runs: a start is mostly one core's imports, so on two cores two starts
-    take about the time of one."""
+    start costs ~25 s) and stopped at its end."""
 
     def __init__(self, scratch: Path, env: dict[str, str], logs: Path) -> None:
         self.scratch, self.env, self.logs = scratch, env, logs
         self.running: dict[str, LiveServer] = {}
         self.stack = ExitStack()
-        self._lock = threading.Lock()
 
-    @staticmethod
-    def key_and_port(snippet: Snippet) -> tuple[str, int]:
-        """Which server `snippet` starts (commands that differ only in port share one), and
-        the port the doc uses."""
+    def start(self, snippet: Snippet) -> tuple[LiveServer, int]:
+        """Start (or reuse) the server of `snippet`; also returns the port the doc uses."""
         named = re.search(r"(?:\bPORT=|--port[ =])(\d+)", snippet.text)
         doc_port = int(named.group(1)) if named else DEFAULT_PORT
         key = re.sub(r"\s*(\bPORT=\d+|--port[ =]\d+)", "", snippet.text).strip()
         key = re.sub(r"\s+#.*$", "", key)
         # `make serve` runs exactly this (the Makefile's MODEL default): one server for both.
         key = re.sub(r"^make serve$", "vllm serve tiny-qwen-image --task image", key)
-        return key, doc_port
-
-    def start_all(self, commands: list[Snippet]) -> None:
-        """Start every distinct server of `commands`, two at a time. One that fails here (e.g.
-        it serves LoRA adapters that an earlier command of its document makes) is tried
-        again, and reported, by the test of its document (`start`)."""
-        first = {self.key_and_port(snippet)[0]: snippet for snippet in reversed(commands)}
-
-        def start_quietly(snippet: Snippet) -> None:
-            with contextlib.suppress(Exception, pytest.fail.Exception):
-                self.start(snippet)
-
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            list(pool.map(start_quietly, first.values()))
-
-    def start(self, snippet: Snippet) -> tuple[LiveServer, int]:
-        """Start (or reuse) the server of `snippet`; also returns the port the doc uses."""
-        key, doc_port = self.key_and_port(snippet)
-        with self._lock:
-            running = self.running.get(key)
-        if running is None:
+        if key not in self.running:
             port = free_port()
             command = shlex.join(shlex.split(snippet.text, comments=True))  # `--port` goes last
             command = re.sub(r"\bPORT=\d+", f"PORT={port}", command)
             command = re.sub(r"--port[ =]\d+", f"--port {port}", command)
             if re.search(r"\bvllm serve\b", command) and "--port" not in command:
                 command += f" --port {port}"
-            log = self.logs / f"server-{port}.log"
-            server = running_server(
-                ["bash", "-c", command], port, log, env={**self.env, "PORT": str(port)},
-                cwd=self.scratch,
-            )  # fmt: skip
+            log = self.logs / f"server-{len(self.running)}.log"
             try:
-                base_url = server.__enter__()  # until healthy; another may start meanwhile
+                base_url = self.stack.enter_context(
+                    running_server(
+                        ["bash", "-c", command],
+                        port,
+                        log,
+                        env={**self.env, "PORT": str(port)},
+                        cwd=self.scratch,
+                    )
+                )
             except ServerFailedError as error:
                 pytest.fail(f"{snippet}\ndid not start:\n{error}")
-            with self._lock:
-                self.stack.push(server.__exit__)
-            running = LiveServer(base_url, port)
-            self._check_it_serves(snippet, running)
-            with self._lock:
-                self.running[key] = running
-        return running, doc_port
+            self.running[key] = LiveServer(base_url, port)
+            self._check_it_serves(snippet, self.running[key])
+        return self.running[key], doc_port
 
     def _check_it_serves(self, snippet: Snippet, server: LiveServer) -> None:
         key = re.search(r"--api-key[ =](\S+)", snippet.text)
@@ -262,16 +234,6 @@ def servers(
     }
     running = Servers(scratch, env, tmp_path_factory.mktemp("docs-servers"))
     with running.stack:
-        running.start_all(
-            [
-                snippet
-                for document in DOCUMENTS
-                for snippet in snippets(document)
-                if snippet.language == "bash"
-                and reason_not_run(snippet) is None
-                and SERVER_COMMAND.match(snippet.text)
-            ]
-        )
         yield running
 
 
