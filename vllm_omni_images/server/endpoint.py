@@ -57,8 +57,10 @@ class ImagesEndpointPlugin:
         if not isinstance(engine_client, ImageEngineClient):
             state.openai_serving_image = None
             return
-        store = image_store_from_args(args)
-        await store.check()
+        store: ImageStore | None = getattr(state, "image_store", None)  # the launcher's
+        if store is None:
+            store = image_store_from_args(args)
+            await store.check()
         # Kept on the state: the loop holds tasks only weakly.
         state.image_store_cleanup = asyncio.get_running_loop().create_task(
             store.run_cleanup(), name="image-store-cleanup"
@@ -68,7 +70,7 @@ class ImagesEndpointPlugin:
             state.openai_serving_models,
             log_error_stack=getattr(args, "log_error_stack", False),
             image_store=store,
-            image_url_base=getattr(args, "image_url_base", None),
+            image_url_base=args.image_url_base,
             fetch_remote_image=remote_image_fetcher(args, limits),
             limits=limits,
             request_metrics=RequestMetrics((args.served_model_name or [args.model])[0]),
@@ -167,8 +169,8 @@ def image_store_from_args(args: Namespace) -> ImageStore:
     flags that do not go together (nothing is reached yet: `ImageStore.check` does that)."""
     from vllm_omni_images.images.file_store import ImageStoreError, LocalImageStore
 
-    url = getattr(args, "image_store_url", None)
-    presigned = getattr(args, "image_urls", "server") == "presigned"
+    url = args.image_store_url
+    presigned = args.image_urls == "presigned"
     if url is not None:
         from vllm_omni_images.images.s3_store import S3ImageStore, S3Location
 
@@ -184,7 +186,7 @@ def image_store_from_args(args: Namespace) -> ImageStore:
             raise ImageStoreError(
                 f"{', '.join(given)} apply to a local folder, not to --image-store-url {url}"
             )
-        if presigned and getattr(args, "image_url_base", None) is not None:
+        if presigned and args.image_url_base is not None:
             raise ImageStoreError(
                 "--image-url-base applies to the server's own image URLs, not to "
                 "--image-urls presigned (the store's URLs carry the store's address)"

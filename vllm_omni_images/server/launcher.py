@@ -24,7 +24,7 @@ from vllm_omni_images.engine.errors import EngineUnavailableError
 from vllm_omni_images.engine.metrics import ModelMetrics, image_metrics
 from vllm_omni_images.engine.model_source import ModelSource, local_model_path
 from vllm_omni_images.engine.selection import EngineSettings, choose_engine, create_engine
-from vllm_omni_images.images.file_store import ImageStoreError
+from vllm_omni_images.images.file_store import ImageStore, ImageStoreError
 from vllm_omni_images.server import vllm_patches
 from vllm_omni_images.server.cli_args import (
     IMAGE_TASK,
@@ -93,10 +93,17 @@ def make_engine_client(
 
 
 async def init_image_app_state(
-    engine_client: ImageEngineClient, state: State, args: argparse.Namespace
+    engine_client: ImageEngineClient,
+    state: State,
+    args: argparse.Namespace,
+    image_store: ImageStore | None = None,
 ) -> None:
     """vLLM's app state for the image model, then the `--lora-modules` adapters loaded (each
-    one read and checked now: a bad one stops the start-up, in one line naming it)."""
+    one read and checked now: a bad one stops the start-up, in one line naming it).
+    `image_store`: the store `run_image_server` already built and checked; without one the
+    endpoint plugin builds it from the flags."""
+    if image_store is not None:
+        state.image_store = image_store
     models = serving_models_from_args(engine_client, args)
     await vllm_patches.init_image_app_state(engine_client, state, args, models)
     try:
@@ -218,13 +225,14 @@ async def serve_image_app(
 async def run_image_server(args: argparse.Namespace) -> None:
     # The image store first: a wrong flag or an unreachable bucket stops the start-up before
     # the model loads (minutes, for a large one).
-    await image_store_from_args(args).check()
+    image_store = image_store_from_args(args)
+    await image_store.check()
     listen_address, sock = setup_server(args, reuse_port=False)
     engine_client = await load_engine_client(args)
     cleanup: asyncio.Task[Any] | None = None
     try:
         app = build_image_app(args)
-        await init_image_app_state(engine_client, app.state, args)
+        await init_image_app_state(engine_client, app.state, args, image_store)
         # Taken now: vLLM's server deletes `app.state` when it shuts down.
         cleanup = getattr(app.state, "image_store_cleanup", None)
         logger.info("Serving the Images API for %s on %s", args.model, listen_address)
