@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,9 +46,7 @@ def answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
             return bool(response.status == 200)
-    except urllib.error.HTTPError:
-        return False
-    except OSError:
+    except OSError:  # refused, or an HTTP error status (urllib's HTTPError is an OSError)
         return False
 
 
