@@ -27,7 +27,7 @@ from tests.support.omni import (
 )
 from tests.support.waiting import ENGINE_WAIT_S, until
 from vllm_omni_images.engine.client import ImageEngineClient
-from vllm_omni_images.engine.errors import EngineNotReadyError, SchedulerClosedError
+from vllm_omni_images.engine.errors import EngineClosedError, EngineNotReadyError
 from vllm_omni_images.engine.omni_engine import OmniEngine
 
 from .conftest import AppFactory
@@ -80,7 +80,7 @@ async def test_shutdown_fails_the_waiting_and_lets_the_running_finish(tiny_model
         timeout_s=ENGINE_WAIT_S,
     )
     closing = asyncio.create_task(client.close())
-    with pytest.raises(SchedulerClosedError):
+    with pytest.raises(EngineClosedError):
         await waiting
     assert not closing.done()  # the running request is not cut off
     worker.hold.set()
@@ -105,7 +105,7 @@ async def test_shutdown_waits_for_a_stuck_request_no_longer_than_the_hang_grace(
     # a while after the hang grace, from a thread (the event loop waits on that close).
     threading.Timer(1.5, worker.hold.set).start()
     closing = asyncio.create_task(client.close())
-    with pytest.raises(SchedulerClosedError):
+    with pytest.raises(EngineClosedError):
         await asyncio.wait_for(running, ENGINE_WAIT_S)
     await asyncio.wait_for(closing, ENGINE_WAIT_S)
     assert not client.is_running

@@ -39,12 +39,12 @@ from vllm_omni_images.engine.base import (
 from vllm_omni_images.engine.batching import PipelineRunner, PreviewCallback, StepCallback
 from vllm_omni_images.engine.client import ImageEngineClient
 from vllm_omni_images.engine.errors import (
+    EngineClosedError,
     EngineDiedError,
     EngineError,
     EngineHungError,
     EngineOutOfMemoryError,
     GenerationCancelled,
-    SchedulerClosedError,
 )
 
 from .waiting import ENGINE_WAIT_S, WAIT_S
@@ -360,6 +360,6 @@ def refuses_new_work(client: ImageEngineClient) -> bool:
     """Whether `client` is shutting down: it refuses new requests with a shutdown error."""
     try:
         client.check_admission(1)
-    except SchedulerClosedError:
+    except EngineClosedError:
         return True
     return False

@@ -30,12 +30,12 @@ from tests.support.waiting import WAIT_S, until
 from vllm_omni_images.engine.base import EngineRequest
 from vllm_omni_images.engine.client import AdmissionConfig, ImageEngineClient
 from vllm_omni_images.engine.errors import (
+    EngineClosedError,
     EngineDiedError,
     EngineNotReadyError,
     QueueFullError,
     RequestTimeoutError,
     RequestTooLargeError,
-    SchedulerClosedError,
 )
 
 
@@ -161,10 +161,10 @@ async def test_close_fails_the_waiting_and_waits_for_the_started(runner: FakeRun
         [waiting] = await served.submit_queued(req(2, width=128))
         await until(lambda: served.client.running_images == 1, "the first to start")
         closing = asyncio.create_task(served.client.close())
-        with pytest.raises(SchedulerClosedError):
+        with pytest.raises(EngineClosedError):
             await waiting
         assert not closing.done() and served.client.queued_images == 0
-        with pytest.raises(SchedulerClosedError):
+        with pytest.raises(EngineClosedError):
             served.client.check_admission(1)
         runner.gate.set()
         assert len(await started) == 1

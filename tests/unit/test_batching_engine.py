@@ -36,12 +36,12 @@ from vllm_omni_images.engine.batching import (
 )
 from vllm_omni_images.engine.cpu_priority import ENGINE_THREAD_NICENESS
 from vllm_omni_images.engine.errors import (
+    EngineClosedError,
     EngineDiedError,
     EngineError,
     EngineHungError,
     EngineOutOfMemoryError,
     RequestTimeoutError,
-    SchedulerClosedError,
 )
 
 _P = ParamSpec("_P")
@@ -243,14 +243,14 @@ async def test_close_fails_waiting_requests_and_finishes_the_running_batch(
         held = await served.hold(req(100, width=128))
         [queued] = await served.submit_queued(req(1))
         closing = asyncio.create_task(served.engine.close())
-        with pytest.raises(SchedulerClosedError):
+        with pytest.raises(EngineClosedError):
             await queued
         assert not closing.done()
         runner.gate.set()
         await closing
         assert_images_of(req(100), await held)
         assert runner.closed
-        with pytest.raises(SchedulerClosedError):
+        with pytest.raises(EngineClosedError):
             await images_of(served.engine.generate(req(2)))
     assert runner.batches == [[req(100, width=128)]]
 
@@ -549,7 +549,7 @@ async def test_close_does_not_wait_for_a_hung_call(runner: FakeRunner) -> None:
         stuck.cancel()
         await until(lambda: hung_error(engine) is not None, "the engine to be taken as hung")
         await asyncio.wait_for(engine.close(), WAIT_S)
-        with pytest.raises(SchedulerClosedError):
+        with pytest.raises(EngineClosedError):
             await images_of(engine.generate(req(2)))
     finally:
         runner.gate.set()
@@ -585,7 +585,7 @@ async def test_a_dead_worker_fails_what_waits_and_fails_the_health_check(
             assert_images_of(req(100), await held)  # the batch before the fault is answered
             # The next batch's request and the one still waiting fail with a 503-class error.
             for task in (next_batch, waiting):
-                with pytest.raises(SchedulerClosedError):
+                with pytest.raises(EngineClosedError):
                     await task
             # /health (`check_health`) answers 503 from now on, and requests are refused.
             with pytest.raises(EngineDiedError, match="batching worker stopped"):

@@ -10,6 +10,7 @@ from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.exceptions import VLLMValidationError
 
 from vllm_omni_images.engine.errors import (
+    EngineClosedError,
     EngineError,
     EngineHungError,
     EngineNotReadyError,
@@ -17,7 +18,6 @@ from vllm_omni_images.engine.errors import (
     QueueFullError,
     RequestTimeoutError,
     RequestTooLargeError,
-    SchedulerClosedError,
 )
 from vllm_omni_images.images.errors import (
     ERROR_TABLE,
@@ -49,7 +49,7 @@ from vllm_omni_images.images.errors import (
             None,
             "not loaded",
         ),
-        (SchedulerClosedError(), 503, "ServiceUnavailableError", "unavailable", None, "shut down"),
+        (EngineClosedError(), 503, "ServiceUnavailableError", "unavailable", None, "shutting down"),
         (
             EngineHungError(60),
             503,

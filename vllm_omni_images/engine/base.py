@@ -4,7 +4,7 @@ takes and gives.
 An engine takes an `EngineRequest` and streams `EngineOutput`s: `ImagesStarted` as the
 request's images leave its queue, `PreviewImages` for streamed partial images, then one
 `FinalImages`, or it raises one of `errors.py`'s exceptions. Every engine presents it: the
-admission in front of any engine (`admission.py`), the batching engine over a diffusers
+admission in front of any engine (`client.py`), the batching engine over a diffusers
 pipeline (`batching.py`), vllm-omni's engine (`omni_engine.py`) and the tests' engines. So
 nothing above an engine asks which one it is.
 

@@ -28,7 +28,7 @@ the part vllm-omni's own scheduler plays for vllm-omni's pipelines:
    sees an adapter half loaded.
 
 Admission (queue limit, timeout) is not here: it is in front of every engine
-(`admission.py`). Importable without vLLM (the GPU benchmarks run it with diffusers only).
+(`client.py`). Importable without vLLM (the GPU benchmarks run it with diffusers only).
 """
 
 from __future__ import annotations
@@ -69,11 +69,11 @@ from vllm_omni_images.engine.batch_planning import (
 )
 from vllm_omni_images.engine.cpu_priority import yield_cpu_to_serving
 from vllm_omni_images.engine.errors import (
+    EngineClosedError,
     EngineDiedError,
     EngineError,
     EngineOutOfMemoryError,
     GenerationCancelled,
-    SchedulerClosedError,
 )
 from vllm_omni_images.engine.hang_watch import HangWatch
 
@@ -266,7 +266,7 @@ class BatchingEngine(ImageEngine):
 
     def check_admission(self, num_images: int) -> None:
         if self._closed and self._died is None:
-            raise SchedulerClosedError()
+            raise EngineClosedError()
         self.check_health()
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
@@ -301,7 +301,7 @@ class BatchingEngine(ImageEngine):
         """Refuse new work, fail waiting requests, and let the running batch finish (unless
         the engine is hung: its call is then abandoned), then release the model."""
         self._closed = True
-        self._fail_waiting(SchedulerClosedError())
+        self._fail_waiting(EngineClosedError())
         self._arrived.set()
         if self._worker is not None:
             hung = asyncio.ensure_future(self._hang_watch.hung.wait())
@@ -349,7 +349,7 @@ class BatchingEngine(ImageEngine):
         finally:
             # Whatever stopped the worker, no accepted request may be left hanging.
             self._closed = True
-            self._fail_waiting(SchedulerClosedError())
+            self._fail_waiting(EngineClosedError())
 
     async def _next_batch(self) -> _Batch | None:
         """Wait for work, then take the next batch off the queue (`None` once closed)."""
@@ -417,7 +417,7 @@ class BatchingEngine(ImageEngine):
         finally:
             # Every request is answered by now unless the worker itself was cancelled.
             for pending in batch.items:
-                pending.send(SchedulerClosedError())
+                pending.send(EngineClosedError())
             self._batch = None
         notify(self._observer.on_batch_end, self._clock() - start)
 

@@ -3,7 +3,7 @@
 **Admission**, in one place and one code path for every engine:
 
 - `check_admission(num_images)`, synchronous, as vLLM's: refuses at once a request the server
-  cannot take now: `SchedulerClosedError` while shutting down, the engine's own refusal
+  cannot take now: `EngineClosedError` while shutting down, the engine's own refusal
   (`EngineDiedError`, `EngineHungError`), `RequestTooLargeError` for more images than the
   whole queue holds, `QueueFullError` (429, with a Retry-After guess) when the admitted images
   that have not started would pass `max_queue_images`.
@@ -49,6 +49,7 @@ from vllm_omni_images.engine.base import (
     notify,
 )
 from vllm_omni_images.engine.errors import (
+    EngineClosedError,
     EngineDiedError,
     EngineError,
     EngineHungError,
@@ -56,7 +57,6 @@ from vllm_omni_images.engine.errors import (
     QueueFullError,
     RequestTimeoutError,
     RequestTooLargeError,
-    SchedulerClosedError,
 )
 
 
@@ -215,7 +215,7 @@ class ImageEngineClient:
         """Raise if a request of `num_images` images cannot be taken now (module docstring)."""
         engine = self.engine  # EngineNotReadyError once the model is released
         if self._closing:  # draining: finish what was admitted, take nothing new
-            raise SchedulerClosedError()
+            raise EngineClosedError()
         engine.check_admission(num_images)
         limit = self._config.max_queue_images
         if num_images > limit:

@@ -2,7 +2,7 @@
 
 The first group is what a client can see: `vllm_omni_images.images.errors` maps each one to
 its HTTP status, OpenAI error type and metrics outcome. `GenerationCancelled` is a signal
-between the scheduler and an engine and never leaves this layer.
+between admission and an engine and never leaves this layer.
 """
 
 from __future__ import annotations
@@ -53,11 +53,11 @@ class EngineUnavailableError(RuntimeError):
     """The requested engine cannot serve this model on this machine (a start-up error)."""
 
 
-class SchedulerError(Exception):
-    """Base of the scheduler's own refusals and failures."""
+class AdmissionError(Exception):
+    """Base of the refusals and failures of admission (`client.py`) and of the engine's run."""
 
 
-class RequestTooLargeError(SchedulerError):
+class RequestTooLargeError(AdmissionError):
     """The request asks for more images than the queue holds at once: it can never fit."""
 
     def __init__(self, num_images: int, max_queue_images: int) -> None:
@@ -68,7 +68,7 @@ class RequestTooLargeError(SchedulerError):
         self.max_queue_images = max_queue_images
 
 
-class QueueFullError(SchedulerError):
+class QueueFullError(AdmissionError):
     """Too many images are waiting; the client may retry after `retry_after_s`."""
 
     def __init__(self, retry_after_s: float) -> None:
@@ -76,7 +76,7 @@ class QueueFullError(SchedulerError):
         self.retry_after_s = retry_after_s
 
 
-class RequestTimeoutError(SchedulerError):
+class RequestTimeoutError(AdmissionError):
     """The request waited and ran longer than `request_timeout_s`."""
 
     def __init__(self, timeout_s: float) -> None:
@@ -84,14 +84,14 @@ class RequestTimeoutError(SchedulerError):
         self.timeout_s = timeout_s
 
 
-class SchedulerClosedError(SchedulerError):
-    """The scheduler is shutting down and takes or finishes no more work."""
+class EngineClosedError(AdmissionError):
+    """The engine is shutting down and takes or finishes no more work."""
 
     def __init__(self) -> None:
-        super().__init__("The image scheduler is shut down.")
+        super().__init__("The image server is shutting down; it takes no more requests.")
 
 
-class EngineHungError(SchedulerError):
+class EngineHungError(AdmissionError):
     """An engine call did not stop `grace_s` after every request in it timed out or went away:
     the engine is taken as hung, and requests fail, until the call returns."""
 

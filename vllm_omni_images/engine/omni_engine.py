@@ -59,6 +59,7 @@ from vllm_omni_images.engine.base import (
     notify,
 )
 from vllm_omni_images.engine.errors import (
+    EngineClosedError,
     EngineDiedError,
     EngineError,
     EngineNotReadyError,
@@ -66,7 +67,6 @@ from vllm_omni_images.engine.errors import (
     EngineRequestError,
     GenerationCancelled,
     LoRAAdapterError,
-    SchedulerClosedError,
 )
 from vllm_omni_images.engine.hang_watch import HangWatch
 from vllm_omni_images.engine.lora_files import (
@@ -374,12 +374,12 @@ class OmniEngine(ImageEngine):
     def _outcome(self, job: asyncio.Future[list[Image.Image]]) -> list[Image.Image]:
         """The images of a finished job, or the exception its stream raises."""
         if job.cancelled():  # the engine was closed under it
-            raise SchedulerClosedError()
+            raise EngineClosedError()
         error = job.exception()
         if error is None:
             return job.result()
         if self._closed:
-            raise SchedulerClosedError() from error
+            raise EngineClosedError() from error
         if not isinstance(error, GenerationCancelled):
             logger.warning("Image request failed in the engine: %r", error)
         raise error
@@ -439,7 +439,7 @@ class OmniEngine(ImageEngine):
         if self._closed:
             return
         self._closed = True
-        self._fail_waiting(SchedulerClosedError())
+        self._fail_waiting(EngineClosedError())
         # Only started requests are waited for: an aborted waiting one leaves vllm-omni's
         # queue without a word until its scheduler runs again, which it may never do.
         started = [job for job, flight in self._in_flight.items() if flight.started]

@@ -29,6 +29,7 @@ from vllm.entrypoints.serve.exception_handling.handlers.validation import clean_
 from vllm.exceptions import VLLMValidationError
 
 from vllm_omni_images.engine.errors import (
+    EngineClosedError,
     EngineDiedError,
     EngineHungError,
     EngineNotReadyError,
@@ -37,7 +38,6 @@ from vllm_omni_images.engine.errors import (
     QueueFullError,
     RequestTimeoutError,
     RequestTooLargeError,
-    SchedulerClosedError,
 )
 from vllm_omni_images.images.file_store import ImageStoreError
 from vllm_omni_images.images.request_metrics import Outcome
@@ -104,7 +104,7 @@ ERROR_TABLE: tuple[tuple[type[Exception], ErrorKind], ...] = (
         ErrorKind(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "BadRequestError", "invalid"),
     ),
     (EngineNotReadyError, _UNAVAILABLE),
-    (SchedulerClosedError, _UNAVAILABLE),
+    (EngineClosedError, _UNAVAILABLE),
     (
         EngineDiedError,
         ErrorKind(

@@ -1,7 +1,7 @@
 """The `vllm serve` flags this plugin adds, and how to tell that a command line asks for them.
 
 Imported by the general plugin in every vLLM process, so it imports nothing heavy: the
-launcher turns the parsed flags into engine and scheduler settings.
+launcher turns the parsed flags into engine, batching and admission settings.
 """
 
 from __future__ import annotations

@@ -16,11 +16,14 @@ without a text `ModelConfig`, so:
   `init_app_state` would (`init_image_app_state`), and sets the interpreter's switch
   interval (`set_server_switch_interval`).
 
-Nothing else in the package writes to vLLM's objects. Two stand-ins are subclasses or duck
-types, not patches: `model_registry.ImageModelRegistry` (vLLM's registry without a
-`ModelConfig`) and `engine.client.ImageEngineClient` (the `EngineClient` that vLLM's server
-loop and core routes use). `tests/unit/test_vllm_patches.py` checks each patched behaviour
-against the installed vLLM.
+Nothing else in the package writes to vLLM's objects. One process-wide setting lives with the
+engine that needs it: `engine/omni_engine.py` makes spawn the multiprocessing start method
+before it starts vllm-omni's workers, as vllm-omni's own stage set-up does.
+
+Two stand-ins are subclasses or duck types, not patches: `model_registry.ImageModelRegistry`
+(vLLM's registry without a `ModelConfig`) and `engine.client.ImageEngineClient` (the
+`EngineClient` that vLLM's server loop and core routes use). `tests/unit/test_vllm_patches.py`
+checks each patched behaviour against the installed vLLM.
 """
 
 from __future__ import annotations
