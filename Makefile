@@ -21,8 +21,11 @@ $(UV):
 	$(PYTHON) -m venv $(TOOLS)
 	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 
+# --compile-bytecode: vLLM's and vllm-omni's modules are compiled once here, not on each import
+# (this machine sets PYTHONDONTWRITEBYTECODE, so Python never caches them): every `vllm serve`
+# and every vllm-omni worker then imports in about a third of the time.
 $(INSTALLED): $(UV) pyproject.toml uv.lock
-	$(UV) sync --frozen
+	$(UV) sync --frozen --compile-bytecode
 	touch $@
 
 serve: install
