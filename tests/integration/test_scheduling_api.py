@@ -251,7 +251,7 @@ async def test_shutdown_answers_every_accepted_request(make_app, engine: Observe
         # As vLLM does on SIGTERM: the synchronous hook, from a worker thread.
         shutdown = asyncio.create_task(asyncio.to_thread(engine_client.shutdown, 0))
         refused = await queued
-        assert "shut down" in assert_openai_error(refused, 503)["message"]
+        assert "shutting down" in assert_openai_error(refused, 503)["message"]
         engine.gate.set()
         assert (await running).status_code == 200  # the running batch finishes first
         await shutdown
@@ -270,7 +270,7 @@ async def test_a_draining_shutdown_finishes_accepted_work_and_takes_no_new(
         shutdown = asyncio.create_task(asyncio.to_thread(engine_client.shutdown, 30))
         await until(lambda: refuses_new_work(engine_client), "draining", timeout_s=ENGINE_WAIT_S)
         late = await generate(client, **FAST)
-        assert "shut down" in assert_openai_error(late, 503)["message"]
+        assert "shutting down" in assert_openai_error(late, 503)["message"]
         engine.gate.set()
         assert (await running).status_code == 200
         assert (await queued).status_code == 200  # drained, not dropped
