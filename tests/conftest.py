@@ -44,14 +44,9 @@ def tiny_model_dir(model_cache: Path) -> Path:
 @pytest.fixture(scope="session")
 def serve_parser():
     """vLLM's real `vllm serve` parser, with our general plugin loaded as vLLM loads it."""
-    import vllm.entrypoints.cli.serve  # noqa: F401  (the CLI imports it before plugins load)
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    from vllm_omni_images.server.serve_flags import live_serve_parser
 
-    from vllm_omni_images.server import vllm_patches
-
-    vllm_patches.fall_back_to_cpu_platform()
-    return make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))
+    return live_serve_parser()
 
 
 @pytest.fixture(scope="session")

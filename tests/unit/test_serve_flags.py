@@ -1,9 +1,9 @@
 """`serve_flags` classifies every flag of vLLM's real `vllm serve` parser, and refuses exactly
 the refused ones that a command line sets.
 
-The parser is vLLM's own with our plugin loaded (the session's `serve_parser` fixture), so a
-vLLM release that adds, renames or moves a flag fails here until the table says what the image
-task does with it.
+The parser is vLLM's own with our plugin loaded (the session's `serve_parser` fixture): a flag
+vLLM adds to a group with honoured flags fails here until the table says what the image task
+does with it; one in another group is refused by its group's reason.
 """
 
 from __future__ import annotations
@@ -18,16 +18,21 @@ import pytest
 
 from vllm_omni_images.server import launcher, vllm_patches
 from vllm_omni_images.server.cli_args import HELP_GROUP
+from vllm_omni_images.server.serve_flag_table import (
+    FALLBACK_REASON,
+    GROUP_REASONS,
+    HONOURED,
+    OVERRIDES,
+    SINGLE_VALUE,
+)
 from vllm_omni_images.server.serve_flags import (
-    SERVE_FLAGS,
-    SERVE_GROUPS,
     Verdict,
-    flag_name,
+    classify,
     main,
     markdown_table,
     refusal_message,
     refused_flags,
-    unclassified,
+    serve_groups,
 )
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "image_api.md"
@@ -41,50 +46,55 @@ def parse(parser: argparse.ArgumentParser, *flags: str) -> argparse.Namespace:
     return parser.parse_args(["tiny-qwen-image", "--task", "image", *flags])
 
 
-def parser_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
-    return [action for action in parser._actions if not isinstance(action, argparse._HelpAction)]
+def parser_dests(parser: argparse.ArgumentParser) -> set[str]:
+    return {action.dest for _, actions in serve_groups(parser) for action in actions}
 
 
-def test_every_flag_of_the_parser_is_classified(serve_parser: argparse.ArgumentParser) -> None:
-    assert unclassified(serve_parser) == []
+def test_no_entry_of_the_tables_is_stale(serve_parser: argparse.ArgumentParser) -> None:
+    dests = parser_dests(serve_parser)
+    for table in (HONOURED, OVERRIDES, SINGLE_VALUE):
+        assert [dest for dest in table if dest not in dests] == []
 
 
-def test_no_entry_of_the_table_is_stale(serve_parser: argparse.ArgumentParser) -> None:
-    dests = {action.dest for action in parser_actions(serve_parser)}
-    assert [dest for dest in SERVE_FLAGS if dest not in dests] == []
+def test_a_flag_is_honoured_or_overridden_not_both() -> None:
+    assert set(HONOURED) & set(OVERRIDES) == set()
+    assert set(HONOURED) & set(SINGLE_VALUE) == set()
 
 
-def test_the_table_follows_the_parser_groups_and_order(
+def test_a_group_with_honoured_flags_classifies_each_of_them(
     serve_parser: argparse.ArgumentParser,
 ) -> None:
-    """Grouped as `vllm serve --help` groups the flags, in its order: the table reads as the
-    help does, and a flag vLLM moves to another group is noticed."""
-    parser_groups = {
-        group.title: [
-            action.dest
-            for action in group._group_actions
-            if not isinstance(action, argparse._HelpAction)
-        ]
-        for group in serve_parser._action_groups
-    }
-    table_groups = {title: list(rules) for title, rules in SERVE_GROUPS.items()}
-    assert table_groups == {title: dests for title, dests in parser_groups.items() if dests}
+    """A flag vLLM adds to a group it honours some of (Frontend) may be one to honour: it must
+    be classified here, not refused by a group reason that was written for the others."""
+    for title, actions in serve_groups(serve_parser):
+        dests = [action.dest for action in actions]
+        if title != HELP_GROUP and any(dest in HONOURED for dest in dests):
+            assert [dest for dest in dests if dest not in HONOURED and dest not in OVERRIDES] == []
 
 
-def test_flag_names_are_the_parsers(serve_parser: argparse.ArgumentParser) -> None:
-    """The docs table names each flag without the parser; it must be the parser's spelling."""
-    for action in parser_actions(serve_parser):
-        longs = [option for option in action.option_strings if option.startswith("--")]
-        if longs:
-            assert flag_name(action.dest) == longs[0]
+def test_a_flag_of_a_newer_vllm_is_refused_by_its_groups_reason() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument_group("CacheConfig").add_argument("--new-cache-knob", type=int)
+    parser.add_argument_group("NewConfig").add_argument("--new-knob", default="a")
+    parser.add_argument_group(HELP_GROUP).add_argument("--image-knob", help="Knob. Details.")
+    rules = {action.dest: rule for _, action, rule in classify(parser)}
+    assert rules["new_cache_knob"].how == GROUP_REASONS["CacheConfig"]
+    assert rules["new_knob"].how == FALLBACK_REASON
+    assert {rules["new_cache_knob"].verdict, rules["new_knob"].verdict} == {Verdict.REFUSED}
+    assert rules["image_knob"].verdict is Verdict.HONOURED and rules["image_knob"].how == "knob"
+    args = parser.parse_args(["--new-cache-knob", "2", "--new-knob", "b", "--image-knob", "c"])
+    assert refused_flags(args, parser) == ["--new-cache-knob", "--new-knob"]
+    assert refused_flags(parser.parse_args(["--new-knob", "a"]), parser) == []
 
 
-def test_image_task_flags_are_honoured() -> None:
-    assert {rule.verdict for rule in SERVE_GROUPS[HELP_GROUP].values()} == {Verdict.HONOURED}
+def test_image_task_flags_are_honoured(serve_parser: argparse.ArgumentParser) -> None:
+    verdicts = {rule.verdict for title, _, rule in classify(serve_parser) if title == HELP_GROUP}
+    assert verdicts == {Verdict.HONOURED}
 
 
-def test_every_rule_says_how_in_one_line() -> None:
-    assert [dest for dest, rule in SERVE_FLAGS.items() if not rule.how or "\n" in rule.how] == []
+def test_every_rule_says_how_in_one_line(serve_parser: argparse.ArgumentParser) -> None:
+    rules = {action.dest: rule for _, action, rule in classify(serve_parser)}
+    assert [dest for dest, rule in rules.items() if not rule.how or "\n" in rule.how] == []
 
 
 def test_the_plain_image_command_line_sets_no_refused_flag(
@@ -179,7 +189,9 @@ def test_the_parser_vllm_built_is_kept_for_the_launcher(
     later in the session), for the launcher's `refused_flags`."""
     parser = vllm_patches.serve_parser()
     assert parser is not None
-    assert unclassified(parser) == []
+    assert [action.dest for action in parser._actions] == [
+        action.dest for action in serve_parser._actions
+    ]
     assert refused_flags(parse(parser, "--max-model-len", "100"), parser) == ["--max-model-len"]
 
 
@@ -223,14 +235,17 @@ def test_the_table_imports_without_vllm_or_torch() -> None:
     assert result.stdout.strip() == "[]"
 
 
-def test_the_docs_table_is_the_generated_one() -> None:
-    """docs/image_api.md's table ("vLLM's serve flags") is `markdown_table()`'s: run
-    `python -m vllm_omni_images.server.serve_flags --markdown` and paste it when this fails."""
+def test_the_docs_table_is_the_generated_one(serve_parser: argparse.ArgumentParser) -> None:
+    """docs/image_api.md's table ("vLLM's serve flags") is `markdown_table()`'s of the live
+    parser: run `python -m vllm_omni_images.server.serve_flags --markdown` and paste it when
+    this fails."""
     docs = DOCS.read_text()
     begin = docs.index("\n", docs.index(BEGIN_MARK)) + 1
-    assert docs[begin : docs.index(END_MARK)] == markdown_table()
+    assert docs[begin : docs.index(END_MARK)] == markdown_table(serve_parser)
 
 
-def test_the_command_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_command_prints_the_table(
+    serve_parser: argparse.ArgumentParser, capsys: pytest.CaptureFixture[str]
+) -> None:
     main(["--markdown"])
-    assert capsys.readouterr().out == markdown_table()
+    assert capsys.readouterr().out == markdown_table(serve_parser)
