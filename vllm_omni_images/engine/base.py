@@ -15,6 +15,7 @@ diffusers is installed.
 from __future__ import annotations
 
 import abc
+import asyncio
 import logging
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
@@ -148,6 +149,29 @@ class FinalImages:
 
 
 EngineOutput: TypeAlias = ImagesStarted | PreviewImages | FinalImages
+
+Message: TypeAlias = EngineOutput | BaseException
+"""What a request's stream receives: an output, or the exception that ends it."""
+
+
+class Inbox:
+    """A request's stream inside an engine: messages put on the event loop, read back by
+    `outputs` up to its `FinalImages`, or raised when one is an exception."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[Message] = asyncio.Queue()
+
+    def put(self, message: Message) -> None:
+        self._queue.put_nowait(message)
+
+    async def outputs(self) -> AsyncGenerator[EngineOutput, None]:
+        while True:
+            message = await self._queue.get()
+            if isinstance(message, BaseException):
+                raise message
+            yield message
+            if isinstance(message, FinalImages):
+                return
 
 
 class ImageEngine(abc.ABC):

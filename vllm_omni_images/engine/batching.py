@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -52,7 +53,9 @@ from vllm_omni_images.engine.base import (
     FinalImages,
     ImageEngine,
     ImagesStarted,
+    Inbox,
     LoRAAdapter,
+    Message,
     ModelDefaults,
     NoObserver,
     PreviewImages,
@@ -138,15 +141,11 @@ class BatchingConfig:
             raise ValueError(f"hang_grace_s must be > 0, got {self.hang_grace_s}")
 
 
-Message = EngineOutput | BaseException
-"""What a request's stream receives: an output, or the exception that ends it."""
-
-
 @dataclass(eq=False)
 class _Pending:
     request: EngineRequest
     arrival: float
-    inbox: asyncio.Queue[Message] = field(default_factory=asyncio.Queue)
+    inbox: Inbox = field(default_factory=Inbox)
     batch: _Batch | None = None
     settled: bool = False
     """Its last message (images or an exception) is sent."""
@@ -155,7 +154,7 @@ class _Pending:
     def send(self, message: Message) -> None:
         if not self.settled:
             self.settled = isinstance(message, (FinalImages, BaseException))
-            self.inbox.put_nowait(message)
+            self.inbox.put(message)
 
     @property
     def wanted(self) -> bool:
@@ -281,13 +280,9 @@ class BatchingEngine(ImageEngine):
         self._queue.append(pending)
         self._arrived.set()
         try:
-            while True:
-                message = await pending.inbox.get()
-                if isinstance(message, BaseException):
-                    raise message
-                yield message
-                if isinstance(message, FinalImages):
-                    return
+            async with contextlib.aclosing(pending.inbox.outputs()) as outputs:
+                async for output in outputs:
+                    yield output
         finally:
             if not pending.settled:
                 self._withdraw(pending)

@@ -26,6 +26,7 @@ from vllm_omni_images.engine.base import (
     FinalImages,
     ImageEngine,
     ImagesStarted,
+    Inbox,
     LoRAAdapter,
     LoRASettings,
     ModelDefaults,
@@ -59,8 +60,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-Message = EngineOutput | BaseException
-
 
 @dataclass(eq=False)
 class _Flight:
@@ -68,7 +67,7 @@ class _Flight:
 
     request_ids: list[str]
     # The caller's loop only:
-    inbox: asyncio.Queue[Message] = field(default_factory=asyncio.Queue)
+    inbox: Inbox = field(default_factory=Inbox)
     job: asyncio.Future[list[Image.Image]] | None = None
     started: int = 0
     """Images that left vllm-omni's queue."""
@@ -184,13 +183,9 @@ class OmniEngine(ImageEngine):
         self._in_flight.add(flight)
         job.add_done_callback(lambda _: self._finished(flight))
         try:
-            while True:
-                message = await flight.inbox.get()
-                if isinstance(message, BaseException):
-                    raise message
-                yield message
-                if isinstance(message, FinalImages):
-                    return
+            async with contextlib.aclosing(flight.inbox.outputs()) as outputs:
+                async for output in outputs:
+                    yield output
         finally:
             self._left(flight)
 
@@ -230,7 +225,7 @@ class OmniEngine(ImageEngine):
             flight.started_at = time.monotonic()
             notify(self._observer.on_batch_start, flight.num_images)
         flight.started += 1
-        flight.inbox.put_nowait(ImagesStarted(1, flight.num_images))
+        flight.inbox.put(ImagesStarted(1, flight.num_images))
 
     def _finished(self, flight: _Flight) -> None:
         """The job ended: its outcome goes to the stream, if it still listens."""
@@ -238,7 +233,7 @@ class OmniEngine(ImageEngine):
         self._hang_watch.returned(flight)
         if flight.started_at is not None:
             notify(self._observer.on_batch_end, time.monotonic() - flight.started_at)
-        flight.inbox.put_nowait(self._outcome(flight))
+        flight.inbox.put(self._outcome(flight))
 
     def _outcome(self, flight: _Flight) -> FinalImages | BaseException:
         """The images of a finished job, or the exception its stream raises."""
@@ -277,7 +272,7 @@ class OmniEngine(ImageEngine):
         for flight in self._in_flight:
             if flight.started == 0:
                 self._abort(flight)
-                flight.inbox.put_nowait(error)
+                flight.inbox.put(error)
 
     def _abort(self, flight: _Flight) -> None:
         self._loop.call_soon(self._abort_on_loop, flight)
