@@ -54,6 +54,12 @@ def test_config_rejects_invalid_values(fields: dict[str, Any]) -> None:
         AdmissionConfig(**fields)
 
 
+def test_a_request_without_seeds_cannot_be_made() -> None:
+    """No engine or admission sees a request of no images: `EngineRequest` refuses it."""
+    with pytest.raises(ValueError, match="at least one seed"):
+        EngineRequest(prompt="a red fox", seeds=(), width=64, height=64, num_inference_steps=2)
+
+
 # The queue limit
 
 

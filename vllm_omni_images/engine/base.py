@@ -112,6 +112,10 @@ class EngineRequest:
     lora_scale: float = 1.0
     """The adapter's strength (0: none, 1: as trained)."""
 
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise ValueError("A request needs at least one seed.")
+
     @property
     def num_images(self) -> int:
         return len(self.seeds)

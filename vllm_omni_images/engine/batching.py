@@ -74,7 +74,6 @@ from vllm_omni_images.engine.cpu_priority import yield_cpu_to_serving
 from vllm_omni_images.engine.errors import (
     EngineClosedError,
     EngineDiedError,
-    EngineError,
     EngineOutOfMemoryError,
     GenerationCancelled,
 )
@@ -103,9 +102,10 @@ class PipelineRunner(Protocol):
         on_step: StepCallback | None = None,
         on_preview: PreviewCallback | None = None,
     ) -> list[list[Image.Image]]:
-        """Every request's images, in order and in seed order, from one pipeline call. The
-        requests share `batch_planning.batch_key`. Raises `EngineOutOfMemoryError` when the
-        device runs out of memory, `GenerationCancelled` when `on_step` raised it."""
+        """Every request's images (`num_images` each: the runner checks the count), in order
+        and in seed order, from one pipeline call. The requests share
+        `batch_planning.batch_key`. Raises `EngineOutOfMemoryError` when the device runs out
+        of memory, `GenerationCancelled` when `on_step` raised it."""
         ...
 
     def add_lora(self, adapter: LoRAAdapter) -> None:
@@ -269,8 +269,6 @@ class BatchingEngine(ImageEngine):
         self.check_health()
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
-        if request.num_images < 1:
-            raise ValueError("A request needs at least one seed.")
         self.check_admission(request.num_images)
         if self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(
@@ -446,7 +444,6 @@ class BatchingEngine(ImageEngine):
             finally:
                 if not call.cancelled():  # it returned; cancelled: the worker was stopped
                     self._hang_watch.returned(run.batch)
-            check_results(requests, results)
         except EngineOutOfMemoryError as error:
             out_of_memory = str(error) or type(error).__name__
         except Exception as error:
@@ -483,11 +480,3 @@ class BatchingEngine(ImageEngine):
         notify(self._observer.on_batch_split, images)
         await self._run_slices(run, first, on_step, on_preview)
         await self._run_slices(run, second, on_step, on_preview)
-
-
-def check_results(requests: Sequence[EngineRequest], results: list[list[Image.Image]]) -> None:
-    """Refuse a result that cannot be matched to its requests, rather than mis-deliver it."""
-    counts = [len(images) for images in results]
-    expected = [request.num_images for request in requests]
-    if counts != expected:
-        raise EngineError(f"The engine returned {counts} images for requests of {expected}.")

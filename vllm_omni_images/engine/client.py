@@ -229,8 +229,6 @@ class ImageEngineClient:
     ) -> AsyncGenerator[EngineOutput, None]:
         """The request's outputs, admitted first (module docstring); `timings`, if given, is
         filled in with where its time went."""
-        if request.num_images < 1:
-            raise ValueError("A request needs at least one seed.")
         self.check_admission(request.num_images)
         self._loop = asyncio.get_running_loop()  # where `shutdown` runs `close`
         admitted = _Admitted(request, self._clock(), timings or RequestTimings())
@@ -255,7 +253,7 @@ class ImageEngineClient:
                 if isinstance(output, ImagesStarted):
                     self._started(admitted, output)
                 elif isinstance(output, FinalImages):
-                    self._answered(admitted, len(output.images))
+                    self._answered(admitted)
                 yield output
                 if isinstance(output, FinalImages):
                     return
@@ -290,15 +288,10 @@ class ImageEngineClient:
         started = min(output.images, admitted.waiting)
         self._count(admitted, queued=-started, running=started)
 
-    def _answered(self, admitted: _Admitted, images: int) -> None:
-        if images != admitted.request.num_images:
-            raise EngineError(
-                f"The engine returned {images} images for a request of "
-                f"{admitted.request.num_images}."
-            )
+    def _answered(self, admitted: _Admitted) -> None:
         if admitted.started_at is not None:
             per_image = (self._clock() - admitted.started_at) / max(
-                admitted.timings.batch_images, images
+                admitted.timings.batch_images, admitted.request.num_images
             )
             previous = self._seconds_per_image
             self._seconds_per_image = (
