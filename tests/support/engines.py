@@ -314,12 +314,15 @@ class ScriptedEngine(ImageEngine):
         self.requests: list[ScriptedRequest] = []
         self.dead = False
         self.closed = False
+        self.admissions = 0
+        """How many times `check_admission` was asked."""
 
     @property
     def defaults(self) -> ModelDefaults:
         return ModelDefaults(width=64, height=64, num_inference_steps=2, size_multiple=16)
 
     def check_admission(self, num_images: int) -> None:
+        self.admissions += 1
         self.check_health()
 
     def check_health(self) -> None:
@@ -327,7 +330,6 @@ class ScriptedEngine(ImageEngine):
             raise EngineDiedError("the scripted engine died")
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
-        self.check_admission(request.num_images)
         scripted = ScriptedRequest(request)
         self.requests.append(scripted)
         try:

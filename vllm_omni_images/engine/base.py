@@ -184,6 +184,8 @@ class ImageEngine(abc.ABC):
     - `check_admission(num_images)`: refuses at once, by raising, a request the engine cannot
       take now (full, closed, hung, dead), so that the answer carries its status before any
       work, as vLLM's `check_admission`. Engines without admission control accept everything.
+      Admission (`client.py`) asks it before `generate`, which does not ask again (a closed
+      engine's `generate` still refuses).
     - `generate(request)`: the request's outputs (see the module docstring). The request is
       taken when the stream is first iterated. Closing the stream before its `FinalImages` (or
       cancelling the task that iterates it) aborts the request: a waiting one leaves the queue

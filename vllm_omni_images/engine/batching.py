@@ -269,7 +269,8 @@ class BatchingEngine(ImageEngine):
         self.check_health()
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
-        self.check_admission(request.num_images)
+        if self._closed:  # its worker is gone: nothing would answer
+            raise EngineClosedError() if self._died is None else EngineDiedError(self._died)
         if self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(
                 self._run(), name="image-batching-engine"

@@ -8,7 +8,8 @@
   whole queue holds, `QueueFullError` (429, with a Retry-After guess) when the admitted images
   that have not started would pass `max_queue_images`.
 - `generate(request)` checks admission again (nothing awaits in between, so the counts it
-  checks are the counts it changes), then streams the engine's outputs: `ImagesStarted`,
+  checks are the counts it changes; the engine is not asked again when the caller just asked
+  it, `admitted`), then streams the engine's outputs: `ImagesStarted`,
   `PreviewImages`, and the request's one `FinalImages`, or raises exactly one exception. Past
   `request_timeout_s` it raises `RequestTimeoutError` and the request is withdrawn from the
   engine; a caller that goes away (its task cancelled, or the stream closed) withdraws it.
@@ -213,10 +214,14 @@ class ImageEngineClient:
 
     def check_admission(self, num_images: int) -> None:
         """Raise if a request of `num_images` images cannot be taken now (module docstring)."""
+        self._admit(num_images, ask_engine=True)
+
+    def _admit(self, num_images: int, *, ask_engine: bool) -> None:
         engine = self.engine  # EngineNotReadyError once the model is released
         if self._closing:  # draining: finish what was admitted, take nothing new
             raise EngineClosedError()
-        engine.check_admission(num_images)
+        if ask_engine:
+            engine.check_admission(num_images)
         limit = self._config.max_queue_images
         if num_images > limit:
             raise RequestTooLargeError(num_images, limit)
@@ -225,11 +230,16 @@ class ImageEngineClient:
             raise QueueFullError(max(1.0, round(excess * (self._seconds_per_image or 1.0), 1)))
 
     async def generate(
-        self, request: EngineRequest, timings: RequestTimings | None = None
+        self,
+        request: EngineRequest,
+        timings: RequestTimings | None = None,
+        *,
+        admitted: bool = False,
     ) -> AsyncGenerator[EngineOutput, None]:
         """The request's outputs, admitted first (module docstring); `timings`, if given, is
-        filled in with where its time went."""
-        self.check_admission(request.num_images)
+        filled in with where its time went. `admitted`: the caller just asked
+        `check_admission`, so the engine is not asked again."""
+        self._admit(request.num_images, ask_engine=not admitted)
         self._loop = asyncio.get_running_loop()  # where `shutdown` runs `close`
         admitted = _Admitted(request, self._clock(), timings or RequestTimings())
         self._count(admitted, queued=request.num_images)

@@ -141,9 +141,12 @@ class OmniEngine(ImageEngine):
         return self._engine
 
     def check_admission(self, num_images: int) -> None:
+        self._refuse_if_closed()
+        self.check_health()
+
+    def _refuse_if_closed(self) -> None:
         if self._closed:
             raise EngineNotReadyError("The vllm-omni engine is closed.")
-        self.check_health()
 
     def check_health(self) -> None:
         if self._died is None and not self._closed:
@@ -163,7 +166,7 @@ class OmniEngine(ImageEngine):
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
         """Hands each image to vllm-omni at once (its scheduler batches them) and streams the
         request's `ImagesStarted` as vllm-omni reports them, then its images."""
-        self.check_admission(request.num_images)
+        self._refuse_if_closed()  # its loop is stopped: nothing would answer
         refuse_unsupported(request, self.model_class_name, self.takes_images)
         # vllm-omni keys its queue and output streams by id: a suffix of our own keeps two
         # requests apart even when a client sends the same X-Request-Id twice.
