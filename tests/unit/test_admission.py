@@ -288,17 +288,17 @@ async def test_the_engine_is_asked_once_per_request(
     scripted: tuple[ImageEngineClient, ScriptedEngine],
 ) -> None:
     """By `generate`; a stream asks `check_admission` before its first event, and its
-    `generate(admitted=True)` asks the queue again (the counts it changes), not the engine."""
+    `generate(checked=True)` asks the queue again (the counts it changes), not the engine."""
     client, engine = scripted
     plain = submit(client, req(1, 2, 3))
     await until(lambda: len(engine.requests) == 1, "the hand-over")
     assert engine.admissions == 1
     client.check_admission(1)
-    streamed = asyncio.create_task(images_of(client.generate(req(4), admitted=True)))
+    streamed = asyncio.create_task(images_of(client.generate(req(4), checked=True)))
     await until(lambda: len(engine.requests) == 2, "the second hand-over")
     assert engine.admissions == 2
     with pytest.raises(QueueFullError):
-        await images_of(client.generate(req(5, 6), admitted=True))
+        await images_of(client.generate(req(5, 6), checked=True))
     for request in engine.requests:
         request.finish()
     assert len(await plain) == 3 and len(await streamed) == 1

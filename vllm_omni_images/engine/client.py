@@ -9,7 +9,7 @@
   that have not started would pass `max_queue_images`.
 - `generate(request)` checks admission again (nothing awaits in between, so the counts it
   checks are the counts it changes; the engine is not asked again when the caller just asked
-  it, `admitted`), then streams the engine's outputs: `ImagesStarted`,
+  it, `checked`), then streams the engine's outputs: `ImagesStarted`,
   `PreviewImages`, and the request's one `FinalImages`, or raises exactly one exception. Past
   `request_timeout_s` it raises `RequestTimeoutError` and the request is withdrawn from the
   engine; a caller that goes away (its task cancelled, or the stream closed) withdraws it.
@@ -234,12 +234,12 @@ class ImageEngineClient:
         request: EngineRequest,
         timings: RequestTimings | None = None,
         *,
-        admitted: bool = False,
+        checked: bool = False,
     ) -> AsyncGenerator[EngineOutput, None]:
         """The request's outputs, admitted first (module docstring); `timings`, if given, is
-        filled in with where its time went. `admitted`: the caller just asked
+        filled in with where its time went. `checked`: the caller just asked
         `check_admission`, so the engine is not asked again."""
-        self._admit(request.num_images, ask_engine=not admitted)
+        self._admit(request.num_images, ask_engine=not checked)
         self._loop = asyncio.get_running_loop()  # where `shutdown` runs `close`
         admitted = _Admitted(request, self._clock(), timings or RequestTimings())
         self._count(admitted, queued=request.num_images)
