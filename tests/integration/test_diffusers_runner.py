@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from vllm_omni_images.engine.base import EngineRequest, ModelDefaults
 from vllm_omni_images.engine.batching import BatchingEngine
-from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
+from vllm_omni_images.engine.diffusers_runner import DiffusersRunner, split_per_request
 from vllm_omni_images.engine.errors import (
     EngineError,
     EngineOutOfMemoryError,
@@ -142,3 +143,13 @@ def test_the_server_loads_the_embedded_model_by_name(tiny_model_dir: Path, serve
 def test_a_missing_model_folder_fails_to_load(tmp_path: Path) -> None:
     with pytest.raises(Exception):  # noqa: B017 - diffusers' own error type varies by cause
         create_engine(str(tmp_path / "nothing-here"), "diffusers", device="cpu")
+
+
+def test_a_bad_pipeline_result_is_an_error_not_a_misdelivery() -> None:
+    """The count is checked where the images are made (moved here from the batching engine and
+    admission): an image short fails the call cleanly, never gives an image to another request."""
+    batch = [request(seeds=(1, 2)), request(seeds=(3,))]
+    image = Image.new("RGB", (8, 8))
+    assert [len(images) for images in split_per_request(batch, [image] * 3)] == [2, 1]
+    with pytest.raises(EngineError, match="returned 2 images, expected 3"):
+        split_per_request(batch, [image] * 2)

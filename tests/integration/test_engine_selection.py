@@ -222,7 +222,7 @@ def test_our_flags_are_vllm_omnis_flags(
 def test_every_flag_reaches_vllm_omnis_engine_config(
     serve_parser: argparse.ArgumentParser, tiny_model_dir: Path
 ) -> None:
-    from vllm_omni_images.engine.omni_engine import build_omni_config
+    from vllm_omni_images.engine.omni_requests import build_omni_config
 
     args = serve_args(
         serve_parser,
@@ -264,7 +264,7 @@ def test_every_flag_reaches_vllm_omnis_engine_config(
 def test_batching_flags_drive_vllm_omnis_batcher(
     serve_parser: argparse.ArgumentParser, tiny_model_dir: Path
 ) -> None:
-    from vllm_omni_images.engine.omni_engine import build_omni_config
+    from vllm_omni_images.engine.omni_requests import build_omni_config
     from vllm_omni_images.server.launcher import engine_settings_from_args
 
     args = serve_args(serve_parser, "--image-max-batch-size", "8", "--image-batch-delay-ms", "20")

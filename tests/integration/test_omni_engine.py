@@ -43,10 +43,8 @@ from vllm_omni_images.engine.errors import (
     EngineRequestError,
     RequestTimeoutError,
 )
-from vllm_omni_images.engine.omni_engine import (
-    OmniEngine,
-    to_omni_requests,
-)
+from vllm_omni_images.engine.omni_engine import OmniEngine
+from vllm_omni_images.engine.omni_requests import to_omni_requests
 
 from .conftest import AppFactory
 from .helpers import FAST, assert_openai_error, generate, http_client, pixels

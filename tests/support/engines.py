@@ -33,6 +33,7 @@ from vllm_omni_images.engine.base import (
     FinalImages,
     ImageEngine,
     ImagesStarted,
+    Inbox,
     LoRAAdapter,
     ModelDefaults,
 )
@@ -288,21 +289,21 @@ class ScriptedRequest:
 
     def __init__(self, request: EngineRequest) -> None:
         self.request = request
-        self.inbox: asyncio.Queue[EngineOutput | BaseException] = asyncio.Queue()
+        self.inbox = Inbox()
         self.aborted = False
         """Its stream was closed before its images."""
         self.left = asyncio.Event()
         """Its stream ended, whatever the way."""
 
     def start(self, images: int) -> None:
-        self.inbox.put_nowait(ImagesStarted(images, self.request.num_images))
+        self.inbox.put(ImagesStarted(images, self.request.num_images))
 
     def finish(self) -> None:
         images = [Image.new("RGB", (8, 8), colour(seed)) for seed in self.request.seeds]
-        self.inbox.put_nowait(FinalImages(images))
+        self.inbox.put(FinalImages(images))
 
     def fail(self, error: BaseException) -> None:
-        self.inbox.put_nowait(error)
+        self.inbox.put(error)
 
 
 class ScriptedEngine(ImageEngine):
@@ -313,12 +314,15 @@ class ScriptedEngine(ImageEngine):
         self.requests: list[ScriptedRequest] = []
         self.dead = False
         self.closed = False
+        self.admissions = 0
+        """How many times `check_admission` was asked."""
 
     @property
     def defaults(self) -> ModelDefaults:
         return ModelDefaults(width=64, height=64, num_inference_steps=2, size_multiple=16)
 
     def check_admission(self, num_images: int) -> None:
+        self.admissions += 1
         self.check_health()
 
     def check_health(self) -> None:
@@ -326,17 +330,12 @@ class ScriptedEngine(ImageEngine):
             raise EngineDiedError("the scripted engine died")
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
-        self.check_admission(request.num_images)
         scripted = ScriptedRequest(request)
         self.requests.append(scripted)
         try:
-            while True:
-                output = await scripted.inbox.get()
-                if isinstance(output, BaseException):
-                    raise output
-                yield output
-                if isinstance(output, FinalImages):
-                    return
+            async with contextlib.aclosing(scripted.inbox.outputs()) as outputs:
+                async for output in outputs:
+                    yield output
         except (asyncio.CancelledError, GeneratorExit):
             scripted.aborted = True
             raise

@@ -33,7 +33,8 @@ from vllm_omni.diffusion.worker.utils import BatchRunnerOutput, RunnerOutput
 
 from tests.support.waiting import ENGINE_WAIT_S, until
 from vllm_omni_images.engine.base import LoRASettings
-from vllm_omni_images.engine.omni_engine import OmniEngine, build_omni_config
+from vllm_omni_images.engine.omni_engine import OmniEngine
+from vllm_omni_images.engine.omni_requests import build_omni_config
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,12 @@ def test_config_rejects_invalid_values(fields: dict[str, Any]) -> None:
         AdmissionConfig(**fields)
 
 
+def test_a_request_without_seeds_cannot_be_made() -> None:
+    """No engine or admission sees a request of no images: `EngineRequest` refuses it."""
+    with pytest.raises(ValueError, match="at least one seed"):
+        EngineRequest(prompt="a red fox", seeds=(), width=64, height=64, num_inference_steps=2)
+
+
 # The queue limit
 
 
@@ -276,6 +282,26 @@ async def test_a_dead_engine_refuses_before_anything_is_counted(
         await images_of(client.generate(req(1)))
     assert (client.queued_images, client.running_images) == (0, 0)
     assert engine.requests == []  # it never reached the engine
+
+
+async def test_the_engine_is_asked_once_per_request(
+    scripted: tuple[ImageEngineClient, ScriptedEngine],
+) -> None:
+    """By `generate`; a stream asks `check_admission` before its first event, and its
+    `generate(checked=True)` asks the queue again (the counts it changes), not the engine."""
+    client, engine = scripted
+    plain = submit(client, req(1, 2, 3))
+    await until(lambda: len(engine.requests) == 1, "the hand-over")
+    assert engine.admissions == 1
+    client.check_admission(1)
+    streamed = asyncio.create_task(images_of(client.generate(req(4), checked=True)))
+    await until(lambda: len(engine.requests) == 2, "the second hand-over")
+    assert engine.admissions == 2
+    with pytest.raises(QueueFullError):
+        await images_of(client.generate(req(5, 6), checked=True))
+    for request in engine.requests:
+        request.finish()
+    assert len(await plain) == 3 and len(await streamed) == 1
 
 
 async def test_close_waits_for_what_an_engine_that_queues_itself_started(

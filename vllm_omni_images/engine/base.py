@@ -15,6 +15,7 @@ diffusers is installed.
 from __future__ import annotations
 
 import abc
+import asyncio
 import logging
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
@@ -111,6 +112,10 @@ class EngineRequest:
     lora_scale: float = 1.0
     """The adapter's strength (0: none, 1: as trained)."""
 
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise ValueError("A request needs at least one seed.")
+
     @property
     def num_images(self) -> int:
         return len(self.seeds)
@@ -149,6 +154,29 @@ class FinalImages:
 
 EngineOutput: TypeAlias = ImagesStarted | PreviewImages | FinalImages
 
+Message: TypeAlias = EngineOutput | BaseException
+"""What a request's stream receives: an output, or the exception that ends it."""
+
+
+class Inbox:
+    """A request's stream inside an engine: messages put on the event loop, read back by
+    `outputs` up to its `FinalImages`, or raised when one is an exception."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[Message] = asyncio.Queue()
+
+    def put(self, message: Message) -> None:
+        self._queue.put_nowait(message)
+
+    async def outputs(self) -> AsyncGenerator[EngineOutput, None]:
+        while True:
+            message = await self._queue.get()
+            if isinstance(message, BaseException):
+                raise message
+            yield message
+            if isinstance(message, FinalImages):
+                return
+
 
 class ImageEngine(abc.ABC):
     """A served image model, as vLLM's `EngineClient` is a served text model.
@@ -156,6 +184,8 @@ class ImageEngine(abc.ABC):
     - `check_admission(num_images)`: refuses at once, by raising, a request the engine cannot
       take now (full, closed, hung, dead), so that the answer carries its status before any
       work, as vLLM's `check_admission`. Engines without admission control accept everything.
+      Admission (`client.py`) asks it before `generate`, which does not ask again (a closed
+      engine's `generate` still refuses).
     - `generate(request)`: the request's outputs (see the module docstring). The request is
       taken when the stream is first iterated. Closing the stream before its `FinalImages` (or
       cancelling the task that iterates it) aborts the request: a waiting one leaves the queue

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -52,7 +53,9 @@ from vllm_omni_images.engine.base import (
     FinalImages,
     ImageEngine,
     ImagesStarted,
+    Inbox,
     LoRAAdapter,
+    Message,
     ModelDefaults,
     NoObserver,
     PreviewImages,
@@ -71,7 +74,6 @@ from vllm_omni_images.engine.cpu_priority import yield_cpu_to_serving
 from vllm_omni_images.engine.errors import (
     EngineClosedError,
     EngineDiedError,
-    EngineError,
     EngineOutOfMemoryError,
     GenerationCancelled,
 )
@@ -100,9 +102,10 @@ class PipelineRunner(Protocol):
         on_step: StepCallback | None = None,
         on_preview: PreviewCallback | None = None,
     ) -> list[list[Image.Image]]:
-        """Every request's images, in order and in seed order, from one pipeline call. The
-        requests share `batch_planning.batch_key`. Raises `EngineOutOfMemoryError` when the
-        device runs out of memory, `GenerationCancelled` when `on_step` raised it."""
+        """Every request's images (`num_images` each: the runner checks the count), in order
+        and in seed order, from one pipeline call. The requests share
+        `batch_planning.batch_key`. Raises `EngineOutOfMemoryError` when the device runs out
+        of memory, `GenerationCancelled` when `on_step` raised it."""
         ...
 
     def add_lora(self, adapter: LoRAAdapter) -> None:
@@ -138,15 +141,11 @@ class BatchingConfig:
             raise ValueError(f"hang_grace_s must be > 0, got {self.hang_grace_s}")
 
 
-Message = EngineOutput | BaseException
-"""What a request's stream receives: an output, or the exception that ends it."""
-
-
 @dataclass(eq=False)
 class _Pending:
     request: EngineRequest
     arrival: float
-    inbox: asyncio.Queue[Message] = field(default_factory=asyncio.Queue)
+    inbox: Inbox = field(default_factory=Inbox)
     batch: _Batch | None = None
     settled: bool = False
     """Its last message (images or an exception) is sent."""
@@ -155,7 +154,7 @@ class _Pending:
     def send(self, message: Message) -> None:
         if not self.settled:
             self.settled = isinstance(message, (FinalImages, BaseException))
-            self.inbox.put_nowait(message)
+            self.inbox.put(message)
 
     @property
     def wanted(self) -> bool:
@@ -270,9 +269,8 @@ class BatchingEngine(ImageEngine):
         self.check_health()
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
-        if request.num_images < 1:
-            raise ValueError("A request needs at least one seed.")
-        self.check_admission(request.num_images)
+        if self._closed:  # its worker is gone: nothing would answer
+            raise EngineClosedError() if self._died is None else EngineDiedError(self._died)
         if self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(
                 self._run(), name="image-batching-engine"
@@ -281,13 +279,9 @@ class BatchingEngine(ImageEngine):
         self._queue.append(pending)
         self._arrived.set()
         try:
-            while True:
-                message = await pending.inbox.get()
-                if isinstance(message, BaseException):
-                    raise message
-                yield message
-                if isinstance(message, FinalImages):
-                    return
+            async with contextlib.aclosing(pending.inbox.outputs()) as outputs:
+                async for output in outputs:
+                    yield output
         finally:
             if not pending.settled:
                 self._withdraw(pending)
@@ -451,7 +445,6 @@ class BatchingEngine(ImageEngine):
             finally:
                 if not call.cancelled():  # it returned; cancelled: the worker was stopped
                     self._hang_watch.returned(run.batch)
-            check_results(requests, results)
         except EngineOutOfMemoryError as error:
             out_of_memory = str(error) or type(error).__name__
         except Exception as error:
@@ -488,11 +481,3 @@ class BatchingEngine(ImageEngine):
         notify(self._observer.on_batch_split, images)
         await self._run_slices(run, first, on_step, on_preview)
         await self._run_slices(run, second, on_step, on_preview)
-
-
-def check_results(requests: Sequence[EngineRequest], results: list[list[Image.Image]]) -> None:
-    """Refuse a result that cannot be matched to its requests, rather than mis-deliver it."""
-    counts = [len(images) for images in results]
-    expected = [request.num_images for request in requests]
-    if counts != expected:
-        raise EngineError(f"The engine returned {counts} images for requests of {expected}.")

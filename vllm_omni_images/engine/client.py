@@ -8,7 +8,8 @@
   whole queue holds, `QueueFullError` (429, with a Retry-After guess) when the admitted images
   that have not started would pass `max_queue_images`.
 - `generate(request)` checks admission again (nothing awaits in between, so the counts it
-  checks are the counts it changes), then streams the engine's outputs: `ImagesStarted`,
+  checks are the counts it changes; the engine is not asked again when the caller just asked
+  it, `checked`), then streams the engine's outputs: `ImagesStarted`,
   `PreviewImages`, and the request's one `FinalImages`, or raises exactly one exception. Past
   `request_timeout_s` it raises `RequestTimeoutError` and the request is withdrawn from the
   engine; a caller that goes away (its task cancelled, or the stream closed) withdraws it.
@@ -213,10 +214,14 @@ class ImageEngineClient:
 
     def check_admission(self, num_images: int) -> None:
         """Raise if a request of `num_images` images cannot be taken now (module docstring)."""
+        self._admit(num_images, ask_engine=True)
+
+    def _admit(self, num_images: int, *, ask_engine: bool) -> None:
         engine = self.engine  # EngineNotReadyError once the model is released
         if self._closing:  # draining: finish what was admitted, take nothing new
             raise EngineClosedError()
-        engine.check_admission(num_images)
+        if ask_engine:
+            engine.check_admission(num_images)
         limit = self._config.max_queue_images
         if num_images > limit:
             raise RequestTooLargeError(num_images, limit)
@@ -225,13 +230,16 @@ class ImageEngineClient:
             raise QueueFullError(max(1.0, round(excess * (self._seconds_per_image or 1.0), 1)))
 
     async def generate(
-        self, request: EngineRequest, timings: RequestTimings | None = None
+        self,
+        request: EngineRequest,
+        timings: RequestTimings | None = None,
+        *,
+        checked: bool = False,
     ) -> AsyncGenerator[EngineOutput, None]:
         """The request's outputs, admitted first (module docstring); `timings`, if given, is
-        filled in with where its time went."""
-        if request.num_images < 1:
-            raise ValueError("A request needs at least one seed.")
-        self.check_admission(request.num_images)
+        filled in with where its time went. `checked`: the caller just asked
+        `check_admission`, so the engine is not asked again."""
+        self._admit(request.num_images, ask_engine=not checked)
         self._loop = asyncio.get_running_loop()  # where `shutdown` runs `close`
         admitted = _Admitted(request, self._clock(), timings or RequestTimings())
         self._count(admitted, queued=request.num_images)
@@ -255,7 +263,7 @@ class ImageEngineClient:
                 if isinstance(output, ImagesStarted):
                     self._started(admitted, output)
                 elif isinstance(output, FinalImages):
-                    self._answered(admitted, len(output.images))
+                    self._answered(admitted)
                 yield output
                 if isinstance(output, FinalImages):
                     return
@@ -290,15 +298,10 @@ class ImageEngineClient:
         started = min(output.images, admitted.waiting)
         self._count(admitted, queued=-started, running=started)
 
-    def _answered(self, admitted: _Admitted, images: int) -> None:
-        if images != admitted.request.num_images:
-            raise EngineError(
-                f"The engine returned {images} images for a request of "
-                f"{admitted.request.num_images}."
-            )
+    def _answered(self, admitted: _Admitted) -> None:
         if admitted.started_at is not None:
             per_image = (self._clock() - admitted.started_at) / max(
-                admitted.timings.batch_images, images
+                admitted.timings.batch_images, admitted.request.num_images
             )
             previous = self._seconds_per_image
             self._seconds_per_image = (

@@ -22,6 +22,9 @@ from __future__ import annotations
 import functools
 import json
 import math
+import shutil
+import tempfile
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +32,7 @@ from typing import Any
 
 import torch
 
+from vllm_omni_images.engine.base import LoRAAdapter
 from vllm_omni_images.engine.errors import LoRAAdapterError
 
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -183,6 +187,33 @@ def write_peft_folder(weights: AdapterWeights, folder: Path) -> None:
         "bias": "none",
     }
     (folder / PEFT_CONFIG).write_text(json.dumps(config))
+
+
+class PeftCopies:
+    """vllm-omni's PEFT copies of the adapters of the model at `model_path`, in a temporary
+    folder of their own until `remove`."""
+
+    def __init__(self, model_path: str, max_rank: int) -> None:
+        self._model_path = model_path
+        self._max_rank = max_rank
+        self._folder: Path | None = None
+
+    def write(self, adapter: LoRAAdapter) -> Path:
+        """Check `adapter` against the model's transformer (`meta_transformer`: the weights live
+        in vllm-omni's workers) and write its copy; `LoRAAdapterError` if it cannot be served."""
+        weights = read_adapter(adapter.path, adapter.name)
+        check_rank(weights, self._max_rank, adapter.name, adapter.path)
+        check_fits(weights, meta_transformer(self._model_path), adapter.name, adapter.path)
+        if self._folder is None:
+            self._folder = Path(tempfile.mkdtemp(prefix="vllm-omni-images-lora-"))
+        # A new folder per load: vllm-omni may re-read an evicted adapter from its path.
+        folder = self._folder / f"{adapter.adapter_id}-{uuid.uuid4().hex[:8]}"
+        write_peft_folder(weights, folder)
+        return folder
+
+    def remove(self) -> None:
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
 
 
 def _to_weights(

@@ -151,7 +151,8 @@ def create_engine(
     choice = engine if isinstance(engine, EngineChoice) else choose_engine(engine, model_path)
     logger.info("Image engine: %s (%s)", choice.name, choice.reason)
     if choice.name == "omni":
-        from vllm_omni_images.engine.omni_engine import OmniEngine, build_omni_config
+        from vllm_omni_images.engine.omni_engine import OmniEngine
+        from vllm_omni_images.engine.omni_requests import build_omni_config
 
         batching = settings.batching
         options = dict(settings.omni_options)

@@ -247,7 +247,7 @@ class OpenAIServingImage:
         kind = "image_edit" if isinstance(request, ImageEditRequest) else "image_generation"
         outcome: Outcome = "cancelled"
         try:
-            outputs = self.engine_client.generate(engine_request, record.timings)
+            outputs = self.engine_client.generate(engine_request, record.timings, checked=True)
             async with contextlib.aclosing(outputs):
                 try:
                     async for output in outputs:

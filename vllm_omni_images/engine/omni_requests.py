@@ -1,0 +1,148 @@
+"""The mapping onto vllm-omni's types: its engine config, one `OmniDiffusionRequest` per image,
+what it cannot do, and its failures as this project's errors (docs/architecture.md).
+
+Pure functions; vllm-omni is imported inside them only (a cold import takes ~20 s).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vllm_omni_images.engine.base import EngineRequest, LoRASettings
+from vllm_omni_images.engine.errors import (
+    EngineDiedError,
+    EngineError,
+    EngineOutOfMemoryError,
+    EngineRequestError,
+)
+
+if TYPE_CHECKING:
+    from vllm_omni.diffusion.data import OmniDiffusionConfig
+    from vllm_omni.diffusion.request import OmniDiffusionRequest
+    from vllm_omni.lora.request import LoRARequest
+
+logger = logging.getLogger(__name__)
+
+
+def build_omni_config(
+    model_path: str,
+    options: Mapping[str, Any],
+    *,
+    max_batch_size: int = 1,
+    batch_delay_ms: float = 0.0,
+    lora: LoRASettings | None = None,
+) -> OmniDiffusionConfig:
+    """vllm-omni's engine config for `model_path`, as its own `vllm serve --omni` would build
+    it: `options` are its config fields by their vllm-omni names (see
+    `server/cli_args.OMNI_FLAGS`; `distributed_executor_backend` picks its executor: `mp`,
+    `uni`, or a `DiffusionExecutor` class or its path); batching comes from this project's
+    batching flags, and vllm-omni's adapter cache from `--max-cpu-loras`."""
+    from vllm_omni.diffusion.data import DiffusionParallelConfig, OmniDiffusionConfig
+    from vllm_omni.diffusion.diffusion_engine import supports_request_batch
+    from vllm_omni.platforms import current_omni_platform
+
+    if current_omni_platform.device_type == "cpu" and "dtype" not in options:
+        # vllm-omni's default, bfloat16, meets vLLM's CPU matmul with float32 inputs; the
+        # diffusers engine runs float32 on the CPU too, so the two engines agree.
+        options = {**options, "dtype": torch.float32}
+    if lora is not None:
+        options = {**options, "max_cpu_loras": lora.cpu_slots}
+    # Sizes go to the parallel config (which picks its own fields), the rest to the top level.
+    parallel = DiffusionParallelConfig.from_stage_overrides(options)
+    parallel_fields = {f.name for f in fields(DiffusionParallelConfig)}
+    config = OmniDiffusionConfig.from_kwargs(
+        model=model_path,
+        parallel_config=parallel,
+        num_gpus=parallel.world_size,
+        max_num_seqs=max_batch_size,
+        request_batch_max_wait_ms=batch_delay_ms,
+        **{name: value for name, value in options.items() if name not in parallel_fields},
+    )
+    config.enrich_config()  # reads model_index.json: the pipeline class, its transformer config
+    if max_batch_size > 1 and not supports_request_batch(config):
+        logger.info(
+            "%s runs one image at a time in vllm-omni (it declares no request batching); "
+            "--image-max-batch-size %d does not apply.",
+            config.model_class_name,
+            max_batch_size,
+        )
+        config.max_num_seqs = 1
+    return config
+
+
+def to_omni_requests(
+    request: EngineRequest, request_ids: Sequence[str], lora: LoRARequest | None = None
+) -> list[OmniDiffusionRequest]:
+    """One `OmniDiffusionRequest` per image of `request`, with its own seed and a CPU generator;
+    `lora` is vllm-omni's request for `request.lora`."""
+    from vllm_omni.diffusion.request import OmniDiffusionRequest
+    from vllm_omni.inputs.data import OmniDiffusionSamplingParams, OmniTextPrompt
+
+    prompt = OmniTextPrompt(prompt=request.prompt)
+    if request.negative_prompt is not None:
+        prompt["negative_prompt"] = request.negative_prompt
+    sampling: dict[str, Any] = {
+        "height": request.height,
+        "width": request.width,
+        "num_inference_steps": request.num_inference_steps,
+        "num_outputs_per_prompt": 1,
+        "generator_device": "cpu",
+        "emit_request_lifecycle": True,
+    }
+    if request.image is not None:  # an edit, for pipelines that take an input image
+        prompt["multi_modal_data"] = {"image": request.image}
+    if request.strength is not None:
+        sampling["strength"] = request.strength
+    if request.true_cfg_scale is not None:
+        sampling["true_cfg_scale"] = request.true_cfg_scale
+    if request.guidance_scale is not None:
+        sampling["guidance_scale"] = request.guidance_scale
+    if lora is not None:
+        sampling["lora_request"] = lora
+        sampling["lora_scale"] = request.lora_scale
+    return [
+        OmniDiffusionRequest(
+            prompt=dict(prompt),  # one each: vllm-omni's pre-processing may write to it
+            sampling_params=OmniDiffusionSamplingParams(seed=seed, **sampling),
+            request_id=request_id,
+        )
+        for seed, request_id in zip(request.seeds, request_ids, strict=True)
+    ]
+
+
+def refuse_unsupported(request: EngineRequest, model_class_name: str, takes_images: bool) -> None:
+    """Raise `EngineRequestError` for what vllm-omni cannot do with this pipeline."""
+    if request.image is not None and not takes_images:
+        raise EngineRequestError(
+            f"{model_class_name} takes no input image in vllm-omni, so this server "
+            "cannot edit with it; serve an edit model (e.g. Qwen-Image-Edit), or this "
+            "model with --image-engine diffusers (image-to-image)."
+        )
+    if request.mask is not None:
+        raise EngineRequestError(
+            "Masks are not supported by the vllm-omni engine in this version; edit "
+            "without a mask, or serve with --image-engine diffusers (inpainting)."
+        )
+
+
+def classify_failure(error: Exception, check_health: Callable[[], None]) -> EngineError:
+    """This project's exception for a failure vllm-omni reported: the engine's death if
+    `check_health` raises `EngineDiedError`; vllm-omni passes a worker's exception on as its
+    message only, so out of memory is told by its text."""
+    from vllm_omni.errors import OmniClientError
+
+    message = str(error) or type(error).__name__
+    if isinstance(error, OmniClientError):
+        return EngineRequestError(message)
+    try:
+        check_health()
+    except EngineDiedError as died:
+        return died
+    if "out of memory" in message.lower():
+        return EngineOutOfMemoryError(message)
+    return EngineError(message)
