@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import subprocess
 import time
 
 import httpx
@@ -14,9 +13,6 @@ import openai
 import pytest
 from PIL import Image
 
-from testing.server_process import (
-    VLLM,
-)
 from tests.support.images import FAST_STEPS
 from vllm_omni_images.images.encoding import decode_image_base64
 
@@ -189,13 +185,6 @@ def test_core_routes(server):
     tokenize = httpx.post(f"{server}/tokenize", json={"prompt": "x"}, headers=AUTH)
     assert tokenize.status_code == 404
     assert "error" in tokenize.json()
-
-
-def test_plain_vllm_serve_help_still_works():
-    result = subprocess.run([VLLM, "serve", "--help"], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "Frontend" in result.stdout  # vLLM's own option groups
-    assert "ImageTask" in result.stdout  # and ours, listed beside them
 
 
 async def test_32_concurrent_mixed_requests_get_exactly_32_correct_responses(server):

@@ -222,6 +222,27 @@ def test_vllm_serve_refuses_to_start_in_one_line_naming_the_refused_flags(
     assert "--api-key" not in line and "--image-max-batch-size" not in line
 
 
+def test_plain_vllm_serve_help_still_works(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`vllm serve --help` on vLLM's real command line with the plugin registered: vLLM's
+    groups and ours, side by side (`vllm serve --help=ImageTask` runs as a process in the docs
+    test)."""
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    from vllm_omni_images.server.plugin import register
+
+    register()
+    monkeypatch.setattr(sys, "argv", ["vllm", "serve", "--help"])
+    monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    with pytest.raises(SystemExit) as exited:
+        vllm_main()
+    assert exited.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "Frontend" in out  # vLLM's own option groups
+    assert HELP_GROUP in out  # and ours, listed beside them
+
+
 def test_the_table_imports_without_vllm_or_torch() -> None:
     """The launcher reads it before any engine loads: it costs no heavy import."""
     code = (
