@@ -273,6 +273,6 @@ def test_batching_flags_drive_vllm_omnis_batcher(
         str(tiny_model_dir),
         settings.omni_options,
         max_batch_size=settings.batching.max_batch_size,
-        batch_delay_ms=settings.batching.batch_delay_s * 1000,
+        batch_delay_ms=settings.batching.batch_delay_ms,
     )
     assert (config.max_num_seqs, config.request_batch_max_wait_ms) == (8, 20.0)
