@@ -83,7 +83,7 @@ from vllm_omni_images.tiny_model import ensure_tiny_model
 
 ADAPTERS = 3
 MAX_BATCH = 4
-"""The served default (`BatchingConfig`)."""
+"""The served default (`--image-max-batch-size`)."""
 GOAL = 0.8
 """The issue's goal: a mix keeps at least this share of all-base throughput."""
 LORA_OFF = "off"
