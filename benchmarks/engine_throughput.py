@@ -99,7 +99,10 @@ async def run(engine: DiffusersRunner, args: argparse.Namespace) -> list[dict[st
     levels = [int(v) for v in args.levels.split(",")]
     rows = []
     for max_batch in (int(v) for v in args.max_batch_sizes.split(",")):
-        batching = BatchingEngine(SharedRunner(engine), BatchingConfig(max_batch_size=max_batch))
+        batching = BatchingEngine(
+            SharedRunner(engine),
+            BatchingConfig(max_batch_size=max_batch, batch_delay_ms=0, hang_grace_s=60.0),
+        )
         admission = AdmissionConfig(max_queue_images=4096, request_timeout_s=None)
         client = ImageEngineClient(batching, "benchmark", admission)
         try:

@@ -83,7 +83,7 @@ from vllm_omni_images.tiny_model import ensure_tiny_model
 
 ADAPTERS = 3
 MAX_BATCH = 4
-"""The served default (`BatchingConfig`)."""
+"""The served default (`--image-max-batch-size`)."""
 GOAL = 0.8
 """The issue's goal: a mix keeps at least this share of all-base throughput."""
 LORA_OFF = "off"
@@ -212,7 +212,11 @@ async def serve(
 ) -> Served:
     timed = TimedRunner(runner)
     # The served default batching (4 images per call), on a thread at normal priority.
-    engine = BatchingEngine(timed, BatchingConfig(max_batch_size=MAX_BATCH), executor=executor)
+    engine = BatchingEngine(
+        timed,
+        BatchingConfig(max_batch_size=MAX_BATCH, batch_delay_ms=0, hang_grace_s=60.0),
+        executor=executor,
+    )
     for adapter in adapters:
         await engine.add_lora(adapter)
     admission = AdmissionConfig(max_queue_images=4096, request_timeout_s=None)

@@ -36,8 +36,8 @@ def tiny_runner(tiny_model_dir: Path) -> DiffusersRunner:
 async def make_app(serve_parser) -> AsyncIterator[AppFactory]:
     """Build the app as `vllm serve tiny-qwen-image --task image <flags>` would."""
     from vllm_omni_images.engine.batching import BatchingEngine
+    from vllm_omni_images.server.cli_args import ImageTaskArgs
     from vllm_omni_images.server.launcher import (
-        batching_config_from_args,
         build_image_app,
         engine_metrics,
         init_image_app_state,
@@ -60,7 +60,9 @@ async def make_app(serve_parser) -> AsyncIterator[AppFactory]:
         else:
             if not isinstance(engine, DelegatingRunner):
                 engine = DelegatingRunner(engine)  # the shared runner stays open
-            batching = BatchingEngine(engine, batching_config_from_args(args), observer=metrics)
+            batching = BatchingEngine(
+                engine, ImageTaskArgs.from_args(args).batching_config(), observer=metrics
+            )
             client = make_engine_client(batching, args, metrics)
             owned.append(client)
         await init_image_app_state(client, app.state, args)

@@ -23,7 +23,9 @@ async def test_batched_images_match_images_generated_alone(tiny_runner: Diffuser
     ]
     runner = ObservedRunner(tiny_runner)
     # The delay only lets all three arrive before the first batch forms.
-    engine = BatchingEngine(runner, BatchingConfig(max_batch_size=4, batch_delay_s=0.2))
+    engine = BatchingEngine(
+        runner, BatchingConfig(max_batch_size=4, batch_delay_ms=200, hang_grace_s=60.0)
+    )
     try:
         batched = await asyncio.gather(*(images_of(engine.generate(r)) for r in requests))
     finally:

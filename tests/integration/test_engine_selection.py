@@ -74,6 +74,24 @@ def test_omni_flags_with_the_diffusers_engine_stop_the_server(
     assert "--cache-backend, --vae-use-tiling" in message and "no GPU" in message
 
 
+def test_enforce_eager_is_no_omni_only_option(
+    serve_parser: argparse.ArgumentParser, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The diffusers engine never compiles, so it honours --enforce-eager as it is."""
+    from vllm_omni_images.server.launcher import load_engine
+
+    class RunnerBuiltError(Exception):
+        pass
+
+    def runner(*args: object, **kwargs: object) -> None:
+        raise RunnerBuiltError
+
+    monkeypatch.setattr(selection, "has_accelerator", lambda: False)
+    monkeypatch.setattr("vllm_omni_images.engine.diffusers_runner.DiffusersRunner", runner)
+    with pytest.raises(RunnerBuiltError):
+        load_engine(serve_args(serve_parser, "--enforce-eager"))
+
+
 def test_a_folder_that_is_not_a_diffusers_pipeline_stops_the_server_in_one_line(
     serve_parser: argparse.ArgumentParser, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -273,6 +291,6 @@ def test_batching_flags_drive_vllm_omnis_batcher(
         str(tiny_model_dir),
         settings.omni_options,
         max_batch_size=settings.batching.max_batch_size,
-        batch_delay_ms=settings.batching.batch_delay_s * 1000,
+        batch_delay_ms=settings.batching.batch_delay_ms,
     )
     assert (config.max_num_seqs, config.request_batch_max_wait_ms) == (8, 20.0)

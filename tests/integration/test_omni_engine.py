@@ -10,6 +10,7 @@ that dies uses a stand-in executor, since an in-process worker cannot die.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import shutil
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from PIL import Image
 from vllm_omni.diffusion.request import OmniDiffusionRequest
 from vllm_omni.inputs.data import OmniDiffusionSamplingParams
 
+from tests.support.batching import FLAG_DEFAULTS
 from tests.support.engines import images_of, req
 from tests.support.omni import (
     SAME_IMAGE,
@@ -34,7 +36,7 @@ from tests.support.omni import (
 )
 from tests.support.waiting import ENGINE_WAIT_S, until
 from vllm_omni_images.engine.base import EngineRequest, LoRAAdapter, LoRASettings, ModelDefaults
-from vllm_omni_images.engine.client import AdmissionConfig, ImageEngineClient
+from vllm_omni_images.engine.client import ImageEngineClient
 from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
 from vllm_omni_images.engine.errors import (
     EngineDiedError,
@@ -72,7 +74,7 @@ def worker(probe: WorkerProbe) -> Iterator[WorkerProbe]:
 @pytest.fixture
 def client(omni_engine: OmniEngine) -> ImageEngineClient:
     """Admission in front of the shared engine (never closed: that would close the engine)."""
-    return ImageEngineClient(omni_engine, "tiny-qwen-image")
+    return ImageEngineClient(omni_engine, "tiny-qwen-image", FLAG_DEFAULTS.admission_config())
 
 
 async def images_from(client: ImageEngineClient, request: EngineRequest) -> list[Image.Image]:
@@ -191,7 +193,7 @@ async def test_an_edit_model_gets_the_image_as_vllm_omni_takes_it(
     worker.batches.clear()
     try:
         assert engine.takes_images
-        client = ImageEngineClient(engine, "tiny-qwen-image-edit")
+        client = ImageEngineClient(engine, "tiny-qwen-image-edit", FLAG_DEFAULTS.admission_config())
         source = Image.new("RGB", (64, 64), (200, 30, 30))
         [image] = await images_from(client, req(3, image=source, strength=0.7))
         assert image.size == (64, 64)
@@ -424,9 +426,8 @@ async def test_cancel_while_running_drops_the_result_and_serves_the_next(
 
 
 async def test_a_timeout_aborts_the_request(omni_engine: OmniEngine, worker: WorkerProbe) -> None:
-    client = ImageEngineClient(
-        omni_engine, "tiny-qwen-image", AdmissionConfig(request_timeout_s=0.3)
-    )
+    config = dataclasses.replace(FLAG_DEFAULTS.admission_config(), request_timeout_s=0.3)
+    client = ImageEngineClient(omni_engine, "tiny-qwen-image", config)
     worker.hold.clear()
     with pytest.raises(RequestTimeoutError):
         await images_from(client, req(4))

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.support.batching import RecordingObserver
+from tests.support.batching import FLAG_DEFAULTS, RecordingObserver
 from tests.support.engines import hung_error, images_of, req
 from tests.support.omni import (
     SAME_IMAGE,
@@ -69,7 +69,7 @@ async def test_vllm_serve_flags_to_http_five_requests_run_as_four_and_one(
 async def test_shutdown_fails_the_waiting_and_lets_the_running_finish(tiny_model_dir: Path) -> None:
     engine = build_engine(tiny_model_dir, max_batch_size=1)
     worker = WorkerProbe(engine)
-    client = ImageEngineClient(engine, "tiny-qwen-image")
+    client = ImageEngineClient(engine, "tiny-qwen-image", FLAG_DEFAULTS.admission_config())
     worker.hold.clear()
     running = asyncio.create_task(images_of(client.generate(req(1))))
     await until(worker.denoising.is_set, "the worker to start", timeout_s=ENGINE_WAIT_S)
@@ -97,7 +97,7 @@ async def test_shutdown_waits_for_a_stuck_request_no_longer_than_the_hang_grace(
 ) -> None:
     engine = build_engine(tiny_model_dir, max_batch_size=1, hang_grace_s=0.5)
     worker = WorkerProbe(engine)
-    client = ImageEngineClient(engine, "tiny-qwen-image")
+    client = ImageEngineClient(engine, "tiny-qwen-image", FLAG_DEFAULTS.admission_config())
     worker.hold.clear()
     running = asyncio.create_task(images_of(client.generate(req(1))))
     await until(worker.denoising.is_set, "the worker to start", timeout_s=ENGINE_WAIT_S)
@@ -147,7 +147,9 @@ async def test_a_request_joins_a_running_batch_at_a_step_boundary(tiny_model_dir
     engine = build_engine(tiny_model_dir, step_execution=True)
     worker = WorkerProbe(engine)
     observer = RecordingObserver()
-    client = ImageEngineClient(engine, "tiny-qwen-image", observer=observer)
+    client = ImageEngineClient(
+        engine, "tiny-qwen-image", FLAG_DEFAULTS.admission_config(), observer=observer
+    )
     try:
         worker.hold.clear()
         first = asyncio.create_task(images_of(client.generate(req(1, num_inference_steps=6))))

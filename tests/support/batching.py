@@ -19,13 +19,16 @@ from typing import Any
 from PIL import Image
 
 from vllm_omni_images.engine.base import EngineObserver, EngineRequest
-from vllm_omni_images.engine.batching import BatchingConfig, BatchingEngine
+from vllm_omni_images.engine.batching import BatchingEngine
 from vllm_omni_images.engine.client import AdmissionConfig, ImageEngineClient
+from vllm_omni_images.server.cli_args import ImageTaskArgs
 
 from .engines import FakeClock, FakeRunner, colour, images_of
 from .waiting import WAIT_S, until
 
 _ADMISSION_FIELDS = frozenset(field.name for field in dataclasses.fields(AdmissionConfig))
+FLAG_DEFAULTS = ImageTaskArgs()
+"""`vllm serve --task image`'s defaults, the start of the tests' admission and batching."""
 
 
 @dataclass
@@ -66,7 +69,7 @@ async def serving(
 ) -> AsyncIterator[Served]:
     """A batching engine over `runner` (a new `FakeRunner` if none) behind admission, both
     reporting to `observer` and reading `clock` (a `FakeClock` if none). `config` holds
-    `AdmissionConfig` and `BatchingConfig` fields (no batch delay unless asked). Closed at the
+    `AdmissionConfig` and `BatchingConfig` fields (the flags' defaults otherwise). Closed at the
     end with the gate open."""
     runner = runner or FakeRunner()
     clock = clock or FakeClock()
@@ -74,13 +77,17 @@ async def serving(
     batching = {name: value for name, value in config.items() if name not in _ADMISSION_FIELDS}
     engine = BatchingEngine(
         runner,
-        BatchingConfig(**{"batch_delay_s": 0.0, **batching}),
+        dataclasses.replace(FLAG_DEFAULTS.batching_config(), **batching),
         observer=observer,
         clock=clock,
         executor=executor,
     )
     client = ImageEngineClient(
-        engine, "test-model", AdmissionConfig(**admission), observer=observer, clock=clock
+        engine,
+        "test-model",
+        dataclasses.replace(FLAG_DEFAULTS.admission_config(), **admission),
+        observer=observer,
+        clock=clock,
     )
     try:
         async with asyncio.timeout(WAIT_S * 2):

@@ -9,6 +9,7 @@ use `ScriptedEngine`, whose requests the test starts and finishes by hand."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from tests.support.batching import RecordingObserver, assert_images_of, serving
+from tests.support.batching import FLAG_DEFAULTS, RecordingObserver, assert_images_of, serving
 from tests.support.engines import (
     FakeClock,
     FakeRunner,
@@ -28,7 +29,7 @@ from tests.support.engines import (
 )
 from tests.support.waiting import WAIT_S, until
 from vllm_omni_images.engine.base import EngineRequest
-from vllm_omni_images.engine.client import AdmissionConfig, ImageEngineClient
+from vllm_omni_images.engine.client import ImageEngineClient
 from vllm_omni_images.engine.errors import (
     EngineClosedError,
     EngineDiedError,
@@ -51,7 +52,7 @@ def submit(client: ImageEngineClient, request: EngineRequest) -> asyncio.Task[li
 @pytest.mark.parametrize("fields", [{"max_queue_images": 0}, {"request_timeout_s": 0.0}])
 def test_config_rejects_invalid_values(fields: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
-        AdmissionConfig(**fields)
+        dataclasses.replace(FLAG_DEFAULTS.admission_config(), **fields)
 
 
 def test_a_request_without_seeds_cannot_be_made() -> None:
@@ -219,7 +220,8 @@ async def test_observer_sees_queue_waits_steps_and_batches() -> None:
 @pytest.fixture
 async def scripted() -> AsyncIterator[tuple[ImageEngineClient, ScriptedEngine]]:
     engine = ScriptedEngine()
-    client = ImageEngineClient(engine, "test-model", AdmissionConfig(max_queue_images=4))
+    config = dataclasses.replace(FLAG_DEFAULTS.admission_config(), max_queue_images=4)
+    client = ImageEngineClient(engine, "test-model", config)
     yield client, engine
     await client.close()
 
@@ -326,7 +328,9 @@ async def test_running_images_counts_concurrent_requests_started_separately() ->
     started image of the unanswered requests, and never falls to 0 while one still runs."""
     engine = ScriptedEngine()
     observer = RecordingObserver()
-    client = ImageEngineClient(engine, "test-model", observer=observer)
+    client = ImageEngineClient(
+        engine, "test-model", FLAG_DEFAULTS.admission_config(), observer=observer
+    )
     try:
         first = submit(client, req(1, 2))
         second = submit(client, req(3))

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from tests.support.batching import (
+    FLAG_DEFAULTS,
     BrokenObserver,
     RecordingObserver,
     assert_images_of,
@@ -29,7 +30,6 @@ from tests.support.waiting import WAIT_S, until
 from vllm_omni_images.engine.base import EngineOutput, EngineRequest, FinalImages, PreviewImages
 from vllm_omni_images.engine.batch_planning import batch_key
 from vllm_omni_images.engine.batching import (
-    BatchingConfig,
     BatchingEngine,
     PreviewCallback,
     StepCallback,
@@ -58,11 +58,11 @@ def seeds_of(batch: Sequence[EngineRequest]) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    "fields", [{"max_batch_size": 0}, {"batch_delay_s": -0.1}, {"hang_grace_s": 0.0}]
+    "fields", [{"max_batch_size": 0}, {"batch_delay_ms": -0.1}, {"hang_grace_s": 0.0}]
 )
 def test_config_rejects_invalid_values(fields: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
-        BatchingConfig(**fields)
+        dataclasses.replace(FLAG_DEFAULTS.batching_config(), **fields)
 
 
 # Batching and fairness
@@ -141,7 +141,7 @@ async def test_different_keys_run_in_different_batches(runner: FakeRunner) -> No
 
 
 async def test_a_non_full_batch_runs_as_soon_as_company_fills_it(runner: FakeRunner) -> None:
-    async with serving(runner, max_batch_size=2, batch_delay_s=60.0) as served:
+    async with serving(runner, max_batch_size=2, batch_delay_ms=60_000) as served:
         first = served.submit(req(1))
         await until(lambda: served.client.queued_images == 1, "the first request to queue")
         await asyncio.sleep(0.005)  # time passes: alone, it waits for company
@@ -156,7 +156,7 @@ async def test_a_request_that_already_waited_the_delay_does_not_wait_again(
     runner: FakeRunner,
 ) -> None:
     clock = FakeClock()
-    async with serving(runner, clock=clock, max_batch_size=4, batch_delay_s=60.0) as served:
+    async with serving(runner, clock=clock, max_batch_size=4, batch_delay_ms=60_000) as served:
         held = await served.hold(req(100, 101, 102, 103, width=128))
         [task] = await served.submit_queued(req(1))
         clock.now += 61.0
@@ -263,7 +263,7 @@ async def test_exactly_once_delivery_under_concurrent_mixed_load() -> None:
         )
         for i in range(50)
     ]
-    async with serving(runner, max_batch_size=4, batch_delay_s=0.001) as served:
+    async with serving(runner, max_batch_size=4, batch_delay_ms=1) as served:
 
         async def client(request: EngineRequest) -> list[Image.Image]:
             await asyncio.sleep(rng.random() * 0.002)  # arrivals spread over time
@@ -534,7 +534,8 @@ async def test_a_call_that_stops_when_asked_is_not_a_hang() -> None:
 
 
 async def test_close_does_not_wait_for_a_hung_call(runner: FakeRunner) -> None:
-    engine = BatchingEngine(runner, BatchingConfig(hang_grace_s=0.05), clock=FakeClock())
+    config = dataclasses.replace(FLAG_DEFAULTS.batching_config(), hang_grace_s=0.05)
+    engine = BatchingEngine(runner, config, clock=FakeClock())
     runner.gate.clear()
     try:
         stuck = asyncio.create_task(images_of(engine.generate(req(1))))

@@ -1,8 +1,12 @@
 import argparse
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from vllm_omni_images.server.cli_args import (
+    ImageTaskArgs,
     add_image_cli_args,
     asks_for_image_task,
     asks_for_serve_help,
@@ -54,19 +58,28 @@ def test_image_flags_parse_and_are_added_once():
         parser.parse_args(["--task", "video"])
 
 
-def test_the_timeout_reaches_admission_and_the_hang_grace_the_engine(serve_parser):
-    from vllm_omni_images.server.launcher import (
-        admission_config_from_args,
-        batching_config_from_args,
+def test_the_flags_import_no_pil_torch_or_vllm():
+    """The general plugin reads them in every vLLM process, a CPU-only API server included."""
+    code = (
+        "import sys, vllm_omni_images.server.cli_args; "
+        "print(sorted({name.split('.')[0] for name in sys.modules} & {'PIL', 'torch', 'vllm'}))"
     )
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root
+    )
+    assert result.stdout.strip() == "[]"
 
-    defaults = serve_parser.parse_args(["m", "--task", "image"])
-    assert admission_config_from_args(defaults).request_timeout_s == 600.0
-    assert batching_config_from_args(defaults).hang_grace_s == 60.0
+
+def test_the_timeout_reaches_admission_and_the_hang_grace_the_engine(serve_parser):
+    defaults = ImageTaskArgs.from_args(serve_parser.parse_args(["m", "--task", "image"]))
+    assert defaults == ImageTaskArgs(task="image")  # the flags' defaults are the fields'
+    assert defaults.admission_config().request_timeout_s == 600.0
+    assert defaults.batching_config().hang_grace_s == 60.0
     flags = ["--image-request-timeout", "0", "--image-engine-hang-grace", "0"]
-    off = serve_parser.parse_args(["m", "--task", "image", *flags])
-    assert admission_config_from_args(off).request_timeout_s is None
-    assert batching_config_from_args(off).hang_grace_s is None
+    off = ImageTaskArgs.from_args(serve_parser.parse_args(["m", "--task", "image", *flags]))
+    assert off.admission_config().request_timeout_s is None
+    assert off.batching_config().hang_grace_s is None
     with pytest.raises(SystemExit):
         serve_parser.parse_args(["m", "--task", "image", "--image-engine-hang-grace", "-1"])
 
@@ -76,7 +89,7 @@ def test_the_batching_flags_reach_both_engines_in_one_config(serve_parser):
 
     flags = ["--image-max-batch-size", "3", "--image-batch-delay-ms", "250"]
     settings = engine_settings_from_args(serve_parser.parse_args(["m", "--task", "image", *flags]))
-    assert (settings.batching.max_batch_size, settings.batching.batch_delay_s) == (3, 0.25)
+    assert (settings.batching.max_batch_size, settings.batching.batch_delay_ms) == (3, 250)
 
 
 def test_the_lora_flags_reach_the_engines_checked_as_vllm_checks_them(serve_parser):
@@ -108,7 +121,7 @@ def test_the_model_flags_reach_the_engines(serve_parser):
     )
     settings = engine_settings_from_args(args)
     assert (settings.dtype, settings.trust_remote_code) == ("bfloat16", True)
-    assert settings.omni_options["enforce_eager"] is True
+    assert settings.enforce_eager and "enforce_eager" not in settings.omni_options
     assert model_source_from_args(args) == ModelSource(
         revision="v2", download_dir="/models", trust_remote_code=True
     )

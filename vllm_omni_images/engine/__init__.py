@@ -13,12 +13,12 @@
   drives; `previews.py`, its partial images.
 - `omni_engine.py`: vllm-omni's `DiffusionEngine`, which batches by itself.
 - `hang_watch.py`: telling a hung engine from a slow one, for both engines.
-- `selection.py`: `--image-engine` names and `create_engine`.
+- `selection.py`: `choose_engine` and `create_engine`; `names.py`, the `--image-engine` names.
 - `metrics.py`: Prometheus metrics of admission and the engines.
 - `model_folder.py`: what a model folder says; `model_source.py`: a hub id to a folder
   (`--revision`, `--download-dir`); `lora_files.py`: LoRA adapter files, read and checked;
   `cpu_priority.py`: bulk work steps aside.
 
 Modules import what they need from each other directly; this file re-exports nothing, so
-reading a flag's choices does not pull in PIL, torch or the engines.
+reading a flag's choices (`names.py`) does not pull in PIL, torch or the engines.
 """

@@ -5,7 +5,7 @@ the part vllm-omni's own scheduler plays for vllm-omni's pipelines:
 
 1. **Batching.** One worker task takes the oldest waiting request, adds compatible waiting
    requests up to `max_batch_size` images (`batch_planning.form_batch`), waits up to
-   `batch_delay_s` for company when the batch is not full, and runs the batch in one blocking
+   `batch_delay_ms` for company when the batch is not full, and runs the batch in one blocking
    `PipelineRunner.run` call on a single engine thread, one call at a time. LoRA adapters
    take turns: after a batch of one adapter (or of the base model), the oldest request of
    another waits no longer than that one batch.
@@ -123,20 +123,20 @@ class BatchingConfig:
     """How requests are batched (`--image-max-batch-size`, `--image-batch-delay-ms`) and when a
     call is taken as hung (`--image-engine-hang-grace`)."""
 
-    max_batch_size: int = 4
+    max_batch_size: int
     """Images per pipeline call; a single request with more images still runs, alone."""
-    batch_delay_s: float = 0.0
+    batch_delay_ms: float
     """How long a non-full batch waits for compatible company, counted from its oldest
     request's arrival."""
-    hang_grace_s: float | None = 60.0
+    hang_grace_s: float | None
     """How long a call may go on after it was asked to stop before the engine is taken as
     hung; `None`: never."""
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
-        if self.batch_delay_s < 0:
-            raise ValueError(f"batch_delay_s must be >= 0, got {self.batch_delay_s}")
+        if self.batch_delay_ms < 0:
+            raise ValueError(f"batch_delay_ms must be >= 0, got {self.batch_delay_ms}")
         if self.hang_grace_s is not None and self.hang_grace_s <= 0:
             raise ValueError(f"hang_grace_s must be > 0, got {self.hang_grace_s}")
 
@@ -227,14 +227,14 @@ class BatchingEngine(ImageEngine):
     def __init__(
         self,
         runner: PipelineRunner,
-        config: BatchingConfig | None = None,
+        config: BatchingConfig,
         *,
         observer: EngineObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
         executor: concurrent.futures.Executor | None = None,
     ) -> None:
         self.runner = runner
-        self._config = config or BatchingConfig()
+        self._config = config
         self._clock = clock
         self._owns_executor = executor is None
         self._executor = executor or concurrent.futures.ThreadPoolExecutor(
@@ -367,7 +367,7 @@ class BatchingEngine(ImageEngine):
                     self._config.max_batch_size,
                     head.arrival,
                     self._clock(),
-                    self._config.batch_delay_s,
+                    self._config.batch_delay_ms / 1000,
                 )
             if wait_s > 0:
                 # Any arrival re-forms the batch; a timeout means the head waited long enough.

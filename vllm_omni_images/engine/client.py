@@ -74,9 +74,9 @@ class AdmissionConfig:
     """How much waiting work is accepted (`--image-max-queue`) and for how long
     (`--image-request-timeout`)."""
 
-    max_queue_images: int = 256
+    max_queue_images: int
     """Admitted images that have not started, beyond which new requests are refused."""
-    request_timeout_s: float | None = 600.0
+    request_timeout_s: float | None
     """Limit on queue wait plus run time; `None` for none."""
 
     def __post_init__(self) -> None:
@@ -125,7 +125,7 @@ class ImageEngineClient:
         self,
         engine: ImageEngine,
         model_name: str,
-        config: AdmissionConfig | None = None,
+        config: AdmissionConfig,
         *,
         observer: EngineObserver | None = None,
         shutdown_timeout: int = 0,
@@ -134,7 +134,7 @@ class ImageEngineClient:
         self.model_name = model_name
         self.vllm_config = ShutdownConfig(shutdown_timeout)
         self._engine = engine
-        self._config = config or AdmissionConfig()
+        self._config = config
         self._observer = observer or NoObserver()
         self._clock = clock
         self._queued_images = 0

@@ -1,8 +1,7 @@
 """Which engine serves a model: `--image-engine auto|omni|diffusers`, resolved by platform.
 
-Cheap to import (the `vllm serve` flags read `ENGINE_NAMES` in every vLLM process): torch,
-vllm-omni and the engines are imported only when an engine is chosen or built. `auto` asks
-torch for an accelerator first, so a machine without one never imports vllm-omni (~20 s).
+Torch, vllm-omni and the engines are imported only when an engine is chosen or built. `auto`
+asks torch for an accelerator first, so a machine without one never imports vllm-omni (~20 s).
 """
 
 from __future__ import annotations
@@ -16,10 +15,9 @@ from vllm_omni_images.engine.base import EngineObserver, ImageEngine, LoRASettin
 from vllm_omni_images.engine.batching import BatchingConfig
 from vllm_omni_images.engine.errors import EngineUnavailableError
 from vllm_omni_images.engine.model_folder import pipeline_class_name
+from vllm_omni_images.engine.names import ENGINE_NAMES
 
 logger = logging.getLogger(__name__)
-
-ENGINE_NAMES = ("auto", "omni", "diffusers")
 
 
 @dataclass(frozen=True)
@@ -32,15 +30,22 @@ class EngineChoice:
 class EngineSettings:
     """What an engine is built with, beyond the model."""
 
-    batching: BatchingConfig = field(default_factory=lambda: BatchingConfig(max_batch_size=1))
-    """The batching flags: the diffusers engine batches with them; vllm-omni's own scheduler
-    gets the size and delay in its config, and its engine the hang grace."""
+    batching: BatchingConfig = field(
+        default_factory=lambda: BatchingConfig(
+            max_batch_size=1, batch_delay_ms=0, hang_grace_s=None
+        )
+    )
+    """The batching flags (by default none: no batching, no hang watch): the diffusers engine
+    batches with them; vllm-omni's own scheduler gets the size and delay in its config, and its
+    engine the hang grace."""
     omni_options: Mapping[str, Any] = field(default_factory=dict)
     """vllm-omni config fields by their vllm-omni names (`server/cli_args.OMNI_FLAGS`)."""
     dtype: str = "auto"
     """The weights' dtype (`--dtype`): `auto` is float32 on the CPU and bfloat16 on a GPU."""
     trust_remote_code: bool = False
     """Whether a pipeline's own code in its folder may run (`--trust-remote-code`)."""
+    enforce_eager: bool = False
+    """Keep vllm-omni from compiling the model (`--enforce-eager`); diffusers never compiles."""
     lora: LoRASettings | None = None
     """`--enable-lora`'s limits; `None`: no adapters."""
 
@@ -160,12 +165,14 @@ def create_engine(
             options["dtype"] = DTYPES.get(settings.dtype, settings.dtype)
         if settings.trust_remote_code:
             options["trust_remote_code"] = True
+        if settings.enforce_eager:
+            options["enforce_eager"] = True
         return OmniEngine(
             build_omni_config(
                 model_path,
                 options,
                 max_batch_size=batching.max_batch_size,
-                batch_delay_ms=batching.batch_delay_s * 1000,
+                batch_delay_ms=batching.batch_delay_ms,
                 lora=settings.lora,
             ),
             hang_grace_s=batching.hang_grace_s,
@@ -173,9 +180,14 @@ def create_engine(
             lora=settings.lora,
         )
     if settings.omni_options:
+        # vllm-omni's option names are its flags' (`--cache-backend`), and vLLM's too.
+        flags = [f"--{name.replace('_', '-')}" for name in settings.omni_options]
+        one = len(flags) == 1
         raise EngineUnavailableError(
-            f"Only the vllm-omni engine understands {', '.join(sorted(settings.omni_options))}; "
-            f"the diffusers engine was chosen ({choice.reason})."
+            f"{', '.join(flags)}: only the vllm-omni engine understands "
+            f"{'this option' if one else 'these options'}, and this server uses the diffusers "
+            f"engine ({choice.reason}). Drop {'it' if one else 'them'}, or serve on a GPU with "
+            "--image-engine omni."
         )
     from vllm_omni_images.engine.batching import BatchingEngine
     from vllm_omni_images.engine.diffusers_runner import DiffusersRunner

@@ -1,214 +1,269 @@
 """The `vllm serve` flags this plugin adds, and how to tell that a command line asks for them.
 
 Imported by the general plugin in every vLLM process, so it imports nothing heavy: the
-launcher turns the parsed flags into engine, batching and admission settings.
+configs the flags fill are imported where they are made.
 """
 
-from __future__ import annotations
-
 import argparse
+import ast
+import inspect
+import itertools
 import json
+import math
+import sys
+import textwrap
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
-from vllm_omni_images.engine.selection import ENGINE_NAMES
+from vllm_omni_images.engine.names import ENGINE_NAMES, EngineName
+from vllm_omni_images.images.limits import ImageLimits, MiB
+
+if TYPE_CHECKING:
+    from vllm_omni_images.engine.batching import BatchingConfig
+    from vllm_omni_images.engine.client import AdmissionConfig
 
 IMAGE_TASK = "image"
 HELP_GROUP = "ImageTask"  # `vllm serve --help=ImageTask` lists the image options
 IMAGE_URL_MODES = ("server", "presigned")
+DEFAULT_STORE_MAX_MB = 1024.0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _http_url(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise argparse.ArgumentTypeError(f"must be an http(s)://host[/path] URL, got {text}")
+    return text.rstrip("/")
+
+
+def _pixel_count(text: str) -> int:
+    """A number of pixels: `4194304` or `2048x2048`."""
+    width, separator, height = text.lower().partition("x")
+    try:
+        value = int(width) * int(height) if separator else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a number of pixels or WIDTHxHEIGHT, got {text}"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 pixel, got {text}")
+    return value
+
+
+def _mib_bytes(mib: float) -> int:
+    return max(1, int(mib * MiB)) if math.isfinite(mib) else sys.maxsize
+
+
+@dataclass(frozen=True)
+class ImageTaskArgs:
+    """Serve a diffusion model through the OpenAI Images API with `--task image` (from the
+    vllm-omni-images plugin)."""
+
+    # Each field is a flag (`--image-max-queue`): its docstring is the help, its metadata the
+    # other argparse options (a checking `type`, `choices`, `metavar`).
+    task: Literal["image"] | None = field(default=None, metadata={"choices": [IMAGE_TASK]})
+    """Serve the model for this task instead of text generation. `image` serves the OpenAI
+    Images API (POST /v1/images/generations) for a diffusion model; the model may be a
+    diffusers pipeline folder, a hub id, or `tiny-qwen-image` (a tiny embedded model that
+    needs no download)."""
+    image_engine: EngineName = field(default="auto", metadata={"choices": ENGINE_NAMES})
+    """Which engine runs the diffusion model. `omni` is vllm-omni's diffusion engine (its
+    pipelines, batching, parallelism, caches, offload; on a GPU, or on the CPU through this
+    package's platform plugin); `diffusers` serves any diffusers pipeline on CPU or GPU; `auto`
+    picks omni when vllm-omni finds a GPU and has the model's pipeline (model_index.json's
+    class) in its registry, diffusers otherwise, and logs why."""
+    image_max_batch_size: int = field(default=4, metadata={"type": _positive_int})
+    """Most images generated in one pipeline call. Compatible requests (same size, steps and
+    guidance) share a call; a request's `n` images count each. 1 turns batching off. A single
+    request with more images still runs, alone."""
+    image_batch_delay_ms: float = field(default=0.0, metadata={"type": _non_negative_float})
+    """How long an idle engine holds a batch that is not full, waiting for compatible company
+    (counted from the arrival of its oldest request). Batches form anyway from requests that
+    queue while the engine is busy, so 0 adds no latency to a lone request; a few ms can group
+    bursts that arrive at an idle engine."""
+    image_max_queue: int = field(default=256, metadata={"type": _positive_int})
+    """Most images waiting for the engine. Beyond it requests get 429 with a Retry-After
+    header."""
+    image_request_timeout: float = field(default=600.0, metadata={"type": _non_negative_float})
+    """Seconds a request may wait and run before it fails with a timeout error (504); its work
+    stops at the next denoising step. 0 means no limit."""
+    image_engine_hang_grace: float = field(default=60.0, metadata={"type": _non_negative_float})
+    """Seconds an engine call may go on after every request in it timed out or went away (it
+    is asked to stop at its next denoising step). Past that the engine is taken as hung:
+    /health answers 503 and requests fail with 503 until the call returns. Raise it where one
+    step (or the VAE decode) can take longer, e.g. a large model on a CPU; 0 turns the check
+    off."""
+    image_store_dir: str | None = None
+    """Folder for the images of `response_format: url` requests (served at /images/files/<random
+    name> without an API key: the URL is the secret). Default: a new temporary folder per
+    server."""
+    image_store_url: str | None = field(default=None, metadata={"metavar": "s3://BUCKET[/PREFIX]"})
+    """Keep the images of `response_format: url` requests in an S3-compatible bucket instead of
+    a local folder, so that every replica sharing it answers every URL. Configured by the
+    standard AWS_* environment (credentials, AWS_REGION, AWS_ENDPOINT_URL for MinIO, Ceph, R2,
+    GCS); the bucket must exist. See docs/deployment.md."""
+    image_urls: Literal["server", "presigned"] = field(
+        default="server", metadata={"choices": IMAGE_URL_MODES}
+    )
+    """What an image URL points at: `server`, the server's own /images/files/<name> (any
+    replica answers it from the store); or `presigned`, a presigned URL of the object in the
+    --image-store-url bucket, valid for --image-url-ttl (at most 7 days)."""
+    image_url_base: str | None = field(default=None, metadata={"type": _http_url, "metavar": "URL"})
+    """The public address image URLs start with (with --image-urls server):
+    <URL>/images/files/<name>. Default: the address the request came to, with vLLM's
+    --root-path. Set it behind a router that does not pass the client's Host on
+    (production-stack's), to an address that reaches the replicas' /images/files/."""
+    image_url_ttl: float = field(default=3600.0, metadata={"type": _positive_float})
+    """Seconds an image URL works; then it answers 404 and the image is removed."""
+    image_store_max_mb: float | None = field(default=None, metadata={"type": _positive_float})
+    """Most disk the images in --image-store-dir may use; beyond it the oldest go first.
+    Default: 1024. (A bucket's size is the store's to limit.)"""
+
+    # What one request may ask for and send, refused before any work (docs/image_api.md).
+    image_max_json_mb: float = field(default=1.0, metadata={"type": _positive_float})
+    """Largest JSON body (generations), in MiB; a larger one is refused with 413 before it is
+    read (from its Content-Length), or as soon as what was read passes it."""
+    image_max_form_mb: float | None = field(default=None, metadata={"type": _positive_float})
+    """Largest form body (edits, variations), in MiB, refused like a JSON body. Default: room
+    for the input image and a mask at their largest, even as data: URLs, plus 1 MiB (4 x
+    --image-max-input-mb + 1: 81 MiB)."""
+    image_max_prompt_chars: int = field(default=32_000, metadata={"type": _positive_int})
+    """Longest prompt (and negative_prompt), in characters; longer is a 400."""
+    image_max_pixels: int | None = field(default=None, metadata={"type": _pixel_count})
+    """Most pixels of one generated image (a number, or WIDTHxHEIGHT); a larger size is a 400.
+    Default: the model's limit (2048x2048 unless its folder's vllm_omni_images.json says
+    otherwise)."""
+    image_max_request_pixels: int = field(default=4 * 2048 * 2048, metadata={"type": _pixel_count})
+    """Most pixels of one request's images together (n x width x height; a number or
+    WIDTHxHEIGHT); more is a 400 naming n. Default: four 2048x2048 images."""
+    image_max_input_images: int = field(default=1, metadata={"type": _positive_int})
+    """Most images one edit or variation may send (the mask aside); more is a 400, refused
+    before any is decoded. It can only lower what the engines edit at once, one image: a
+    larger value changes nothing (the log says so at start-up)."""
+    image_max_input_mb: float = field(default=20.0, metadata={"type": _positive_float})
+    """Largest input image or mask (a file, a data: URL, a fetched URL), in MiB; larger is a
+    413."""
+    image_max_input_pixels: int = field(default=4096 * 4096, metadata={"type": _pixel_count})
+    """Most pixels of an input image or mask (a number or WIDTHxHEIGHT), read from its header
+    before it is decoded; more is a 400."""
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "ImageTaskArgs":
+        """The image flags of a parsed `vllm serve` command line."""
+        return cls(**{flag.name: getattr(args, flag.name) for flag in fields(cls)})
+
+    def admission_config(self) -> "AdmissionConfig":
+        from vllm_omni_images.engine.client import AdmissionConfig
+
+        return AdmissionConfig(
+            max_queue_images=self.image_max_queue,
+            request_timeout_s=self.image_request_timeout or None,
+        )
+
+    def batching_config(self) -> "BatchingConfig":
+        """For the engine that batches a diffusers pipeline, and vllm-omni's scheduler."""
+        from vllm_omni_images.engine.batching import BatchingConfig
+
+        return BatchingConfig(
+            max_batch_size=self.image_max_batch_size,
+            batch_delay_ms=self.image_batch_delay_ms,
+            hang_grace_s=self.image_engine_hang_grace or None,
+        )
+
+    def image_limits(self) -> ImageLimits:
+        form_mb = self.image_max_form_mb
+        return ImageLimits(
+            max_json_bytes=_mib_bytes(self.image_max_json_mb),
+            max_form_bytes=None if form_mb is None else _mib_bytes(form_mb),
+            max_prompt_chars=self.image_max_prompt_chars,
+            max_pixels=self.image_max_pixels,
+            max_request_pixels=self.image_max_request_pixels,
+            max_input_images=self.image_max_input_images,
+            max_input_bytes=_mib_bytes(self.image_max_input_mb),
+            max_input_pixels=self.image_max_input_pixels,
+        )
+
+    @property
+    def store_max_bytes(self) -> int:
+        """The local folder's size limit (`--image-store-max-mb`, 1024 MiB if unset)."""
+        return _mib_bytes(self.image_store_max_mb or DEFAULT_STORE_MAX_MB)
+
+
+def _one_line(text: str | None) -> str:
+    return " ".join((text or "").split())
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The string after each field of `cls`, on one line (what vLLM's `get_attr_docs` reads,
+    without importing vLLM: the flag table builds this parser in a process without it)."""
+    [node] = ast.parse(textwrap.dedent(inspect.getsource(cls))).body
+    assert isinstance(node, ast.ClassDef)
+    docs = {}
+    for assign, doc in itertools.pairwise(node.body):
+        if (
+            isinstance(assign, ast.AnnAssign)
+            and isinstance(assign.target, ast.Name)
+            and isinstance(doc, ast.Expr)
+            and isinstance(doc.value, ast.Constant)
+            and isinstance(doc.value.value, str)
+        ):
+            docs[assign.target.id] = _one_line(doc.value.value)
+    return docs
 
 
 def add_image_cli_args(parser: argparse.ArgumentParser) -> None:
-    """Add `--task` and the image options to a `vllm serve` parser (idempotent)."""
+    """Add `--task` and the image options to a `vllm serve` parser (idempotent): the fields of
+    `ImageTaskArgs` as vLLM adds its `FrontendArgs`, then vllm-omni's options."""
     if any("--task" in action.option_strings for action in parser._actions):
         return
-    group = parser.add_argument_group(
-        HELP_GROUP,
-        "Serve a diffusion model through the OpenAI Images API with `--task image` "
-        "(from the vllm-omni-images plugin).",
-    )
-    group.add_argument(
-        "--task",
-        choices=[IMAGE_TASK],
-        default=None,
-        help="Serve the model for this task instead of text generation. `image` serves "
-        "the OpenAI Images API (POST /v1/images/generations) for a diffusion model; the "
-        "model may be a diffusers pipeline folder, a hub id, or `tiny-qwen-image` (a tiny "
-        "embedded model that needs no download).",
-    )
-    group.add_argument(
-        "--image-engine",
-        choices=ENGINE_NAMES,
-        default="auto",
-        help="Which engine runs the diffusion model. `omni` is vllm-omni's diffusion engine "
-        "(its pipelines, batching, parallelism, caches, offload; on a GPU, or on the CPU "
-        "through this package's platform plugin); `diffusers` serves any diffusers pipeline "
-        "on CPU or GPU; `auto` picks omni when vllm-omni finds a GPU and has the model's "
-        "pipeline (model_index.json's class) in its registry, diffusers otherwise, and logs "
-        "why.",
-    )
-    group.add_argument(
-        "--image-max-batch-size",
-        type=_positive_int,
-        default=4,
-        help="Most images generated in one pipeline call. Compatible requests (same size, "
-        "steps and guidance) share a call; a request's `n` images count each. 1 turns "
-        "batching off. A single request with more images still runs, alone.",
-    )
-    group.add_argument(
-        "--image-batch-delay-ms",
-        type=_non_negative_float,
-        default=0.0,
-        help="How long an idle engine holds a batch that is not full, waiting for compatible "
-        "company (counted from the arrival of its oldest request). Batches form anyway from "
-        "requests that queue while the engine is busy, so 0 adds no latency to a lone "
-        "request; a few ms can group bursts that arrive at an idle engine.",
-    )
-    group.add_argument(
-        "--image-max-queue",
-        type=_positive_int,
-        default=256,
-        help="Most images waiting for the engine. Beyond it requests get 429 with a "
-        "Retry-After header.",
-    )
-    group.add_argument(
-        "--image-request-timeout",
-        type=_non_negative_float,
-        default=600.0,
-        help="Seconds a request may wait and run before it fails with a timeout error "
-        "(504); its work stops at the next denoising step. 0 means no limit.",
-    )
-    group.add_argument(
-        "--image-engine-hang-grace",
-        type=_non_negative_float,
-        default=60.0,
-        help="Seconds an engine call may go on after every request in it timed out or went "
-        "away (it is asked to stop at its next denoising step). Past that the engine is taken "
-        "as hung: /health answers 503 and requests fail with 503 until the call returns. "
-        "Raise it where one step (or the VAE decode) can take longer, e.g. a large model on a "
-        "CPU; 0 turns the check off.",
-    )
-
-    group.add_argument(
-        "--image-store-dir",
-        default=None,
-        help="Folder for the images of `response_format: url` requests (served at "
-        "/images/files/<random name> without an API key: the URL is the secret). Default: a "
-        "new temporary folder per server.",
-    )
-    group.add_argument(
-        "--image-store-url",
-        default=None,
-        metavar="s3://BUCKET[/PREFIX]",
-        help="Keep the images of `response_format: url` requests in an S3-compatible bucket "
-        "instead of a local folder, so that every replica sharing it answers every URL. "
-        "Configured by the standard AWS_* environment (credentials, AWS_REGION, "
-        "AWS_ENDPOINT_URL for MinIO, Ceph, R2, GCS); the bucket must exist. See "
-        "docs/deployment.md.",
-    )
-    group.add_argument(
-        "--image-urls",
-        choices=IMAGE_URL_MODES,
-        default="server",
-        help="What an image URL points at: `server`, the server's own /images/files/<name> "
-        "(any replica answers it from the store); or `presigned`, a presigned URL of the "
-        "object in the --image-store-url bucket, valid for --image-url-ttl (at most 7 days).",
-    )
-    group.add_argument(
-        "--image-url-base",
-        type=_http_url,
-        default=None,
-        metavar="URL",
-        help="The public address image URLs start with (with --image-urls server): "
-        "<URL>/images/files/<name>. Default: the address the request came to, with vLLM's "
-        "--root-path. Set it behind a router that does not pass the client's Host on "
-        "(production-stack's), to an address that reaches the replicas' /images/files/.",
-    )
-    group.add_argument(
-        "--image-url-ttl",
-        type=_positive_float,
-        default=3600.0,
-        help="Seconds an image URL works; then it answers 404 and the image is removed.",
-    )
-    group.add_argument(
-        "--image-store-max-mb",
-        type=_positive_float,
-        default=None,
-        help="Most disk the images in --image-store-dir may use; beyond it the oldest go "
-        "first. Default: 1024. (A bucket's size is the store's to limit.)",
-    )
-    _add_limit_args(group)
+    group = parser.add_argument_group(HELP_GROUP, _one_line(ImageTaskArgs.__doc__))
+    docs = _field_docs(ImageTaskArgs)
+    for flag in fields(ImageTaskArgs):
+        group.add_argument(
+            f"--{flag.name.replace('_', '-')}",
+            default=flag.default,
+            help=docs[flag.name].replace("%", "%%"),
+            **flag.metadata,
+        )
     # vllm-omni's own options, under the names `vllm serve --omni` gives them, so its command
     # lines carry over. Only the omni engine understands them (a start-up error otherwise).
-    for flag in OMNI_FLAGS:
-        options: dict[str, Any] = {"dest": flag.dest, "default": None, **flag.argparse}
-        if "action" not in options:
-            options["metavar"] = flag.config_field.upper()  # as vllm-omni's help shows it
-        group.add_argument(*flag.flags, **options)
+    for omni_flag in OMNI_FLAGS:
+        omni_options: dict[str, Any] = {
+            "dest": omni_flag.dest,
+            "default": None,
+            **omni_flag.argparse,
+        }
+        if "action" not in omni_options:
+            omni_options["metavar"] = omni_flag.config_field.upper()  # as vllm-omni's help
+        group.add_argument(*omni_flag.flags, **omni_options)
 
 
-def _add_limit_args(group: argparse._ArgumentGroup) -> None:
-    """What one request may ask for and send, refused before any work (docs/image_api.md)."""
-    group.add_argument(
-        "--image-max-json-mb",
-        type=_positive_float,
-        default=1.0,
-        help="Largest JSON body (generations), in MiB; a larger one is refused with 413 "
-        "before it is read (from its Content-Length), or as soon as what was read passes it.",
-    )
-    group.add_argument(
-        "--image-max-form-mb",
-        type=_positive_float,
-        default=None,
-        help="Largest form body (edits, variations), in MiB, refused like a JSON body. "
-        "Default: room for the input image and a mask at their largest, even as data: "
-        "URLs, plus 1 MiB (4 x --image-max-input-mb + 1: 81 MiB).",
-    )
-    group.add_argument(
-        "--image-max-prompt-chars",
-        type=_positive_int,
-        default=32_000,
-        help="Longest prompt (and negative_prompt), in characters; longer is a 400.",
-    )
-    group.add_argument(
-        "--image-max-pixels",
-        type=_pixel_count,
-        default=None,
-        help="Most pixels of one generated image (a number, or WIDTHxHEIGHT); a larger "
-        "size is a 400. Default: the model's limit (2048x2048 unless its folder's "
-        "vllm_omni_images.json says otherwise).",
-    )
-    group.add_argument(
-        "--image-max-request-pixels",
-        type=_pixel_count,
-        default=4 * 2048 * 2048,
-        help="Most pixels of one request's images together (n x width x height; a number "
-        "or WIDTHxHEIGHT); more is a 400 naming n. Default: four 2048x2048 images.",
-    )
-    group.add_argument(
-        "--image-max-input-images",
-        type=_positive_int,
-        default=1,
-        help="Most images one edit or variation may send (the mask aside); more is a 400, "
-        "refused before any is decoded. It can only lower what the engines edit at once, "
-        "one image: a larger value changes nothing (the log says so at start-up).",
-    )
-    group.add_argument(
-        "--image-max-input-mb",
-        type=_positive_float,
-        default=20.0,
-        help="Largest input image or mask (a file, a data: URL, a fetched URL), in MiB; "
-        "larger is a 413.",
-    )
-    group.add_argument(
-        "--image-max-input-pixels",
-        type=_pixel_count,
-        default=4096 * 4096,
-        help="Most pixels of an input image or mask (a number or WIDTHxHEIGHT), read from "
-        "its header before it is decoded; more is a 400.",
-    )
+def served_model_names(args: argparse.Namespace) -> list[str]:
+    """The names requests may ask for (`--served-model-name`, else the model); the first one
+    labels the metrics."""
+    return [str(name) for name in args.served_model_name or [args.model]]
 
 
 @dataclass(frozen=True)
@@ -334,9 +389,8 @@ OMNI_FLAGS: tuple[OmniFlag, ...] = (
 
 def omni_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The vllm-omni config fields the command line sets, by their vllm-omni names: the flags
-    above, and three of vLLM's own that vllm-omni reads too (--tensor-parallel-size above 1,
-    --distributed-executor-backend: `mp`, `uni` or a `DiffusionExecutor` class's path, and
-    --enforce-eager, which keeps vllm-omni from compiling the model)."""
+    above, and two of vLLM's own that vllm-omni reads too (--tensor-parallel-size above 1, and
+    --distributed-executor-backend: `mp`, `uni` or a `DiffusionExecutor` class's path)."""
     options = {
         flag.config_field: getattr(args, flag.dest)
         for flag in OMNI_FLAGS
@@ -346,61 +400,7 @@ def omni_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         options["tensor_parallel_size"] = args.tensor_parallel_size
     if getattr(args, "distributed_executor_backend", None) is not None:
         options["distributed_executor_backend"] = args.distributed_executor_backend
-    if getattr(args, "enforce_eager", False):
-        options["enforce_eager"] = True
     return options
-
-
-def omni_flags_given(args: argparse.Namespace) -> list[str]:
-    """The vllm-omni-only flags on the command line, as the user would spell them."""
-    given = [flag.flags[0] for flag in OMNI_FLAGS if getattr(args, flag.dest, None) is not None]
-    if getattr(args, "tensor_parallel_size", 1) > 1:
-        given.append("--tensor-parallel-size")
-    if getattr(args, "distributed_executor_backend", None) is not None:
-        given.append("--distributed-executor-backend")
-    return given
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:  # also refuses NaN
-        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
-    return value
-
-
-def _http_url(text: str) -> str:
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
-        raise argparse.ArgumentTypeError(f"must be an http(s)://host[/path] URL, got {text}")
-    return text.rstrip("/")
-
-
-def _pixel_count(text: str) -> int:
-    """A number of pixels: `4194304` or `2048x2048`."""
-    width, separator, height = text.lower().partition("x")
-    try:
-        value = int(width) * int(height) if separator else int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"must be a number of pixels or WIDTHxHEIGHT, got {text}"
-        ) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 pixel, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:  # also refuses NaN
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
 
 
 def _is_serve_command(argv: Sequence[str]) -> bool:

@@ -6,9 +6,7 @@ import asyncio
 import atexit
 import io
 import logging
-import math
 import shutil
-import sys
 import tempfile
 from argparse import Namespace
 from pathlib import Path
@@ -17,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI
 from starlette.datastructures import State
 
-from vllm_omni_images.server.cli_args import IMAGE_TASK
+from vllm_omni_images.server.cli_args import IMAGE_TASK, ImageTaskArgs, served_model_names
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -73,7 +71,7 @@ class ImagesEndpointPlugin:
             image_url_base=args.image_url_base,
             fetch_remote_image=remote_image_fetcher(args, limits),
             limits=limits,
-            request_metrics=RequestMetrics((args.served_model_name or [args.model])[0]),
+            request_metrics=RequestMetrics(served_model_names(args)[0]),
             seed=args.seed,
         )
 
@@ -82,7 +80,7 @@ def limits_from_args(args: Namespace) -> ImageLimits:
     """The `--image-max-*` flags as the limits the routes and the serving object apply.
     `--image-max-input-images` can only lower what the engines edit at once: a value above it
     is said in the log, not silently dropped."""
-    from vllm_omni_images.images.limits import EDIT_INPUT_IMAGES, ImageLimits
+    from vllm_omni_images.images.limits import EDIT_INPUT_IMAGES
 
     if args.image_max_input_images > EDIT_INPUT_IMAGES:
         logger.warning(
@@ -91,21 +89,7 @@ def limits_from_args(args: Namespace) -> ImageLimits:
             args.image_max_input_images,
             EDIT_INPUT_IMAGES,
         )
-    form_mb = args.image_max_form_mb
-    return ImageLimits(
-        max_json_bytes=_mib_bytes(args.image_max_json_mb),
-        max_form_bytes=None if form_mb is None else _mib_bytes(form_mb),
-        max_prompt_chars=args.image_max_prompt_chars,
-        max_pixels=args.image_max_pixels,
-        max_request_pixels=args.image_max_request_pixels,
-        max_input_images=args.image_max_input_images,
-        max_input_bytes=_mib_bytes(args.image_max_input_mb),
-        max_input_pixels=args.image_max_input_pixels,
-    )
-
-
-def _mib_bytes(mib: float) -> int:
-    return max(1, int(mib * 1024 * 1024)) if math.isfinite(mib) else sys.maxsize
+    return ImageTaskArgs.from_args(args).image_limits()
 
 
 def remote_image_fetcher(args: Namespace, limits: ImageLimits) -> RemoteImageFetcher | None:
@@ -161,9 +145,6 @@ def remote_image_fetcher(args: Namespace, limits: ImageLimits) -> RemoteImageFet
     return fetch
 
 
-DEFAULT_STORE_MAX_MB = 1024.0
-
-
 def image_store_from_args(args: Namespace) -> ImageStore:
     """The store of `--image-store-dir` / `--image-store-url`; raises `ImageStoreError` for
     flags that do not go together (nothing is reached yet: `ImageStore.check` does that)."""
@@ -205,7 +186,8 @@ def image_store_from_args(args: Namespace) -> ImageStore:
     if directory is None:  # a folder of this server's own, gone when it exits
         directory = tempfile.mkdtemp(prefix="vllm-omni-images-")
         atexit.register(shutil.rmtree, directory, ignore_errors=True)
-    max_mb = args.image_store_max_mb or DEFAULT_STORE_MAX_MB
     return LocalImageStore(
-        Path(directory), ttl_s=args.image_url_ttl, max_bytes=int(max_mb * 1024 * 1024)
+        Path(directory),
+        ttl_s=args.image_url_ttl,
+        max_bytes=ImageTaskArgs.from_args(args).store_max_bytes,
     )

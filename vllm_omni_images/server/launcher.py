@@ -18,8 +18,7 @@ from vllm.logger import init_logger
 from vllm.tasks import SupportedTask
 
 from vllm_omni_images.engine.base import ImageEngine, LoRASettings
-from vllm_omni_images.engine.batching import BatchingConfig
-from vllm_omni_images.engine.client import AdmissionConfig, ImageEngineClient
+from vllm_omni_images.engine.client import ImageEngineClient
 from vllm_omni_images.engine.errors import EngineUnavailableError
 from vllm_omni_images.engine.metrics import ModelMetrics, image_metrics
 from vllm_omni_images.engine.model_source import ModelSource, local_model_path
@@ -28,8 +27,9 @@ from vllm_omni_images.images.file_store import ImageStore, ImageStoreError
 from vllm_omni_images.server import vllm_patches
 from vllm_omni_images.server.cli_args import (
     IMAGE_TASK,
-    omni_flags_given,
+    ImageTaskArgs,
     omni_options_from_args,
+    served_model_names,
 )
 from vllm_omni_images.server.endpoint import ImagesEndpointPlugin, image_store_from_args
 from vllm_omni_images.server.model_registry import serving_models_from_args
@@ -53,30 +53,9 @@ def build_image_app(args: argparse.Namespace) -> FastAPI:
     return app
 
 
-def served_name(args: argparse.Namespace) -> str:
-    return str((args.served_model_name or [args.model])[0])
-
-
 def engine_metrics(args: argparse.Namespace) -> ModelMetrics:
     """Where admission and the engine report (`/metrics`), labelled with the served name."""
-    return ModelMetrics(image_metrics(), served_name(args))
-
-
-def admission_config_from_args(args: argparse.Namespace) -> AdmissionConfig:
-    return AdmissionConfig(
-        max_queue_images=args.image_max_queue,
-        request_timeout_s=args.image_request_timeout or None,
-    )
-
-
-def batching_config_from_args(args: argparse.Namespace) -> BatchingConfig:
-    """The batching flags, for the engine that batches a diffusers pipeline (vllm-omni gets
-    them in its own config: `engine_settings_from_args`)."""
-    return BatchingConfig(
-        max_batch_size=args.image_max_batch_size,
-        batch_delay_s=args.image_batch_delay_ms / 1000,
-        hang_grace_s=args.image_engine_hang_grace or None,
-    )
+    return ModelMetrics(image_metrics(), served_model_names(args)[0])
 
 
 def make_engine_client(
@@ -86,7 +65,7 @@ def make_engine_client(
     return ImageEngineClient(
         engine,
         model_name=args.model,
-        config=admission_config_from_args(args),
+        config=ImageTaskArgs.from_args(args).admission_config(),
         observer=metrics,
         shutdown_timeout=args.shutdown_timeout,
     )
@@ -150,10 +129,11 @@ def model_source_from_args(args: argparse.Namespace) -> ModelSource:
 
 def engine_settings_from_args(args: argparse.Namespace) -> EngineSettings:
     return EngineSettings(
-        batching=batching_config_from_args(args),
+        batching=ImageTaskArgs.from_args(args).batching_config(),
         omni_options=omni_options_from_args(args),
         dtype=args.dtype,
         trust_remote_code=args.trust_remote_code,
+        enforce_eager=args.enforce_eager,
         lora=lora_settings_from_args(args),
     )
 
@@ -170,13 +150,6 @@ def load_engine(args: argparse.Namespace, metrics: ModelMetrics | None = None) -
             "the hub id of one, or tiny-qwen-image."
         ) from error
     choice = choose_engine(args.image_engine, model_path)
-    if choice.name != "omni" and (flags := omni_flags_given(args)):
-        raise EngineUnavailableError(
-            f"{', '.join(flags)}: only the vllm-omni engine understands "
-            f"{'this option' if len(flags) == 1 else 'these options'}, and this server uses "
-            f"the diffusers engine ({choice.reason}). Drop {'it' if len(flags) == 1 else 'them'}, "
-            "or serve on a GPU with --image-engine omni."
-        )
     try:
         return create_engine(model_path, choice, settings=settings, observer=metrics)
     except OSError as error:

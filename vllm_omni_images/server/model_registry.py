@@ -22,6 +22,7 @@ from vllm.entrypoints.serve.engine.protocol import (
 from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
 
 from vllm_omni_images.engine.errors import LoRAAdapterError
+from vllm_omni_images.server.cli_args import served_model_names
 
 if TYPE_CHECKING:
     from vllm.engine.protocol import EngineClient
@@ -98,8 +99,7 @@ class _ServedModel:
 
 
 def base_model_paths(args: Namespace) -> list[BaseModelPath]:
-    names = args.served_model_name or [args.model]
-    return [BaseModelPath(name=name, model_path=args.model) for name in names]
+    return [BaseModelPath(name=name, model_path=args.model) for name in served_model_names(args)]
 
 
 def serving_models_from_args(
