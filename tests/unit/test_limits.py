@@ -12,12 +12,7 @@ from pydantic import ValidationError
 from vllm.exceptions import VLLMValidationError
 
 from vllm_omni_images.engine.base import ModelDefaults
-from vllm_omni_images.images.errors import (
-    describe_validation_errors,
-    echo,
-    error_response,
-    printable,
-)
+from vllm_omni_images.images.errors import describe_validation_errors, error_response
 from vllm_omni_images.images.limits import ImageLimits, MiB
 from vllm_omni_images.images.protocol import ImageGenerationRequest
 from vllm_omni_images.server.cli_args import add_image_cli_args
@@ -150,30 +145,6 @@ def test_pixels_per_image_and_per_request() -> None:
     small_model = ModelDefaults(64, 64, 2, 16, max_pixels=32 * 32)
     with pytest.raises(VLLMValidationError):
         ImageGenerationRequest(prompt="p", size="48x48").to_engine_request(small_model, "id")
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("plain id-42", "plain id-42"),
-        ("a\nb\r\x1b[2Kc", "a\\nb\\r\\x1b[2Kc"),
-        ("\u202eevil\u2028", "\\u202eevil\\u2028"),  # bidi override, line separator
-        ("x" * 20, "x" * 8 + "..."),
-    ],
-)
-def test_printable_escapes_control_characters_and_cuts(text: str, expected: str) -> None:
-    assert printable(text, 8 if len(text) == 20 else 100) == expected
-
-
-def test_echo_is_short_whatever_it_is_given() -> None:
-    assert echo("banana") == "'banana'"
-    long = echo("secret" * 10_000)
-    assert long.endswith("(60000 characters)") and len(long) < 80
-    assert echo(["x"] * 1000) == "<list of 1000 items>"
-    assert echo({"a": 1}) == "<dict of 1 items>"
-    assert echo(b"\x89PNG" * 1000) == "<4000 bytes>"
-    assert echo(3.5) == "3.5"
-    assert len(echo(10**3000)) < 50
 
 
 def test_validation_errors_are_short_and_name_the_field() -> None:

@@ -40,14 +40,11 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 from vllm.exceptions import VLLMValidationError
 
-from vllm_omni_images.images.errors import (
-    PayloadTooLargeError,
-    describe_validation_errors,
-    printable,
-)
+from vllm_omni_images.images.errors import PayloadTooLargeError, describe_validation_errors
 from vllm_omni_images.images.limits import DEFAULT_LIMITS, ImageLimits, size_text
 from vllm_omni_images.images.protocol import ImageEditRequest
 from vllm_omni_images.images.request_guard import BodyTooLargeError
+from vllm_omni_images.images.safe_text import printable
 
 MAX_FORM_FIELDS = 64
 """Text fields of one form: the request model has fewer than 40."""

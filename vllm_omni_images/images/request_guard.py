@@ -26,13 +26,9 @@ from starlette.exceptions import HTTPException
 from starlette.types import Message, Receive
 from vllm.exceptions import VLLMValidationError
 
-from vllm_omni_images.images.errors import (
-    PayloadTooLargeError,
-    error_json,
-    error_response,
-    printable,
-)
+from vllm_omni_images.images.errors import PayloadTooLargeError, error_json, error_response
 from vllm_omni_images.images.limits import DEFAULT_LIMITS, BodyKind, ImageLimits, size_text
+from vllm_omni_images.images.safe_text import printable
 
 
 def limits_of(request: Request) -> ImageLimits:
