@@ -18,6 +18,7 @@ from vllm.entrypoints.serve.utils.api_utils import (
 from vllm.entrypoints.serve.utils.sse_keep_alive import with_sse_keep_alive
 from vllm.exceptions import VLLMValidationError
 
+from vllm_omni_images.images.app_state import images_state
 from vllm_omni_images.images.edits import ImageInputs, read_multipart
 from vllm_omni_images.images.errors import (
     ImageNotFoundError,
@@ -93,7 +94,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 def images(request: Request) -> OpenAIServingImage | None:
-    return getattr(request.app.state, "openai_serving_image", None)
+    state = images_state(request.app.state)
+    return None if state is None else state.serving
 
 
 @router.post(
