@@ -42,6 +42,7 @@ from vllm_omni_images.images.protocol import (
     ImageGenerationResponse,
     ImageObject,
 )
+from vllm_omni_images.images.request_mapping import MappingContext, to_engine_request
 from vllm_omni_images.images.request_metrics import Outcome, RequestMetrics
 from vllm_omni_images.images.safe_text import printable
 from vllm_omni_images.images.streaming import (
@@ -164,24 +165,10 @@ class OpenAIServingImage:
         try:
             lora = await self._adapter_named(request.model)
             self._check_response_format(request, raw_request)
-            defaults = self.engine_client.defaults
-            seeds = self.seed_source
-            if isinstance(request, ImageEditRequest):
-                if inputs is None:
-                    raise VLLMValidationError("image is required.", parameter="image")
-                engine_request = request.to_edit_request(
-                    defaults,
-                    record.request_id,
-                    inputs.images,
-                    inputs.mask,
-                    self.limits,
-                    lora=lora,
-                    seed_source=seeds,
-                )
-            else:
-                engine_request = request.to_engine_request(
-                    defaults, record.request_id, self.limits, lora=lora, seed_source=seeds
-                )
+            context = MappingContext(
+                record.request_id, self.engine_client.defaults, self.limits, lora, self.seed_source
+            )
+            engine_request = to_engine_request(request, context, inputs)
             record.engine_request = engine_request
             if request.stream:
                 # Overload and shutdown answers keep their status (429, 503) as plain JSON:
