@@ -2,14 +2,9 @@
 
 Each row maps an exception class to its HTTP status, OpenAI error type, metrics outcome and
 the message the client reads; `error_response` builds vLLM's `ErrorResponse` from the first
-row that matches, through vLLM's own `create_error_response`. Every Images API endpoint
-answers its errors through this one table.
-
-A full queue is **429** (`RateLimitError`) with `Retry-After`, where vLLM's text server answers
-503 for its `QueueOverflowError`. 429 is OpenAI's own answer to "too busy, retry later", and
-the `openai` SDK and the tools built for DALL-E retry it after `Retry-After`; 503 here means
-the server cannot serve at all (no model, shutting down, out of device memory). A load
-balancer that sends 503s elsewhere should treat a 429 from an image server the same way.
+row that matches, through vLLM's own `create_error_response`. Every error an Images API
+route answers comes from this table, but vLLM's 501 where the engine is not an image engine.
+A full queue is 429, not vLLM's 503 (docs/architecture.md, "Errors", says why).
 """
 
 from __future__ import annotations
