@@ -15,11 +15,13 @@ from tests.support.engines import DelegatingRunner
 from vllm_omni_images.engine.base import ImageEngine
 from vllm_omni_images.engine.batching import PipelineRunner
 from vllm_omni_images.engine.client import ImageEngineClient
+from vllm_omni_images.images.app_state import ImagesState
 
 from .helpers import http_client, sdk_client
 
 if TYPE_CHECKING:
     from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
+    from vllm_omni_images.images.app_state import ImagesState
 
 AppFactory = Callable[..., Awaitable[FastAPI]]
 
@@ -45,7 +47,7 @@ async def make_app(serve_parser) -> AsyncIterator[AppFactory]:
     )
 
     owned: list[ImageEngineClient] = []
-    apps: list[FastAPI] = []
+    states: list[ImagesState] = []
 
     async def make(engine: ImageEngine | PipelineRunner, flags: Sequence[str] = ()) -> FastAPI:
         """An app on `engine` (an engine the test owns, e.g. the shared omni engine), or on
@@ -65,16 +67,14 @@ async def make_app(serve_parser) -> AsyncIterator[AppFactory]:
             )
             client = make_engine_client(batching, args, metrics)
             owned.append(client)
-        await init_image_app_state(client, app.state, args)
-        apps.append(app)
+        states.append(await init_image_app_state(client, app.state, args))
         return app
 
     yield make
     for client in owned:
         await client.close()
-    for app in apps:
-        if (cleanup := getattr(app.state, "image_store_cleanup", None)) is not None:
-            cleanup.cancel()
+    for state in states:
+        state.close()
 
 
 @pytest.fixture

@@ -17,6 +17,14 @@ from .helpers import http_client, sdk_client
 from .helpers import sdk_generate as generate
 
 KEY = "url-test-key"
+NO_SUCH_IMAGE = {
+    "error": {
+        "message": "No such image: it never existed or its URL has expired.",
+        "type": "NotFoundError",
+        "param": None,
+        "code": 404,
+    }
+}
 
 
 @pytest.fixture
@@ -69,6 +77,7 @@ async def test_an_expired_url_is_a_404(
     response = await bare.get(result.data[0].url)
     assert response.status_code == 404
     assert response.json()["error"]["type"] == "NotFoundError"
+    assert response.json() == NO_SUCH_IMAGE
 
 
 @pytest.mark.parametrize(

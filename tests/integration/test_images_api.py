@@ -158,6 +158,14 @@ async def test_unknown_model_is_vllms_404(client):
     error = assert_openai_error(response, 404, "model")
     assert error["type"] == "NotFoundError"
     assert "dall-e-3" in error["message"]
+    assert response.json() == {
+        "error": {
+            "message": "The model `dall-e-3` does not exist.",
+            "type": "NotFoundError",
+            "param": "model",
+            "code": 404,
+        }
+    }
 
 
 async def test_core_routes(client):
@@ -182,6 +190,15 @@ async def test_text_only_routes_answer_a_clear_404(client, path):
     error = assert_openai_error(response, 404)
     assert error["type"] == "NotFoundError"
     assert "/v1/images/generations" in error["message"]
+    assert response.json() == {
+        "error": {
+            "message": f"{path} is not available: this server serves the image model "
+            "`tiny-qwen-image` (vllm serve --task image). Use POST /v1/images/generations.",
+            "type": "NotFoundError",
+            "param": None,
+            "code": 404,
+        }
+    }
 
 
 async def test_served_model_name_flag(make_app, tiny_runner):

@@ -8,13 +8,22 @@ import logging
 
 import httpx
 import pytest
+from fastapi import FastAPI
 
 from tests.support.engines import ObservedRunner, refuses_new_work
 from tests.support.waiting import ENGINE_WAIT_S, until
 from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
+from vllm_omni_images.images.app_state import images_state
 from vllm_omni_images.images.protocol import ImageGenerationRequest
+from vllm_omni_images.images.serving import OpenAIServingImage
 
 from .helpers import FAST, assert_openai_error, generate, http_client, metric_value
+
+
+def serving_of(app: FastAPI) -> OpenAIServingImage:
+    images = images_state(app.state)
+    assert images is not None and images.serving is not None
+    return images.serving
 
 
 async def one_running_one_queued(
@@ -97,7 +106,7 @@ async def test_a_request_past_its_timeout_gets_504_and_its_work_stops(
 
 async def test_a_client_that_goes_away_frees_its_place(make_app, engine: ObservedRunner) -> None:
     app = await make_app(engine, ["--image-max-batch-size", "1"])
-    serving = app.state.openai_serving_image
+    serving = serving_of(app)
     engine_client = app.state.engine_client
     request = ImageGenerationRequest(prompt="a red fox", size="256x256", num_inference_steps=200)
 
@@ -173,7 +182,7 @@ async def test_vllm_load_gauges_count_image_requests_as_they_queue_and_run(
         third = asyncio.create_task(generate(client, **FAST, seed=7))
         # One whose caller goes away while it waits (as a dropped connection does).
         request = ImageGenerationRequest.model_validate({"prompt": "a red fox", **FAST})
-        gone = asyncio.create_task(app.state.openai_serving_image.create_image(request))
+        gone = asyncio.create_task(serving_of(app).create_image(request))
         await until(lambda: engine_client.waiting_requests == 3, "three requests waiting")
         busy = await gauges(client)
         gone.cancel()

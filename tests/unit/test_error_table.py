@@ -21,6 +21,9 @@ from vllm_omni_images.engine.errors import (
 )
 from vllm_omni_images.images.errors import (
     ERROR_TABLE,
+    ImageNotFoundError,
+    ModelNotFoundError,
+    TextOnlyRouteError,
     error_kind,
     error_response,
     response_headers,
@@ -65,6 +68,23 @@ from vllm_omni_images.images.errors import (
             "out_of_memory",
             None,
             "out of GPU memory generating this request (one 64x64 image did not fit, even",
+        ),
+        (
+            ModelNotFoundError("dall-e-3" * 50),
+            404,
+            "NotFoundError",
+            "invalid",
+            "model",
+            "The model `dall-e-3dall-e-3",
+        ),
+        (ImageNotFoundError("a.png"), 404, "NotFoundError", "invalid", None, "No such image"),
+        (
+            TextOnlyRouteError("/tokenize", "tiny"),
+            404,
+            "NotFoundError",
+            "invalid",
+            None,
+            "/tokenize is not available: this server serves the image model `tiny`",
         ),
         (EngineError("NaNs"), 500, "InternalServerError", "error", None, "NaNs"),
         (KeyError("bug"), 500, "InternalServerError", "error", None, "bug"),

@@ -12,14 +12,10 @@ from pydantic import ValidationError
 from vllm.exceptions import VLLMValidationError
 
 from vllm_omni_images.engine.base import ModelDefaults
-from vllm_omni_images.images.errors import (
-    describe_validation_errors,
-    echo,
-    error_response,
-    printable,
-)
+from vllm_omni_images.images.errors import describe_validation_errors, error_response
 from vllm_omni_images.images.limits import ImageLimits, MiB
 from vllm_omni_images.images.protocol import ImageGenerationRequest
+from vllm_omni_images.images.request_mapping import MappingContext, to_engine_request
 from vllm_omni_images.server.cli_args import add_image_cli_args
 from vllm_omni_images.server.endpoint import limits_from_args
 
@@ -131,49 +127,28 @@ def test_every_image_flag_is_documented() -> None:
 def test_pixels_per_image_and_per_request() -> None:
     limits = ImageLimits(max_pixels=64 * 64, max_request_pixels=2 * 64 * 64)
     ok = ImageGenerationRequest(prompt="p", size="64x64", n=2)
-    assert ok.to_engine_request(DEFAULTS, "id", limits).num_images == 2
+    assert to_engine_request(ok, MappingContext("id", DEFAULTS, limits)).num_images == 2
     for request, param in [
         (ImageGenerationRequest(prompt="p", size="64x80"), "size"),
         (ImageGenerationRequest(prompt="p", size="64x64", n=3), "n"),
         (ImageGenerationRequest(prompt="p", n=3), "n"),  # the model's default size
     ]:
         with pytest.raises(VLLMValidationError) as info:
-            request.to_engine_request(DEFAULTS, "id", limits)
+            to_engine_request(request, MappingContext("id", DEFAULTS, limits))
         assert info.value.parameter == param
     # One image over the per-request limit names its size.
     with pytest.raises(VLLMValidationError) as info:
-        ImageGenerationRequest(prompt="p", size="64x64").to_engine_request(
-            DEFAULTS, "id", ImageLimits(max_request_pixels=100)
+        to_engine_request(
+            ImageGenerationRequest(prompt="p", size="64x64"),
+            MappingContext("id", DEFAULTS, ImageLimits(max_request_pixels=100)),
         )
     assert info.value.parameter == "size"
     # Without --image-max-pixels the model's own limit holds.
     small_model = ModelDefaults(64, 64, 2, 16, max_pixels=32 * 32)
     with pytest.raises(VLLMValidationError):
-        ImageGenerationRequest(prompt="p", size="48x48").to_engine_request(small_model, "id")
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("plain id-42", "plain id-42"),
-        ("a\nb\r\x1b[2Kc", "a\\nb\\r\\x1b[2Kc"),
-        ("\u202eevil\u2028", "\\u202eevil\\u2028"),  # bidi override, line separator
-        ("x" * 20, "x" * 8 + "..."),
-    ],
-)
-def test_printable_escapes_control_characters_and_cuts(text: str, expected: str) -> None:
-    assert printable(text, 8 if len(text) == 20 else 100) == expected
-
-
-def test_echo_is_short_whatever_it_is_given() -> None:
-    assert echo("banana") == "'banana'"
-    long = echo("secret" * 10_000)
-    assert long.endswith("(60000 characters)") and len(long) < 80
-    assert echo(["x"] * 1000) == "<list of 1000 items>"
-    assert echo({"a": 1}) == "<dict of 1 items>"
-    assert echo(b"\x89PNG" * 1000) == "<4000 bytes>"
-    assert echo(3.5) == "3.5"
-    assert len(echo(10**3000)) < 50
+        to_engine_request(
+            ImageGenerationRequest(prompt="p", size="48x48"), MappingContext("id", small_model)
+        )
 
 
 def test_validation_errors_are_short_and_name_the_field() -> None:

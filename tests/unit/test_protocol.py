@@ -1,16 +1,12 @@
 import pytest
 from pydantic import ValidationError
-from vllm.exceptions import VLLMValidationError
 
-from vllm_omni_images.engine.base import ModelDefaults
-from vllm_omni_images.images.limits import ImageLimits
 from vllm_omni_images.images.protocol import (
     INT64_MAX,
     INT64_MIN,
     ImageGenerationRequest,
     ImageGenerationResponse,
     ImageObject,
-    parse_size,
 )
 
 
@@ -40,23 +36,6 @@ def test_prompt_is_required():
     with pytest.raises(ValidationError) as info:
         ImageGenerationRequest.model_validate({"n": 1})
     assert "prompt" in error_fields(info.value)
-
-
-@pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
-def test_prompt_length_is_the_servers_limit(field):
-    """The limit is a flag (--image-max-prompt-chars), so it is checked as the request is
-    mapped to engine work, a 400 naming the field; the default is 32000 characters."""
-    defaults = ModelDefaults(width=64, height=64, num_inference_steps=2, size_multiple=16)
-    at_limit = ImageGenerationRequest.model_validate({"prompt": "p", field: "x" * 32_000})
-    assert at_limit.to_engine_request(defaults, "id").width == 64
-    over = ImageGenerationRequest.model_validate({"prompt": "p", field: "x" * 32_001})
-    with pytest.raises(VLLMValidationError) as info:
-        over.to_engine_request(defaults, "id")
-    assert info.value.parameter == field
-    assert "32001 characters" in str(info.value) and "x" * 50 not in str(info.value)
-    short = ImageLimits(max_prompt_chars=10)
-    with pytest.raises(VLLMValidationError):
-        at_limit.to_engine_request(defaults, "id", short)
 
 
 @pytest.mark.parametrize(
@@ -124,13 +103,6 @@ def test_the_newest_sdk_fields_are_all_known() -> None:
 
     sdk_fields = set(ImageGenerateParamsBase.__annotations__)
     assert sdk_fields <= set(ImageGenerationRequest.model_fields)
-
-
-def test_parse_size():
-    assert parse_size("1024x768") == (1024, 768)
-    assert parse_size(" 64X32 ") == (64, 32)
-    with pytest.raises(ValueError):
-        parse_size("1024")
 
 
 def test_response_shape():

@@ -9,12 +9,18 @@ from vllm.exceptions import VLLMValidationError
 
 from vllm_omni_images.engine.base import LoRAAdapter, ModelDefaults
 from vllm_omni_images.images.errors import error_response
+from vllm_omni_images.images.limits import ImageLimits
 from vllm_omni_images.images.protocol import (
     ImageEditRequest,
     ImageGenerationRequest,
     ImageVariationRequest,
+)
+from vllm_omni_images.images.request_mapping import (
+    MappingContext,
     image_seeds,
+    parse_size,
     resolve_size,
+    to_engine_request,
 )
 
 DEFAULTS = ModelDefaults(
@@ -25,6 +31,30 @@ DEFAULTS = ModelDefaults(
     true_cfg_scale=4.0,
     max_pixels=1024 * 1024,
 )
+
+
+def test_parse_size():
+    assert parse_size("1024x768") == (1024, 768)
+    assert parse_size(" 64X32 ") == (64, 32)
+    with pytest.raises(ValueError):
+        parse_size("1024")
+
+
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
+def test_prompt_length_is_the_servers_limit(field):
+    """The limit is a flag (--image-max-prompt-chars), so it is checked as the request is
+    mapped to engine work, a 400 naming the field; the default is 32000 characters."""
+    defaults = ModelDefaults(width=64, height=64, num_inference_steps=2, size_multiple=16)
+    at_limit = ImageGenerationRequest.model_validate({"prompt": "p", field: "x" * 32_000})
+    assert to_engine_request(at_limit, MappingContext("id", defaults)).width == 64
+    over = ImageGenerationRequest.model_validate({"prompt": "p", field: "x" * 32_001})
+    with pytest.raises(VLLMValidationError) as info:
+        to_engine_request(over, MappingContext("id", defaults))
+    assert info.value.parameter == field
+    assert "32001 characters" in str(info.value) and "x" * 50 not in str(info.value)
+    short = ImageLimits(max_prompt_chars=10)
+    with pytest.raises(VLLMValidationError):
+        to_engine_request(at_limit, MappingContext("id", defaults, short))
 
 
 def test_size_defaults_to_the_model_size():
@@ -79,19 +109,24 @@ def test_seedless_requests_draw_from_the_servers_seeded_source():
 def test_lora_scale_needs_an_adapter_and_reaches_the_engine():
     adapter = LoRAAdapter("style", 3, "/adapters/style")
     chosen = ImageGenerationRequest(prompt="p", model="style", lora_scale=0.5)
-    request = chosen.to_engine_request(DEFAULTS, "id", lora=adapter)
+    request = to_engine_request(chosen, MappingContext("id", DEFAULTS, lora=adapter))
     assert (request.lora, request.lora_scale) == (adapter, 0.5)
-    plain = ImageGenerationRequest(prompt="p", model="style").to_engine_request(
-        DEFAULTS, "id", lora=adapter
+    plain = to_engine_request(
+        ImageGenerationRequest(prompt="p", model="style"),
+        MappingContext("id", DEFAULTS, lora=adapter),
     )
     assert plain.lora_scale == 1.0
     with pytest.raises(VLLMValidationError) as info:
-        ImageGenerationRequest(prompt="p", lora_scale=0.5).to_engine_request(DEFAULTS, "id")
+        to_engine_request(
+            ImageGenerationRequest(prompt="p", lora_scale=0.5), MappingContext("id", DEFAULTS)
+        )
     assert info.value.parameter == "lora_scale"
 
 
 def test_mapping_applies_defaults():
-    request = ImageGenerationRequest(prompt="a cat").to_engine_request(DEFAULTS, "id-1")
+    request = to_engine_request(
+        ImageGenerationRequest(prompt="a cat"), MappingContext("id-1", DEFAULTS)
+    )
     assert (request.width, request.height) == (256, 256)
     assert request.num_inference_steps == 4
     assert request.true_cfg_scale == 4.0
@@ -102,16 +137,19 @@ def test_mapping_applies_defaults():
 
 
 def test_mapping_passes_every_extension_through():
-    request = ImageGenerationRequest(
-        prompt="a cat",
-        negative_prompt="blurry",
-        n=3,
-        size="128x64",
-        num_inference_steps=7,
-        guidance_scale=2.5,
-        true_cfg_scale=6.0,
-        seed=10,
-    ).to_engine_request(DEFAULTS, "id-2")
+    request = to_engine_request(
+        ImageGenerationRequest(
+            prompt="a cat",
+            negative_prompt="blurry",
+            n=3,
+            size="128x64",
+            num_inference_steps=7,
+            guidance_scale=2.5,
+            true_cfg_scale=6.0,
+            seed=10,
+        ),
+        MappingContext("id-2", DEFAULTS),
+    )
     assert request.prompt == "a cat"
     assert request.negative_prompt == "blurry"
     assert request.seeds == (10, 11, 12)
@@ -217,43 +255,66 @@ def test_a_fields_own_error_comes_before_a_refusal():
 def test_quality_is_a_share_of_the_default_steps(quality, steps):
     defaults = dataclasses.replace(DEFAULTS, num_inference_steps=8)
     request = ImageGenerationRequest(prompt="p", quality=quality)
-    assert request.to_engine_request(defaults, "id").num_inference_steps == steps
+    assert to_engine_request(request, MappingContext("id", defaults)).num_inference_steps == steps
 
 
 def test_quality_keeps_steps_between_1_and_200():
     few = dataclasses.replace(DEFAULTS, num_inference_steps=1)
     many = dataclasses.replace(DEFAULTS, num_inference_steps=150)
-    low = ImageGenerationRequest(prompt="p", quality="low").to_engine_request(few, "i")
-    top = ImageGenerationRequest(prompt="p", quality="max").to_engine_request(many, "i")
+    low = to_engine_request(
+        ImageGenerationRequest(prompt="p", quality="low"), MappingContext("i", few)
+    )
+    top = to_engine_request(
+        ImageGenerationRequest(prompt="p", quality="max"), MappingContext("i", many)
+    )
     assert (low.num_inference_steps, top.num_inference_steps) == (1, 200)
 
 
 def test_a_model_that_needs_two_steps_refuses_one_and_quality_gives_it_two():
     needs_two = dataclasses.replace(DEFAULTS, num_inference_steps=4, min_steps=2)
-    low = ImageGenerationRequest(prompt="p", quality="low").to_engine_request(needs_two, "i")
+    low = to_engine_request(
+        ImageGenerationRequest(prompt="p", quality="low"), MappingContext("i", needs_two)
+    )
     assert low.num_inference_steps == 2  # 25 % of 4 is 1: raised to the model's minimum
     one = ImageGenerationRequest(prompt="p", num_inference_steps=1)
     with pytest.raises(VLLMValidationError, match="at least 2") as raised:
-        one.to_engine_request(needs_two, "i")
+        to_engine_request(one, MappingContext("i", needs_two))
     assert raised.value.parameter == "num_inference_steps"
 
 
 def test_explicit_steps_win_over_quality():
     request = ImageGenerationRequest(prompt="p", quality="low", num_inference_steps=30)
-    assert request.to_engine_request(DEFAULTS, "id").num_inference_steps == 30
+    assert to_engine_request(request, MappingContext("id", DEFAULTS)).num_inference_steps == 30
 
 
 def test_moderation_low_and_an_opaque_background_are_honoured():
     request = ImageGenerationRequest(prompt="p", moderation="low", background="opaque")
-    assert request.to_engine_request(DEFAULTS, "id").prompt == "p"
+    assert to_engine_request(request, MappingContext("id", DEFAULTS)).prompt == "p"
 
 
 def test_partial_images_need_an_engine_that_decodes_previews():
     request = ImageGenerationRequest(prompt="p", stream=True, partial_images=2)
     with pytest.raises(VLLMValidationError) as info:
-        request.to_engine_request(DEFAULTS, "id")  # e.g. the vllm-omni engine
+        to_engine_request(request, MappingContext("id", DEFAULTS))  # e.g. the vllm-omni engine
     assert info.value.parameter == "partial_images"
     previews = dataclasses.replace(DEFAULTS, supports_partial_images=True)
-    assert request.to_engine_request(previews, "id").partial_images == 2
+    assert to_engine_request(request, MappingContext("id", previews)).partial_images == 2
     plain = ImageGenerationRequest(prompt="p", stream=True)
-    assert plain.to_engine_request(DEFAULTS, "id").partial_images == 0
+    assert to_engine_request(plain, MappingContext("id", DEFAULTS)).partial_images == 0
+
+
+def test_an_edit_maps_its_input_image_and_strength():
+    from PIL import Image
+
+    from vllm_omni_images.images.edits import ImageInputs
+
+    context = MappingContext("id", DEFAULTS)
+    with pytest.raises(VLLMValidationError) as missing:
+        to_engine_request(ImageEditRequest(prompt="p"), context)
+    assert missing.value.parameter == "image"
+    inputs = ImageInputs([Image.new("RGB", (300, 200))], None)
+    edit = to_engine_request(ImageEditRequest(prompt="p", strength=0.5), context, inputs)
+    assert (edit.width, edit.height, edit.strength) == (288, 192, 0.5)  # rounded down to 16s
+    with pytest.raises(VLLMValidationError, match="leaves none of the 4") as weak:
+        to_engine_request(ImageEditRequest(prompt="p", strength=1e-20), context, inputs)
+    assert weak.value.parameter == "strength"

@@ -10,7 +10,6 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 from vllm.entrypoints.serve.utils.api_utils import (
     load_aware_call,
     validate_json_request,
@@ -19,9 +18,12 @@ from vllm.entrypoints.serve.utils.api_utils import (
 from vllm.entrypoints.serve.utils.sse_keep_alive import with_sse_keep_alive
 from vllm.exceptions import VLLMValidationError
 
+from vllm_omni_images.images.app_state import images_state
 from vllm_omni_images.images.edits import ImageInputs, read_multipart
 from vllm_omni_images.images.errors import (
+    ImageNotFoundError,
     PayloadTooLargeError,
+    TextOnlyRouteError,
     answered_errors,
     error_json,
     error_response,
@@ -92,7 +94,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 def images(request: Request) -> OpenAIServingImage | None:
-    return getattr(request.app.state, "openai_serving_image", None)
+    state = images_state(request.app.state)
+    return None if state is None else state.serving
 
 
 @router.post(
@@ -214,19 +217,14 @@ def _answer(
 )
 async def image_file(name: str, raw_request: Request) -> Response:
     handler = images(raw_request)
-    stored = None
-    if handler is not None and handler.image_store is not None:
-        try:
+    try:
+        stored = None
+        if handler is not None and handler.image_store is not None:
             stored = await handler.image_store.get(name)
-        except ImageStoreError as exc:  # the shared store is down: it may come back
-            return error_json(error_response(exc))
-    if stored is None:
-        error = create_error_response(
-            "No such image: it never existed or its URL has expired.",
-            err_type="NotFoundError",
-            status_code=HTTPStatus.NOT_FOUND,
-        )
-        return error_json(error)
+        if stored is None:
+            raise ImageNotFoundError(name)
+    except (ImageStoreError, ImageNotFoundError) as error:  # a store that is down may come back
+        return error_json(error_response(error))
     headers = {"Cache-Control": f"private, max-age={int(stored.expires_in_s)}"}
     if stored.path is not None:
         return FileResponse(stored.path, media_type=stored.media_type, headers=headers)
@@ -235,13 +233,7 @@ async def image_file(name: str, raw_request: Request) -> Response:
 
 async def text_only_route(raw_request: Request) -> JSONResponse:
     model = getattr(getattr(raw_request.app.state, "args", None), "model", "this model")
-    error = create_error_response(
-        f"{raw_request.url.path} is not available: this server serves the image model "
-        f"`{model}` (vllm serve --task image). Use POST /v1/images/generations.",
-        err_type="NotFoundError",
-        status_code=HTTPStatus.NOT_FOUND,
-    )
-    return error_json(error)
+    return error_json(error_response(TextOnlyRouteError(raw_request.url.path, model)))
 
 
 for _path in TEXT_ONLY_PATHS:

@@ -12,8 +12,8 @@ field as text. Each is checked before any work is queued:
    body is limited before: `request_guard.guard_route`);
 2. the text fields: validated by the request model, so a bad or unknown one, or one this
    server never honours, is a 400 naming it; then the prompt is held to the server's limits
-   (`check_limits`); the image parts are counted: more than the model edits at once is a 400
-   naming `image`. All of this before any image is decoded;
+   (`request_mapping.check_limits`); the image parts are counted: more than the model edits
+   at once is a 400 naming `image`. All of this before any image is decoded;
 3. content: PNG, JPEG or WebP that decodes completely (a truncated file is a 400 naming it);
 4. the mask: a PNG with an alpha channel, the size of the first image; its transparent pixels
    are the ones to edit (OpenAI's rule), turned into the white-is-edited mask diffusers takes.
@@ -40,14 +40,12 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 from vllm.exceptions import VLLMValidationError
 
-from vllm_omni_images.images.errors import (
-    PayloadTooLargeError,
-    describe_validation_errors,
-    printable,
-)
+from vllm_omni_images.images.errors import PayloadTooLargeError, describe_validation_errors
 from vllm_omni_images.images.limits import DEFAULT_LIMITS, ImageLimits, size_text
 from vllm_omni_images.images.protocol import ImageEditRequest
 from vllm_omni_images.images.request_guard import BodyTooLargeError
+from vllm_omni_images.images.request_mapping import check_limits
+from vllm_omni_images.images.safe_text import printable
 
 MAX_FORM_FIELDS = 64
 """Text fields of one form: the request model has fewer than 40."""
@@ -139,7 +137,7 @@ async def _read_form(
     # Before any image is decoded: the fields (the model's validators refuse what this server
     # never honours), the prompt against the server's limits, then the images' count.
     request = _validate(request_model, fields)
-    request.check_limits(limits)
+    check_limits(request, limits)
     if len(sources) > limits.input_images:
         raise VLLMValidationError(
             f"{ONE_AT_A_TIME}; got {len(sources)}.",

@@ -2,14 +2,9 @@
 
 Each row maps an exception class to its HTTP status, OpenAI error type, metrics outcome and
 the message the client reads; `error_response` builds vLLM's `ErrorResponse` from the first
-row that matches, through vLLM's own `create_error_response`. Every Images API endpoint
-answers its errors through this one table.
-
-A full queue is **429** (`RateLimitError`) with `Retry-After`, where vLLM's text server answers
-503 for its `QueueOverflowError`. 429 is OpenAI's own answer to "too busy, retry later", and
-the `openai` SDK and the tools built for DALL-E retry it after `Retry-After`; 503 here means
-the server cannot serve at all (no model, shutting down, out of device memory). A load
-balancer that sends 503s elsewhere should treat a 429 from an image server the same way.
+row that matches, through vLLM's own `create_error_response`. Every error an Images API
+route answers comes from this table, but vLLM's 501 where the engine is not an image engine.
+A full queue is 429, not vLLM's 503 (docs/architecture.md, "Errors", says why).
 """
 
 from __future__ import annotations
@@ -41,6 +36,7 @@ from vllm_omni_images.engine.errors import (
 )
 from vllm_omni_images.images.file_store import ImageStoreError
 from vllm_omni_images.images.request_metrics import Outcome
+from vllm_omni_images.images.safe_text import echo, printable
 
 
 @dataclass(frozen=True)
@@ -58,6 +54,27 @@ class ErrorKind:
 
 class PayloadTooLargeError(ValueError):
     """An uploaded file is larger than the server accepts."""
+
+
+class ModelNotFoundError(LookupError):
+    """A request's `model` is neither a name of the served model nor one of its adapters."""
+
+    def __init__(self, model: str) -> None:
+        self.model = printable(model, 100)  # a long name is echoed only in part
+        super().__init__(self.model)
+
+
+class ImageNotFoundError(LookupError):
+    """No stored image has this name: it never existed or its URL has expired."""
+
+
+class TextOnlyRouteError(LookupError):
+    """A route of vLLM's text server, which an image model cannot serve."""
+
+    def __init__(self, path: str, model: str) -> None:
+        self.path = path
+        self.model = model
+        super().__init__(path)
 
 
 _INVALID = ErrorKind(HTTPStatus.BAD_REQUEST, "BadRequestError", "invalid")
@@ -126,6 +143,35 @@ ERROR_TABLE: tuple[tuple[type[Exception], ErrorKind], ...] = (
         ),
     ),
     (
+        ModelNotFoundError,  # vLLM's 404
+        ErrorKind(
+            HTTPStatus.NOT_FOUND,
+            "NotFoundError",
+            "invalid",
+            "The model `{error.model}` does not exist.",
+            param="model",
+        ),
+    ),
+    (
+        ImageNotFoundError,
+        ErrorKind(
+            HTTPStatus.NOT_FOUND,
+            "NotFoundError",
+            "invalid",
+            "No such image: it never existed or its URL has expired.",
+        ),
+    ),
+    (
+        TextOnlyRouteError,  # says what this server serves instead of a bare "Not Found"
+        ErrorKind(
+            HTTPStatus.NOT_FOUND,
+            "NotFoundError",
+            "invalid",
+            "{error.path} is not available: this server serves the image model "
+            "`{error.model}` (vllm serve --task image). Use POST /v1/images/generations.",
+        ),
+    ),
+    (
         EngineOutOfMemoryError,
         ErrorKind(
             HTTPStatus.SERVICE_UNAVAILABLE,
@@ -146,17 +192,12 @@ INTERNAL_ERROR = ErrorKind(
 """Anything else: an engine error or a bug fails its request, never the server."""
 
 
-MODEL_NOT_FOUND = ErrorKind(HTTPStatus.NOT_FOUND, "NotFoundError", "invalid", param="model")
-"""Serving's answer to a `model` this server does not serve (vLLM's 404). No exception's row:
-serving checks the model before anything else."""
-
-
 def answered_errors() -> dict[HTTPStatus, list[str]]:
     """Every status an Images API request can be answered with other than 200, and the
-    OpenAI error types it carries: each row's, anything else's (500) and an unknown model's
-    (404). Each route's OpenAPI `responses` lists them (`api_router.ERROR_RESPONSES`)."""
+    OpenAI error types it carries: each row's and anything else's (500). Each route's
+    OpenAPI `responses` lists them (`api_router.ERROR_RESPONSES`)."""
     answered: dict[HTTPStatus, list[str]] = {}
-    for kind in [*(kind for _, kind in ERROR_TABLE), INTERNAL_ERROR, MODEL_NOT_FOUND]:
+    for kind in [*(kind for _, kind in ERROR_TABLE), INTERNAL_ERROR]:
         types = answered.setdefault(kind.status, [])
         if kind.type not in types:
             types.append(kind.type)
@@ -209,41 +250,7 @@ def error_json(response: ErrorResponse) -> JSONResponse:
     )
 
 
-# What a client sent comes back in messages (and logs) only as a short, printable prefix: a
-# 10 MB data: URL or a 32000-character prompt is not echoed, and no control character (a
-# newline, an ANSI escape) reaches a log line.
-
-ECHO_CHARS = 40
-"""How much of a value a message echoes."""
 MAX_REPORTED_ERRORS = 5
-
-
-def printable(text: str, limit: int) -> str:
-    """`text` safe to log or echo: at most `limit` characters, each one that is not printable
-    (newlines, ANSI escapes, bidi controls) written as its escape (`\\n`, `\\x1b`)."""
-    cut = text[:limit]
-    safe = "".join(
-        char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
-        for char in cut
-    )
-    return safe + "..." if len(text) > limit else safe
-
-
-def echo(value: object) -> str:
-    """A short stand-in for a value a client sent: a prefix of a string (and its length when
-    cut), the size of a container, a number as written."""
-    if isinstance(value, str):
-        if len(value) <= ECHO_CHARS:
-            return f"'{printable(value, ECHO_CHARS)}'"
-        return f"'{printable(value, ECHO_CHARS)}' ({len(value)} characters)"
-    if isinstance(value, (bytes, bytearray)):
-        return f"<{len(value)} bytes>"
-    if isinstance(value, (Mapping, Sequence, set, frozenset)):
-        return f"<{type(value).__name__} of {len(value)} items>"
-    try:
-        return printable(str(value), ECHO_CHARS)
-    except ValueError:  # an int too long to print
-        return f"<{type(value).__name__}>"
 
 
 def describe_validation_errors(errors: Sequence[Any]) -> tuple[str, str | None]:

@@ -9,8 +9,8 @@ to the routes and the serving object. Each is checked as early as what it bounds
   set from these limits in `edits.py`; the image parts are counted before any is decoded, and
   each image is checked against its byte and pixel limits from its header, before it is
   decoded;
-- **prompts and pixels**: by the request models (`protocol.py`), before the engine sees the
-  request: a 400 naming `prompt`, `size` or `n`.
+- **prompts and pixels**: as the request is mapped to engine work (`request_mapping.py`),
+  before the engine sees it: a 400 naming `prompt`, `size` or `n`.
 """
 
 from __future__ import annotations

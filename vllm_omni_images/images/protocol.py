@@ -2,41 +2,24 @@
 
 Field names, types and defaults follow OpenAI's API; the extensions (`negative_prompt`,
 `num_inference_steps`, `guidance_scale`, `true_cfg_scale`, `seed`, `lora_scale`) are the
-diffusion knobs OpenAI's models do not expose.
-
-What a request can be refused for is checked once, where what it depends on is known:
-
-- the request alone (a field this server never honours, `stream` with `n` > 1, ...): by the
-  models' validators as the request is parsed, raising vLLM's `VLLMValidationError` as vLLM's
-  own request models do;
-- the server's limits on what the request says (prompt length): `check_limits(limits)`;
-- the served model and the pixels it is asked for: as the request maps itself onto engine
-  work, `to_engine_request(defaults, request_id, limits, lora=, seed_source=)`, as vLLM's
-  requests map themselves to sampling parameters: the model's defaults and limits (the size
-  rule), the server's pixel limits (per image and per request) and the adapter the request's
-  `model` chose (`lora_scale` needs one) apply there.
+diffusion knobs OpenAI's models do not expose. The validators refuse what the request alone
+decides (a field this server never honours, `stream` with `n` > 1, ...), raising vLLM's
+`VLLMValidationError` as vLLM's own request models do; what needs the server and the served
+model is applied as the request is mapped to engine work (`request_mapping.py`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import random
 import re
-import secrets
 import time
-from typing import Any, Literal, Self
+from typing import Literal, Self
 
-from PIL import Image
 from pydantic import ConfigDict, Field, field_validator, model_validator
 from vllm.entrypoints.serve.engine.protocol import OpenAIBaseModel
 from vllm.exceptions import VLLMValidationError
 
-from vllm_omni_images.engine.base import EngineRequest, LoRAAdapter, ModelDefaults
-from vllm_omni_images.images.limits import DEFAULT_LIMITS, EDIT_INPUT_IMAGES, ImageLimits
-
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
-UINT64_MASK = 2**64 - 1
 SIZE_PATTERN = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
 
 ResponseFormat = Literal["b64_json", "url"]
@@ -44,18 +27,6 @@ OutputFormat = Literal["png", "jpeg", "webp"]
 
 
 Quality = Literal["auto", "standard", "hd", "low", "medium", "high", "xhigh", "max"]
-
-QUALITY_STEP_FACTORS: dict[str, float] = {
-    "low": 0.25,
-    "medium": 0.5,
-    "auto": 1.0,
-    "standard": 1.0,
-    "high": 1.0,
-    "hd": 1.5,
-    "xhigh": 1.5,
-    "max": 2.0,
-}
-"""`quality` as a share of the model's default denoising steps (diffusion's quality knob)."""
 
 MAX_STEPS = 200
 MAX_LORA_SCALE = 100.0
@@ -79,7 +50,7 @@ class ImageGenerationRequest(OpenAIBaseModel):
     # Every field a client sends is honoured or refused by name; none is dropped unread.
     model_config = ConfigDict(extra="forbid")
 
-    # Its length limit is the server's (--image-max-prompt-chars): `check_limits`.
+    # Its length limit is the server's (--image-max-prompt-chars): `request_mapping.check_limits`.
     prompt: str = Field(min_length=1)
     model: str | None = None
     n: int = Field(default=1, ge=1, le=10)
@@ -162,94 +133,6 @@ class ImageGenerationRequest(OpenAIBaseModel):
             )
         return self
 
-    def check_limits(self, limits: ImageLimits) -> None:
-        """A 400 naming `prompt` or `negative_prompt` when it is longer than the server reads
-        (`--image-max-prompt-chars`). Made once per request: by `to_engine_request` for a
-        generation, and as an edit's form is read, before its images are decoded
-        (`edits.read_multipart`)."""
-        for name in ("prompt", "negative_prompt"):
-            text = getattr(self, name) or ""
-            if len(text) > limits.max_prompt_chars:
-                raise VLLMValidationError(
-                    f"{name} is {len(text)} characters: this server reads at most "
-                    f"{limits.max_prompt_chars} (--image-max-prompt-chars).",
-                    parameter=name,
-                )
-
-    def to_engine_request(
-        self,
-        defaults: ModelDefaults,
-        request_id: str,
-        limits: ImageLimits = DEFAULT_LIMITS,
-        *,
-        lora: LoRAAdapter | None = None,
-        seed_source: random.Random | None = None,
-    ) -> EngineRequest:
-        """This request as engine work: the served model's defaults fill what it leaves unset;
-        `lora` is the adapter its `model` names, `seed_source` the server's draw of seeds for
-        a request without one (`--seed`).
-
-        Raises `VLLMValidationError`, naming the field, for what the model cannot honour or
-        the server's `limits` do not allow.
-        """
-        self.check_limits(limits)
-        defaults = within_limits(defaults, limits)
-        width, height = resolve_size(self.size, defaults)
-        return self._engine_request(
-            defaults, request_id, width, height, limits, lora=lora, seed_source=seed_source
-        )
-
-    def _engine_request(
-        self,
-        defaults: ModelDefaults,
-        request_id: str,
-        width: int,
-        height: int,
-        limits: ImageLimits,
-        *,
-        lora: LoRAAdapter | None,
-        seed_source: random.Random | None,
-        **inputs: Any,
-    ) -> EngineRequest:
-        check_request_pixels(self.n, width, height, limits)
-        if self.lora_scale is not None and lora is None:
-            raise VLLMValidationError(
-                "lora_scale sets the strength of a LoRA adapter, and the model "
-                f"{'the server serves' if self.model is None else repr(self.model)} is the "
-                "base model: name an adapter in model (GET /v1/models lists them), or leave "
-                "lora_scale out.",
-                parameter="lora_scale",
-            )
-        if self.num_inference_steps is not None and self.num_inference_steps < defaults.min_steps:
-            raise VLLMValidationError(
-                f"num_inference_steps must be at least {defaults.min_steps} for this model: "
-                "its scheduler cannot make an image in fewer steps.",
-                parameter="num_inference_steps",
-            )
-        partial_images = self.partial_images or 0
-        if partial_images and not defaults.supports_partial_images:
-            raise VLLMValidationError(
-                "partial_images is not supported by this model and engine (it cannot decode "
-                "previews of its intermediate steps); stream with partial_images 0.",
-                parameter="partial_images",
-            )
-        return EngineRequest(
-            partial_images=partial_images,
-            prompt=self.prompt,
-            negative_prompt=self.negative_prompt,
-            seeds=image_seeds(self.seed, self.n, seed_source),
-            width=width,
-            height=height,
-            num_inference_steps=self.num_inference_steps
-            or quality_steps(self.quality, defaults.num_inference_steps, defaults.min_steps),
-            true_cfg_scale=_first_set(self.true_cfg_scale, defaults.true_cfg_scale),
-            guidance_scale=_first_set(self.guidance_scale, defaults.guidance_scale),
-            request_id=request_id,
-            lora=lora,
-            lora_scale=1.0 if self.lora_scale is None else self.lora_scale,
-            **inputs,
-        )
-
 
 class ImageEditRequest(ImageGenerationRequest):
     """The text fields of `POST /v1/images/edits` (the images come as files; `edits.py`)."""
@@ -271,60 +154,6 @@ class ImageEditRequest(ImageGenerationRequest):
                 )
         return self
 
-    def to_edit_request(
-        self,
-        defaults: ModelDefaults,
-        request_id: str,
-        images: list[Image.Image],
-        mask: Image.Image | None = None,
-        limits: ImageLimits = DEFAULT_LIMITS,
-        *,
-        lora: LoRAAdapter | None = None,
-        seed_source: random.Random | None = None,
-    ) -> EngineRequest:
-        """This edit of `images` as engine work; `size` `auto` (or none) is the input's size,
-        rounded down to what the model can produce (the rest as `to_engine_request`).
-
-        `images` are as `edits.read_multipart` read them: their count, and this request's
-        `check_limits`, were checked there, before any image was decoded."""
-        if len(images) != EDIT_INPUT_IMAGES:  # a caller's bug: read_multipart refuses more
-            raise ValueError(f"an edit takes {EDIT_INPUT_IMAGES} image, got {len(images)}")
-        image = images[0]
-        defaults = within_limits(defaults, limits)
-        if self.size is None or self.size == "auto":
-            width, height = input_size(image, defaults)
-        else:
-            width, height = resolve_size(self.size, defaults)
-        request = self._engine_request(
-            defaults,
-            request_id,
-            width,
-            height,
-            limits,
-            lora=lora,
-            seed_source=seed_source,
-            image=image,
-            mask=mask,
-            strength=self.strength,
-        )
-        if (
-            self.strength is not None
-            and strength_steps(request.num_inference_steps, self.strength) < 1
-        ):
-            raise VLLMValidationError(
-                f"strength {self.strength:g} leaves none of the {request.num_inference_steps} "
-                "denoising steps to run (an edit runs the last steps x strength of them): raise "
-                "strength or num_inference_steps.",
-                parameter="strength",
-            )
-        return request
-
-
-def strength_steps(num_inference_steps: int, strength: float) -> int:
-    """The denoising steps an edit runs: the last `num_inference_steps x strength` of the
-    schedule, counted as diffusers' image-to-image pipelines count them."""
-    return num_inference_steps - int(max(num_inference_steps - num_inference_steps * strength, 0))
-
 
 class ImageVariationRequest(ImageEditRequest):
     """The text fields of `POST /v1/images/variations`: an edit without a prompt or mask."""
@@ -335,95 +164,6 @@ class ImageVariationRequest(ImageEditRequest):
     @classmethod
     def _prompt_has_text(cls, prompt: str) -> str:
         return prompt  # a variation needs no prompt
-
-
-def input_size(image: Image.Image, defaults: ModelDefaults) -> tuple[int, int]:
-    """The size nearest `image`'s that the model can produce: scaled down to `max_pixels` if
-    larger, then each side rounded down to the size multiple (at least one multiple)."""
-    width, height = image.size
-    if width * height > defaults.max_pixels:
-        scale = (defaults.max_pixels / (width * height)) ** 0.5
-        width, height = int(width * scale), int(height * scale)
-    multiple = defaults.size_multiple
-    return max(multiple, width // multiple * multiple), max(multiple, height // multiple * multiple)
-
-
-def quality_steps(quality: str | None, default_steps: int, min_steps: int = 1) -> int:
-    """The denoising steps `quality` asks for: a share of the model's default steps (see
-    `QUALITY_STEP_FACTORS`), at least the model's `min_steps` and at most `MAX_STEPS`."""
-    factor = QUALITY_STEP_FACTORS[quality or "auto"]
-    return max(min_steps, min(MAX_STEPS, round(default_steps * factor)))
-
-
-# The size rule, in one place: the pattern (checked as the request is parsed), then what the
-# served model can generate (checked as it is mapped to engine work).
-
-
-def parse_size(size: str) -> tuple[int, int]:
-    """`"1024x768"` -> `(1024, 768)` (width, height)."""
-    match = SIZE_PATTERN.match(size)
-    if match is None:
-        raise ValueError(f"size must be 'WIDTHxHEIGHT' in pixels, got {size!r}")
-    return int(match.group(1)), int(match.group(2))
-
-
-def resolve_size(size: str | None, defaults: ModelDefaults) -> tuple[int, int]:
-    """The `(width, height)` to generate: the model's default size for `None` or `auto`."""
-    if size is None or size == "auto":
-        return defaults.width, defaults.height
-    width, height = parse_size(size)
-    multiple = defaults.size_multiple
-    if width < multiple or height < multiple or width % multiple or height % multiple:
-        raise VLLMValidationError(
-            f"size {size!r} is not supported by this model: width and height must be "
-            f"positive multiples of {multiple} (e.g. '{defaults.width}x{defaults.height}').",
-            parameter="size",
-        )
-    if width * height > defaults.max_pixels:
-        raise VLLMValidationError(
-            f"size {size!r} is too large: this server generates at most "
-            f"{defaults.max_pixels} pixels per image (--image-max-pixels).",
-            parameter="size",
-        )
-    return width, height
-
-
-def within_limits(defaults: ModelDefaults, limits: ImageLimits) -> ModelDefaults:
-    """The model's defaults with the server's pixel limit per image (`--image-max-pixels`) in
-    place of the model's own, when the operator set one."""
-    if limits.max_pixels is None:
-        return defaults
-    return dataclasses.replace(defaults, max_pixels=limits.max_pixels)
-
-
-def check_request_pixels(num_images: int, width: int, height: int, limits: ImageLimits) -> None:
-    """A request's images together are at most `--image-max-request-pixels`; a 400 naming
-    `n` (or `size` for one image) otherwise."""
-    total = num_images * width * height
-    if total > limits.max_request_pixels:
-        raise VLLMValidationError(
-            f"{num_images} image(s) of {width}x{height} are {total} pixels: this server makes "
-            f"at most {limits.max_request_pixels} pixels per request "
-            "(--image-max-request-pixels). Ask for fewer or smaller images.",
-            parameter="n" if num_images > 1 else "size",
-        )
-
-
-def image_seeds(seed: int | None, n: int, source: random.Random | None = None) -> tuple[int, ...]:
-    """One seed per image: `seed, seed+1, ...` so the `n` images of a request differ and a
-    request is reproducible; without one, a base seed drawn from `source` (the server's, seeded
-    by `--seed`, as vLLM seeds its sampling: a run of seedless requests repeats after a
-    restart) or, without a source, from the operating system."""
-    if seed is not None:
-        base = seed
-    else:
-        base = source.getrandbits(63) if source is not None else secrets.randbits(63)
-    # torch's generators take 64-bit unsigned seeds; wrapping keeps int64 input valid.
-    return tuple((base + offset) & UINT64_MASK for offset in range(n))
-
-
-def _first_set(requested: float | None, default: float | None) -> float | None:
-    return default if requested is None else requested
 
 
 class ImageObject(OpenAIBaseModel):

@@ -26,19 +26,16 @@ from starlette.exceptions import HTTPException
 from starlette.types import Message, Receive
 from vllm.exceptions import VLLMValidationError
 
-from vllm_omni_images.images.errors import (
-    PayloadTooLargeError,
-    error_json,
-    error_response,
-    printable,
-)
+from vllm_omni_images.images.app_state import images_state
+from vllm_omni_images.images.errors import PayloadTooLargeError, error_json, error_response
 from vllm_omni_images.images.limits import DEFAULT_LIMITS, BodyKind, ImageLimits, size_text
+from vllm_omni_images.images.safe_text import printable
 
 
 def limits_of(request: Request) -> ImageLimits:
-    """The server's limits (`init_state` puts them on the app state); the defaults before."""
-    limits = getattr(request.app.state, "image_limits", None)
-    return limits if isinstance(limits, ImageLimits) else DEFAULT_LIMITS
+    """The server's limits; the defaults before the app's `ImagesState` is set."""
+    images = images_state(request.app.state)
+    return DEFAULT_LIMITS if images is None else images.limits
 
 
 class BodyTooLargeError(HTTPException):

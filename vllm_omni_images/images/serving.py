@@ -22,7 +22,6 @@ from fastapi import Request
 from PIL import Image
 from vllm import envs
 from vllm.entrypoints.openai.models.serving import OpenAIServingModels
-from vllm.entrypoints.serve import create_error_response
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.exceptions import VLLMValidationError
 from vllm.logger import init_logger
@@ -34,7 +33,7 @@ from vllm_omni_images.engine.client import ImageEngineClient, RequestTimings
 from vllm_omni_images.engine.cpu_priority import yield_cpu_to_serving
 from vllm_omni_images.images.edits import ImageInputs, RemoteImageFetcher
 from vllm_omni_images.images.encoding import encode_image, encode_image_base64
-from vllm_omni_images.images.errors import error_kind, error_response, printable
+from vllm_omni_images.images.errors import ModelNotFoundError, error_kind, error_response
 from vllm_omni_images.images.file_store import ImageStore
 from vllm_omni_images.images.limits import DEFAULT_LIMITS, ImageLimits
 from vllm_omni_images.images.protocol import (
@@ -43,7 +42,9 @@ from vllm_omni_images.images.protocol import (
     ImageGenerationResponse,
     ImageObject,
 )
+from vllm_omni_images.images.request_mapping import MappingContext, to_engine_request
 from vllm_omni_images.images.request_metrics import Outcome, RequestMetrics
+from vllm_omni_images.images.safe_text import printable
 from vllm_omni_images.images.streaming import (
     completed_event,
     partial_image_event,
@@ -161,29 +162,13 @@ class OpenAIServingImage:
         raw_request: Request | None,
         inputs: ImageInputs | None,
     ) -> tuple[Outcome, ImageGenerationResponse | ErrorResponse | AsyncGenerator[str, None]]:
-        lora = await self._adapter_named(request.model)
-        if isinstance(lora, ErrorResponse):
-            return "invalid", lora
         try:
+            lora = await self._adapter_named(request.model)
             self._check_response_format(request, raw_request)
-            defaults = self.engine_client.defaults
-            seeds = self.seed_source
-            if isinstance(request, ImageEditRequest):
-                if inputs is None:
-                    raise VLLMValidationError("image is required.", parameter="image")
-                engine_request = request.to_edit_request(
-                    defaults,
-                    record.request_id,
-                    inputs.images,
-                    inputs.mask,
-                    self.limits,
-                    lora=lora,
-                    seed_source=seeds,
-                )
-            else:
-                engine_request = request.to_engine_request(
-                    defaults, record.request_id, self.limits, lora=lora, seed_source=seeds
-                )
+            context = MappingContext(
+                record.request_id, self.engine_client.defaults, self.limits, lora, self.seed_source
+            )
+            engine_request = to_engine_request(request, context, inputs)
             record.engine_request = engine_request
             if request.stream:
                 # Overload and shutdown answers keep their status (429, 503) as plain JSON:
@@ -200,11 +185,12 @@ class OpenAIServingImage:
             output_format=request.output_format,
         )
 
-    async def _adapter_named(self, model: str | None) -> LoRAAdapter | ErrorResponse | None:
+    async def _adapter_named(self, model: str | None) -> LoRAAdapter | None:
         """The LoRA adapter a request's `model` names: `None` for the base model (any of its
-        served names, or no name), vLLM's 404 for a name that is neither, as vLLM's serving
-        resolves it (`VLLM_SKIP_MODEL_NAME_VALIDATION` serves an unknown name by the base
-        model; with runtime LoRA updating, vLLM's resolver plugins may find an adapter)."""
+        served names, or no name); `ModelNotFoundError` (vLLM's 404) for a name that is
+        neither, as vLLM's serving resolves it (`VLLM_SKIP_MODEL_NAME_VALIDATION` serves an
+        unknown name by the base model; with runtime LoRA updating, vLLM's resolver plugins
+        may find an adapter)."""
         if not model or self.models.is_base_model(model):
             return None
         found: LoRARequest | ErrorResponse | None = self.models.lora_requests.get(model)
@@ -215,14 +201,9 @@ class OpenAIServingImage:
         if isinstance(found, LoRARequest):
             return LoRAAdapter(found.lora_name, found.lora_int_id, found.lora_path)
         if isinstance(found, ErrorResponse) and found.error.code == HTTPStatus.BAD_REQUEST:
-            return found  # a resolver found it, and it cannot be loaded
-        # vLLM's 404, with only a prefix of a long name echoed.
-        return create_error_response(
-            f"The model `{printable(model, 100)}` does not exist.",
-            err_type="NotFoundError",
-            status_code=HTTPStatus.NOT_FOUND,
-            param="model",
-        )
+            # A resolver found it, and it cannot be loaded: vLLM's message, as a 400.
+            raise VLLMValidationError(found.error.message)
+        raise ModelNotFoundError(model)
 
     async def _generate(
         self, engine_request: EngineRequest, record: _RequestRecord

@@ -20,7 +20,10 @@ from vllm_omni_images.server.cli_args import IMAGE_TASK, ImageTaskArgs, served_m
 if TYPE_CHECKING:
     from PIL import Image
     from vllm.engine.protocol import EngineClient
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
 
+    from vllm_omni_images.engine.client import ImageEngineClient
+    from vllm_omni_images.images.app_state import ImagesState
     from vllm_omni_images.images.edits import RemoteImageFetcher
     from vllm_omni_images.images.file_store import ImageStore
     from vllm_omni_images.images.limits import ImageLimits
@@ -46,34 +49,48 @@ class ImagesEndpointPlugin:
     async def init_state(
         self, engine_client: EngineClient | None, state: State, args: Namespace
     ) -> None:
-        from vllm_omni_images.engine.client import ImageEngineClient
-        from vllm_omni_images.images.request_metrics import RequestMetrics
-        from vllm_omni_images.images.serving import OpenAIServingImage
+        from vllm_omni_images.images.app_state import images_state
 
-        # The routes read them from the state (`request_guard.limits_of`) before any body.
-        state.image_limits = limits = limits_from_args(args)
-        if not isinstance(engine_client, ImageEngineClient):
-            state.openai_serving_image = None
-            return
-        store: ImageStore | None = getattr(state, "image_store", None)  # the launcher's
-        if store is None:
-            store = image_store_from_args(args)
-            await store.check()
-        # Kept on the state: the loop holds tasks only weakly.
-        state.image_store_cleanup = asyncio.get_running_loop().create_task(
-            store.run_cleanup(), name="image-store-cleanup"
-        )
-        state.openai_serving_image = OpenAIServingImage(
-            engine_client,
-            state.openai_serving_models,
-            log_error_stack=getattr(args, "log_error_stack", False),
-            image_store=store,
-            image_url_base=args.image_url_base,
-            fetch_remote_image=remote_image_fetcher(args, limits),
-            limits=limits,
-            request_metrics=RequestMetrics(served_model_names(args)[0]),
-            seed=args.seed,
-        )
+        if images_state(state) is None:  # the launcher sets it first, with its checked store
+            state.images = await build_images_state(
+                engine_client, state.openai_serving_models, args, limits_from_args(args)
+            )
+
+
+async def build_images_state(
+    engine_client: EngineClient | ImageEngineClient | None,
+    models: OpenAIServingModels,
+    args: Namespace,
+    limits: ImageLimits,
+    store: ImageStore | None = None,
+) -> ImagesState:
+    """The app's `ImagesState`: for an image engine, its serving object on `store` (without
+    one, built from the flags and checked) and the store's expiry loop; else the limits only."""
+    from vllm_omni_images.engine.client import ImageEngineClient
+    from vllm_omni_images.images.app_state import ImagesState
+    from vllm_omni_images.images.request_metrics import RequestMetrics
+    from vllm_omni_images.images.serving import OpenAIServingImage
+
+    if not isinstance(engine_client, ImageEngineClient):
+        return ImagesState(limits)
+    if store is None:
+        store = image_store_from_args(args)
+        await store.check()
+    cleanup = asyncio.get_running_loop().create_task(
+        store.run_cleanup(), name="image-store-cleanup"
+    )
+    serving = OpenAIServingImage(
+        engine_client,
+        models,
+        log_error_stack=getattr(args, "log_error_stack", False),
+        image_store=store,
+        image_url_base=args.image_url_base,
+        fetch_remote_image=remote_image_fetcher(args, limits),
+        limits=limits,
+        request_metrics=RequestMetrics(served_model_names(args)[0]),
+        seed=args.seed,
+    )
+    return ImagesState(limits, serving, cleanup)
 
 
 def limits_from_args(args: Namespace) -> ImageLimits:

@@ -23,6 +23,7 @@ from vllm_omni_images.engine.errors import EngineUnavailableError
 from vllm_omni_images.engine.metrics import ModelMetrics, image_metrics
 from vllm_omni_images.engine.model_source import ModelSource, local_model_path
 from vllm_omni_images.engine.selection import EngineSettings, choose_engine, create_engine
+from vllm_omni_images.images.app_state import ImagesState
 from vllm_omni_images.images.file_store import ImageStore, ImageStoreError
 from vllm_omni_images.server import vllm_patches
 from vllm_omni_images.server.cli_args import (
@@ -31,7 +32,12 @@ from vllm_omni_images.server.cli_args import (
     omni_options_from_args,
     served_model_names,
 )
-from vllm_omni_images.server.endpoint import ImagesEndpointPlugin, image_store_from_args
+from vllm_omni_images.server.endpoint import (
+    ImagesEndpointPlugin,
+    build_images_state,
+    image_store_from_args,
+    limits_from_args,
+)
 from vllm_omni_images.server.model_registry import serving_models_from_args
 from vllm_omni_images.server.serve_flags import refusal_message, refused_flags
 from vllm_omni_images.tiny_model import resolve_model_path
@@ -76,19 +82,21 @@ async def init_image_app_state(
     state: State,
     args: argparse.Namespace,
     image_store: ImageStore | None = None,
-) -> None:
-    """vLLM's app state for the image model, then the `--lora-modules` adapters loaded (each
-    one read and checked now: a bad one stops the start-up, in one line naming it).
-    `image_store`: the store `run_image_server` already built and checked; without one the
-    endpoint plugin builds it from the flags."""
-    if image_store is not None:
-        state.image_store = image_store
+) -> ImagesState:
+    """vLLM's app state for the image model and the Images API's (returned), then the
+    `--lora-modules` adapters loaded (each one read and checked now: a bad one stops the
+    start-up, in one line naming it). `image_store`: the store `run_image_server` already
+    built and checked; without one it is built from the flags."""
     models = serving_models_from_args(engine_client, args)
+    state.images = images = await build_images_state(
+        engine_client, models, args, limits_from_args(args), image_store
+    )
     await vllm_patches.init_image_app_state(engine_client, state, args, models)
     try:
         await models.init_static_loras()
     except ValueError as error:  # vLLM's: the engine's refusal, as its message
         raise EngineUnavailableError(f"--lora-modules: {error}") from None
+    return images
 
 
 def lora_settings_from_args(args: argparse.Namespace) -> LoRASettings | None:
@@ -202,19 +210,18 @@ async def run_image_server(args: argparse.Namespace) -> None:
     await image_store.check()
     listen_address, sock = setup_server(args, reuse_port=False)
     engine_client = await load_engine_client(args)
-    cleanup: asyncio.Task[Any] | None = None
+    images: ImagesState | None = None
     try:
         app = build_image_app(args)
-        await init_image_app_state(engine_client, app.state, args, image_store)
-        # Taken now: vLLM's server deletes `app.state` when it shuts down.
-        cleanup = getattr(app.state, "image_store_cleanup", None)
+        # Kept here: vLLM's server deletes `app.state` when it shuts down.
+        images = await init_image_app_state(engine_client, app.state, args, image_store)
         logger.info("Serving the Images API for %s on %s", args.model, listen_address)
         shutdown_task = await serve_image_app(app, sock, args)
         await shutdown_task
     finally:
         await engine_client.close()
-        if cleanup is not None:
-            cleanup.cancel()
+        if images is not None:
+            images.close()
         sock.close()
 
 

@@ -1,0 +1,272 @@
+"""An Images API request as engine work: `to_engine_request(request, context, inputs)`.
+
+The request models refuse, as they are parsed, what the request alone decides
+(`protocol.py`); here apply what needs the server and the served model (`MappingContext`):
+the server's prompt and pixel limits, the model's size rule and defaults, the seeds, and
+the adapter the request's `model` chose (`lora_scale` needs one). Each refusal is a
+`VLLMValidationError` that names the field (a 400).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import secrets
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image
+from vllm.exceptions import VLLMValidationError
+
+from vllm_omni_images.engine.base import EngineRequest, LoRAAdapter, ModelDefaults
+from vllm_omni_images.images.limits import DEFAULT_LIMITS, EDIT_INPUT_IMAGES, ImageLimits
+from vllm_omni_images.images.protocol import (
+    MAX_STEPS,
+    SIZE_PATTERN,
+    ImageEditRequest,
+    ImageGenerationRequest,
+)
+
+if TYPE_CHECKING:
+    from vllm_omni_images.images.edits import ImageInputs
+
+UINT64_MASK = 2**64 - 1
+
+QUALITY_STEP_FACTORS: dict[str, float] = {
+    "low": 0.25,
+    "medium": 0.5,
+    "auto": 1.0,
+    "standard": 1.0,
+    "high": 1.0,
+    "hd": 1.5,
+    "xhigh": 1.5,
+    "max": 2.0,
+}
+"""`quality` as a share of the model's default denoising steps (diffusion's quality knob)."""
+
+
+@dataclass(frozen=True)
+class MappingContext:
+    """What a request is mapped against, besides itself."""
+
+    request_id: str
+    defaults: ModelDefaults
+    """The served model's: what the request leaves unset, and its size rule."""
+    limits: ImageLimits = DEFAULT_LIMITS
+    lora: LoRAAdapter | None = None
+    """The adapter the request's `model` names; `None`: the base model."""
+    seed_source: random.Random | None = None
+    """The server's draw of seeds for a request without one (`--seed`); `None`: the OS."""
+
+
+def check_limits(request: ImageGenerationRequest, limits: ImageLimits) -> None:
+    """A 400 naming `prompt` or `negative_prompt` when it is longer than the server reads
+    (`--image-max-prompt-chars`). Made once per request: by `to_engine_request` for a
+    generation, and as an edit's form is read, before its images are decoded
+    (`edits.read_multipart`)."""
+    for name in ("prompt", "negative_prompt"):
+        text = getattr(request, name) or ""
+        if len(text) > limits.max_prompt_chars:
+            raise VLLMValidationError(
+                f"{name} is {len(text)} characters: this server reads at most "
+                f"{limits.max_prompt_chars} (--image-max-prompt-chars).",
+                parameter=name,
+            )
+
+
+def to_engine_request(
+    request: ImageGenerationRequest,
+    context: MappingContext,
+    inputs: ImageInputs | None = None,
+) -> EngineRequest:
+    """`request` as engine work: a generation, or an edit (or variation) of `inputs`, which
+    `edits.read_multipart` read and counted, and whose prompt it checked."""
+    if isinstance(request, ImageEditRequest):
+        if inputs is None:
+            raise VLLMValidationError("image is required.", parameter="image")
+        return _edit_request(request, context, inputs.images, inputs.mask)
+    check_limits(request, context.limits)
+    defaults = within_limits(context.defaults, context.limits)
+    width, height = resolve_size(request.size, defaults)
+    return _engine_request(request, context, defaults, width, height)
+
+
+def _edit_request(
+    request: ImageEditRequest,
+    context: MappingContext,
+    images: list[Image.Image],
+    mask: Image.Image | None,
+) -> EngineRequest:
+    """`size` `auto` (or none) is the input's size, rounded down to what the model can
+    produce; a `strength` must leave at least one denoising step."""
+    if len(images) != EDIT_INPUT_IMAGES:  # a caller's bug: read_multipart refuses more
+        raise ValueError(f"an edit takes {EDIT_INPUT_IMAGES} image, got {len(images)}")
+    image = images[0]
+    defaults = within_limits(context.defaults, context.limits)
+    if request.size is None or request.size == "auto":
+        width, height = input_size(image, defaults)
+    else:
+        width, height = resolve_size(request.size, defaults)
+    engine_request = _engine_request(
+        request,
+        context,
+        defaults,
+        width,
+        height,
+        image=image,
+        mask=mask,
+        strength=request.strength,
+    )
+    steps = engine_request.num_inference_steps
+    if request.strength is not None and strength_steps(steps, request.strength) < 1:
+        raise VLLMValidationError(
+            f"strength {request.strength:g} leaves none of the {steps} denoising steps to run "
+            "(an edit runs the last steps x strength of them): raise strength or "
+            "num_inference_steps.",
+            parameter="strength",
+        )
+    return engine_request
+
+
+def _engine_request(
+    request: ImageGenerationRequest,
+    context: MappingContext,
+    defaults: ModelDefaults,
+    width: int,
+    height: int,
+    **inputs: Any,
+) -> EngineRequest:
+    check_request_pixels(request.n, width, height, context.limits)
+    if request.lora_scale is not None and context.lora is None:
+        raise VLLMValidationError(
+            "lora_scale sets the strength of a LoRA adapter, and the model "
+            f"{'the server serves' if request.model is None else repr(request.model)} is the "
+            "base model: name an adapter in model (GET /v1/models lists them), or leave "
+            "lora_scale out.",
+            parameter="lora_scale",
+        )
+    steps = request.num_inference_steps
+    if steps is not None and steps < defaults.min_steps:
+        raise VLLMValidationError(
+            f"num_inference_steps must be at least {defaults.min_steps} for this model: "
+            "its scheduler cannot make an image in fewer steps.",
+            parameter="num_inference_steps",
+        )
+    partial_images = request.partial_images or 0
+    if partial_images and not defaults.supports_partial_images:
+        raise VLLMValidationError(
+            "partial_images is not supported by this model and engine (it cannot decode "
+            "previews of its intermediate steps); stream with partial_images 0.",
+            parameter="partial_images",
+        )
+    return EngineRequest(
+        partial_images=partial_images,
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        seeds=image_seeds(request.seed, request.n, context.seed_source),
+        width=width,
+        height=height,
+        num_inference_steps=steps
+        or quality_steps(request.quality, defaults.num_inference_steps, defaults.min_steps),
+        true_cfg_scale=_first_set(request.true_cfg_scale, defaults.true_cfg_scale),
+        guidance_scale=_first_set(request.guidance_scale, defaults.guidance_scale),
+        request_id=context.request_id,
+        lora=context.lora,
+        lora_scale=1.0 if request.lora_scale is None else request.lora_scale,
+        **inputs,
+    )
+
+
+def strength_steps(num_inference_steps: int, strength: float) -> int:
+    """The denoising steps an edit runs: the last `num_inference_steps x strength` of the
+    schedule, counted as diffusers' image-to-image pipelines count them."""
+    return num_inference_steps - int(max(num_inference_steps - num_inference_steps * strength, 0))
+
+
+def input_size(image: Image.Image, defaults: ModelDefaults) -> tuple[int, int]:
+    """The size nearest `image`'s that the model can produce: scaled down to `max_pixels` if
+    larger, then each side rounded down to the size multiple (at least one multiple)."""
+    width, height = image.size
+    if width * height > defaults.max_pixels:
+        scale = (defaults.max_pixels / (width * height)) ** 0.5
+        width, height = int(width * scale), int(height * scale)
+    multiple = defaults.size_multiple
+    return max(multiple, width // multiple * multiple), max(multiple, height // multiple * multiple)
+
+
+def quality_steps(quality: str | None, default_steps: int, min_steps: int = 1) -> int:
+    """The denoising steps `quality` asks for: a share of the model's default steps (see
+    `QUALITY_STEP_FACTORS`), at least the model's `min_steps` and at most `MAX_STEPS`."""
+    factor = QUALITY_STEP_FACTORS[quality or "auto"]
+    return max(min_steps, min(MAX_STEPS, round(default_steps * factor)))
+
+
+# The size rule, in one place: the pattern (checked as the request is parsed), then what the
+# served model can generate (checked as it is mapped to engine work).
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """`"1024x768"` -> `(1024, 768)` (width, height)."""
+    match = SIZE_PATTERN.match(size)
+    if match is None:
+        raise ValueError(f"size must be 'WIDTHxHEIGHT' in pixels, got {size!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def resolve_size(size: str | None, defaults: ModelDefaults) -> tuple[int, int]:
+    """The `(width, height)` to generate: the model's default size for `None` or `auto`."""
+    if size is None or size == "auto":
+        return defaults.width, defaults.height
+    width, height = parse_size(size)
+    multiple = defaults.size_multiple
+    if width < multiple or height < multiple or width % multiple or height % multiple:
+        raise VLLMValidationError(
+            f"size {size!r} is not supported by this model: width and height must be "
+            f"positive multiples of {multiple} (e.g. '{defaults.width}x{defaults.height}').",
+            parameter="size",
+        )
+    if width * height > defaults.max_pixels:
+        raise VLLMValidationError(
+            f"size {size!r} is too large: this server generates at most "
+            f"{defaults.max_pixels} pixels per image (--image-max-pixels).",
+            parameter="size",
+        )
+    return width, height
+
+
+def within_limits(defaults: ModelDefaults, limits: ImageLimits) -> ModelDefaults:
+    """The model's defaults with the server's pixel limit per image (`--image-max-pixels`) in
+    place of the model's own, when the operator set one."""
+    if limits.max_pixels is None:
+        return defaults
+    return dataclasses.replace(defaults, max_pixels=limits.max_pixels)
+
+
+def check_request_pixels(num_images: int, width: int, height: int, limits: ImageLimits) -> None:
+    """A request's images together are at most `--image-max-request-pixels`; a 400 naming
+    `n` (or `size` for one image) otherwise."""
+    total = num_images * width * height
+    if total > limits.max_request_pixels:
+        raise VLLMValidationError(
+            f"{num_images} image(s) of {width}x{height} are {total} pixels: this server makes "
+            f"at most {limits.max_request_pixels} pixels per request "
+            "(--image-max-request-pixels). Ask for fewer or smaller images.",
+            parameter="n" if num_images > 1 else "size",
+        )
+
+
+def image_seeds(seed: int | None, n: int, source: random.Random | None = None) -> tuple[int, ...]:
+    """One seed per image: `seed, seed+1, ...` so the `n` images of a request differ and a
+    request is reproducible; without one, a base seed drawn from `source` (the server's, seeded
+    by `--seed`, as vLLM seeds its sampling: a run of seedless requests repeats after a
+    restart) or, without a source, from the operating system."""
+    if seed is not None:
+        base = seed
+    else:
+        base = source.getrandbits(63) if source is not None else secrets.randbits(63)
+    # torch's generators take 64-bit unsigned seeds; wrapping keeps int64 input valid.
+    return tuple((base + offset) & UINT64_MASK for offset in range(n))
+
+
+def _first_set(requested: float | None, default: float | None) -> float | None:
+    return default if requested is None else requested
