@@ -112,8 +112,9 @@ async def test_a_presigned_url_serves_the_image_without_credentials_until_the_tt
         assert fetched.status_code == 200 and fetched.content == PNG
         assert fetched.headers["content-type"] == "image/jpeg"
         # S3 refuses the signature past X-Amz-Expires (moto does not check it); the clean-up
-        # deletes the object then, so the URL is dead on any S3-compatible store.
-        s3_env.backdate(bucket, f"served/images/{name}", 60.0)
+        # deletes the object then, so the URL is dead on any S3-compatible store. 61 s: the
+        # clock was read before the put, so 60 s older is not always past the TTL.
+        s3_env.backdate(bucket, f"served/images/{name}", 61.0)
         assert await store.sweep() == [name]
         assert (await bare.get(url)).status_code == 404
 
