@@ -59,8 +59,8 @@ async def read_multipart(
     fetch_remote: RemoteImageFetcher | None = None,
     limits: ImageLimits = DEFAULT_LIMITS,
 ) -> tuple[_Request, ImageInputs]:
-    """The request's fields as `request_model`, and its checked images: a 400 naming the field
-    (or 413 for a file over its limit) otherwise."""
+    """The request's fields as `request_model`, and its checked images; raises
+    `VLLMValidationError` (400), `PayloadTooLargeError` or `BodyTooLargeError` (413)."""
     content_type = raw_request.headers.get("content-type", "")
     if not content_type.startswith(FORM_CONTENT_TYPES):
         raise VLLMValidationError(

@@ -56,7 +56,7 @@ IMAGE_FILES_PATH = "/images/files"
 """The name of the route that serves stored images (`api_router.image_file`)."""
 
 MAX_LOGGED_ID_CHARS = 128
-"""A client's `X-Request-Id` or `user` is logged (and is the request's id) cut to this, escaped."""
+"""A client's `X-Request-Id` (the request's id) or `user` is logged cut to this, escaped."""
 
 
 @dataclass
