@@ -203,7 +203,7 @@ def _answer(
 
 
 # Outside /v1 on purpose: vLLM's --api-key guards /v1 only, and these are capability URLs that
-# a browser opens without headers (see file_store.py).
+# a browser opens without headers (docs/image_api.md, "Image URLs").
 @router.get(
     f"{IMAGE_FILES_PATH}/{{name}}",
     name=IMAGE_FILE_ROUTE,

@@ -19,11 +19,10 @@ class ImagesState:
     """Built once per app (`server.endpoint.build_images_state`), read by the routes."""
 
     limits: ImageLimits = DEFAULT_LIMITS
-    """What a request may ask for; the routes hold bodies to it before reading them."""
     serving: OpenAIServingImage | None = None
     """`None` where the engine is not an image engine: the routes answer vLLM's 501."""
     store_cleanup: asyncio.Task[Any] | None = None
-    """The image store's expiry loop (kept here: the event loop holds tasks only weakly)."""
+    """The image store's expiry loop (held here: the event loop holds tasks only weakly)."""
 
     def close(self) -> None:
         """Stop the store's expiry loop."""

@@ -1,27 +1,8 @@
-"""Reading the multipart bodies of `/v1/images/edits` and `/v1/images/variations`.
+"""`read_multipart`: the multipart (or urlencoded) bodies of `/v1/images/edits` and
+`/v1/images/variations`, checked before any work is queued (docs/image_api.md, "Edits").
 
-The `openai` SDK sends these as multipart/form-data: the images as files (`image`, or `image[]`
-for several), the mask as a file (`mask`; vllm-omni's clients call it `mask_image`), every other
-field as text. Each is checked before any work is queued:
-
-1. sizes (the server's `ImageLimits`, `limits.py`): at most `form_files` files (Starlette's
-   form parser stops at more), each input at most `max_input_bytes` (413 beyond) and
-   `max_input_pixels`, read from the image's header before it is decoded (no decompression
-   bomb is ever decoded); at most 64 text fields, each at most `form_field_bytes` (room for a
-   `data:` URL of the largest image), as the form parser enforces while it reads (the whole
-   body is limited before: `request_guard.guard_route`);
-2. the text fields: validated by the request model, so a bad or unknown one, or one this
-   server never honours, is a 400 naming it; then the prompt is held to the server's limits
-   (`request_mapping.check_limits`); the image parts are counted: more than the model edits
-   at once is a 400 naming `image`. All of this before any image is decoded;
-3. content: PNG, JPEG or WebP that decodes completely (a truncated file is a 400 naming it);
-4. the mask: a PNG with an alpha channel, the size of the first image; its transparent pixels
-   are the ones to edit (OpenAI's rule), turned into the white-is-edited mask diffusers takes.
-
-Images given as `data:` URLs in a text field are read the same way. `http(s)` URLs are fetched
-only through vLLM's own media fetching (`MediaConnector`, its timeouts and size limit), and only
-when the operator named the hosts that may be fetched (vLLM's `--allowed-media-domains`);
-otherwise they are a 400 that says so. The server never fetches what the operator did not allow.
+Sizes and counts are refused before any image is decoded; an `http(s)` image URL is fetched
+only through `fetch_remote` (vLLM's media fetching, `--allowed-media-domains`), else a 400.
 """
 
 from __future__ import annotations
@@ -54,7 +35,6 @@ IMAGE_FIELDS = ("image", "image[]")
 MASK_FIELDS = ("mask", "mask_image")
 FORM_CONTENT_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 ONE_AT_A_TIME = "This model edits one image at a time"
-"""Why an edit may send one image (`ImageLimits.input_images`, `EDIT_INPUT_IMAGES`)."""
 
 _Request = TypeVar("_Request", bound=ImageEditRequest)
 
@@ -68,8 +48,7 @@ class ImageInputs:
 
 
 RemoteImageFetcher = Callable[[str], Awaitable[Image.Image]]
-"""Fetches an http(s) image URL (vLLM's `MediaConnector.fetch_image_async`); raises
-`ValueError` or `OSError` for a URL it will not or cannot fetch."""
+"""Fetches an http(s) image URL; raises `ValueError` or `OSError` for one it will not or cannot."""
 
 
 async def read_multipart(
@@ -80,7 +59,8 @@ async def read_multipart(
     fetch_remote: RemoteImageFetcher | None = None,
     limits: ImageLimits = DEFAULT_LIMITS,
 ) -> tuple[_Request, ImageInputs]:
-    """The request's fields as `request_model`, and its images (see the module docstring)."""
+    """The request's fields as `request_model`, and its checked images; raises
+    `VLLMValidationError` (400), `PayloadTooLargeError` or `BodyTooLargeError` (413)."""
     content_type = raw_request.headers.get("content-type", "")
     if not content_type.startswith(FORM_CONTENT_TYPES):
         raise VLLMValidationError(

@@ -1,11 +1,6 @@
-"""The error table: how every exception a request can meet reaches the client and the metrics.
-
-Each row maps an exception class to its HTTP status, OpenAI error type, metrics outcome and
-the message the client reads; `error_response` builds vLLM's `ErrorResponse` from the first
-row that matches, through vLLM's own `create_error_response`. Every error an Images API
-route answers comes from this table, but vLLM's 501 where the engine is not an image engine.
-A full queue is 429, not vLLM's 503 (docs/architecture.md, "Errors", says why).
-"""
+"""The error table: each exception class's HTTP status, OpenAI error type, metrics outcome and
+message (`error_response`). Every error an Images API route answers comes from it, but vLLM's
+501 where the engine is not an image engine (docs/architecture.md, "Errors")."""
 
 from __future__ import annotations
 
@@ -193,9 +188,7 @@ INTERNAL_ERROR = ErrorKind(
 
 
 def answered_errors() -> dict[HTTPStatus, list[str]]:
-    """Every status an Images API request can be answered with other than 200, and the
-    OpenAI error types it carries: each row's and anything else's (500). Each route's
-    OpenAPI `responses` lists them (`api_router.ERROR_RESPONSES`)."""
+    """Each status other than 200 that the table (and its 500) answers, with its error types."""
     answered: dict[HTTPStatus, list[str]] = {}
     for kind in [*(kind for _, kind in ERROR_TABLE), INTERNAL_ERROR]:
         types = answered.setdefault(kind.status, [])
@@ -212,8 +205,7 @@ def error_kind(error: Exception) -> ErrorKind:
 
 
 class ImageErrorResponse(ErrorResponse):
-    """vLLM's `ErrorResponse` with the HTTP headers its row adds (`Retry-After`); the
-    headers travel beside the JSON body, never in it."""
+    """vLLM's `ErrorResponse` with the HTTP headers its row adds (`Retry-After`)."""
 
     headers: dict[str, str] = Field(default_factory=dict, exclude=True)
 
@@ -254,13 +246,8 @@ MAX_REPORTED_ERRORS = 5
 
 
 def describe_validation_errors(errors: Sequence[Any]) -> tuple[str, str | None]:
-    """pydantic's validation errors as one short message, and the field of the first: each
-    error is `field: what is wrong (got <a prefix of the value>)`.
-
-    An error that wraps a `VLLMValidationError` (a model validator's refusal: pydantic wraps
-    it where it is a `ValueError`, and lets it through unwrapped where it is not, as in the
-    vLLM installed here) reads as it does unwrapped: its own message, and its `parameter` as
-    the field, as vLLM's own validation handler takes it."""
+    """pydantic's errors as one short message (`field: what is wrong (got <prefix>)`) and the
+    first field; a wrapped `VLLMValidationError` reads as unwrapped (its message, `parameter`)."""
     parts: list[str] = []
     param: str | None = None
     refused: str | None = None

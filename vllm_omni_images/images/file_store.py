@@ -1,31 +1,6 @@
-"""The image store behind `response_format: "url"`.
-
-A generated image is written once and served at an unguessable URL until it expires, as
-OpenAI's image URLs are:
-
-- **Names** are 192 random bits (`secrets.token_urlsafe(24)`) plus the format's extension. A
-  name that does not match that pattern exactly is not looked up at all, so no path a client
-  sends can leave the store's folder; and only a regular file is served, never what a
-  symlink in the folder points to.
-- **Capability URLs**: whoever has the URL can fetch the image, with no API key, so that a
-  browser or an `<img>` tag opens it; the URL itself is the secret.
-- **Expiry**: an image is gone `ttl_s` after it was written (404), whether or not the clean-up
-  has removed its file yet. The clean-up runs every `sweep_interval_s` in the background.
-- **Disk cap**: when the folder holds more than `max_bytes`, the oldest images go first.
-
-`ImageStore` is the interface; two stores implement it:
-
-- `LocalImageStore` (the default, `--image-store-dir`) keeps the files in one local folder. Its
-  expiry reads the files' own times, so a folder shared by several servers works too; its disk
-  cap counts only what this server wrote.
-- `S3ImageStore` (`--image-store-url s3://bucket/prefix`, `s3_store.py`) keeps them in an
-  S3-compatible bucket that every replica behind a load balancer shares, so a URL one replica
-  handed out is answered by any other; or, with `--image-urls presigned`, by the store itself.
-
-A store that cannot be reached raises `ImageStoreError`: a 503 naming the cause, for the request
-that wanted its images stored, or for the URL being fetched. Images already stored stay, and
-are served again once the store is back.
-"""
+"""The image store behind `response_format: "url"`: `ImageStore`, and `LocalImageStore` in one
+local folder (the default, `--image-store-dir`). Names are 192 random bits, and a name that
+does not match `NAME_PATTERN` is never looked up."""
 
 from __future__ import annotations
 
@@ -54,8 +29,7 @@ class ImageStoreError(Exception):
 
 @dataclass(frozen=True)
 class StoredImage:
-    """One stored image, as the route that serves it needs it: a local file (`path`), or the
-    bytes read from a remote store (`data`)."""
+    """One stored image: a local file (`path`) or the bytes read from a remote store (`data`)."""
 
     media_type: str
     expires_in_s: float
@@ -75,17 +49,14 @@ class ImageStore(abc.ABC):
 
     @abc.abstractmethod
     async def put(self, data: bytes, output_format: str) -> str:
-        """Store one encoded image; returns its name (the last part of its URL). Raises
-        `ImageStoreError` if it could not be stored."""
+        """Store one encoded image; returns its name. Raises `ImageStoreError`."""
 
     @abc.abstractmethod
     async def get(self, name: str) -> StoredImage | None:
-        """The image called `name`, or `None` if there is none, or it has expired. Raises
-        `ImageStoreError` if the store cannot tell."""
+        """The image, or `None` if there is none or it expired. Raises `ImageStoreError`."""
 
     async def url_of(self, name: str) -> str | None:
-        """A URL the store itself answers for the image (e.g. a presigned one), or `None`: the
-        server's own `/images/files/<name>` answers it."""
+        """A URL the store itself answers (presigned), or `None`: the server's own answers."""
         return None
 
     async def check(self) -> None:  # noqa: B027 - a local folder needs no check

@@ -1,12 +1,6 @@
-"""Pydantic models of the OpenAI Images API (`POST /v1/images/generations`).
-
-Field names, types and defaults follow OpenAI's API; the extensions (`negative_prompt`,
-`num_inference_steps`, `guidance_scale`, `true_cfg_scale`, `seed`, `lora_scale`) are the
-diffusion knobs OpenAI's models do not expose. The validators refuse what the request alone
-decides (a field this server never honours, `stream` with `n` > 1, ...), raising vLLM's
-`VLLMValidationError` as vLLM's own request models do; what needs the server and the served
-model is applied as the request is mapped to engine work (`request_mapping.py`).
-"""
+"""Pydantic models of the OpenAI Images API, with the diffusion extensions (`negative_prompt`,
+`num_inference_steps`, `guidance_scale`, `true_cfg_scale`, `seed`, `lora_scale`). Their
+validators refuse what the request alone decides, raising vLLM's `VLLMValidationError`."""
 
 from __future__ import annotations
 

@@ -1,17 +1,5 @@
-"""The checks every Images API route makes before any work: `guard_route`.
-
-It wraps each route's handler (FastAPI's custom `APIRoute`, `api_router.ImageRoute`):
-
-- **query parameters**: none of these routes reads one, so any is a 400 that names it, before
-  the body is read (nothing a client sends is dropped unread);
-- **the body**, before it is read: a `Content-Length` above the route's limit (`ImageLimits`,
-  `limits.py`: JSON bodies and forms have their own) is refused with 413 before a byte is
-  read; a body without one (chunked) or longer than it says is refused as soon as the bytes
-  read pass the limit, so the rest is never read;
-- **JSON keys**: a key given twice (JSON parsers keep the last) is a 400 naming it;
-- **parsing errors**: pydantic's validation errors, the request models' own refusals
-  (`VLLMValidationError`) and FastAPI's own 400 are answered from the error table, in short.
-"""
+"""`guard_route`: the checks every Images API route makes before any work (query parameters,
+body size, a JSON key twice), and its parsing errors answered from the error table."""
 
 from __future__ import annotations
 
@@ -39,8 +27,7 @@ def limits_of(request: Request) -> ImageLimits:
 
 
 class BodyTooLargeError(HTTPException):
-    """The body passed its limit while it was read. An `HTTPException`, so that FastAPI's
-    body reading lets it through unchanged (it turns anything else into a 400)."""
+    """The body passed its limit while it was read (an `HTTPException`: FastAPI lets it through)."""
 
     def __init__(self, message: str) -> None:
         super().__init__(status_code=413, detail=message)
@@ -51,10 +38,8 @@ RouteHandler = Callable[[Request], Coroutine[Any, Any, Response]]
 
 
 def guard_route(handler: RouteHandler, body: BodyKind | None) -> RouteHandler:
-    """`handler` (a FastAPI route's) behind the checks that come before any work: no query
-    parameters; the body within its limit (when `body` names one), and no JSON key twice;
-    and the errors of reading the body (pydantic's validation errors, the request model's
-    own refusals, FastAPI's own 400) answered from the error table, in short."""
+    """`handler` behind the checks: no query parameter (400), the body within `body`'s limit
+    (413), no JSON key twice (400); its parsing errors answered from the error table."""
 
     async def guarded(request: Request) -> Response:
         if request.query_params:
@@ -98,8 +83,7 @@ def guard_route(handler: RouteHandler, body: BodyKind | None) -> RouteHandler:
 
 
 def _declared_length(request: Request) -> int:
-    """The body's `Content-Length`; -1 when it has none (chunked) or an unreadable one
-    (the server in front refuses those; the bytes are counted either way)."""
+    """The body's `Content-Length`; -1 when it has none (chunked) or an unreadable one."""
     declared = request.headers.get("content-length", "")
     if not (declared.isascii() and declared.isdigit()):
         return -1
@@ -124,8 +108,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 class _ImageRequest(Request):
-    """Starlette's request, whose JSON refuses a key given twice instead of keeping the last
-    (FastAPI parses the body with `request.json()`)."""
+    """Starlette's request whose `json()` raises `DuplicateKeyError` for a key given twice."""
 
     async def json(self) -> Any:
         return json.loads(await self.body(), object_pairs_hook=_unique_keys)

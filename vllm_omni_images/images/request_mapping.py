@@ -1,11 +1,6 @@
-"""An Images API request as engine work: `to_engine_request(request, context, inputs)`.
-
-The request models refuse, as they are parsed, what the request alone decides
-(`protocol.py`); here apply what needs the server and the served model (`MappingContext`):
-the server's prompt and pixel limits, the model's size rule and defaults, the seeds, and
-the adapter the request's `model` chose (`lora_scale` needs one). Each refusal is a
-`VLLMValidationError` that names the field (a 400).
-"""
+"""`to_engine_request(request, context, inputs)`: an Images API request as engine work, held to
+what needs the server and the served model (`MappingContext`); each refusal is a
+`VLLMValidationError` naming the field (a 400)."""
 
 from __future__ import annotations
 
@@ -60,10 +55,8 @@ class MappingContext:
 
 
 def check_limits(request: ImageGenerationRequest, limits: ImageLimits) -> None:
-    """A 400 naming `prompt` or `negative_prompt` when it is longer than the server reads
-    (`--image-max-prompt-chars`). Made once per request: by `to_engine_request` for a
-    generation, and as an edit's form is read, before its images are decoded
-    (`edits.read_multipart`)."""
+    """A 400 naming `prompt` or `negative_prompt` over `--image-max-prompt-chars`; called once
+    per request (`to_engine_request` for a generation, `edits.read_multipart` for an edit)."""
     for name in ("prompt", "negative_prompt"):
         text = getattr(request, name) or ""
         if len(text) > limits.max_prompt_chars:
@@ -256,10 +249,8 @@ def check_request_pixels(num_images: int, width: int, height: int, limits: Image
 
 
 def image_seeds(seed: int | None, n: int, source: random.Random | None = None) -> tuple[int, ...]:
-    """One seed per image: `seed, seed+1, ...` so the `n` images of a request differ and a
-    request is reproducible; without one, a base seed drawn from `source` (the server's, seeded
-    by `--seed`, as vLLM seeds its sampling: a run of seedless requests repeats after a
-    restart) or, without a source, from the operating system."""
+    """One seed per image, `seed, seed+1, ...`; without `seed`, the base is drawn from `source`
+    (`--seed`'s generator) or else the OS."""
     if seed is not None:
         base = seed
     else:

@@ -1,9 +1,5 @@
-"""What each answered Images API request counts in vLLM's registry (served at `/metrics`):
-its outcome, its images and their encoding time.
-
-`Outcome` is the HTTP layer's vocabulary: the error table (`errors.py`) gives each failure
-its outcome, and serving records exactly one per request.
-"""
+"""What each answered Images API request counts in vLLM's registry (`/metrics`): its `Outcome`
+(from the error table), its images and their encoding time."""
 
 from __future__ import annotations
 
@@ -23,7 +19,7 @@ Outcome = Literal[
     "cancelled",  # the client went away
     "out_of_memory",
     "error",  # the engine failed
-    "unavailable",  # no model loaded, or the server is shutting down
+    "unavailable",  # 503: no engine, shutting down, a dead or hung engine, no image store
 ]
 
 

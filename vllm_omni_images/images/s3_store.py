@@ -1,34 +1,5 @@
-"""`S3ImageStore`: the image store in an S3-compatible bucket that every replica shares.
-
-`--image-store-url s3://bucket/prefix` keeps `response_format: "url"` images under `prefix/` in
-`bucket`, so that the URL one replica hands out is answered by any replica reading the same
-bucket (or by the store itself). The contract is `file_store.ImageStore`'s; what is S3's:
-
-- **Configured as every S3 tool is**, by boto3's own chain: `AWS_ACCESS_KEY_ID` /
-  `AWS_SECRET_ACCESS_KEY` / `AWS_SESSION_TOKEN`, `AWS_PROFILE` and `~/.aws/config`, SSO, web
-  identity (EKS IRSA), container and instance credentials; `AWS_REGION` /
-  `AWS_DEFAULT_REGION`; and `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT_URL_S3`) for MinIO, Ceph,
-  Cloudflare R2 or GCS's interoperability API. boto3 rather than obstore: obstore measured
-  faster (`docs/benchmarks/image_store_clients.md`: a quarter to two fifths of boto3's CPU per
-  operation, about 1-3 ms saved per image, under 1% of a generation), but it reads no
-  `AWS_PROFILE`, `~/.aws` files, SSO or `credential_process`, and reports a missing bucket as
-  a missing key.
-- **Two ways to answer a URL** (`--image-urls`): `server` (the default) links the server's own
-  `/images/files/<name>`, which any replica answers by reading the bucket, so the bucket stays
-  private and clients need reach only the servers; `presigned` links a presigned GET URL of the
-  object, valid for `--image-url-ttl` (SigV4 allows at most 7 days; with temporary credentials
-  a URL stops working when they expire), so image bytes never pass through a server.
-- **Expiry**: each object carries the time it expires (`x-amz-meta-expires-at`, from the
-  writing server's clock and TTL); a server answers an expired one with 404 whether or not it
-  is still in the bucket. Every replica's clean-up deletes, every `sweep_interval_s`, the
-  objects under the prefix older than its TTL (by the store's `LastModified`); deleting
-  twice is harmless. A bucket lifecycle rule on the prefix (whole days) is a backstop for
-  objects left by replicas that are gone (`docs/deployment.md`).
-- **Failures**: a store that cannot be reached, or refuses (no bucket, no permission), raises
-  `ImageStoreError` naming the cause; botocore's standard retry mode retries transient ones
-  first (`max_attempts` in all). An image is linked only after its object is written, so no
-  client is answered with a URL that was not stored.
-"""
+"""`S3ImageStore`: the `file_store.ImageStore` contract in an S3-compatible bucket that every
+replica shares (`--image-store-url`); configured by boto3's own AWS_* chain (docs/deployment.md)."""
 
 from __future__ import annotations
 
@@ -79,8 +50,8 @@ class S3Location:
 
 
 def s3_client(max_attempts: int = 3, timeout_s: float = 10.0) -> Any:
-    """A boto3 S3 client configured from the environment (module docstring), with bounded
-    retries and timeouts, so that a store outage is a prompt 503 rather than a hang."""
+    """A boto3 S3 client from the environment, with bounded retries and timeouts (an outage is
+    a prompt 503, not a hang)."""
     import boto3
     from botocore.config import Config
 

@@ -1,8 +1,4 @@
-"""What a client sent, made safe to log or echo in a message.
-
-A value comes back only as a short, printable prefix: a 10 MB data: URL or a 32000-character
-prompt is not echoed, and no control character (a newline, an ANSI escape) reaches a log line.
-"""
+"""What a client sent, as a short printable prefix safe to log or echo in a message."""
 
 from __future__ import annotations
 
@@ -13,8 +9,7 @@ ECHO_CHARS = 40
 
 
 def printable(text: str, limit: int) -> str:
-    """`text` safe to log or echo: at most `limit` characters, each one that is not printable
-    (newlines, ANSI escapes, bidi controls) written as its escape (`\\n`, `\\x1b`)."""
+    """At most `limit` characters of `text`, each unprintable one as its escape (`\\n`)."""
     cut = text[:limit]
     safe = "".join(
         char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
@@ -24,8 +19,7 @@ def printable(text: str, limit: int) -> str:
 
 
 def echo(value: object) -> str:
-    """A short stand-in for a value a client sent: a prefix of a string (and its length when
-    cut), the size of a container, a number as written."""
+    """A short stand-in for `value`: a string's prefix (and length), a container's size."""
     if isinstance(value, str):
         if len(value) <= ECHO_CHARS:
             return f"'{printable(value, ECHO_CHARS)}'"

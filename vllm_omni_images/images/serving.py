@@ -1,9 +1,5 @@
-"""`OpenAIServingImage`: turns an Images API request into engine work and back.
-
-Like vLLM's `OpenAIServing*` handlers, it returns either the response model or vLLM's
-`ErrorResponse`, so the router only serialises what it gets. It talks to the engine client
-alone; every failure is answered from the error table in `errors.py`.
-"""
+"""`OpenAIServingImage`: an Images API request to engine work and back; like vLLM's
+`OpenAIServing*` it returns the response model or vLLM's `ErrorResponse` (from the error table)."""
 
 from __future__ import annotations
 
@@ -60,8 +56,7 @@ IMAGE_FILES_PATH = "/images/files"
 """The name of the route that serves stored images (`api_router.image_file`)."""
 
 MAX_LOGGED_ID_CHARS = 128
-"""A client's `X-Request-Id` or `user` is logged (and used as the request's id) cut to this,
-with control characters escaped, so that no header can forge or flood a log line."""
+"""A client's `X-Request-Id` (the request's id) or `user` is logged cut to this, escaped."""
 
 
 @dataclass
@@ -93,21 +88,16 @@ class OpenAIServingImage:
     ) -> None:
         self.engine_client = engine_client
         self.models = models
-        """The base model's names and the adapters served as model names (vLLM's)."""
         self.seed_source = random.Random(seed) if seed is not None else None
-        """Where a request without a seed gets one: seeded by `--seed`, as vLLM seeds its
-        sampling, so a run of seedless requests repeats after a restart; `None`: the OS."""
+        """The draw of seeds for seedless requests (`--seed`); `None`: the OS."""
         self.request_metrics = request_metrics
-        """Where each answered request's outcome is counted (`/metrics`)."""
         self.limits = limits
-        """What a request may ask for (`--image-max-*`), checked before the engine sees it."""
         self.image_store = image_store
         """Where `response_format: "url"` images go; without one, `url` is refused (400)."""
         self.image_url_base = image_url_base
-        """The public address the server's image URLs start with (`--image-url-base`);
-        `None`: the address the request came to."""
+        """`--image-url-base`; `None`: the address the request came to."""
         self.fetch_remote_image = fetch_remote_image
-        """How edits fetch http(s) image URLs; `None` (the operator allowed no host): a 400."""
+        """How edits fetch http(s) image URLs; `None` (no host allowed): a 400."""
         self.log_error_stack = log_error_stack
         # Encoding is CPU work in C code that releases the GIL: a few threads encode one
         # request's images in parallel without touching the event loop. Like denoising it is
@@ -131,12 +121,8 @@ class OpenAIServingImage:
         raw_request: Request | None = None,
         inputs: ImageInputs | None = None,
     ) -> ImageGenerationResponse | ErrorResponse | AsyncGenerator[str, None]:
-        """Generate (`ImageGenerationRequest`), or edit or vary `inputs` (an
-        `ImageEditRequest` or `ImageVariationRequest` with the images it was sent).
-
-        With `stream`, a request that passes validation is answered by server-sent events
-        (`streaming.py`): the returned iterator yields them, and settles the request's log and
-        metrics when it ends."""
+        """Generate, or edit or vary `inputs`; with `stream`, an iterator of server-sent events
+        that settles the request's log and metrics when it ends."""
         user = request.user or request.safety_identifier
         record = _RequestRecord(
             self._request_id(raw_request),
@@ -186,11 +172,8 @@ class OpenAIServingImage:
         )
 
     async def _adapter_named(self, model: str | None) -> LoRAAdapter | None:
-        """The LoRA adapter a request's `model` names: `None` for the base model (any of its
-        served names, or no name); `ModelNotFoundError` (vLLM's 404) for a name that is
-        neither, as vLLM's serving resolves it (`VLLM_SKIP_MODEL_NAME_VALIDATION` serves an
-        unknown name by the base model; with runtime LoRA updating, vLLM's resolver plugins
-        may find an adapter)."""
+        """The LoRA adapter `model` names, `None` for the base model (or no name), resolved as
+        vLLM's serving does; raises `ModelNotFoundError` (404) for a name that is neither."""
         if not model or self.models.is_base_model(model):
             return None
         found: LoRARequest | ErrorResponse | None = self.models.lora_requests.get(model)
@@ -222,9 +205,8 @@ class OpenAIServingImage:
         engine_request: EngineRequest,
         record: _RequestRecord,
     ) -> AsyncGenerator[str, None]:
-        """The request's events: its partial images as the engine decodes them, then the
-        completed image, or an error event. Closing the iterator (the client left) withdraws
-        the request, as a disconnect does for a plain request."""
+        """Partial-image events, then the completed image or an error event; closing the
+        iterator withdraws the request."""
         kind = "image_edit" if isinstance(request, ImageEditRequest) else "image_generation"
         outcome: Outcome = "cancelled"
         try:
@@ -270,9 +252,8 @@ class OpenAIServingImage:
         record: _RequestRecord,
         raw_request: Request | None,
     ) -> list[ImageObject]:
-        """Inline base64, or stored and linked: by the store's own URL (presigned), or by the
-        server's absolute URL (behind `--root-path` too). Every image is stored before any is
-        linked, so a store failure (503) hands out no URL."""
+        """Inline base64, or stored and linked (the store's URL, or the server's absolute one);
+        every image is stored before any is linked, so a store failure hands out no URL."""
         if request.response_format != "url":
             texts = await self._encode(images, request, record, encode_image_base64)
             return [ImageObject(b64_json=text) for text in texts]

@@ -1,12 +1,4 @@
-"""Server-sent events of a streamed image request, in OpenAI's shapes.
-
-`stream: true` answers with `text/event-stream`: up to `partial_images` events of type
-`image_generation.partial_image` (`image_edit.partial_image` for edits), each a preview decoded
-from an intermediate denoising step, then one `image_generation.completed`
-(`image_edit.completed`) with the final image, the same image the request gives unstreamed.
-A failure after the stream started is an `error` event whose data is OpenAI's error object,
-which the `openai` SDK raises as `APIError`.
-"""
+"""The server-sent events of `stream: true`, in OpenAI's shapes (docs/image_api.md)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""The `vllm serve` flags this plugin adds, and how to tell that a command line asks for them.
-
-Imported by the general plugin in every vLLM process, so it imports nothing heavy: the
-configs the flags fill are imported where they are made.
-"""
+"""The `vllm serve` flags this plugin adds (`ImageTaskArgs`, `OMNI_FLAGS`), and how to tell that a
+command line asks for them. Imported in every vLLM process: it imports nothing heavy."""
 
 import argparse
 import ast
@@ -216,8 +213,7 @@ def _one_line(text: str | None) -> str:
 
 
 def _field_docs(cls: type) -> dict[str, str]:
-    """The string after each field of `cls`, on one line (what vLLM's `get_attr_docs` reads,
-    without importing vLLM: the flag table builds this parser in a process without it)."""
+    """The string after each field of `cls`, on one line (vLLM's `get_attr_docs`, without vLLM)."""
     [node] = ast.parse(textwrap.dedent(inspect.getsource(cls))).body
     assert isinstance(node, ast.ClassDef)
     docs = {}
@@ -234,8 +230,7 @@ def _field_docs(cls: type) -> dict[str, str]:
 
 
 def add_image_cli_args(parser: argparse.ArgumentParser) -> None:
-    """Add `--task` and the image options to a `vllm serve` parser (idempotent): the fields of
-    `ImageTaskArgs` as vLLM adds its `FrontendArgs`, then vllm-omni's options."""
+    """Add `--task`, `ImageTaskArgs`' flags and `OMNI_FLAGS` to a serve parser (idempotent)."""
     if any("--task" in action.option_strings for action in parser._actions):
         return
     group = parser.add_argument_group(HELP_GROUP, _one_line(ImageTaskArgs.__doc__))
@@ -261,15 +256,13 @@ def add_image_cli_args(parser: argparse.ArgumentParser) -> None:
 
 
 def served_model_names(args: argparse.Namespace) -> list[str]:
-    """The names requests may ask for (`--served-model-name`, else the model); the first one
-    labels the metrics."""
+    """`--served-model-name`, else the model; the first labels the metrics."""
     return [str(name) for name in args.served_model_name or [args.model]]
 
 
 @dataclass(frozen=True)
 class OmniFlag:
-    """One vllm-omni option: its flags as vllm-omni spells them, and the field of its engine
-    config (`OmniDiffusionConfig`, or `DiffusionParallelConfig` for sizes) that it sets."""
+    """One vllm-omni option: its flags as vllm-omni spells them, and the config field it sets."""
 
     flags: tuple[str, ...]
     config_field: str
@@ -388,9 +381,8 @@ OMNI_FLAGS: tuple[OmniFlag, ...] = (
 
 
 def omni_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The vllm-omni config fields the command line sets, by their vllm-omni names: the flags
-    above, and two of vLLM's own that vllm-omni reads too (--tensor-parallel-size above 1, and
-    --distributed-executor-backend: `mp`, `uni` or a `DiffusionExecutor` class's path)."""
+    """The vllm-omni config fields the command line sets: `OMNI_FLAGS`, `--tensor-parallel-size`
+    above 1 and `--distributed-executor-backend`."""
     options = {
         flag.config_field: getattr(args, flag.dest)
         for flag in OMNI_FLAGS

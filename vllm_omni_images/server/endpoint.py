@@ -64,8 +64,8 @@ async def build_images_state(
     limits: ImageLimits,
     store: ImageStore | None = None,
 ) -> ImagesState:
-    """The app's `ImagesState`: for an image engine, its serving object on `store` (without
-    one, built from the flags and checked) and the store's expiry loop; else the limits only."""
+    """The app's `ImagesState`: for an image engine, its serving object on `store` (else one
+    built from the flags and checked) and the store's expiry loop; else the limits only."""
     from vllm_omni_images.engine.client import ImageEngineClient
     from vllm_omni_images.images.app_state import ImagesState
     from vllm_omni_images.images.request_metrics import RequestMetrics
@@ -94,9 +94,8 @@ async def build_images_state(
 
 
 def limits_from_args(args: Namespace) -> ImageLimits:
-    """The `--image-max-*` flags as the limits the routes and the serving object apply.
-    `--image-max-input-images` can only lower what the engines edit at once: a value above it
-    is said in the log, not silently dropped."""
+    """The `--image-max-*` flags as `ImageLimits`; logs a warning for an
+    `--image-max-input-images` above what the engines edit."""
     from vllm_omni_images.images.limits import EDIT_INPUT_IMAGES
 
     if args.image_max_input_images > EDIT_INPUT_IMAGES:
@@ -110,10 +109,8 @@ def limits_from_args(args: Namespace) -> ImageLimits:
 
 
 def remote_image_fetcher(args: Namespace, limits: ImageLimits) -> RemoteImageFetcher | None:
-    """vLLM's own media fetching for image URLs, limited to `--allowed-media-domains`; `None`
-    (no URL is fetched) when the operator named no host. The download stops at
-    `--image-max-input-mb` (413), and the image's pixels are read from its header before it
-    is decoded (`--image-max-input-pixels`, a 400)."""
+    """vLLM's media fetching for image URLs of `--allowed-media-domains` (`None`: no host),
+    held to `limits`' input bytes (413) and pixels (400)."""
     domains = getattr(args, "allowed_media_domains", None)
     if not domains:
         return None

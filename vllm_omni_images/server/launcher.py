@@ -84,9 +84,8 @@ async def init_image_app_state(
     image_store: ImageStore | None = None,
 ) -> ImagesState:
     """vLLM's app state for the image model and the Images API's (returned), then the
-    `--lora-modules` adapters loaded (each one read and checked now: a bad one stops the
-    start-up, in one line naming it). `image_store`: the store `run_image_server` already
-    built and checked; without one it is built from the flags."""
+    `--lora-modules` adapters loaded; raises `EngineUnavailableError` for a bad one.
+    `image_store`: built and checked already; without one it is built from the flags."""
     models = serving_models_from_args(engine_client, args)
     state.images = images = await build_images_state(
         engine_client, models, args, limits_from_args(args), image_store
@@ -100,8 +99,8 @@ async def init_image_app_state(
 
 
 def lora_settings_from_args(args: argparse.Namespace) -> LoRASettings | None:
-    """`--enable-lora` and its limits, checked by vLLM's own `LoRAConfig` (e.g.
-    `--max-cpu-loras` below `--max-loras`); `None` without `--enable-lora`."""
+    """`--enable-lora` and its limits, checked by vLLM's `LoRAConfig`; `None` without it.
+    Raises `EngineUnavailableError`."""
     if not args.enable_lora:
         if args.lora_modules:
             raise EngineUnavailableError(

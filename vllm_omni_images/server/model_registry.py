@@ -1,6 +1,5 @@
-"""The served models, through vLLM's own serving-models machinery: `/v1/models`, the LoRA
-adapters served as model names, and vLLM's `/v1/load_lora_adapter` and
-`/v1/unload_lora_adapter`."""
+"""The served models through vLLM's serving-models machinery: `/v1/models`, LoRA adapters as
+model names, `/v1/load_lora_adapter` and `/v1/unload_lora_adapter`."""
 
 from __future__ import annotations
 
@@ -31,8 +30,7 @@ if TYPE_CHECKING:
 
 
 class ImageModelRegistry(OpenAIModelRegistry):
-    """vLLM's read-only registry without a text `ModelConfig`: a diffusion model has no
-    context length, so its cards leave `max_model_len` out."""
+    """vLLM's read-only registry without a text `ModelConfig`: cards without `max_model_len`."""
 
     def __init__(self, base_model_paths: list[BaseModelPath]) -> None:
         super().__init__(model_config=cast(ModelConfig, None), base_model_paths=base_model_paths)
@@ -47,18 +45,8 @@ class ImageModelRegistry(OpenAIModelRegistry):
 
 
 class ImageServingModels(OpenAIServingModels):
-    """vLLM's `OpenAIServingModels` for an image model: the base model's cards from
-    `ImageModelRegistry`, each adapter's card with the base model as `parent`, and adapters
-    added through the engine client's `add_lora`. vLLM's own code does the rest: the static
-    `--lora-modules` (`init_static_loras`), the load and unload routes, LoRA resolver plugins.
-
-    Two things differ from a text model's. An adapter the engine refuses (missing,
-    unreadable, made for another model, rank too high: `LoRAAdapterError`, whose message names
-    the adapter) is a 400, where vLLM answers any failure but a missing adapter with a 500;
-    vLLM tells its own "not found" by the error's message, and so does this. And vLLM's LoRA
-    resolvers read the served model's path from the text `ModelConfig`: they get a stand-in
-    that holds only that.
-    """
+    """vLLM's `OpenAIServingModels` for an image model (cards from `ImageModelRegistry`), but
+    an adapter the engine refuses (`LoRAAdapterError`) is a 400, not vLLM's 500."""
 
     def __init__(
         self,
@@ -105,6 +93,5 @@ def base_model_paths(args: Namespace) -> list[BaseModelPath]:
 def serving_models_from_args(
     engine_client: ImageEngineClient, args: Namespace
 ) -> ImageServingModels:
-    """The served models as `--served-model-name` and `--lora-modules` say (the adapters are
-    loaded by `init_static_loras`)."""
+    """The served models of `--served-model-name` and `--lora-modules` (not loaded yet)."""
     return ImageServingModels(engine_client, base_model_paths(args), lora_modules=args.lora_modules)

@@ -1,7 +1,7 @@
 """The `vllm.general_plugins` entry point: adds `--task image` to `vllm serve`.
 
-vLLM calls `register` in every process it starts, and may call it more than once, so it is
-cheap and idempotent, and it changes nothing unless the command line is `vllm serve`.
+vLLM calls `register` in every process, maybe more than once: it is cheap and idempotent, and
+its patches act only on `vllm serve`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ def _run_image_server(args: argparse.Namespace) -> None:
 
 
 def log_through_vllm() -> None:
-    """Print our logs as vLLM prints its own: vLLM configures only its `vllm` logger, so
-    without this our INFO lines (one per image request) would never show."""
+    """Print this package's logs through vLLM's `vllm` handler, at its level."""
     ours = logging.getLogger("vllm_omni_images")
     vllm_root = logging.getLogger("vllm")
     for handler in vllm_root.handlers:

@@ -1,13 +1,5 @@
-"""What `vllm serve --task image` does with each of vLLM's serve flags: none is silently ignored.
-
-A flag is honoured (`serve_flag_table.HONOURED`, and this plugin's ImageTask group) or refused:
-given with a value other than its default, the server does not start, and says so in one line
-naming every such flag (`refused_flags`, `refusal_message`). Flags are read from the live
-parser, so a flag a newer vLLM adds is refused by its group's reason. docs/image_api.md's table
-("vLLM's serve flags") is `python -m vllm_omni_images.server.serve_flags --markdown`.
-
-Imported by the launcher: no vLLM import here but in `live_serve_parser`.
-"""
+"""Each vLLM serve flag, read from the live parser: honoured, or refused at start-up when given
+with a non-default value. `--markdown` prints docs/image_api.md's table."""
 
 from __future__ import annotations
 
@@ -47,8 +39,7 @@ _SENTENCE_END = re.compile(r"(?<!\be\.g)(?<!\bi\.e)\.(\s|$)")
 
 
 def _first_sentence(text: str) -> str:
-    """The first sentence of a flag's help, without its full stop, lower-cased as the table's
-    other rows read."""
+    """The first sentence of a flag's help, without its full stop, its first letter lower-cased."""
     text = " ".join(text.split())
     match = _SENTENCE_END.search(text)
     sentence = text[: match.start()] if match else text
@@ -88,8 +79,7 @@ def classify(
 
 
 def flag_name(action: argparse.Action) -> str:
-    """How the user spells the flag: its first long option (`--max-model-len`); a positional
-    has none (`<model>`)."""
+    """Its first long option (`--max-model-len`), or `<model>` for the positional."""
     longs = [option for option in action.option_strings if option.startswith("--")]
     if longs:
         return longs[0]
@@ -97,8 +87,7 @@ def flag_name(action: argparse.Action) -> str:
 
 
 def _default(parser: argparse.ArgumentParser, action: argparse.Action) -> object:
-    """The value a flag has when it is not given: argparse converts a string default with the
-    flag's `type`, so compare with what it converts to."""
+    """The value a flag has when it is not given (a string default converted by its `type`)."""
     default = parser.get_default(action.dest)
     if isinstance(default, str) and action.type is not None:
         return parser._get_value(action, default)
@@ -113,12 +102,8 @@ def _asks_for_something(value: object, default: object, also_accepts: Sequence[o
 
 
 def refused_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
-    """The refused flags that `args` sets to something other than their default, as the user
-    spells them (`--max-model-len`), in the order `vllm serve --help` lists them.
-
-    A BooleanOptionalAction whose default is None counts whichever way it is given
-    (`--enable-prefix-caching` and `--no-enable-prefix-caching`); one that restates its
-    default (`--no-enable-log-outputs`) asks for nothing and does not count."""
+    """The refused flags that `args` sets to other than their default (or an `also_accepts`
+    value), by `flag_name`, in the help's order; restating a default does not count."""
     return [
         flag_name(action)
         for _, action, rule in classify(parser)
@@ -146,16 +131,14 @@ def refusal_message(flags: Sequence[str]) -> str:
 
 
 def _markdown_text(text: str) -> str:
-    """`text` as one table cell: `|` escaped, and `<` too outside code spans (a help's
-    `<random name>` would read as an HTML tag)."""
+    """`text` as one table cell: `|` escaped, and `<` outside code spans."""
     parts = text.replace("|", "\\|").split("`")
     parts[::2] = [part.replace("<", "\\<") for part in parts[::2]]
     return "`".join(parts)
 
 
 def markdown_table(parser: argparse.ArgumentParser) -> str:
-    """docs/image_api.md's table of `parser`'s flags: one row each (flag, verdict, how), under
-    a bold row per argument group."""
+    """docs/image_api.md's table of `parser`'s flags: a row each, under a row per group."""
     rows = ["| flag | with `--task image` | how |", "|---|---|---|"]
     group = None
     for title, action, rule in classify(parser):

@@ -1,30 +1,6 @@
-"""Every change this package makes to vLLM's own objects and to the process vLLM runs in.
-
-vLLM 0.30 has no `--task` flag, no hook to add a subcommand mode and no app state for a model
-without a text `ModelConfig`, so:
-
-- the general plugin (`plugin.py`) wraps `EngineArgs.add_cli_args` (the serve parser gains
-  the image flags, and is kept for `serve_parser`: the launcher compares the parsed flags with
-  its defaults, `serve_flags.refused_flags`) and `ServeSubcommand.cmd` (`--task image` runs
-  our launcher), and switches to vLLM's CPU platform where no accelerator is found
-  (`fall_back_to_cpu_platform`: in `vllm.platforms`, in the vLLM modules that already bound
-  the unspecified platform, and through `VLLM_TARGET_DEVICE=cpu` for the processes started
-  later);
-- the launcher (`launcher.py`) builds vLLM's own app and then removes the text-only core
-  routes (`remove_core_routes`), attaches the `images` endpoint plugin when `VLLM_PLUGINS`
-  does not name it (`attach_endpoint_plugin`), fills the app state that vLLM's
-  `init_app_state` would (`init_image_app_state`), and sets the interpreter's switch
-  interval (`set_server_switch_interval`).
-
-Nothing else in the package writes to vLLM's objects. One process-wide setting lives with the
-engine that needs it: `engine/omni_engine.py` makes spawn the multiprocessing start method
-before it starts vllm-omni's workers, as vllm-omni's own stage set-up does.
-
-Two stand-ins are subclasses or duck types, not patches: `model_registry.ImageModelRegistry`
-(vLLM's registry without a `ModelConfig`) and `engine.client.ImageEngineClient` (the
-`EngineClient` that vLLM's server loop and core routes use). `tests/unit/test_vllm_patches.py`
-checks each patched behaviour against the installed vLLM.
-"""
+"""Every change this package makes to vLLM's own objects and to the process vLLM runs in, but
+one: `engine/omni_engine.py` makes spawn the multiprocessing start method for vllm-omni's
+workers. Who calls each is in docs/architecture.md, "Where vLLM is changed"."""
 
 from __future__ import annotations
 
@@ -62,12 +38,7 @@ def _is_serve_parser(parser: argparse.ArgumentParser) -> bool:
 
 
 def patch_engine_args_cli() -> None:
-    """Add our flags to every `vllm serve` parser that vLLM builds.
-
-    `AsyncEngineArgs.add_cli_args` loads general plugins and then calls
-    `EngineArgs.add_cli_args`, looked up on the class at call time, so wrapping it here takes
-    effect for the parser being built.
-    """
+    """Add our flags to every `vllm serve` parser that vLLM builds (but `--omni`'s); idempotent."""
     from vllm.engine.arg_utils import EngineArgs
 
     original = EngineArgs.add_cli_args
@@ -89,19 +60,13 @@ def patch_engine_args_cli() -> None:
 
 
 def serve_parser() -> argparse.ArgumentParser | None:
-    """The `vllm serve` parser with the image flags that vLLM built last in this process, whose
-    defaults tell which flags a command line set; None before vLLM built one."""
+    """The serve parser with the image flags that vLLM built last here; None before one."""
     return _serve_parser
 
 
 def patch_serve_command(run_image_server: Callable[[argparse.Namespace], None]) -> None:
-    """Route `vllm serve --task image` to our launcher; every other serve runs as before.
-
-    `vllm`'s CLI reads `ServeSubcommand.cmd` after building the serve parser (which loads the
-    general plugins), so replacing it on the class here is what the CLI dispatches to. The
-    module is only patched where the CLI already imported it: engine and worker processes
-    load general plugins too and must not pay for importing the CLI.
-    """
+    """Route `vllm serve --task image` to `run_image_server`, every other serve as before; only
+    where vLLM's CLI module is already imported (worker processes must not import it)."""
     serve_module = sys.modules.get(SERVE_CLI_MODULE)
     if serve_module is None:
         return
@@ -123,11 +88,7 @@ def patch_serve_command(run_image_server: Callable[[argparse.Namespace], None]) 
 
 
 def fall_back_to_cpu_platform() -> bool:
-    """Use vLLM's CPU platform when no accelerator is found; True if it switched.
-
-    vLLM cannot even build its `serve` parser on an unspecified platform. It does the same
-    switch itself for `vllm bench`; we do it only for the image task and for `serve --help`.
-    """
+    """Use vLLM's CPU platform when no accelerator is found; True if it switched."""
     from vllm import platforms
 
     unspecified = platforms.current_platform
@@ -159,19 +120,14 @@ def fall_back_to_cpu_platform() -> bool:
 
 
 def remove_core_routes(app: FastAPI, paths: Collection[str]) -> None:
-    """Drop vLLM's own handlers for `paths` from its app, should it carry them for our task,
-    so the routes we attach for those paths answer instead."""
+    """Drop vLLM's own handlers for `paths` from its app, so the routes we attach answer."""
     app.router.routes[:] = [
         route for route in app.router.routes if getattr(route, "path", None) not in paths
     ]
 
 
 def attach_endpoint_plugin(app: FastAPI, plugin: Any) -> bool:
-    """Attach `plugin` to vLLM's app as vLLM attaches the endpoint plugins `VLLM_PLUGINS`
-    names, unless vLLM already did; True if it was added here.
-
-    `--task image` asks for the Images API, so it must not depend on the allowlist.
-    """
+    """Attach `plugin` as vLLM attaches endpoint plugins, unless it did; True if added here."""
     plugins: list[Any] = list(getattr(app.state, "endpoint_plugins", []))
     if any(getattr(attached, "name", None) == plugin.name for attached in plugins):
         return False
@@ -186,8 +142,7 @@ async def init_image_app_state(
     args: argparse.Namespace,
     models: OpenAIServingModels,
 ) -> None:
-    """The part of vLLM's `init_app_state` that applies to an image model (vLLM's own needs a
-    text `ModelConfig`), then vLLM's endpoint-plugin initialisation."""
+    """vLLM's `init_app_state` as it applies to an image model, then its endpoint plugins'."""
     from vllm.engine.protocol import EngineClient
     from vllm.plugins.endpoint_plugins.interface import init_endpoint_plugins_state
 
@@ -208,6 +163,5 @@ SERVER_SWITCH_INTERVAL_S = 0.001
 
 
 def set_server_switch_interval() -> None:
-    """Process-wide: hand the GIL over every 1 ms, so `/health` and new requests are answered
-    while the engine thread denoises (see docs/performance.md)."""
+    """Process-wide: hand the GIL over every 1 ms (docs/performance.md)."""
     sys.setswitchinterval(SERVER_SWITCH_INTERVAL_S)
