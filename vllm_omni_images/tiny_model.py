@@ -1,13 +1,6 @@
-"""The embedded default model: a tiny random-weight pipeline of the real Qwen-Image architecture.
-
-`vllm serve tiny-qwen-image --task image` must work on a laptop with no GPU and no network, so
-the model is built locally: the same classes as `Qwen/Qwen-Image` (`QwenImagePipeline` with its
-transformer, VAE, Qwen2.5-VL text encoder, byte-level BPE tokenizer and flow-match scheduler)
-with a handful of channels and two layers. It is built once, deterministically, into a cache
-folder and then loaded like any other model, through `DiffusionPipeline.from_pretrained`.
-
-This module must stay importable without vLLM.
-"""
+"""The embedded default model, `tiny-qwen-image`: `Qwen/Qwen-Image`'s classes with a handful of
+channels and two layers and random weights, built once, deterministically and offline, into a
+cache folder, then loaded like any other model. Importable without vLLM."""
 
 from __future__ import annotations
 
@@ -72,11 +65,8 @@ def is_built(path: Path) -> bool:
 
 
 def ensure_tiny_model(root: Path | None = None) -> Path:
-    """Return the folder of the tiny model, building it first if it is not in the cache.
-
-    The build writes into a temporary sibling folder and renames it into place, so a crash or a
-    concurrent build never leaves a half-written model where a loader would find it.
-    """
+    """The tiny model's folder, built first if not in the cache; a crash or a concurrent build
+    never leaves a half-written model there (it is built aside and renamed into place)."""
     path = tiny_model_path(root)
     if is_built(path):
         return path
@@ -170,10 +160,8 @@ def build_tiny_model(path: Path) -> None:
 
 
 def build_qwen_image_pipeline(shape: QwenImageShape, device: str | None = None) -> Any:
-    """A random-weight `QwenImagePipeline` of `shape`, seeded so every build is the same.
-
-    `device` builds the weights there directly (a wide model is too slow to initialise on a
-    CPU and then move)."""
+    """A random-weight `QwenImagePipeline` of `shape`, the same on every build; `device`
+    builds the weights there directly."""
     import torch
     from diffusers import (
         AutoencoderKLQwenImage,

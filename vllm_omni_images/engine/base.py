@@ -1,16 +1,5 @@
-"""The one engine interface, `ImageEngine`, shaped like vLLM's `EngineClient`, and what it
-takes and gives.
-
-An engine takes an `EngineRequest` and streams `EngineOutput`s: `ImagesStarted` as the
-request's images leave its queue, `PreviewImages` for streamed partial images, then one
-`FinalImages`, or it raises one of `errors.py`'s exceptions. Every engine presents it: the
-admission in front of any engine (`client.py`), the batching engine over a diffusers
-pipeline (`batching.py`), vllm-omni's engine (`omni_engine.py`) and the tests' engines. So
-nothing above an engine asks which one it is.
-
-This module must stay importable without vLLM: the GPU benchmarks run engines where only
-diffusers is installed.
-"""
+"""The one engine interface, `ImageEngine` (as vLLM's `EngineClient`), what it takes and
+what it streams. Importable without vLLM."""
 
 from __future__ import annotations
 
@@ -28,8 +17,7 @@ from vllm_omni_images.engine.errors import LoRAAdapterError
 logger = logging.getLogger(__name__)
 
 DEFAULTS_FILE = "vllm_omni_images.json"
-"""A model folder may hold this file: `ModelDefaults` fields that override what an engine reads
-from the pipeline (sizes, steps), for the defaults a pipeline does not record itself."""
+"""A model folder's optional file of `ModelDefaults` fields, over what the pipeline records."""
 
 
 @dataclass(frozen=True)
@@ -44,19 +32,15 @@ class ModelDefaults:
     guidance_scale: float | None = None
     max_pixels: int = 2048 * 2048
     min_steps: int = 1
-    """Fewest denoising steps that give an image: 2 for a flow-matching scheduler with a
-    terminal shift (Qwen-Image's), whose one-step schedule divides by zero (a black image)."""
+    """Fewest denoising steps that give an image (2 where one step divides by zero)."""
     supports_partial_images: bool = False
     """Whether the engine streams previews of intermediate steps (`PreviewImages`)."""
 
 
 @dataclass(frozen=True)
 class LoRAAdapter:
-    """A LoRA adapter the server serves under `name` (vLLM's `LoRARequest`, without vLLM).
-
-    `path` is a diffusers LoRA (a folder with `pytorch_lora_weights.safetensors`, or that one
-    `.safetensors` file) or a PEFT folder (`adapter_config.json` + `adapter_model.safetensors`);
-    `lora_files.py` reads both. `adapter_id` is unique per name for the server's life."""
+    """A LoRA adapter served under `name` (vLLM's `LoRARequest`, without vLLM): `path` is a
+    diffusers or PEFT adapter (`lora_files.py`); `adapter_id` is unique per name."""
 
     name: str
     adapter_id: int
@@ -70,10 +54,9 @@ class LoRASettings:
     max_loras: int = 1
     """Adapters loaded into the model at once (vLLM: per batch, on the device)."""
     max_cpu_loras: int | None = None
-    """Adapters kept read in host memory, least recently used evicted (`None`: `max_loras`);
-    an evicted one is read again from its path when a request names it."""
+    """Adapters kept read in host memory, least recently used evicted (`None`: `max_loras`)."""
     max_lora_rank: int = 16
-    """Adapters of a higher rank are refused when they are loaded."""
+    """Adapters of a higher rank are refused when loaded."""
 
     @property
     def cpu_slots(self) -> int:
@@ -82,12 +65,8 @@ class LoRASettings:
 
 @dataclass(frozen=True)
 class EngineRequest:
-    """One request's work for the engine: `len(seeds)` images of one prompt.
-
-    Every knob is resolved (no `None` for size or steps) before a request reaches an engine.
-    Image `i` is generated from its own generator seeded with `seeds[i]`, so an image depends
-    only on its own seed and parameters, never on which other requests share its batch.
-    """
+    """`len(seeds)` images of one prompt, every knob resolved; image `i` depends only on
+    `seeds[i]` and the parameters, never on its batch."""
 
     prompt: str
     seeds: tuple[int, ...]
@@ -159,8 +138,8 @@ Message: TypeAlias = EngineOutput | BaseException
 
 
 class Inbox:
-    """A request's stream inside an engine: messages put on the event loop, read back by
-    `outputs` up to its `FinalImages`, or raised when one is an exception."""
+    """A request's stream inside an engine: `put` on the event loop; `outputs` yields up to
+    the `FinalImages` and raises a message that is an exception."""
 
     def __init__(self) -> None:
         self._queue: asyncio.Queue[Message] = asyncio.Queue()
@@ -181,23 +160,9 @@ class Inbox:
 class ImageEngine(abc.ABC):
     """A served image model, as vLLM's `EngineClient` is a served text model.
 
-    - `check_admission(num_images)`: refuses at once, by raising, a request the engine cannot
-      take now (full, closed, hung, dead), so that the answer carries its status before any
-      work, as vLLM's `check_admission`. Engines without admission control accept everything.
-      Admission (`client.py`) asks it before `generate`, which does not ask again (a closed
-      engine's `generate` still refuses).
-    - `generate(request)`: the request's outputs (see the module docstring). The request is
-      taken when the stream is first iterated. Closing the stream before its `FinalImages` (or
-      cancelling the task that iterates it) aborts the request: a waiting one leaves the queue
-      at once, a running one stops as soon as the engine allows, as vLLM's
-      `AsyncLLM.generate` aborts on `CancelledError` and `GeneratorExit`. There is no abort by
-      id: ids come from clients' `X-Request-Id` headers and may repeat.
-    - `add_lora(adapter)`: reads and checks the adapter now (raising `LoRAAdapterError` with
-      the reason), so a request that names it later does not fail on it, as vLLM's
-      `EngineClient.add_lora`. Engines built without LoRA refuse every adapter.
-    - `check_health()`: raises `errors.EngineDiedError` or `errors.EngineHungError` when the
-      engine cannot serve.
-    - `close()`: stops taking work and releases the model; what was started may finish.
+    `generate` streams `ImagesStarted`, `PreviewImages` and one `FinalImages`, or raises an
+    `errors.py` exception; the request is taken at the first iteration, and closing the stream
+    (or cancelling its consumer) before `FinalImages` aborts it. `close` stops taking work.
     """
 
     @property
@@ -205,7 +170,7 @@ class ImageEngine(abc.ABC):
     def defaults(self) -> ModelDefaults: ...
 
     def check_admission(self, num_images: int) -> None:  # noqa: B027 - accepts everything
-        """Raise if a request of `num_images` images cannot be taken now."""
+        """Raise if a request of `num_images` images cannot be taken now (full, closed, hung)."""
 
     @abc.abstractmethod
     def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]: ...
@@ -215,17 +180,15 @@ class ImageEngine(abc.ABC):
         raise LoRAAdapterError.not_enabled(adapter.name)
 
     def check_health(self) -> None:  # noqa: B027 - engines with nothing to check keep this
-        """Raise if the engine cannot serve."""
+        """Raise `EngineDiedError` or `EngineHungError` if the engine cannot serve."""
 
     @abc.abstractmethod
     async def close(self) -> None: ...
 
 
 class EngineObserver(Protocol):
-    """Where engines report what metrics show (`metrics.ModelMetrics`). Subclass it to inherit
-    its no-op defaults. `on_step` runs on an engine thread, every other hook on the event
-    loop; all must be cheap. An exception from a hook is logged and otherwise ignored
-    (`notify`)."""
+    """Where engines report what metrics show, with no-op defaults. `on_step` runs on an engine
+    thread, every other hook on the event loop; all must be cheap."""
 
     def on_queue_depth(self, images: int) -> None:
         """Admission: the number of admitted images that have not started changed."""
@@ -236,8 +199,7 @@ class EngineObserver(Protocol):
         return None
 
     def on_requests(self, waiting: int, running: int) -> None:
-        """Admission: the number of admitted requests none of whose images started
-        (`waiting`), or some of whose did (`running`), changed."""
+        """Admission: the counts of admitted requests with no image / some image started changed."""
         return None
 
     def on_queue_wait(self, wait_s: float) -> None:

@@ -1,11 +1,4 @@
-"""How the batching engine plans its engine calls: pure functions, no state and no clock.
-
-- `batch_key`: what requests must share to run in one pipeline call.
-- `form_batch`: which waiting requests run next (the oldest goes, or the oldest of another
-  adapter when the last batch ran its adapter: adapters take turns, and none starves).
-- `company_wait_s`: how long a batch that is not full waits for compatible requests.
-- `split_in_halves`: the two calls to retry a call that ran out of device memory.
-"""
+"""The batching engine's planning of its engine calls: pure functions, no state, no clock."""
 
 from __future__ import annotations
 
@@ -47,8 +40,7 @@ def adapter_of(request: EngineRequest) -> int | None:
 
 
 def batch_key(request: EngineRequest) -> BatchKey:
-    """The request's batch key; prompts, negative prompt texts and seeds may differ. A batch
-    runs one adapter at one strength (the model is switched per call)."""
+    """The request's batch key (one adapter at one strength); prompts and seeds may differ."""
     return BatchKey(
         request.task,
         request.strength,
@@ -66,15 +58,9 @@ def batch_key(request: EngineRequest) -> BatchKey:
 def form_batch(
     queue: Sequence[EngineRequest], max_images: int, last_adapter: LastAdapter = NO_BATCH_YET
 ) -> list[int]:
-    """Indices into `queue` (oldest first) of the requests that should run next, the one that
-    leads the batch first.
-
-    The oldest request leads, whatever its size, so no request starves; but when the last
-    batch ran its adapter (`last_adapter`, `None` for the base model) and a request of another
-    adapter waits, the oldest of those leads instead: adapters take turns, so a request never
-    waits behind a long run of another adapter's. Later requests with the leader's batch key
-    join in arrival order while the total stays within `max_images`; one that does not fit is
-    skipped and the scan goes on. A request is never split.
+    """Indices into `queue` (oldest first) of the next batch, its leader first: the oldest
+    request, or the oldest of another adapter than `last_adapter`'s; then requests of the
+    leader's batch key, in order, that fit within `max_images` (one that does not is skipped).
     """
     if not queue:
         return []
@@ -110,9 +96,8 @@ class BatchSlice:
 
 
 def split_in_halves(slices: Sequence[BatchSlice]) -> tuple[list[BatchSlice], list[BatchSlice]]:
-    """The two halves to retry an engine call that ran out of memory: the first holds the first
-    half of its images (the larger half when the count is odd), the second the rest, in order.
-    A request whose images straddle the middle is split between the halves."""
+    """The first (larger) and second half of the slices' images, in order, a request split at
+    the middle if it straddles it; `ValueError` for a single image."""
     total = sum(part.num_images for part in slices)
     if total < 2:
         raise ValueError("a single image cannot be split")
@@ -136,11 +121,7 @@ def split_in_halves(slices: Sequence[BatchSlice]) -> tuple[list[BatchSlice], lis
 def company_wait_s(
     batch_images: int, max_images: int, head_arrival: float, now: float, delay_s: float
 ) -> float:
-    """How much longer a batch should wait for compatible requests before it runs.
-
-    The delay counts from the oldest request's arrival, so a request that already waited
-    that long does not wait again; a full batch never waits.
-    """
+    """How much longer a batch waits for company: `delay_s` from its head's arrival; 0 if full."""
     if batch_images >= max_images:
         return 0.0
     return max(0.0, head_arrival + delay_s - now)

@@ -1,35 +1,5 @@
-"""`BatchingEngine`: an `ImageEngine` that batches requests for a pipeline that cannot.
-
-A diffusers pipeline runs one call at a time and batches nothing by itself; this engine plays
-the part vllm-omni's own scheduler plays for vllm-omni's pipelines:
-
-1. **Batching.** One worker task takes the oldest waiting request, adds compatible waiting
-   requests up to `max_batch_size` images (`batch_planning.form_batch`), waits up to
-   `batch_delay_ms` for company when the batch is not full, and runs the batch in one blocking
-   `PipelineRunner.run` call on a single engine thread, one call at a time. LoRA adapters
-   take turns: after a batch of one adapter (or of the base model), the oldest request of
-   another waits no longer than that one batch.
-2. **Previews** the runner decodes go to their request's stream as `PreviewImages`, each once.
-3. **Faults stay with the requests they hit.** A runner exception fails the requests of its
-   call, and the worker goes on with the next batch. Out of device memory
-   (`EngineOutOfMemoryError`), the call's images are split in two halves at the middle image
-   (a request's images may go to both; image `i` depends only on `seeds[i]`, so its images
-   are the same) and each half runs in turn, halving again down to single images. Only a
-   request with an image that does not fit even alone fails; the others get their images,
-   each request answered as soon as its last image is in. A request withdrawn between tries
-   is not retried.
-4. **Withdrawal.** A request whose stream is closed leaves the queue at once; a batch that no
-   request waits for any more is stopped at its next step.
-5. **A hung call.** A call still running `hang_grace_s` after it was asked to stop marks the
-   engine hung (`hang_watch.py`): waiting requests fail with `EngineHungError`, and new ones
-   are refused with it, until the call returns.
-6. **A dead worker** (a bug in this module) fails what waits, and `check_health` says so.
-7. **Adapters** are added on the engine thread between calls (`add_lora`), so a batch never
-   sees an adapter half loaded.
-
-Admission (queue limit, timeout) is not here: it is in front of every engine
-(`client.py`). Importable without vLLM (the GPU benchmarks run it with diffusers only).
-"""
+"""`BatchingEngine`: an `ImageEngine` that batches requests for a `PipelineRunner`, one
+blocking call at a time on one engine thread; its faults are in docs/architecture.md, "Faults"."""
 
 from __future__ import annotations
 
@@ -82,12 +52,10 @@ from vllm_omni_images.engine.hang_watch import HangWatch
 logger = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, int], None]
-"""Called after each denoising step with (step index, total steps). It may raise
-`errors.GenerationCancelled` to stop the call at once."""
+"""After each denoising step, with (step, total steps); may raise `GenerationCancelled`."""
 
 PreviewCallback = Callable[[int, int, list[Image.Image]], None]
-"""Called with (request's position in the call, preview index, that request's images at
-that step), on the engine thread; it must be cheap."""
+"""On the engine thread, cheap: (request's position in the call, preview index, its images)."""
 
 
 class PipelineRunner(Protocol):
@@ -102,15 +70,14 @@ class PipelineRunner(Protocol):
         on_step: StepCallback | None = None,
         on_preview: PreviewCallback | None = None,
     ) -> list[list[Image.Image]]:
-        """Every request's images (`num_images` each: the runner checks the count), in order
-        and in seed order, from one pipeline call. The requests share
-        `batch_planning.batch_key`. Raises `EngineOutOfMemoryError` when the device runs out
-        of memory, `GenerationCancelled` when `on_step` raised it."""
+        """Each request's `num_images` images, in seed order, from one call of requests that
+        share `batch_key`; raises `EngineOutOfMemoryError`, or `GenerationCancelled` from
+        `on_step`."""
         ...
 
     def add_lora(self, adapter: LoRAAdapter) -> None:
-        """Read and check `adapter` for the requests that name it; raise `LoRAAdapterError`
-        if it cannot be served. Called on the engine thread, between calls."""
+        """On the engine thread, between calls: read and check `adapter`, or raise
+        `LoRAAdapterError`."""
         ...
 
     def close(self) -> None:
@@ -120,17 +87,14 @@ class PipelineRunner(Protocol):
 
 @dataclass(frozen=True)
 class BatchingConfig:
-    """How requests are batched (`--image-max-batch-size`, `--image-batch-delay-ms`) and when a
-    call is taken as hung (`--image-engine-hang-grace`)."""
+    """How requests are batched and when a call is taken as hung (the `--image-*` flags)."""
 
     max_batch_size: int
     """Images per pipeline call; a single request with more images still runs, alone."""
     batch_delay_ms: float
-    """How long a non-full batch waits for compatible company, counted from its oldest
-    request's arrival."""
+    """How long a non-full batch waits for company, from its oldest request's arrival."""
     hang_grace_s: float | None
-    """How long a call may go on after it was asked to stop before the engine is taken as
-    hung; `None`: never."""
+    """How long a call asked to stop may run on before the engine is hung; `None`: never."""
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -176,8 +140,7 @@ class _Batch:
 
 @dataclass(eq=False)
 class _BatchRun:
-    """One batch's way through the runner: the images gathered so far per request (after
-    running out of memory, a request's images may come from several calls)."""
+    """One batch's images gathered so far per request, over one or (out of memory) more calls."""
 
     batch: _Batch
     images: list[list[Image.Image | None]] = field(init=False)
@@ -191,8 +154,7 @@ class _BatchRun:
         return self.batch.items[index].wanted
 
     def request_for(self, part: BatchSlice) -> EngineRequest:
-        """What the runner is asked for `part`: the request, or the seeds of the part (a
-        preview shows all of a request's images, so a part asks for none)."""
+        """The request, or its seeds of `part` without previews."""
         request = self.batch.items[part.index].request
         if part.num_images == request.num_images:
             return request
@@ -222,7 +184,7 @@ class _BatchRun:
 
 
 class BatchingEngine(ImageEngine):
-    """Batches requests for a `PipelineRunner` (see the module docstring)."""
+    """Batches requests for a `PipelineRunner`."""
 
     def __init__(
         self,
@@ -292,8 +254,7 @@ class BatchingEngine(ImageEngine):
         )
 
     async def close(self) -> None:
-        """Refuse new work, fail waiting requests, and let the running batch finish (unless
-        the engine is hung: its call is then abandoned), then release the model."""
+        """Fail waiting requests, let the running batch finish (unless hung), release the model."""
         self._closed = True
         self._fail_waiting(EngineClosedError())
         self._arrived.set()
@@ -312,8 +273,7 @@ class BatchingEngine(ImageEngine):
         self.runner.close()
 
     def _withdraw(self, pending: _Pending) -> None:
-        """The stream was closed before its images: drop a waiting request, or abandon a
-        running one (its batch stops once no request of it is wanted)."""
+        """The stream closed early: drop the request, or abandon it in its batch."""
         pending.withdrawn = True
         batch = pending.batch
         if batch is None:
@@ -422,9 +382,8 @@ class BatchingEngine(ImageEngine):
         on_step: StepCallback,
         on_preview: PreviewCallback,
     ) -> None:
-        """Run the `parts` of `run`'s batch still wanted in one runner call, and answer each
-        request whose images are all in, or that failed. Out of memory, run each half of them
-        in turn, down to single images (see the module docstring)."""
+        """Run the wanted `parts` in one call and answer each request done or failed; out of
+        memory, run each half in turn, down to single images."""
         parts = [part for part in parts if run.wants(part.index)]
         if not parts:
             return

@@ -1,32 +1,5 @@
-"""`ImageEngineClient`: admission in front of any `ImageEngine`, and vLLM's engine client.
-
-**Admission**, in one place and one code path for every engine:
-
-- `check_admission(num_images)`, synchronous, as vLLM's: refuses at once a request the server
-  cannot take now: `EngineClosedError` while shutting down, the engine's own refusal
-  (`EngineDiedError`, `EngineHungError`), `RequestTooLargeError` for more images than the
-  whole queue holds, `QueueFullError` (429, with a Retry-After guess) when the admitted images
-  that have not started would pass `max_queue_images`.
-- `generate(request)` checks admission again (nothing awaits in between, so the counts it
-  checks are the counts it changes; the engine is not asked again when the caller just asked
-  it, `checked`), then streams the engine's outputs: `ImagesStarted`,
-  `PreviewImages`, and the request's one `FinalImages`, or raises exactly one exception. Past
-  `request_timeout_s` it raises `RequestTimeoutError` and the request is withdrawn from the
-  engine; a caller that goes away (its task cancelled, or the stream closed) withdraws it.
-- It counts the images admitted and not started (`queued_images`) and started and not
-  answered (`running_images`) from the engine's `ImagesStarted`, the same way for every
-  engine, and reports them and each request's queue wait to the metrics. It counts requests
-  too, as vLLM's scheduler does for its load gauges: a request is waiting until its first
-  image starts (`waiting_requests`), then running until it leaves (`running_requests`).
-
-**vLLM's engine client.** vLLM's server keeps it as `app.state.engine_client` (as it keeps
-`AsyncLLM` for a text model): its core routes and server loop ask it for `check_health()`,
-`errored`, `is_running`, `do_log_stats()` and `shutdown()`, and vLLM's `OpenAIServingModels`
-(`/v1/models`, the LoRA routes) for `add_lora(lora_request)` and the text model's
-`model_config`, `renderer` and `input_processor`, which an image model has not (`None`).
-
-Importable without vLLM: vLLM's own exception is imported only to report a dead engine.
-"""
+"""`ImageEngineClient`: admission in front of any `ImageEngine` (queue limit, timeout,
+withdrawal, the counts), and the engine client vLLM's server keeps. Importable without vLLM."""
 
 from __future__ import annotations
 
@@ -71,8 +44,7 @@ class AdapterRequest(Protocol):
 
 @dataclass(frozen=True)
 class AdmissionConfig:
-    """How much waiting work is accepted (`--image-max-queue`) and for how long
-    (`--image-request-timeout`)."""
+    """How much waiting work is accepted, and for how long (the `--image-*` flags)."""
 
     max_queue_images: int
     """Admitted images that have not started, beyond which new requests are refused."""
@@ -98,7 +70,7 @@ class RequestTimings:
     """Where one request's time went; filled in as it goes."""
 
     queue_s: float = 0.0
-    """From admission until its first image started (or until it left, if none did)."""
+    """From admission until its first image started (or it left)."""
     engine_s: float = 0.0
     """From its first image's start until it was answered."""
     batch_images: int = 0
@@ -116,6 +88,8 @@ class _Admitted:
 
 
 class ImageEngineClient:
+    """The engine client vLLM's server keeps as `app.state.engine_client`, over one engine."""
+
     # A text model's parts, which vLLM's serving-models object reads when it is built.
     model_config: Any = None
     renderer: Any = None
@@ -188,8 +162,8 @@ class ImageEngineClient:
         return not self._closed.is_set()
 
     async def check_health(self) -> None:
-        """Raise vLLM's `EngineDeadError` (which `/health` answers with 503) when the model is
-        no longer loaded, the engine died, or it is taken as hung."""
+        """Raise vLLM's `EngineDeadError` (`/health` 503) when the model is released, or the
+        engine died or is hung."""
         try:
             self.engine.check_health()
         except (EngineNotReadyError, EngineDiedError, EngineHungError) as error:
@@ -201,8 +175,7 @@ class ImageEngineClient:
         return None
 
     async def add_lora(self, lora_request: AdapterRequest) -> bool:
-        """vLLM's: load the adapter of a `LoRARequest` (a static `--lora-modules` entry, or
-        `/v1/load_lora_adapter`) into the engine; raises `LoRAAdapterError` if it cannot."""
+        """Load a `LoRARequest`'s adapter into the engine; raise `LoRAAdapterError` if it can't."""
         await self.engine.add_lora(
             LoRAAdapter(
                 name=lora_request.lora_name,
@@ -213,7 +186,8 @@ class ImageEngineClient:
         return True
 
     def check_admission(self, num_images: int) -> None:
-        """Raise if a request of `num_images` images cannot be taken now (module docstring)."""
+        """Raise `EngineClosedError`, the engine's refusal, `RequestTooLargeError` or
+        `QueueFullError` if a request of `num_images` images cannot be taken now."""
         self._admit(num_images, ask_engine=True)
 
     def _admit(self, num_images: int, *, ask_engine: bool) -> None:
@@ -236,9 +210,9 @@ class ImageEngineClient:
         *,
         checked: bool = False,
     ) -> AsyncGenerator[EngineOutput, None]:
-        """The request's outputs, admitted first (module docstring); `timings`, if given, is
-        filled in with where its time went. `checked`: the caller just asked
-        `check_admission`, so the engine is not asked again."""
+        """The engine's outputs for `request`, admitted first (`checked`: the caller just asked
+        `check_admission`, so the engine is not asked again); raises `RequestTimeoutError` past
+        the timeout. `timings`, if given, is filled in as it goes."""
         self._admit(request.num_images, ask_engine=not checked)
         self._loop = asyncio.get_running_loop()  # where `shutdown` runs `close`
         admitted = _Admitted(request, self._clock(), timings or RequestTimings())
@@ -272,8 +246,7 @@ class ImageEngineClient:
             self._leave(admitted)
 
     def _count(self, admitted: _Admitted, *, queued: int = 0, running: int = 0) -> None:
-        """Add `queued` images to the admitted images not started and `running` images to the
-        started ones (negative: take them away)."""
+        """Add `queued` images to those not started and `running` to those started (or remove)."""
         admitted.waiting += queued
         admitted.started += running
         if queued:
@@ -320,8 +293,7 @@ class ImageEngineClient:
 
     async def close(self, drain_timeout_s: float = 0.0) -> None:
         """Stop taking work, let what was admitted finish for at most `drain_timeout_s`, then
-        close the engine (waiting requests then fail with a shutdown error; a running batch
-        finishes first) and free the model."""
+        close the engine."""
         if self._close_started:
             return
         self._close_started = self._closing = True
@@ -335,8 +307,8 @@ class ImageEngineClient:
             self._closed.set()
 
     def shutdown(self, timeout: float | None = None) -> None:
-        """vLLM's synchronous shutdown hook, called from a worker thread on SIGTERM/SIGINT:
-        runs `close` on the event loop that serves the requests."""
+        """vLLM's synchronous shutdown hook: from another thread, runs `close` on the serving
+        loop and waits; otherwise only stops taking work (the loop's owner closes)."""
         if self._closed.is_set():
             return
         loop = self._loop

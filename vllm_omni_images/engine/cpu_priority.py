@@ -12,14 +12,8 @@ ENGINE_THREAD_NICENESS = 10
 
 
 def yield_cpu_to_serving() -> None:
-    """Run the calling thread, and the compute threads it starts, at a lower CPU priority.
-
-    Denoising (and encoding) keep every core busy; the event loop (health checks, new
-    requests, responses) needs a core for a moment now and then. On Linux niceness is per
-    thread and inherited by the threads a thread creates, so torch's intra-op pool, started
-    from the engine thread, steps aside too. The engine loses only what serving uses.
-    Use it as the `initializer` of a thread pool that runs bulk work.
-    """
+    """Run the calling thread, and the threads it starts, at a lower CPU priority (a bulk
+    thread pool's `initializer`); left as it is where that fails."""
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), ENGINE_THREAD_NICENESS)
     except (AttributeError, OSError):  # not Linux-like, or not permitted: serve as is

@@ -1,9 +1,5 @@
-"""`DiffusersRunner`: any diffusers pipeline folder, on CPU or GPU, one blocking call per batch.
-
-It is the `batching.PipelineRunner` of the diffusers engine: `BatchingEngine` forms its
-batches, retries them out of memory and streams its previews. Importable without vLLM: the
-GPU benchmarks run it where only diffusers is installed.
-"""
+"""`DiffusersRunner`: the `PipelineRunner` over any diffusers pipeline, on CPU or GPU, one
+blocking call per batch. Importable without vLLM."""
 
 from __future__ import annotations
 
@@ -66,8 +62,8 @@ class DiffusersRunner:
         trust_remote_code: bool = False,
         lora: LoRASettings | None = None,
     ) -> None:
-        """Load the pipeline folder (or hub id) `model_path`; or serve `pipeline`, already
-        built in memory, under that name. With `lora`, it serves LoRA adapters (`add_lora`)."""
+        """Load the pipeline folder (or hub id) `model_path`, or serve `pipeline` under that
+        name; with `lora`, it serves LoRA adapters."""
         self.device = device or default_device()
         self.dtype = dtype or default_dtype(self.device)
         self.model_path = model_path
@@ -241,12 +237,8 @@ class DiffusersRunner:
 
 
 class _LoRASlots:
-    """The adapters of one pipeline, as vLLM keeps them (`LoRASettings`): up to `max_loras`
-    loaded into the model as PEFT layers (diffusers' `load_lora_weights`: small A and B
-    matrices beside the base weights, never a copy of them) and up to `max_cpu_loras` read in
-    host memory, each least recently used first out. A batch runs one adapter at one strength
-    (`set_adapters`), or none (`disable_lora`). The edit and inpaint pipelines share the
-    transformer, so they see the same adapter. Runs on the engine thread only."""
+    """One pipeline's adapters: up to `max_loras` loaded and `max_cpu_loras` read, least
+    recently used out; a batch runs one at one strength, or none. Engine thread only."""
 
     def __init__(self, pipe: Any, settings: LoRASettings) -> None:
         self._pipe = pipe
@@ -332,8 +324,7 @@ def preview_rows(requests: Sequence[EngineRequest]) -> list[tuple[int, int, Engi
 
 
 def keep_unmasked(request: EngineRequest, images: list[Image.Image]) -> list[Image.Image]:
-    """An inpainting result with the input's own pixels outside the mask: diffusers blends in
-    latent space, so without this the VAE's round trip would alter what the client kept."""
+    """The images with the input's own pixels put back outside the mask (inpainting only)."""
     if request.image is None or request.mask is None:
         return images
     kept = []

@@ -1,9 +1,5 @@
-"""Every exception the engine layer raises, defined once.
-
-The first group is what a client can see: `vllm_omni_images.images.errors` maps each one to
-its HTTP status, OpenAI error type and metrics outcome. `GenerationCancelled` is a signal
-between admission and an engine and never leaves this layer.
-"""
+"""Every exception the engine layer raises, defined once; `images/errors.py` maps each one a
+client can see to its answer. `GenerationCancelled` never leaves this layer."""
 
 from __future__ import annotations
 
@@ -25,9 +21,8 @@ class EngineDiedError(EngineError):
 
 
 class LoRAAdapterError(ValueError):
-    """A LoRA adapter cannot be served: its file is missing or unreadable, it is not a LoRA, it
-    was made for another architecture, its rank is above the limit, or LoRA is not enabled.
-    The message names the adapter and says why, in one line: it starts with `prefix(name)`."""
+    """A LoRA adapter cannot be served; the message, one line, starts with `prefix(name)` and
+    says why."""
 
     @staticmethod
     def prefix(name: str) -> str:
@@ -54,7 +49,7 @@ class EngineUnavailableError(RuntimeError):
 
 
 class AdmissionError(Exception):
-    """Base of the refusals and failures of admission (`client.py`) and of the engine's run."""
+    """Base of admission's refusals and failures (`client.py`, and an engine's own refusals)."""
 
 
 class RequestTooLargeError(AdmissionError):
@@ -92,8 +87,7 @@ class EngineClosedError(AdmissionError):
 
 
 class EngineHungError(AdmissionError):
-    """An engine call did not stop `grace_s` after every request in it timed out or went away:
-    the engine is taken as hung, and requests fail, until the call returns."""
+    """Work asked to stop still ran `grace_s` later: requests fail until it returns."""
 
     def __init__(self, grace_s: float) -> None:
         super().__init__(
@@ -104,4 +98,4 @@ class EngineHungError(AdmissionError):
 
 
 class GenerationCancelled(Exception):  # noqa: N818 - a control-flow signal, not a failure
-    """Every request of a running batch was abandoned; the engine stopped between steps."""
+    """Work stopped because no request wants it any more (or it was aborted): a signal."""

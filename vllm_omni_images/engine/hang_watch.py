@@ -1,14 +1,5 @@
-"""Telling a hung engine from a slow one: work asked to stop that has not stopped in time.
-
-An engine asks its work to stop when no one waits for it any more (every request of a batch
-timed out or went away; a started request was aborted). Work that is still running
-`grace_s` later is late: the engine is taken as hung until every late piece of work has
-returned, not only the first. While it is hung, `/health` answers 503 and requests fail
-with `EngineHungError` (503); the engine fails the requests still waiting for it
-(`on_hung`).
-
-Used on one event loop, by the batching engine and by vllm-omni's engine alike.
-"""
+"""`HangWatch`: work asked to stop that still runs `grace_s` later marks the engine hung until
+every such work has returned. Used on one event loop, by both engines."""
 
 from __future__ import annotations
 
@@ -32,8 +23,8 @@ class HangWatch:
         observer: EngineObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`grace_s`: how long stopping may take (`None`: never taken as hung). `on_hung` is
-        called with the error when the engine is taken as hung."""
+        """`grace_s`: how long stopping may take (`None`: never hung); `on_hung` gets the error
+        when the engine is taken as hung."""
         self.grace_s = grace_s
         self._on_hung = on_hung
         self._observer = observer or NoObserver()
@@ -50,13 +41,12 @@ class HangWatch:
         return EngineHungError(self.grace_s)
 
     def stopping(self, work: Hashable, running: Callable[[], bool], what: str) -> None:
-        """`work` was asked to stop; if `running()` still says so `grace_s` from now, it is
-        late. `what` names it in the log."""
+        """`work` was asked to stop: late if `running()` still holds `grace_s` from now."""
         if self.grace_s is not None:
             asyncio.get_running_loop().call_later(self.grace_s, self._check, work, running, what)
 
     def returned(self, work: Hashable) -> None:
-        """`work` stopped (or returned). The engine serves again once no late work is left."""
+        """`work` returned; the engine serves again once no late work is left."""
         self._late.discard(work)
         if self._late or self._hung_since is None:
             return

@@ -1,9 +1,4 @@
-"""`LoopThread`: an event loop on a thread of its own, which coroutines from any loop run on.
-
-vllm-omni's engine binds to the first loop that drives it and post-processes (tensors to PIL
-images) on it; `omni_engine.py` gives it this loop, so it neither blocks the server's loop
-nor cares which loop submits.
-"""
+"""`LoopThread`: an event loop on a thread of its own, which coroutines from any loop run on."""
 
 from __future__ import annotations
 

@@ -1,21 +1,5 @@
-"""LoRA adapter files: read diffusers' and PEFT's formats into one form, check that an adapter
-fits the served model, and write it in the form each engine loads.
-
-The formats read (`read_adapter`):
-
-- diffusers' (`save_lora_weights`): a folder with `pytorch_lora_weights.safetensors`, or that
-  one `.safetensors` file; keys `transformer.<module>.lora_A.weight` / `.lora_B.weight`, the
-  PEFT config (alpha) in the file's metadata when diffusers wrote it;
-- PEFT's (`save_pretrained`): a folder with `adapter_config.json` and
-  `adapter_model.safetensors`; keys `base_model.model.<module>.lora_A.weight`.
-
-The one form, `AdapterWeights`, holds each module's `(A, B)` by the transformer's own module
-name, with the adapter's scaling (alpha / rank) folded into B, so that strength 1.0 is the
-adapter as trained whatever its alpha.
-
-Only adapters of the denoising transformer are served: the text encoder's would change the
-prompt's encoding for every image of a batch. Importable without vLLM.
-"""
+"""LoRA adapter files: diffusers' and PEFT's formats read into one form (`AdapterWeights`),
+checked against the served model, and written in the form each engine loads."""
 
 from __future__ import annotations
 
@@ -39,8 +23,7 @@ DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
-"""Where diffusers' `save_lora_weights` keeps the adapters' PEFT configs (a JSON object whose
-keys are `transformer.<field>`)."""
+"""The metadata key of diffusers' PEFT configs (JSON, keys `transformer.<field>`)."""
 
 _TRANSFORMER_PREFIX = "transformer."
 _PEFT_PREFIX = "base_model.model."
@@ -49,7 +32,8 @@ _SUFFIXES = {".lora_A.weight": 0, ".lora_B.weight": 1}
 
 @dataclass(frozen=True)
 class AdapterWeights:
-    """One adapter: `modules[name] = (A, B)`, A of shape (rank, in), B (out, rank), scaled."""
+    """One transformer adapter: `modules[name] = (A, B)`, A (rank, in), B (out, rank), with the
+    scaling (alpha / rank) folded into B, so strength 1.0 is the adapter as trained."""
 
     modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
     rank: int
@@ -99,9 +83,8 @@ def check_rank(weights: AdapterWeights, max_rank: int, name: str, path: str) -> 
 def check_fits(
     weights: AdapterWeights, transformer: torch.nn.Module | None, name: str, path: str
 ) -> None:
-    """Every module the adapter changes is a linear layer of `transformer` of the adapter's
-    shapes; otherwise the adapter was made for another model (`transformer` may live on the
-    meta device: only its structure is read; `None`: the served model has none)."""
+    """Raise `LoRAAdapterError` unless every module the adapter changes is a linear layer of
+    `transformer` (its structure only: it may be on the meta device) of the adapter's shapes."""
     if transformer is None:
         raise _error(
             name, path, "the served model has no transformer (only its adapters are served)"
@@ -131,10 +114,8 @@ def check_fits(
 
 @functools.cache
 def meta_transformer(model_path: str) -> torch.nn.Module | None:
-    """The model folder's transformer, built on the meta device from its config (no weights,
-    no memory) once per folder: what an adapter is checked against when the weights live in
-    another process (vllm-omni's workers). `None` when the folder has no diffusers
-    transformer."""
+    """The folder's transformer built on the meta device from its config, once per folder;
+    `None` when it has no diffusers transformer."""
     import diffusers
 
     try:
@@ -158,13 +139,11 @@ def diffusers_state_dict(weights: AdapterWeights) -> dict[str, torch.Tensor]:
 
 
 VLLM_OMNI_MODULE_RENAMES = ((".to_out.0", ".to_out"),)
-"""diffusers' attention keeps its output projection in a list (`to_out.0`, then dropout);
-vllm-omni's attention has the one layer, `to_out`."""
+"""diffusers' module names to vllm-omni's (diffusers' `to_out` is a list: layer, dropout)."""
 
 
 def write_peft_folder(weights: AdapterWeights, folder: Path) -> None:
-    """The adapter as the PEFT folder vllm-omni's LoRA manager loads (vLLM's `LoRAModel`),
-    with diffusers' module names mapped to vllm-omni's."""
+    """Write the adapter as the PEFT folder vllm-omni's LoRA manager loads, in its names."""
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
@@ -190,8 +169,8 @@ def write_peft_folder(weights: AdapterWeights, folder: Path) -> None:
 
 
 class PeftCopies:
-    """vllm-omni's PEFT copies of the adapters of the model at `model_path`, in a temporary
-    folder of their own until `remove`."""
+    """PEFT copies for vllm-omni of the adapters of the model at `model_path`, in a temporary
+    folder until `remove`."""
 
     def __init__(self, model_path: str, max_rank: int) -> None:
         self._model_path = model_path
@@ -199,8 +178,8 @@ class PeftCopies:
         self._folder: Path | None = None
 
     def write(self, adapter: LoRAAdapter) -> Path:
-        """Check `adapter` against the model's transformer (`meta_transformer`: the weights live
-        in vllm-omni's workers) and write its copy; `LoRAAdapterError` if it cannot be served."""
+        """Check `adapter` against the model's `meta_transformer` and write a new copy; raise
+        `LoRAAdapterError` if it cannot be served."""
         weights = read_adapter(adapter.path, adapter.name)
         check_rank(weights, self._max_rank, adapter.name, adapter.path)
         check_fits(weights, meta_transformer(self._model_path), adapter.name, adapter.path)
@@ -260,8 +239,7 @@ def _to_weights(
 
 
 def _scaling(config: Mapping[str, Any], module_name: str, rank: int) -> float:
-    """PEFT's: alpha / rank (alpha / sqrt(rank) with rsLoRA); alpha defaults to the rank, and
-    `alpha_pattern` sets it per module (by the end of the module's name)."""
+    """PEFT's: alpha / rank (alpha / sqrt(rank) with rsLoRA), alpha per `alpha_pattern`."""
     alpha = float(config.get("lora_alpha") or rank)
     for pattern, value in (config.get("alpha_pattern") or {}).items():
         if module_name == pattern or module_name.endswith(f".{pattern}"):

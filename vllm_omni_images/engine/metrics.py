@@ -1,17 +1,5 @@
-"""Prometheus metrics of the engine layer, in vLLM's own registry (served at `/metrics`).
-
-Admission and the engines report into `ModelMetrics`, their `EngineObserver`; the answered
-requests' metrics are the Images API's (`images/request_metrics.py`). Names follow vLLM's
-(`vllm:` prefix, a `model_name` label with the served name). Importable without vLLM: only
-`image_metrics()` reaches for vLLM's registry.
-
-Two gauges are vLLM's own, under its names, help and labels (`vllm/v1/metrics/loggers.py`):
-`vllm:num_requests_running` and `vllm:num_requests_waiting`, labelled `model_name` and
-`engine` (always "0": one engine per server). They are what vLLM's routers and autoscalers read
-of a replica's load (production-stack's router and its KEDA example, llm-d's and the Gateway
-API Inference Extension's endpoint picker), so they count image requests as vLLM counts text
-ones: waiting until the request's first image starts, running until it is answered.
-"""
+"""Prometheus metrics of admission and the engines (`ModelMetrics`, their `EngineObserver`),
+in vLLM's registry, with vLLM's two load gauges. Only `image_metrics()` needs vLLM."""
 
 from __future__ import annotations
 

@@ -1,10 +1,5 @@
-"""What a diffusers model folder says about the model, read without loading any weights.
-
-Both engines take a model's defaults (size, steps, the size multiple) from its pipeline; the
-vllm-omni engine's pipeline lives in its worker, so it reads them here from the pipeline class
-that `model_index.json` names. Engine selection reads the same class name to ask vllm-omni's
-registry whether it can serve the model.
-"""
+"""What a diffusers model folder says about the model (pipeline class, defaults), read
+without loading any weights."""
 
 from __future__ import annotations
 
@@ -26,8 +21,7 @@ _FALLBACK_SIZE_MULTIPLE = 8
 
 
 def pipeline_class_name(model_path: str) -> str | None:
-    """The `_class_name` of a local model folder's `model_index.json`, or `None` when the
-    folder has none (or `model_path` is not a local folder)."""
+    """The `_class_name` of a local folder's `model_index.json`; `None` without one."""
     index = Path(model_path) / MODEL_INDEX
     if not index.is_file():
         return None
@@ -66,9 +60,7 @@ def read_defaults(pipe: Any, model_path: str) -> ModelDefaults:
 
 
 def _terminal_shift(pipe: Any, model_path: str) -> bool:
-    """Whether the model's scheduler stretches its schedule to a terminal value
-    (`shift_terminal`, FlowMatchEulerDiscreteScheduler): its one-step schedule is 0/0. Read
-    from the loaded scheduler, or from the folder's `scheduler/scheduler_config.json`."""
+    """Whether the (loaded, or the folder's) scheduler config sets `shift_terminal`."""
     scheduler = getattr(pipe, "scheduler", None)
     config: Any = getattr(scheduler, "config", None)
     if config is None:
@@ -78,9 +70,8 @@ def _terminal_shift(pipe: Any, model_path: str) -> bool:
 
 
 def pipeline_shell(class_name: str | None) -> Any:
-    """An instance of diffusers' pipeline class `class_name` with no components: its
-    `__init__` sets the size rules and its `__call__` declares the default steps. `None` when
-    diffusers has no such class (a pipeline only vllm-omni implements)."""
+    """diffusers' pipeline class `class_name` built with no components (enough for
+    `read_defaults`); `None` when diffusers has no such class or it cannot be built so."""
     if class_name is None:
         return None
     import diffusers

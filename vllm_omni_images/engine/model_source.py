@@ -1,11 +1,4 @@
-"""Where the served model's files come from: vLLM's model-loading flags, for either engine.
-
-`vllm serve <model>` takes a local folder or a hub id. A hub id is fetched once, here, with
-diffusers' own `DiffusionPipeline.download` (only the files a pipeline loads), honouring
-`--revision`, `--download-dir`, `--hf-token` and `--trust-remote-code` as vLLM does for a text
-model; both engines then load the local folder. With `HF_HUB_OFFLINE=1` it is found in the
-cache without a network call, or the start-up fails saying so. Importable without vLLM.
-"""
+"""Where the served model's files come from (vLLM's model-loading flags), for either engine."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""The `--image-engine` names, in a module that imports nothing: the flags read them in every
-vLLM process."""
+"""The `--image-engine` names; imports nothing (the flags read them in every vLLM process)."""
 
 from typing import Literal, get_args
 

@@ -1,9 +1,6 @@
-"""An engine over vllm-omni's `DiffusionEngine`: its pipelines, batching, parallelism and caches.
-
-vllm-omni is imported only when an `OmniEngine` is built (a cold import takes ~20 s). Requests
-are mapped by `omni_requests.py` (one vllm-omni request per image); vllm-omni's engine runs on
-a `LoopThread` of its own and is touched only from there, through its public API.
-"""
+"""`OmniEngine`: an `ImageEngine` over vllm-omni's `DiffusionEngine`, which runs on a
+`LoopThread` of its own and is touched only there, through its public API. vllm-omni is
+imported only when one is built."""
 
 from __future__ import annotations
 
@@ -93,17 +90,13 @@ class OmniEngine(ImageEngine):
         observer: EngineObserver | None = None,
         lora: LoRASettings | None = None,
     ) -> None:
-        """Start vllm-omni's engine for `config` (loads the pipeline and runs its warm-up).
-        A started request that has not left vllm-omni `hang_grace_s` after it was aborted
-        marks the engine hung (`hang_watch.py`) until it leaves. With `lora` (and `config`
-        built with it) it serves LoRA adapters."""
+        """Start vllm-omni's engine for `config` (loads the pipeline, runs its warm-up). With
+        `lora` (and `config` built with it) it serves LoRA adapters."""
         from vllm_omni.diffusion.diffusion_engine import DiffusionEngine
         from vllm_omni.diffusion.io_support import supports_multimodal_input
 
         assert config.model is not None
-        # vllm-omni's `mp` executor makes its events in the default context and then starts
-        # its workers with spawn, which only works when spawn is already the default; its own
-        # stage set-up makes it so before building an engine (`stage_init_utils`), as here.
+        # vllm-omni's `mp` executor needs spawn as the default, as its own stage set-up makes it.
         multiprocessing.set_start_method("spawn", force=True)
         self.model_class_name = config.model_class_name
         self.takes_images = supports_multimodal_input(config)[0]
@@ -164,8 +157,8 @@ class OmniEngine(ImageEngine):
             raise hung
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
-        """Hands each image to vllm-omni at once (its scheduler batches them) and streams the
-        request's `ImagesStarted` as vllm-omni reports them, then its images."""
+        """Hand each image to vllm-omni at once (its scheduler batches) and stream its
+        `ImagesStarted` as vllm-omni reports them, then the images."""
         self._refuse_if_closed()  # its loop is stopped: nothing would answer
         refuse_unsupported(request, self.model_class_name, self.takes_images)
         # vllm-omni keys its queue and output streams by id: a suffix of our own keeps two
@@ -193,8 +186,8 @@ class OmniEngine(ImageEngine):
             self._left(flight)
 
     async def add_lora(self, adapter: LoRAAdapter) -> None:
-        """Check the adapter and write vllm-omni's PEFT copy (`lora_files.PeftCopies`), then
-        have vllm-omni's workers load it."""
+        """Check and copy the adapter (`PeftCopies`), then have vllm-omni's workers load it;
+        raise `LoRAAdapterError` if either fails."""
         from vllm_omni.lora.request import LoRARequest
 
         if self._peft is None:
@@ -256,9 +249,7 @@ class OmniEngine(ImageEngine):
         return error
 
     def _left(self, flight: _Flight) -> None:
-        """The stream ended. An unfinished job is aborted; if it had started and has not left
-        vllm-omni `hang_grace_s` later, the engine is stuck (step mode stops a request at its
-        next step; otherwise it leaves when its batch returns)."""
+        """The stream ended: abort an unfinished job, and watch a started one (`HangWatch`)."""
         job = flight.job
         if job is None or job.done():
             return
@@ -281,9 +272,8 @@ class OmniEngine(ImageEngine):
         self._loop.call_soon(self._abort_on_loop, flight)
 
     async def close(self) -> None:
-        """Refuse new work and fail the requests that have not started; let the started ones
-        finish for at most `hang_grace_s` (a stuck worker may never finish them); then close
-        vllm-omni's engine, which ends what is left, and free the model."""
+        """Fail the requests not started, let the started ones finish for at most
+        `hang_grace_s`, then close vllm-omni's engine, which ends what is left."""
         if self._closed:
             return
         self._closed = True
@@ -308,8 +298,8 @@ class OmniEngine(ImageEngine):
     # On the engine's loop:
 
     def _abort_on_loop(self, flight: _Flight) -> None:
-        """vllm-omni ignores an abort for an id it has not seen yet: an image on its way there
-        is stopped at the door (`aborted`) instead."""
+        """Abort the flight's images in vllm-omni, and mark it so that those not handed over
+        yet are not (vllm-omni ignores an abort for an id it has not seen)."""
         flight.aborted = True
         self._engine.abort(flight.request_ids)
 

@@ -1,8 +1,5 @@
 """The mapping onto vllm-omni's types: its engine config, one `OmniDiffusionRequest` per image,
-what it cannot do, and its failures as this project's errors (docs/architecture.md).
-
-Pure functions; vllm-omni is imported inside them only (a cold import takes ~20 s).
-"""
+what it cannot do, and its failures as this project's errors. vllm-omni is imported inside."""
 
 from __future__ import annotations
 
@@ -37,11 +34,8 @@ def build_omni_config(
     batch_delay_ms: float = 0.0,
     lora: LoRASettings | None = None,
 ) -> OmniDiffusionConfig:
-    """vllm-omni's engine config for `model_path`, as its own `vllm serve --omni` would build
-    it: `options` are its config fields by their vllm-omni names (see
-    `server/cli_args.OMNI_FLAGS`; `distributed_executor_backend` picks its executor: `mp`,
-    `uni`, or a `DiffusionExecutor` class or its path); batching comes from this project's
-    batching flags, and vllm-omni's adapter cache from `--max-cpu-loras`."""
+    """vllm-omni's engine config for `model_path`, as `vllm serve --omni` builds it: `options`
+    are its config fields by vllm-omni's names, batching and the adapter cache ours."""
     from vllm_omni.diffusion.data import DiffusionParallelConfig, OmniDiffusionConfig
     from vllm_omni.diffusion.diffusion_engine import supports_request_batch
     from vllm_omni.platforms import current_omni_platform
@@ -131,9 +125,8 @@ def refuse_unsupported(request: EngineRequest, model_class_name: str, takes_imag
 
 
 def classify_failure(error: Exception, check_health: Callable[[], None]) -> EngineError:
-    """This project's exception for a failure vllm-omni reported: the engine's death if
-    `check_health` raises `EngineDiedError`; vllm-omni passes a worker's exception on as its
-    message only, so out of memory is told by its text."""
+    """This project's exception for a failure vllm-omni reported: `check_health`'s
+    `EngineDiedError` if it raises one; out of memory told by the message (all vllm-omni keeps)."""
     from vllm_omni.errors import OmniClientError
 
     message = str(error) or type(error).__name__

@@ -1,12 +1,5 @@
-"""Preview images from a diffusers pipeline's intermediate latents (streamed partial images).
-
-A preview is the pipeline's own final decode applied to the latents of an intermediate
-denoising step, so it shows the image as it forms. Decoding reads the latents and never
-changes them: a request that streams previews ends with the same image as one that does not.
-
-Only pipelines whose decode this module knows have previews: Qwen-Image's family (packed
-latents, a VAE normalised by `latents_mean` / `latents_std`). `supports_previews` says which.
-"""
+"""Preview images (streamed partial images) decoded from a diffusers pipeline's intermediate
+latents, for the pipelines `supports_previews` accepts."""
 
 from __future__ import annotations
 
@@ -26,9 +19,8 @@ def supports_previews(pipe: Any) -> bool:
 
 
 def preview_steps(partial_images: int, total_steps: int) -> list[int]:
-    """The step indices (0-based) after which to decode a preview: `partial_images` of them,
-    evenly spaced, never the last step (that is the final image); fewer when there are too
-    few steps."""
+    """The 0-based steps after which to decode up to `partial_images` previews, evenly spaced,
+    never the last."""
     if partial_images <= 0 or total_steps <= 1:
         return []
     ends = {round(total_steps * (k + 1) / (partial_images + 1)) for k in range(partial_images)}

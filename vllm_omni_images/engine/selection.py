@@ -1,8 +1,5 @@
-"""Which engine serves a model: `--image-engine auto|omni|diffusers`, resolved by platform.
-
-Torch, vllm-omni and the engines are imported only when an engine is chosen or built. `auto`
-asks torch for an accelerator first, so a machine without one never imports vllm-omni (~20 s).
-"""
+"""Which engine serves a model (`--image-engine`), and building it; torch and vllm-omni are
+imported only when an engine is chosen or built."""
 
 from __future__ import annotations
 
@@ -35,9 +32,7 @@ class EngineSettings:
             max_batch_size=1, batch_delay_ms=0, hang_grace_s=None
         )
     )
-    """The batching flags (by default none: no batching, no hang watch): the diffusers engine
-    batches with them; vllm-omni's own scheduler gets the size and delay in its config, and its
-    engine the hang grace."""
+    """The batching flags, for either engine (by default no batching, no hang watch)."""
     omni_options: Mapping[str, Any] = field(default_factory=dict)
     """vllm-omni config fields by their vllm-omni names (`server/cli_args.OMNI_FLAGS`)."""
     dtype: str = "auto"
@@ -101,11 +96,8 @@ def omni_pipeline_class(model_path: str) -> str | None:
 
 
 def choose_engine(requested: str, model_path: str) -> EngineChoice:
-    """`omni` → vllm-omni on whatever platform it finds (its own accelerators, or this
-    package's CPU platform). `auto` → vllm-omni on an accelerator when its registry has the
-    model's pipeline; on the CPU, diffusers: as fast there, and it also serves edits and
-    previews for generation pipelines (docs/performance.md, "The engines on the CPU"). Says
-    why."""
+    """The engine for `requested` and why (docs/architecture.md, "What `auto` picks"); raises
+    `EngineUnavailableError` when `omni` cannot be served here."""
     if requested not in ENGINE_NAMES:
         raise ValueError(f"unknown image engine {requested!r}; choose one of {ENGINE_NAMES}")
     if requested == "diffusers":
@@ -150,8 +142,8 @@ def create_engine(
     settings: EngineSettings | None = None,
     observer: EngineObserver | None = None,
 ) -> ImageEngine:
-    """Load the model at `model_path` (a diffusers folder or hub id) into the chosen engine,
-    which reports to `observer` (the metrics)."""
+    """Load the model at `model_path` into the chosen engine, reporting to `observer`; raises
+    `EngineUnavailableError` for vllm-omni's options without its engine."""
     settings = settings or EngineSettings()
     choice = engine if isinstance(engine, EngineChoice) else choose_engine(engine, model_path)
     logger.info("Image engine: %s (%s)", choice.name, choice.reason)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 
 def cpu_omni_platform_plugin() -> str | None:
-    """vllm-omni's `vllm_omni.platform_plugins` entry point `image_task`: the CPU platform,
-    active only where vllm-omni's built-in detection finds no accelerator."""
+    """The entry point `image_task`: the CPU platform's path where vllm-omni's built-in
+    detection finds no accelerator, else `None`."""
     from vllm_omni.platforms import builtin_omni_platform_plugins
 
     for detect in builtin_omni_platform_plugins.values():

@@ -1,33 +1,5 @@
-"""`CpuOmniPlatform`: vllm-omni's diffusion worker, model runner and pipelines on the CPU.
-
-vllm-omni ships platforms for CUDA, ROCm, NPU, XPU and MUSA only; on a machine with none of
-them it falls to `UnspecifiedOmniPlatform`, whose worker cannot start. This class is vLLM's own
-`CpuPlatform` (memory, threads, gloo, no CUDA graphs) with vllm-omni's `OmniPlatform`
-interface on top, answered for the CPU. vllm-omni finds it through its own extension point,
-the `vllm_omni.platform_plugins` entry point `image_task` (`platforms/__init__.py`), in every
-process that asks for `current_omni_platform`: the server and the `mp` executor's workers.
-
-What it answers, and why each is needed (everything else is `CpuPlatform`'s or the interface's
-default):
-
-- `get_torch_device` / `get_device_count` / `set_device`: one "device", the CPU; the worker
-  places the pipeline and its inputs on `get_torch_device(rank)`.
-- `synchronize`, `empty_cache`, `reset_peak_memory_stats`: nothing to wait for or free on the
-  CPU; the worker calls them around every load and forward pass.
-- `is_available`, memory figures (`get_free_memory`, `get_device_memory`,
-  `get_device_total_memory`, `max_memory_*`) from psutil: the worker reports and checks memory
-  around its load and warm-up.
-- `get_diffusion_attn_backend_cls`: `cpu_attention.CpuSDPABackend`. vllm-omni's attention
-  layer dispatches `forward` by platform and has no CPU branch; its SDPA implementation is
-  plain `torch.nn.functional.scaled_dot_product_attention`, which runs on the CPU unchanged.
-- `supports_torch_inductor` False: vllm-omni then skips `torch.compile` (minutes on 2 cores).
-- `get_diffusion_worker_cls`: vllm-omni's worker, after the one patch the `mp` executor's
-  worker process needs (`cpu_patches.py`, which says why).
-
-vllm-omni's offloading (`--enable-cpu-offload`, `--enable-layerwise-offload`) moves weights
-between the CPU and a device on device streams; on the CPU there is nothing to offload to, and
-this platform offers no streams for it.
-"""
+"""`CpuOmniPlatform`: vLLM's `CpuPlatform` with vllm-omni's `OmniPlatform` interface answered
+for the CPU, so vllm-omni's worker, model runner and pipelines run there."""
 
 from __future__ import annotations
 
@@ -44,7 +16,7 @@ CPU_SDPA_BACKEND = "vllm_omni_images.platforms.cpu_attention.CpuSDPABackend"
 
 
 class CpuOmniPlatform(OmniPlatform, CpuPlatform):
-    """vLLM's CPU platform with vllm-omni's diffusion interface (see the module docstring)."""
+    """vLLM's CPU platform with vllm-omni's diffusion interface: one device, psutil's memory."""
 
     _omni_enum = OmniPlatformEnum.OOT
 

@@ -1,9 +1,5 @@
-"""vllm-omni's SDPA attention with a CPU `forward` (named by `CpuOmniPlatform`).
-
-vllm-omni's `AttentionImpl.forward` dispatches on the platform (CUDA, ROCm, NPU, XPU, MUSA)
-and raises for any other; `SDPAImpl._forward_impl` itself is plain
-`torch.nn.functional.scaled_dot_product_attention` and runs on the CPU as it is.
-"""
+"""vllm-omni's SDPA attention with the CPU `forward` its platform dispatch lacks (named by
+`CpuOmniPlatform`)."""
 
 from __future__ import annotations
 

@@ -1,15 +1,5 @@
-"""Every change the CPU platform makes to vllm-omni's objects, each with its reason.
-
-Only what vllm-omni offers no hook for is here; the rest are `CpuOmniPlatform` methods.
-
-- `WorkerProc._async_output_loop` (the `mp` executor's worker process): vllm-omni copies each
-  output from the device to shared memory on a side thread, with a `torch.Stream` on
-  `torch.accelerator`'s device and pinned host memory. On the CPU there is no copy to overlap,
-  and on a CUDA build of torch without a driver `torch.accelerator` still names CUDA: the
-  thread dies creating its stream and the engine waits for that output forever. The
-  replacement packs each output as vllm-omni's own synchronous path does (no stream, no
-  pinned memory) and answers in the same messages.
-"""
+"""The one change the CPU platform makes to vllm-omni's objects, for which vllm-omni offers no
+hook: the `mp` worker's output thread (docs/architecture.md, "vllm-omni on the CPU")."""
 
 from __future__ import annotations
 
@@ -22,7 +12,7 @@ _PATCHED_MARK = "_vllm_omni_images_cpu"
 
 
 def patch_worker_output_thread() -> None:
-    """Replace the `mp` worker's output thread body (see the module docstring); idempotent."""
+    """Replace the `mp` worker's output thread body with one without device streams; idempotent."""
     from vllm_omni.diffusion.worker.diffusion_worker import WorkerProc
 
     if getattr(WorkerProc._async_output_loop, _PATCHED_MARK, False):
