@@ -217,14 +217,14 @@ def _answer(
 )
 async def image_file(name: str, raw_request: Request) -> Response:
     handler = images(raw_request)
-    try:
-        stored = None
-        if handler is not None and handler.image_store is not None:
+    stored = None
+    if handler is not None and handler.image_store is not None:
+        try:
             stored = await handler.image_store.get(name)
-        if stored is None:
-            raise ImageNotFoundError(name)
-    except (ImageStoreError, ImageNotFoundError) as error:  # a store that is down may come back
-        return error_json(error_response(error))
+        except ImageStoreError as error:  # the shared store is down: it may come back
+            return error_json(error_response(error))
+    if stored is None:
+        return error_json(error_response(ImageNotFoundError(name)))
     headers = {"Cache-Control": f"private, max-age={int(stored.expires_in_s)}"}
     if stored.path is not None:
         return FileResponse(stored.path, media_type=stored.media_type, headers=headers)
