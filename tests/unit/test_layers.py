@@ -1,5 +1,6 @@
 """The package's layers import only downwards (docs/architecture.md):
-`server/` -> `images/` -> `engine/`, and `tiny_model` -> `engine/`; `platforms/` stands alone.
+`server/` -> `images/` -> `engine/`, `tiny_model` -> `engine/` and `pipelines/` -> `engine/`;
+`platforms/` stands alone.
 
 Read from the source, so a new module is checked the day it is added.
 """
@@ -15,22 +16,33 @@ PACKAGE = Path(__file__).resolve().parents[2] / "vllm_omni_images"
 
 # `platforms/` is vllm-omni's CPU platform: vllm-omni loads it through its entry point, in the
 # server and in its worker processes, so it stands alone and no layer imports it.
+# `pipelines/` holds this package's pipelines for vllm-omni, which registers them through its
+# plugin entry point: no layer imports it either.
 PLATFORMS = "vllm_omni_images.platforms"
+PIPELINES = "vllm_omni_images.pipelines"
 FORBIDDEN = {
     "engine": (
         "vllm_omni_images.images",
         "vllm_omni_images.server",
         "vllm_omni_images.tiny_model",
         PLATFORMS,
+        PIPELINES,
     ),
-    "images": ("vllm_omni_images.server", "vllm_omni_images.tiny_model", PLATFORMS),
-    "server": (PLATFORMS,),
-    "tiny_model": ("vllm_omni_images.images", "vllm_omni_images.server", PLATFORMS),
+    "images": ("vllm_omni_images.server", "vllm_omni_images.tiny_model", PLATFORMS, PIPELINES),
+    "server": (PLATFORMS, PIPELINES),
+    "tiny_model": ("vllm_omni_images.images", "vllm_omni_images.server", PLATFORMS, PIPELINES),
     "platforms": (
         "vllm_omni_images.engine",
         "vllm_omni_images.images",
         "vllm_omni_images.server",
         "vllm_omni_images.tiny_model",
+        PIPELINES,
+    ),
+    "pipelines": (
+        "vllm_omni_images.images",
+        "vllm_omni_images.server",
+        "vllm_omni_images.tiny_model",
+        PLATFORMS,
     ),
 }
 
@@ -96,5 +108,6 @@ def test_the_rules_see_every_layer() -> None:
         "images",
         "server",
         "platforms",
+        "pipelines",
         "tiny_model",
     }
