@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,31 +55,36 @@ def tiny_model_path(root: Path | None = None) -> Path:
     return (root or cache_dir()) / f"{TINY_MODEL_NAME}-v{TINY_MODEL_VERSION}"
 
 
-def is_built(path: Path) -> bool:
+def is_built(path: Path, version: int = TINY_MODEL_VERSION) -> bool:
     marker = path / MARKER_FILE
     if not marker.is_file():
         return False
     try:
-        return json.loads(marker.read_text()).get("version") == TINY_MODEL_VERSION
+        return json.loads(marker.read_text()).get("version") == version
     except (OSError, ValueError):
         return False
 
 
 def ensure_tiny_model(root: Path | None = None) -> Path:
-    """The tiny model's folder, built first if not in the cache; a crash or a concurrent build
-    never leaves a half-written model there (it is built aside and renamed into place)."""
-    path = tiny_model_path(root)
-    if is_built(path):
+    """The tiny model's folder, built first if not in the cache."""
+    return ensure_built(tiny_model_path(root), TINY_MODEL_VERSION, build_tiny_model)
+
+
+def ensure_built(path: Path, version: int, build: Callable[[Path], None]) -> Path:
+    """`path`, built by `build` (which writes the `MARKER_FILE` of `version`) unless it is;
+    a crash or a concurrent build never leaves a half-written model there (it is built aside
+    and renamed into place)."""
+    if is_built(path, version):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:
-        build_tiny_model(staging)
+        build(staging)
         try:
             staging.rename(path)
         except OSError:
             # Another process finished first, or a stale folder is in the way.
-            if not is_built(path):
+            if not is_built(path, version):
                 shutil.rmtree(path, ignore_errors=True)
                 staging.rename(path)
     finally:

@@ -41,22 +41,32 @@ def read_defaults(pipe: Any, model_path: str) -> ModelDefaults:
     vae_scale_factor = getattr(pipe, "vae_scale_factor", None)
     if sample_size and vae_scale_factor:
         size = int(sample_size) * int(vae_scale_factor)
-    steps_param = inspect.signature(pipe.__call__).parameters.get("num_inference_steps")
-    steps = _FALLBACK_STEPS
-    if steps_param is not None and isinstance(steps_param.default, int):
-        steps = steps_param.default
+    steps = _call_default(pipe, "num_inference_steps")
     values: dict[str, Any] = {
         "width": size,
         "height": size,
-        "num_inference_steps": steps,
+        "num_inference_steps": steps if isinstance(steps, int) else _FALLBACK_STEPS,
         "size_multiple": size_multiple,
     }
+    guidance = _call_default(pipe, "guidance_scale")
+    if isinstance(guidance, (int, float)) and not isinstance(guidance, bool):
+        # Said to both engines: vllm-omni takes an omitted guidance_scale as 1.0, where the
+        # pipeline's own default (FLUX.1-dev's distilled guidance: 3.5) is what diffusers runs.
+        values["guidance_scale"] = float(guidance)
     if _terminal_shift(pipe, model_path):
         values["min_steps"] = 2
     override = Path(model_path) / DEFAULTS_FILE
     if override.is_file():
         values.update(json.loads(override.read_text()))
     return ModelDefaults(**values)
+
+
+def _call_default(pipe: Any, name: str) -> Any:
+    """The default of the pipeline call's parameter `name`; `None` without one."""
+    parameter = inspect.signature(pipe.__call__).parameters.get(name)
+    if parameter is None or parameter.default is inspect.Parameter.empty:
+        return None
+    return parameter.default
 
 
 def _terminal_shift(pipe: Any, model_path: str) -> bool:

@@ -3,6 +3,7 @@ for the CPU, so vllm-omni's worker, model runner and pipelines run there."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import psutil
@@ -14,11 +15,31 @@ from vllm_omni.platforms.interface import OmniPlatform, OmniPlatformEnum
 # (vllm-omni's attention modules read `current_omni_platform` when they are imported).
 CPU_SDPA_BACKEND = "vllm_omni_images.platforms.cpu_attention.CpuSDPABackend"
 
+logger = logging.getLogger(__name__)
+
 
 class CpuOmniPlatform(OmniPlatform, CpuPlatform):
     """vLLM's CPU platform with vllm-omni's diffusion interface: one device, psutil's memory."""
 
     _omni_enum = OmniPlatformEnum.OOT
+
+    def __init__(self) -> None:
+        # vllm-omni builds its platform once per process, on the first `current_omni_platform`
+        # (as `vllm_omni` itself is imported: its patches read it), in the server and in each
+        # `mp` worker, before any model layer exists: the moment to complete the kernels those
+        # layers bind.
+        super().__init__()
+        self.import_kernels()
+
+    @classmethod
+    def import_kernels(cls) -> None:
+        """vLLM's CPU kernel import (`vllm._C` for this CPU, once per process, as
+        `vllm._custom_ops` makes it), then native bodies for the activation ops it lacks."""
+        super().import_kernels()
+        from vllm_omni_images.platforms.cpu_ops import register_missing_ops
+
+        if added := register_missing_ops():
+            logger.debug("Registered native CPU bodies for vLLM's ops %s", ", ".join(added))
 
     @classmethod
     def get_torch_device(cls, local_rank: int | None = None) -> torch.device:
