@@ -46,7 +46,7 @@ from vllm_omni_images.engine.errors import (
     RequestTimeoutError,
 )
 from vllm_omni_images.engine.omni_engine import OmniEngine
-from vllm_omni_images.engine.omni_requests import to_omni_requests
+from vllm_omni_images.engine.omni_requests import refuse_unsupported, to_omni_requests
 
 from .conftest import AppFactory
 from .helpers import FAST, assert_openai_error, generate, http_client, pixels
@@ -166,11 +166,15 @@ async def test_requests_with_the_same_client_id_stay_apart(
     assert len(set(ids)) == 2 and all(i.startswith("img-twice-") for i in ids)
 
 
-async def test_a_pipeline_without_image_input_refuses_edits(omni_engine: OmniEngine) -> None:
-    assert not omni_engine.takes_images  # QwenImagePipeline generates only
+def test_a_pipeline_without_image_or_mask_input_refuses_edits_or_masks() -> None:
     edit = req(1, image=Image.new("RGB", (64, 64)))
-    with pytest.raises(EngineRequestError, match="takes no input image"):
-        await images_of(omni_engine.generate(edit))
+    inpaint = req(1, image=Image.new("RGB", (64, 64)), mask=Image.new("L", (64, 64)))
+    with pytest.raises(EngineRequestError, match="FluxPipeline takes no input image"):
+        refuse_unsupported(edit, "FluxPipeline", takes_images=False, takes_masks=False)
+    refuse_unsupported(edit, "QwenImageEditPipeline", takes_images=True, takes_masks=False)
+    with pytest.raises(EngineRequestError, match="QwenImageEditPipeline takes no mask"):
+        refuse_unsupported(inpaint, "QwenImageEditPipeline", takes_images=True, takes_masks=False)
+    refuse_unsupported(inpaint, "QwenImagePipeline", takes_images=True, takes_masks=True)
 
 
 async def test_an_edit_model_gets_the_image_as_vllm_omni_takes_it(
@@ -200,7 +204,7 @@ async def test_an_edit_model_gets_the_image_as_vllm_omni_takes_it(
         [[sent]] = worker.batches
         assert sent.prompt["multi_modal_data"]["image"] is source
         assert sent.sampling_params.strength == 0.7
-        with pytest.raises(EngineRequestError, match="Masks"):
+        with pytest.raises(EngineRequestError, match="takes no mask"):
             await images_from(client, req(3, image=source, mask=Image.new("L", (64, 64))))
     finally:
         await engine.close()

@@ -99,6 +99,18 @@ class EngineRequest:
     def num_images(self) -> int:
         return len(self.seeds)
 
+    def keep_unmasked(self, images: list[Image.Image]) -> list[Image.Image]:
+        """`images` with the input's own pixels put back outside the mask (inpainting only):
+        engines blend in latent space, and the VAE's round trip alters what the client kept."""
+        if self.image is None or self.mask is None:
+            return images
+        kept = []
+        for image in images:
+            original = self.image.resize(image.size, Image.Resampling.LANCZOS)
+            mask = self.mask.resize(image.size, Image.Resampling.BILINEAR)
+            kept.append(Image.composite(image, original, mask))
+        return kept
+
     @property
     def task(self) -> str:
         """`generate`, `edit` (image-to-image) or `inpaint` (edit within a mask)."""

@@ -45,6 +45,7 @@ from vllm_omni_images.engine.lora_files import PeftCopies
 from vllm_omni_images.engine.model_folder import defaults_for_pipeline_class
 from vllm_omni_images.engine.omni_requests import (
     classify_failure,
+    pipeline_takes_masks,
     refuse_unsupported,
     to_omni_requests,
 )
@@ -101,6 +102,7 @@ class OmniEngine(ImageEngine):
         self.model_class_name = config.model_class_name
         self.takes_images = supports_multimodal_input(config)[0]
         """Whether the pipeline edits an input image (e.g. Qwen-Image-Edit)."""
+        self.takes_masks = pipeline_takes_masks(config.model_class_name)
         self._defaults = defaults or defaults_for_pipeline_class(
             config.model_class_name, config.model
         )
@@ -160,7 +162,7 @@ class OmniEngine(ImageEngine):
         """Hand each image to vllm-omni at once (its scheduler batches) and stream its
         `ImagesStarted` as vllm-omni reports them, then the images."""
         self._refuse_if_closed()  # its loop is stopped: nothing would answer
-        refuse_unsupported(request, self.model_class_name, self.takes_images)
+        refuse_unsupported(request, self.model_class_name, self.takes_images, self.takes_masks)
         # vllm-omni keys its queue and output streams by id: a suffix of our own keeps two
         # requests apart even when a client sends the same X-Request-Id twice.
         base = f"{request.request_id or 'image'}-{uuid.uuid4().hex[:12]}"
@@ -174,7 +176,7 @@ class OmniEngine(ImageEngine):
             with contextlib.suppress(RuntimeError):  # the caller's loop is gone
                 loop.call_soon_threadsafe(self._started, flight)
 
-        job = self._loop.submit(self._run(flight, omni_requests, on_started))
+        job = self._loop.submit(self._run(flight, request, omni_requests, on_started))
         flight.job = job
         self._in_flight.add(flight)
         job.add_done_callback(lambda _: self._finished(flight))
@@ -311,10 +313,11 @@ class OmniEngine(ImageEngine):
     async def _run(
         self,
         flight: _Flight,
+        request: EngineRequest,
         omni_requests: list[OmniDiffusionRequest],
         on_started: Callable[[], None],
     ) -> list[Image.Image]:
-        """Every image of one API request; the first failure aborts the others."""
+        """Every image of `request`; the first failure aborts the others."""
         tasks = [asyncio.create_task(self._image(flight, r, on_started)) for r in omni_requests]
 
         def abort_siblings(task: asyncio.Task[Image.Image]) -> None:
@@ -328,7 +331,7 @@ class OmniEngine(ImageEngine):
         if errors:
             # The cause, rather than the cancellations it brought on its siblings.
             raise next((e for e in errors if not isinstance(e, GenerationCancelled)), errors[0])
-        return [r for r in results if isinstance(r, Image.Image)]
+        return request.keep_unmasked([r for r in results if isinstance(r, Image.Image)])
 
     async def _image(
         self, flight: _Flight, request: OmniDiffusionRequest, on_started: Callable[[], None]

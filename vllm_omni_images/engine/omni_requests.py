@@ -39,6 +39,11 @@ def build_omni_config(
     from vllm_omni.diffusion.data import DiffusionParallelConfig, OmniDiffusionConfig
     from vllm_omni.diffusion.diffusion_engine import supports_request_batch
     from vllm_omni.platforms import current_omni_platform
+    from vllm_omni.plugins import load_omni_general_plugins
+
+    # This package's pipelines (`pipelines/`) replace vllm-omni's in its registry through its
+    # general-plugin entry point, which vllm-omni's workers load themselves; this process too.
+    load_omni_general_plugins()
 
     if current_omni_platform.device_type == "cpu" and "dtype" not in options:
         # vllm-omni's default, bfloat16, meets vLLM's CPU matmul with float32 inputs; the
@@ -90,6 +95,8 @@ def to_omni_requests(
     }
     if request.image is not None:  # an edit, for pipelines that take an input image
         prompt["multi_modal_data"] = {"image": request.image}
+        if request.mask is not None:  # inpainting, for pipelines that take a mask
+            prompt["multi_modal_data"]["mask_image"] = request.mask
     if request.strength is not None:
         sampling["strength"] = request.strength
     if request.true_cfg_scale is not None:
@@ -109,7 +116,19 @@ def to_omni_requests(
     ]
 
 
-def refuse_unsupported(request: EngineRequest, model_class_name: str, takes_images: bool) -> None:
+def pipeline_takes_masks(model_class_name: str) -> bool:
+    """Whether the pipeline vllm-omni's registry holds for `model_class_name` inpaints (this
+    package's pipelines say so with `support_image_task_mask`)."""
+    from vllm_omni.diffusion.registry import DiffusionModelRegistry
+
+    registered = DiffusionModelRegistry.models.get(model_class_name)
+    pipeline_class = None if registered is None else registered.load_model_cls()
+    return bool(getattr(pipeline_class, "support_image_task_mask", False))
+
+
+def refuse_unsupported(
+    request: EngineRequest, model_class_name: str, takes_images: bool, takes_masks: bool
+) -> None:
     """Raise `EngineRequestError` for what vllm-omni cannot do with this pipeline."""
     if request.image is not None and not takes_images:
         raise EngineRequestError(
@@ -117,10 +136,10 @@ def refuse_unsupported(request: EngineRequest, model_class_name: str, takes_imag
             "cannot edit with it; serve an edit model (e.g. Qwen-Image-Edit), or this "
             "model with --image-engine diffusers (image-to-image)."
         )
-    if request.mask is not None:
+    if request.mask is not None and not takes_masks:
         raise EngineRequestError(
-            "Masks are not supported by the vllm-omni engine in this version; edit "
-            "without a mask, or serve with --image-engine diffusers (inpainting)."
+            f"{model_class_name} takes no mask in vllm-omni, so this server cannot inpaint "
+            "with it; edit without a mask, or serve with --image-engine diffusers."
         )
 
 
