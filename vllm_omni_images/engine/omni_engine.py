@@ -91,6 +91,7 @@ class _Flight:
     running: set[int] = field(default_factory=set)
     """Images whose current try vllm-omni started and has not finished."""
     ever_started: set[int] = field(default_factory=set)
+    """Images one of whose tries started: their `ImagesStarted` is sent."""
 
     def __post_init__(self) -> None:
         self.request_ids = [f"{self.base_id}-{i}" for i in range(self.num_images)]
