@@ -4,7 +4,7 @@ what it cannot do, and its failures as this project's errors. vllm-omni is impor
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
@@ -74,11 +74,17 @@ def build_omni_config(
     return config
 
 
-def to_omni_requests(
-    request: EngineRequest, request_ids: Sequence[str], lora: LoRARequest | None = None
-) -> list[OmniDiffusionRequest]:
-    """One `OmniDiffusionRequest` per image of `request`, with its own seed and a CPU generator;
-    `lora` is vllm-omni's request for `request.lora`."""
+def to_omni_request(
+    request: EngineRequest,
+    index: int,
+    request_id: str,
+    lora: LoRARequest | None = None,
+    batch_key: tuple[Any, ...] | None = None,
+) -> OmniDiffusionRequest:
+    """Image `index` of `request` as one `OmniDiffusionRequest`, with its own seed and a CPU
+    generator; `lora` is vllm-omni's request for `request.lora`; `batch_key` its
+    `batch_compatibility_key` (pre-processing may extend it: requests whose keys differ never
+    share a batch)."""
     from vllm_omni.diffusion.request import OmniDiffusionRequest
     from vllm_omni.inputs.data import OmniDiffusionSamplingParams, OmniTextPrompt
 
@@ -106,14 +112,12 @@ def to_omni_requests(
     if lora is not None:
         sampling["lora_request"] = lora
         sampling["lora_scale"] = request.lora_scale
-    return [
-        OmniDiffusionRequest(
-            prompt=dict(prompt),  # one each: vllm-omni's pre-processing may write to it
-            sampling_params=OmniDiffusionSamplingParams(seed=seed, **sampling),
-            request_id=request_id,
-        )
-        for seed, request_id in zip(request.seeds, request_ids, strict=True)
-    ]
+    return OmniDiffusionRequest(
+        prompt=prompt,  # one each: vllm-omni's pre-processing may write to it
+        sampling_params=OmniDiffusionSamplingParams(seed=request.seeds[index], **sampling),
+        request_id=request_id,
+        batch_compatibility_key=batch_key,
+    )
 
 
 def pipeline_takes_masks(model_class_name: str) -> bool:
