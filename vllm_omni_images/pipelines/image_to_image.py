@@ -40,6 +40,8 @@ class ImageToImageMixin(abc.ABC):
     # What the pipeline class provides (vllm-omni's own attributes):
     device: torch.device
     scheduler: Any
+    transformer: Any
+    vae_scale_factor: int
     interrupt: bool
     _request_mode_start: ImageStart | None = None
     _request_mode_step: int = 0
@@ -75,9 +77,16 @@ class ImageToImageMixin(abc.ABC):
     def pack(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """One image's latents as the transformer takes them."""
 
-    @abc.abstractmethod
     def latent_mask(self, mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """The (1, 1, H, W) pixel mask as the noise is shaped, before packing."""
+        """The (1, 1, H, W) pixel mask as the noise is shaped, before packing (here: packed
+        latents' pipelines, FLUX's and Qwen-Image's)."""
+        resized = torch.nn.functional.interpolate(mask, size=self.packed_latent_size(height, width))
+        return resized.repeat(1, self.transformer.in_channels // 4, 1, 1)
+
+    def packed_latent_size(self, height: int, width: int) -> tuple[int, int]:
+        """The latents' height and width before 2x2 packing (even)."""
+        scale = self.vae_scale_factor * 2
+        return 2 * (int(height) // scale), 2 * (int(width) // scale)
 
     @abc.abstractmethod
     def schedule_kwargs(self, height: int, width: int) -> dict[str, Any]:

@@ -56,18 +56,14 @@ class ImageTaskQwenImagePipeline(ImageToImageMixin, QwenImagePipeline):
         return ((latents - mean.to(latents)) * inverse_std.to(latents)).transpose(1, 2)
 
     def noise_shape(self, height: int, width: int) -> tuple[int, ...]:
-        return (1, 1, self.transformer.in_channels // 4, *self._latent_size(height, width))
+        return (1, 1, self.transformer.in_channels // 4, *self.packed_latent_size(height, width))
 
     def pack(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         channels = self.transformer.in_channels // 4
-        return self._pack_latents(latents, 1, channels, *self._latent_size(height, width))
-
-    def latent_mask(self, mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        resized = torch.nn.functional.interpolate(mask, size=self._latent_size(height, width))
-        return resized.repeat(1, self.transformer.in_channels // 4, 1, 1)
+        return self._pack_latents(latents, 1, channels, *self.packed_latent_size(height, width))
 
     def schedule_kwargs(self, height: int, width: int) -> dict[str, Any]:
-        latent_height, latent_width = self._latent_size(height, width)
+        latent_height, latent_width = self.packed_latent_size(height, width)
         config = self.scheduler.config
         mu = calculate_shift(
             (latent_height // 2) * (latent_width // 2),
@@ -77,8 +73,3 @@ class ImageTaskQwenImagePipeline(ImageToImageMixin, QwenImagePipeline):
             config.get("max_shift", 1.15),
         )
         return {"mu": mu}
-
-    def _latent_size(self, height: int, width: int) -> tuple[int, int]:
-        """The latents' height and width before packing (even, for the 2x2 patches)."""
-        scale = self.vae_scale_factor * 2
-        return 2 * (int(height) // scale), 2 * (int(width) // scale)
