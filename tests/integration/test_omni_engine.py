@@ -173,6 +173,18 @@ async def test_a_pipeline_without_image_input_refuses_edits(omni_engine: OmniEng
         await images_of(omni_engine.generate(edit))
 
 
+async def test_previews_need_streaming_output(
+    omni_engine: OmniEngine, make_app: AppFactory
+) -> None:
+    """This engine runs in request mode (test_omni_previews.py serves them)."""
+    with pytest.raises(EngineRequestError, match="--diffusion-streaming-output"):
+        await images_of(omni_engine.generate(req(1, partial_images=1)))
+    async with http_client(await make_app(omni_engine)) as http:
+        response = await generate(http, stream=True, partial_images=1, **FAST)
+    error = assert_openai_error(response, 400, "partial_images")
+    assert "--diffusion-streaming-output" in error["message"]
+
+
 async def test_an_edit_model_gets_the_image_as_vllm_omni_takes_it(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:

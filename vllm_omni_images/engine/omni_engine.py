@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import multiprocessing
 import time
@@ -28,6 +29,7 @@ from vllm_omni_images.engine.base import (
     LoRASettings,
     ModelDefaults,
     NoObserver,
+    PreviewImages,
     notify,
 )
 from vllm_omni_images.engine.errors import (
@@ -63,12 +65,16 @@ class _Flight:
     """One request handed to vllm-omni, as its images' ids there."""
 
     request_ids: list[str]
+    caller: asyncio.AbstractEventLoop
+    """The loop of `generate`'s caller, which the fields below belong to."""
     # The caller's loop only:
     inbox: Inbox = field(default_factory=Inbox)
     job: asyncio.Future[list[Image.Image]] | None = None
     started: int = 0
     """Images that left vllm-omni's queue."""
     started_at: float | None = None
+    previews: dict[int, dict[int, Image.Image]] = field(default_factory=dict)
+    """Preview index -> its images in so far, by position (streaming output only)."""
     # The engine's loop only:
     aborted: bool = False
     """Images not yet handed to vllm-omni are not handed any more."""
@@ -101,8 +107,9 @@ class OmniEngine(ImageEngine):
         self.model_class_name = config.model_class_name
         self.takes_images = supports_multimodal_input(config)[0]
         """Whether the pipeline edits an input image (e.g. Qwen-Image-Edit)."""
-        self._defaults = defaults or defaults_for_pipeline_class(
-            config.model_class_name, config.model
+        self._defaults = dataclasses.replace(
+            defaults or defaults_for_pipeline_class(config.model_class_name, config.model),
+            supports_partial_images=config.streaming_output,  # pipelines/step_previews.py
         )
         self._observer = observer or NoObserver()
         self._hang_watch = HangWatch(hang_grace_s, self._fail_waiting, observer=self._observer)
@@ -160,15 +167,15 @@ class OmniEngine(ImageEngine):
         """Hand each image to vllm-omni at once (its scheduler batches) and stream its
         `ImagesStarted` as vllm-omni reports them, then the images."""
         self._refuse_if_closed()  # its loop is stopped: nothing would answer
-        refuse_unsupported(request, self.model_class_name, self.takes_images)
+        refuse_unsupported(request, self.model_class_name, self.takes_images, self._defaults)
         # vllm-omni keys its queue and output streams by id: a suffix of our own keeps two
         # requests apart even when a client sends the same X-Request-Id twice.
         base = f"{request.request_id or 'image'}-{uuid.uuid4().hex[:12]}"
-        flight = _Flight([f"{base}-{i}" for i in range(request.num_images)])
+        loop = asyncio.get_running_loop()
+        flight = _Flight([f"{base}-{i}" for i in range(request.num_images)], loop)
         omni_requests = to_omni_requests(
             request, flight.request_ids, self._lora_request(request.lora)
         )
-        loop = asyncio.get_running_loop()
 
         def on_started() -> None:  # the engine's loop
             with contextlib.suppress(RuntimeError):  # the caller's loop is gone
@@ -222,6 +229,14 @@ class OmniEngine(ImageEngine):
             notify(self._observer.on_batch_start, flight.num_images)
         flight.started += 1
         flight.inbox.put(ImagesStarted(1, flight.num_images))
+
+    def _preview(self, flight: _Flight, index: int, position: int, image: Image.Image) -> None:
+        """Preview `index` of image `position`; once every image has it, it goes out."""
+        images = flight.previews.setdefault(index, {})
+        images[position] = image
+        if len(images) == flight.num_images:
+            del flight.previews[index]
+            flight.inbox.put(PreviewImages(index, [images[i] for i in range(flight.num_images)]))
 
     def _finished(self, flight: _Flight) -> None:
         """The job ended: its outcome goes to the stream, if it still listens."""
@@ -339,6 +354,7 @@ class OmniEngine(ImageEngine):
         )
 
         image: Image.Image | None = None
+        previews = 0
         try:
             if flight.aborted:
                 raise GenerationCancelled()  # aborted on its way here
@@ -352,6 +368,14 @@ class OmniEngine(ImageEngine):
                 images = output.images
                 if len(images) != 1 or not isinstance(images[0], Image.Image):
                     raise EngineError(f"vllm-omni returned {images!r} for one image")
+                if not output.finished:  # a chunk of its streaming output: a preview
+                    position = flight.request_ids.index(request.request_id)
+                    with contextlib.suppress(RuntimeError):  # the caller's loop is gone
+                        flight.caller.call_soon_threadsafe(
+                            self._preview, flight, previews, position, images[0]
+                        )
+                    previews += 1
+                    continue
                 image = images[0]
         except DiffusionRequestAbortedError as error:
             raise GenerationCancelled() from error
