@@ -47,7 +47,9 @@ def worker(probe: WorkerProbe) -> Iterator[WorkerProbe]:
     probe.reset()
 
 
-async def outputs_of(engine: OmniEngine, *seeds: int, partial_images: int = 0) -> list:
+async def outputs_of(
+    engine: OmniEngine, *seeds: int, partial_images: int = 0
+) -> list[EngineOutput]:
     request = req(*seeds, num_inference_steps=STEPS, partial_images=partial_images)
     return [output async for output in engine.generate(request)]
 
