@@ -153,12 +153,29 @@ async def test_requests_with_the_same_client_id_stay_apart(
 def test_a_pipeline_without_image_or_mask_input_refuses_edits_or_masks() -> None:
     edit = req(1, image=Image.new("RGB", (64, 64)))
     inpaint = req(1, image=Image.new("RGB", (64, 64)), mask=Image.new("L", (64, 64)))
+    defaults = ModelDefaults(width=64, height=64, num_inference_steps=4, size_multiple=16)
+
+    def refuse(request: EngineRequest, name: str, images: bool, masks: bool) -> None:
+        refuse_unsupported(request, name, images, masks, defaults)
+
     with pytest.raises(EngineRequestError, match="FluxPipeline takes no input image"):
-        refuse_unsupported(edit, "FluxPipeline", takes_images=False, takes_masks=False)
-    refuse_unsupported(edit, "QwenImageEditPipeline", takes_images=True, takes_masks=False)
+        refuse(edit, "FluxPipeline", images=False, masks=False)
+    refuse(edit, "QwenImageEditPipeline", images=True, masks=False)
     with pytest.raises(EngineRequestError, match="QwenImageEditPipeline takes no mask"):
-        refuse_unsupported(inpaint, "QwenImageEditPipeline", takes_images=True, takes_masks=False)
-    refuse_unsupported(inpaint, "QwenImagePipeline", takes_images=True, takes_masks=True)
+        refuse(inpaint, "QwenImageEditPipeline", images=True, masks=False)
+    refuse(inpaint, "QwenImagePipeline", images=True, masks=True)
+
+
+async def test_previews_need_streaming_output(
+    omni_engine: OmniEngine, make_app: AppFactory
+) -> None:
+    """This engine runs in request mode (test_omni_previews.py serves them)."""
+    with pytest.raises(EngineRequestError, match="--diffusion-streaming-output"):
+        await images_of(omni_engine.generate(req(1, partial_images=1)))
+    async with http_client(await make_app(omni_engine)) as http:
+        response = await generate(http, stream=True, partial_images=1, **FAST)
+    error = assert_openai_error(response, 400, "partial_images")
+    assert "--diffusion-streaming-output" in error["message"]
 
 
 async def test_an_edit_model_gets_the_image_as_vllm_omni_takes_it(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import multiprocessing
 import time
@@ -28,6 +29,7 @@ from vllm_omni_images.engine.base import (
     LoRASettings,
     ModelDefaults,
     NoObserver,
+    PreviewImages,
     notify,
 )
 from vllm_omni_images.engine.errors import (
@@ -85,6 +87,8 @@ class _Flight:
     started: int = 0
     """Images that left vllm-omni's queue (a retry's start is not counted again)."""
     started_at: float | None = None
+    previews: dict[int, dict[int, Image.Image]] = field(default_factory=dict)
+    """Preview index -> its images in so far, by position (streaming output only)."""
     # The engine's loop only:
     aborted: bool = False
     """Images not yet handed to vllm-omni (or to be tried again) are not handed any more."""
@@ -131,8 +135,9 @@ class OmniEngine(ImageEngine):
         self.takes_images = supports_multimodal_input(config)[0]
         """Whether the pipeline edits an input image (e.g. Qwen-Image-Edit)."""
         self.takes_masks = pipeline_takes_masks(config.model_class_name)
-        self._defaults = defaults or defaults_for_pipeline_class(
-            config.model_class_name, config.model
+        self._defaults = dataclasses.replace(
+            defaults or defaults_for_pipeline_class(config.model_class_name, config.model),
+            supports_partial_images=config.streaming_output,  # pipelines/step_previews.py
         )
         self._observer = observer or NoObserver()
         self._hang_watch = HangWatch(hang_grace_s, self._fail_waiting, observer=self._observer)
@@ -195,7 +200,9 @@ class OmniEngine(ImageEngine):
         """Hand each image to vllm-omni at once (its scheduler batches) and stream its
         `ImagesStarted` as vllm-omni reports them, then the images."""
         self._refuse_if_closed()  # its loop is stopped: nothing would answer
-        refuse_unsupported(request, self.model_class_name, self.takes_images, self.takes_masks)
+        refuse_unsupported(
+            request, self.model_class_name, self.takes_images, self.takes_masks, self._defaults
+        )
         # vllm-omni keys its queue and output streams by id: a suffix of our own keeps two
         # requests apart even when a client sends the same X-Request-Id twice.
         base = f"{request.request_id or 'image'}-{uuid.uuid4().hex[:12]}"
@@ -249,6 +256,14 @@ class OmniEngine(ImageEngine):
             notify(self._observer.on_batch_start, flight.num_images)
         flight.started += 1
         flight.inbox.put(ImagesStarted(1, flight.num_images))
+
+    def _preview(self, flight: _Flight, index: int, position: int, image: Image.Image) -> None:
+        """Preview `index` of image `position`; once every image has it, it goes out."""
+        images = flight.previews.setdefault(index, {})
+        images[position] = image
+        if len(images) == flight.num_images:
+            del flight.previews[index]
+            flight.inbox.put(PreviewImages(index, [images[i] for i in range(flight.num_images)]))
 
     def _finished(self, flight: _Flight) -> None:
         """The job ended: its outcome goes to the stream, if it still listens."""
@@ -450,6 +465,7 @@ class OmniEngine(ImageEngine):
         )
 
         image: Image.Image | None = None
+        previews = 0
         try:
             async for outputs in self._engine.step_streaming(request):
                 output = outputs[0]
@@ -462,6 +478,10 @@ class OmniEngine(ImageEngine):
                 images = output.images
                 if len(images) != 1 or not isinstance(images[0], Image.Image):
                     raise EngineError(f"vllm-omni returned {images!r} for one image")
+                if not output.finished:  # a chunk of its streaming output: a preview
+                    flight.to_caller(self._preview, flight, previews, index, images[0])
+                    previews += 1
+                    continue
                 image = images[0]
         except DiffusionRequestAbortedError as error:
             raise GenerationCancelled() from error

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from vllm_omni_images.engine.base import EngineRequest, LoRASettings
+from vllm_omni_images.engine.base import EngineRequest, LoRASettings, ModelDefaults
 from vllm_omni_images.engine.errors import (
     EngineDiedError,
     EngineError,
@@ -24,6 +24,12 @@ if TYPE_CHECKING:
     from vllm_omni.lora.request import LoRARequest
 
 logger = logging.getLogger(__name__)
+
+PARTIAL_IMAGES_ARG = "partial_images"
+"""The sampling `extra_args` key of a request's previews, read by `pipelines/step_previews.py`."""
+PREVIEW_PIPELINES = "vllm_omni_images.pipelines.step_previews"
+"""The module whose `<module>.<pipeline class name>` is that pipeline with previews, as
+vllm-omni's `custom_pipeline_args["pipeline_class"]` of an engine with streaming output."""
 
 
 def build_omni_config(
@@ -63,6 +69,11 @@ def build_omni_config(
         **{name: value for name, value in options.items() if name not in parallel_fields},
     )
     config.enrich_config()  # reads model_index.json: the pipeline class, its transformer config
+    if config.streaming_output:
+        # Chunks end at a request's preview steps (pipelines/step_previews.py), in every worker
+        # process: vllm-omni imports the class by its name there.
+        pipeline_class = f"{PREVIEW_PIPELINES}.{config.model_class_name}"
+        config.custom_pipeline_args = {"pipeline_class": pipeline_class}
     if max_batch_size > 1 and not supports_request_batch(config):
         logger.info(
             "%s runs one image at a time in vllm-omni (it declares no request batching); "
@@ -112,6 +123,8 @@ def to_omni_request(
     if lora is not None:
         sampling["lora_request"] = lora
         sampling["lora_scale"] = request.lora_scale
+    if request.partial_images > 0:
+        sampling["extra_args"] = {PARTIAL_IMAGES_ARG: request.partial_images}
     return OmniDiffusionRequest(
         prompt=prompt,  # one each: vllm-omni's pre-processing may write to it
         sampling_params=OmniDiffusionSamplingParams(seed=request.seeds[index], **sampling),
@@ -131,9 +144,13 @@ def pipeline_takes_masks(model_class_name: str) -> bool:
 
 
 def refuse_unsupported(
-    request: EngineRequest, model_class_name: str, takes_images: bool, takes_masks: bool
+    request: EngineRequest,
+    model_class_name: str,
+    takes_images: bool,
+    takes_masks: bool,
+    defaults: ModelDefaults,
 ) -> None:
-    """Raise `EngineRequestError` for what vllm-omni cannot do with this pipeline."""
+    """Raise `EngineRequestError` for what vllm-omni cannot do with this pipeline and engine."""
     if request.image is not None and not takes_images:
         raise EngineRequestError(
             f"{model_class_name} takes no input image in vllm-omni, so this server "
@@ -144,6 +161,11 @@ def refuse_unsupported(
         raise EngineRequestError(
             f"{model_class_name} takes no mask in vllm-omni, so this server cannot inpaint "
             "with it; edit without a mask, or serve with --image-engine diffusers."
+        )
+    if request.partial_images and not defaults.supports_partial_images:
+        raise EngineRequestError(
+            "partial_images needs vllm-omni's streaming output: serve with "
+            "--diffusion-streaming-output, or with --image-engine diffusers."
         )
 
 

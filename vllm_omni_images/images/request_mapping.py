@@ -148,8 +148,9 @@ def _engine_request(
     partial_images = request.partial_images or 0
     if partial_images and not defaults.supports_partial_images:
         raise VLLMValidationError(
-            "partial_images is not supported by this model and engine (it cannot decode "
-            "previews of its intermediate steps); stream with partial_images 0.",
+            "partial_images is not served by this model and engine (previews come from "
+            "the diffusers engine for the Qwen-Image family, or from the vllm-omni engine "
+            "started with --diffusion-streaming-output); stream with partial_images 0.",
             parameter="partial_images",
         )
     return EngineRequest(

@@ -4,7 +4,6 @@ and keeps a masked region, in request mode (`forward`) and step mode (`prepare_e
 
 from __future__ import annotations
 
-import abc
 import copy
 from typing import Any, ClassVar
 
@@ -27,11 +26,12 @@ _START = "image_task_start"
 """The key of a step-mode request's `ImageStart` in its `StepRequestState.extra`."""
 
 
-class ImageToImageMixin(abc.ABC):
+class ImageToImageMixin:
     """Put before a vllm-omni pipeline class whose `forward` reads each request's
     `sampling_params.latents` and the batch's `sigmas`, and steps through
     `scheduler_step_maybe_with_cfg`. Its batches must be of one task and strength
-    (`image_start.batch_key_pre_process`)."""
+    (`image_start.batch_key_pre_process`). Not an `abc.ABC`: that base's empty `__slots__`
+    would keep `step_previews.StepPreviews` from giving a built pipeline its class."""
 
     support_image_input: ClassVar[bool] = True
     support_image_task_mask: ClassVar[bool] = True
@@ -61,21 +61,21 @@ class ImageToImageMixin(abc.ABC):
 
     # What each pipeline supplies:
 
-    @abc.abstractmethod
     def start_size(self, sampling: Any) -> tuple[int, int, int]:
         """The request's height, width and steps, with the pipeline's defaults."""
+        raise NotImplementedError
 
-    @abc.abstractmethod
     def encode_image(self, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """The VAE latents of `pixels` (sampled from `generator`, normalised), noise-shaped."""
+        raise NotImplementedError
 
-    @abc.abstractmethod
     def noise_shape(self, height: int, width: int) -> tuple[int, ...]:
         """The shape of one image's noise, before packing."""
+        raise NotImplementedError
 
-    @abc.abstractmethod
     def pack(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """One image's latents as the transformer takes them."""
+        raise NotImplementedError
 
     def latent_mask(self, mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """The (1, 1, H, W) pixel mask as the noise is shaped, before packing (here: packed
@@ -88,9 +88,9 @@ class ImageToImageMixin(abc.ABC):
         scale = self.vae_scale_factor * 2
         return 2 * (int(height) // scale), 2 * (int(width) // scale)
 
-    @abc.abstractmethod
     def schedule_kwargs(self, height: int, width: int) -> dict[str, Any]:
         """The scheduler's `set_timesteps` arguments besides `sigmas` (e.g. `mu`)."""
+        raise NotImplementedError
 
     # Request mode: the whole batch in one call.
 
@@ -187,9 +187,9 @@ class ImageToImageMixin(abc.ABC):
             start.mask = self.pack(self._mask(mask, height, width, dtype), height, width)
         return start
 
-    @abc.abstractmethod
     def dtype_of_latents(self) -> torch.dtype:
         """The dtype the pipeline denoises in (its text encoder's)."""
+        raise NotImplementedError
 
     def _mask(self, mask: Image.Image, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
         pixels = self.mask_processor.preprocess(mask, height=height, width=width)
