@@ -4,15 +4,15 @@ pipeline on CPU (this package's CPU platform), under this project's admission an
 One engine, built with `--image-max-batch-size 4`, is shared by the tests (building one takes
 a few seconds once vllm-omni is imported); `WorkerProbe` (tests/support/omni.py) records its
 waves and holds or breaks its pipeline at a denoising step. Only the test of a worker process
-that dies uses a stand-in executor, since an in-process worker cannot die.
+that dies uses a stand-in executor, since an in-process worker cannot die. Edits are in
+`test_omni_edits.py` (Qwen-Image) and `test_omni_edit_models.py` (edit models), since one
+in-process engine lives at a time in a test process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -159,39 +159,6 @@ def test_a_pipeline_without_image_or_mask_input_refuses_edits_or_masks() -> None
     with pytest.raises(EngineRequestError, match="QwenImageEditPipeline takes no mask"):
         refuse_unsupported(inpaint, "QwenImageEditPipeline", takes_images=True, takes_masks=False)
     refuse_unsupported(inpaint, "QwenImagePipeline", takes_images=True, takes_masks=True)
-
-
-async def test_an_edit_model_gets_the_image_as_vllm_omni_takes_it(
-    tiny_model_dir: Path, tmp_path: Path
-) -> None:
-    """The tiny model's folder, declared a Qwen-Image-Edit pipeline: vllm-omni's real edit
-    pre-processing runs on the mapped request. The worker is a stand-in: the real one cannot
-    load Qwen-Image-Edit from the tiny folder (it has no vision-language processor)."""
-    folder = tmp_path / "tiny-qwen-image-edit"
-    shutil.copytree(tiny_model_dir, folder)
-    index = json.loads((folder / "model_index.json").read_text())
-    (folder / "model_index.json").write_text(
-        json.dumps({**index, "_class_name": "QwenImageEditPipeline"})
-    )
-    engine = build_engine(
-        folder, max_batch_size=1, distributed_executor_backend=FakeDiffusionExecutor
-    )
-    worker = engine.diffusion_engine.executor
-    assert isinstance(worker, FakeDiffusionExecutor)
-    worker.batches.clear()
-    try:
-        assert engine.takes_images
-        client = ImageEngineClient(engine, "tiny-qwen-image-edit", FLAG_DEFAULTS.admission_config())
-        source = Image.new("RGB", (64, 64), (200, 30, 30))
-        [image] = await images_from(client, req(3, image=source, strength=0.7))
-        assert image.size == (64, 64)
-        [[sent]] = worker.batches
-        assert sent.prompt["multi_modal_data"]["image"] is source
-        assert sent.sampling_params.strength == 0.7
-        with pytest.raises(EngineRequestError, match="takes no mask"):
-            await images_from(client, req(3, image=source, mask=Image.new("L", (64, 64))))
-    finally:
-        await engine.close()
 
 
 # vllm-omni's own pipeline makes the images
