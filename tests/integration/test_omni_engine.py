@@ -122,10 +122,12 @@ def test_defaults_come_from_the_served_pipeline(omni_engine: OmniEngine) -> None
     assert omni_engine.model_class_name == "QwenImagePipeline"  # read from model_index.json
     # The tiny model's vllm_omni_images.json sets its size and steps; the size multiple is
     # Qwen-Image's own (VAE factor 8 x 2x2 patches), and so is the minimum of 2 steps (its
-    # scheduler's terminal shift, read from the folder's scheduler_config.json).
+    # scheduler's terminal shift, read from the folder's scheduler_config.json); this
+    # package's Qwen-Image pipeline (pipelines/qwen_image.py) honours strength.
     assert omni_engine.defaults == ModelDefaults(
         width=256, height=256, num_inference_steps=4, size_multiple=16, min_steps=2
     )
+    assert omni_engine.takes_strength
 
 
 async def test_the_worker_gets_the_request_as_mapped(
@@ -150,15 +152,21 @@ async def test_requests_with_the_same_client_id_stay_apart(
     assert len(set(ids)) == 2 and all(i.startswith("img-twice-") for i in ids)
 
 
-def test_a_pipeline_without_image_or_mask_input_refuses_edits_or_masks() -> None:
+def test_a_pipeline_refuses_the_inputs_it_does_not_take() -> None:
     edit = req(1, image=Image.new("RGB", (64, 64)))
     inpaint = req(1, image=Image.new("RGB", (64, 64)), mask=Image.new("L", (64, 64)))
+    strong = req(1, image=Image.new("RGB", (64, 64)), strength=0.5)
+    nothing = {"takes_images": False, "takes_masks": False, "takes_strength": False}
+    edits = {**nothing, "takes_images": True}
     with pytest.raises(EngineRequestError, match="FluxPipeline takes no input image"):
-        refuse_unsupported(edit, "FluxPipeline", takes_images=False, takes_masks=False)
-    refuse_unsupported(edit, "QwenImageEditPipeline", takes_images=True, takes_masks=False)
+        refuse_unsupported(edit, "FluxPipeline", **nothing)
+    refuse_unsupported(edit, "QwenImageEditPipeline", **edits)
     with pytest.raises(EngineRequestError, match="QwenImageEditPipeline takes no mask"):
-        refuse_unsupported(inpaint, "QwenImageEditPipeline", takes_images=True, takes_masks=False)
-    refuse_unsupported(inpaint, "QwenImagePipeline", takes_images=True, takes_masks=True)
+        refuse_unsupported(inpaint, "QwenImageEditPipeline", **edits)
+    with pytest.raises(EngineRequestError, match="strength is not supported by Qwen"):
+        refuse_unsupported(strong, "QwenImageEditPipeline", **edits)
+    refuse_unsupported(inpaint, "QwenImagePipeline", **{**edits, "takes_masks": True})
+    refuse_unsupported(strong, "QwenImagePipeline", **{**edits, "takes_strength": True})
 
 
 # vllm-omni's own pipeline makes the images

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import multiprocessing
 import time
@@ -47,6 +48,7 @@ from vllm_omni_images.engine.model_folder import defaults_for_pipeline_class
 from vllm_omni_images.engine.omni_requests import (
     classify_failure,
     pipeline_takes_masks,
+    reads_strength,
     refuse_unsupported,
     to_omni_request,
 )
@@ -131,8 +133,11 @@ class OmniEngine(ImageEngine):
         self.takes_images = supports_multimodal_input(config)[0]
         """Whether the pipeline edits an input image (e.g. Qwen-Image-Edit)."""
         self.takes_masks = pipeline_takes_masks(config.model_class_name)
-        self._defaults = defaults or defaults_for_pipeline_class(
-            config.model_class_name, config.model
+        self.takes_strength = reads_strength(config)
+        """Whether the pipeline honours an edit's `strength` (Qwen-Image-Edit's does not)."""
+        self._defaults = dataclasses.replace(
+            defaults or defaults_for_pipeline_class(config.model_class_name, config.model),
+            supports_strength=self.takes_strength,
         )
         self._observer = observer or NoObserver()
         self._hang_watch = HangWatch(hang_grace_s, self._fail_waiting, observer=self._observer)
@@ -195,7 +200,13 @@ class OmniEngine(ImageEngine):
         """Hand each image to vllm-omni at once (its scheduler batches) and stream its
         `ImagesStarted` as vllm-omni reports them, then the images."""
         self._refuse_if_closed()  # its loop is stopped: nothing would answer
-        refuse_unsupported(request, self.model_class_name, self.takes_images, self.takes_masks)
+        refuse_unsupported(
+            request,
+            self.model_class_name,
+            takes_images=self.takes_images,
+            takes_masks=self.takes_masks,
+            takes_strength=self.takes_strength,
+        )
         # vllm-omni keys its queue and output streams by id: a suffix of our own keeps two
         # requests apart even when a client sends the same X-Request-Id twice.
         base = f"{request.request_id or 'image'}-{uuid.uuid4().hex[:12]}"
