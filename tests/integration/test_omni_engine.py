@@ -4,15 +4,15 @@ pipeline on CPU (this package's CPU platform), under this project's admission an
 One engine, built with `--image-max-batch-size 4`, is shared by the tests (building one takes
 a few seconds once vllm-omni is imported); `WorkerProbe` (tests/support/omni.py) records its
 waves and holds or breaks its pipeline at a denoising step. Only the test of a worker process
-that dies uses a stand-in executor, since an in-process worker cannot die.
+that dies uses a stand-in executor, since an in-process worker cannot die. Edits are in
+`test_omni_edits.py` (Qwen-Image) and `test_omni_edit_models.py` (edit models), since one
+in-process engine lives at a time in a test process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -122,10 +122,12 @@ def test_defaults_come_from_the_served_pipeline(omni_engine: OmniEngine) -> None
     assert omni_engine.model_class_name == "QwenImagePipeline"  # read from model_index.json
     # The tiny model's vllm_omni_images.json sets its size and steps; the size multiple is
     # Qwen-Image's own (VAE factor 8 x 2x2 patches), and so is the minimum of 2 steps (its
-    # scheduler's terminal shift, read from the folder's scheduler_config.json).
+    # scheduler's terminal shift, read from the folder's scheduler_config.json); this
+    # package's Qwen-Image pipeline (pipelines/qwen_image.py) honours strength.
     assert omni_engine.defaults == ModelDefaults(
         width=256, height=256, num_inference_steps=4, size_multiple=16, min_steps=2
     )
+    assert omni_engine.takes_strength
 
 
 async def test_the_worker_gets_the_request_as_mapped(
@@ -150,20 +152,33 @@ async def test_requests_with_the_same_client_id_stay_apart(
     assert len(set(ids)) == 2 and all(i.startswith("img-twice-") for i in ids)
 
 
-def test_a_pipeline_without_image_or_mask_input_refuses_edits_or_masks() -> None:
+def test_a_pipeline_refuses_the_inputs_it_does_not_take() -> None:
     edit = req(1, image=Image.new("RGB", (64, 64)))
     inpaint = req(1, image=Image.new("RGB", (64, 64)), mask=Image.new("L", (64, 64)))
+    strong = req(1, image=Image.new("RGB", (64, 64)), strength=0.5)
     defaults = ModelDefaults(width=64, height=64, num_inference_steps=4, size_multiple=16)
 
-    def refuse(request: EngineRequest, name: str, images: bool, masks: bool) -> None:
-        refuse_unsupported(request, name, images, masks, defaults)
+    def refuse(
+        request: EngineRequest, name: str, images: bool, masks: bool = False, strength: bool = False
+    ) -> None:
+        refuse_unsupported(
+            request,
+            name,
+            takes_images=images,
+            takes_masks=masks,
+            takes_strength=strength,
+            defaults=defaults,
+        )
 
     with pytest.raises(EngineRequestError, match="FluxPipeline takes no input image"):
-        refuse(edit, "FluxPipeline", images=False, masks=False)
-    refuse(edit, "QwenImageEditPipeline", images=True, masks=False)
+        refuse(edit, "FluxPipeline", images=False)
+    refuse(edit, "QwenImageEditPipeline", images=True)
     with pytest.raises(EngineRequestError, match="QwenImageEditPipeline takes no mask"):
-        refuse(inpaint, "QwenImageEditPipeline", images=True, masks=False)
+        refuse(inpaint, "QwenImageEditPipeline", images=True)
+    with pytest.raises(EngineRequestError, match="strength is not supported by Qwen"):
+        refuse(strong, "QwenImageEditPipeline", images=True)
     refuse(inpaint, "QwenImagePipeline", images=True, masks=True)
+    refuse(strong, "QwenImagePipeline", images=True, strength=True)
 
 
 async def test_previews_need_streaming_output(
@@ -176,39 +191,6 @@ async def test_previews_need_streaming_output(
         response = await generate(http, stream=True, partial_images=1, **FAST)
     error = assert_openai_error(response, 400, "partial_images")
     assert "--diffusion-streaming-output" in error["message"]
-
-
-async def test_an_edit_model_gets_the_image_as_vllm_omni_takes_it(
-    tiny_model_dir: Path, tmp_path: Path
-) -> None:
-    """The tiny model's folder, declared a Qwen-Image-Edit pipeline: vllm-omni's real edit
-    pre-processing runs on the mapped request. The worker is a stand-in: the real one cannot
-    load Qwen-Image-Edit from the tiny folder (it has no vision-language processor)."""
-    folder = tmp_path / "tiny-qwen-image-edit"
-    shutil.copytree(tiny_model_dir, folder)
-    index = json.loads((folder / "model_index.json").read_text())
-    (folder / "model_index.json").write_text(
-        json.dumps({**index, "_class_name": "QwenImageEditPipeline"})
-    )
-    engine = build_engine(
-        folder, max_batch_size=1, distributed_executor_backend=FakeDiffusionExecutor
-    )
-    worker = engine.diffusion_engine.executor
-    assert isinstance(worker, FakeDiffusionExecutor)
-    worker.batches.clear()
-    try:
-        assert engine.takes_images
-        client = ImageEngineClient(engine, "tiny-qwen-image-edit", FLAG_DEFAULTS.admission_config())
-        source = Image.new("RGB", (64, 64), (200, 30, 30))
-        [image] = await images_from(client, req(3, image=source, strength=0.7))
-        assert image.size == (64, 64)
-        [[sent]] = worker.batches
-        assert sent.prompt["multi_modal_data"]["image"] is source
-        assert sent.sampling_params.strength == 0.7
-        with pytest.raises(EngineRequestError, match="takes no mask"):
-            await images_from(client, req(3, image=source, mask=Image.new("L", (64, 64))))
-    finally:
-        await engine.close()
 
 
 # vllm-omni's own pipeline makes the images

@@ -35,6 +35,8 @@ class ModelDefaults:
     """Fewest denoising steps that give an image (2 where one step divides by zero)."""
     supports_partial_images: bool = False
     """Whether the engine streams previews of intermediate steps (`PreviewImages`)."""
+    supports_strength: bool = True
+    """Whether the served pipeline honours an edit's `strength`; where not, one is refused."""
 
 
 @dataclass(frozen=True)

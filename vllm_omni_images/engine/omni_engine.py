@@ -49,6 +49,7 @@ from vllm_omni_images.engine.model_folder import defaults_for_pipeline_class
 from vllm_omni_images.engine.omni_requests import (
     classify_failure,
     pipeline_takes_masks,
+    reads_strength,
     refuse_unsupported,
     to_omni_request,
 )
@@ -135,8 +136,11 @@ class OmniEngine(ImageEngine):
         self.takes_images = supports_multimodal_input(config)[0]
         """Whether the pipeline edits an input image (e.g. Qwen-Image-Edit)."""
         self.takes_masks = pipeline_takes_masks(config.model_class_name)
+        self.takes_strength = reads_strength(config)
+        """Whether the pipeline honours an edit's `strength` (Qwen-Image-Edit's does not)."""
         self._defaults = dataclasses.replace(
             defaults or defaults_for_pipeline_class(config.model_class_name, config.model),
+            supports_strength=self.takes_strength,
             supports_partial_images=config.streaming_output,  # pipelines/step_previews.py
         )
         self._observer = observer or NoObserver()
@@ -201,7 +205,12 @@ class OmniEngine(ImageEngine):
         `ImagesStarted` as vllm-omni reports them, then the images."""
         self._refuse_if_closed()  # its loop is stopped: nothing would answer
         refuse_unsupported(
-            request, self.model_class_name, self.takes_images, self.takes_masks, self._defaults
+            request,
+            self.model_class_name,
+            takes_images=self.takes_images,
+            takes_masks=self.takes_masks,
+            takes_strength=self.takes_strength,
+            defaults=self._defaults,
         )
         # vllm-omni keys its queue and output streams by id: a suffix of our own keeps two
         # requests apart even when a client sends the same X-Request-Id twice.

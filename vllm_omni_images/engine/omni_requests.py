@@ -3,6 +3,7 @@ what it cannot do, and its failures as this project's errors. vllm-omni is impor
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import fields
@@ -30,6 +31,19 @@ PARTIAL_IMAGES_ARG = "partial_images"
 PREVIEW_PIPELINES = "vllm_omni_images.pipelines.step_previews"
 """The module whose `<module>.<pipeline class name>` is that pipeline with previews, as
 vllm-omni's `custom_pipeline_args["pipeline_class"]` of an engine with streaming output."""
+
+STRENGTH_FLAG = "support_strength"
+"""The pipeline class attribute that declares it reads `sampling_params.strength` (as vllm-omni's
+`support_image_input` declares an input image); this package's pipelines set it."""
+
+VLLM_OMNI_STRENGTH_PIPELINES = frozenset(
+    {
+        "vllm_omni.diffusion.models.flux2_klein.pipeline_flux2_klein.Flux2KleinPipeline",
+        "vllm_omni.diffusion.models.z_image.pipeline_z_image.ZImagePipeline",
+    }
+)
+"""vllm-omni's own pipeline classes whose `forward` reads `sampling_params.strength` (read in
+vllm-omni 0.30's sources; they declare nothing). Qwen-Image-Edit's, for one, never reads it."""
 
 
 def build_omni_config(
@@ -136,21 +150,48 @@ def to_omni_request(
 def pipeline_takes_masks(model_class_name: str) -> bool:
     """Whether the pipeline vllm-omni's registry holds for `model_class_name` inpaints (this
     package's pipelines say so with `support_image_task_mask`)."""
+    return bool(getattr(_pipeline_class(model_class_name), "support_image_task_mask", False))
+
+
+def reads_strength(config: OmniDiffusionConfig) -> bool:
+    """Whether the pipeline class vllm-omni serves for `config` honours an edit's `strength`:
+    the one rule, per served class (a diffusers pipeline through vllm-omni's adapter: when its
+    `__call__` takes `strength`, which the adapter then passes)."""
+    from vllm_omni.diffusion.models.diffusers_adapter.pipeline_utils import (
+        resolve_diffusers_pipeline_class,
+    )
+
+    if config.diffusion_load_format == "diffusers":
+        diffusers_class = resolve_diffusers_pipeline_class(config)
+        if diffusers_class is not None:
+            return "strength" in inspect.signature(diffusers_class.__call__).parameters
+    pipeline_class = _pipeline_class(config.model_class_name)
+    if pipeline_class is None:
+        return False
+    name = f"{pipeline_class.__module__}.{pipeline_class.__qualname__}"
+    return bool(getattr(pipeline_class, STRENGTH_FLAG, name in VLLM_OMNI_STRENGTH_PIPELINES))
+
+
+def _pipeline_class(model_class_name: str | None) -> type | None:
+    """The class vllm-omni's registry holds for `model_class_name` (this package's where
+    `pipelines/` registered one in its place); `None` for a name it does not hold."""
     from vllm_omni.diffusion.registry import DiffusionModelRegistry
 
-    registered = DiffusionModelRegistry.models.get(model_class_name)
-    pipeline_class = None if registered is None else registered.load_model_cls()
-    return bool(getattr(pipeline_class, "support_image_task_mask", False))
+    registered = DiffusionModelRegistry.models.get(model_class_name or "")
+    return None if registered is None else registered.load_model_cls()
 
 
 def refuse_unsupported(
     request: EngineRequest,
     model_class_name: str,
+    *,
     takes_images: bool,
     takes_masks: bool,
+    takes_strength: bool,
     defaults: ModelDefaults,
 ) -> None:
-    """Raise `EngineRequestError` for what vllm-omni cannot do with this pipeline and engine."""
+    """Raise `EngineRequestError` for what vllm-omni cannot do with this pipeline and engine
+    (serving refuses a `strength` earlier, naming it: `ModelDefaults.supports_strength`)."""
     if request.image is not None and not takes_images:
         raise EngineRequestError(
             f"{model_class_name} takes no input image in vllm-omni, so this server "
@@ -161,6 +202,11 @@ def refuse_unsupported(
         raise EngineRequestError(
             f"{model_class_name} takes no mask in vllm-omni, so this server cannot inpaint "
             "with it; edit without a mask, or serve with --image-engine diffusers."
+        )
+    if request.strength is not None and not takes_strength:
+        raise EngineRequestError(
+            f"strength is not supported by {model_class_name} in vllm-omni (it never reads "
+            "it); leave strength out."
         )
     if request.partial_images and not defaults.supports_partial_images:
         raise EngineRequestError(

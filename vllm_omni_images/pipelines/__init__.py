@@ -6,6 +6,7 @@ server's (`build_omni_config` loads vllm-omni's general plugins) and each worker
 from __future__ import annotations
 
 _QWEN_IMAGE = "vllm_omni_images.pipelines.qwen_image"
+_Z_IMAGE = "vllm_omni_images.pipelines.z_image"
 
 
 def register_pipelines() -> None:
@@ -20,4 +21,10 @@ def register_pipelines() -> None:
         "ImageTaskQwenImagePipeline",
         pre_process_func_name="get_image_task_qwen_image_pre_process_func",
         post_process_func_name="get_qwen_image_post_process_func",
+    )
+    register_diffusion_model(
+        "ZImagePipeline",
+        _Z_IMAGE,
+        "ZImageEditPipeline",
+        post_process_func_name="get_post_process_func",
     )

@@ -36,6 +36,8 @@ class ImageToImageMixin:
     support_image_input: ClassVar[bool] = True
     support_image_task_mask: ClassVar[bool] = True
     """Whether the pipeline inpaints within `mask_image` (read by this package's engine)."""
+    support_strength: ClassVar[bool] = True
+    """Whether it reads `sampling_params.strength` (`engine.omni_requests.STRENGTH_FLAG`)."""
 
     # What the pipeline class provides (vllm-omni's own attributes):
     device: torch.device

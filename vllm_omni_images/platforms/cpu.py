@@ -83,6 +83,20 @@ class CpuOmniPlatform(OmniPlatform, CpuPlatform):
         return super().get_diffusion_worker_cls()
 
     @classmethod
+    def import_kernels(cls) -> None:
+        """vLLM's CPU kernels, or PyTorch's code in place of the activation ops its layers look
+        up when the installed vLLM has none (`cpu_kernels.py`)."""
+        from vllm_omni_images.platforms.cpu_kernels import register_missing_activation_ops
+
+        super().import_kernels()
+        register_missing_activation_ops()
+
+    @classmethod
+    def init_diffusion_worker_vllm_config(cls, vllm_config: Any) -> None:
+        # Every diffusion worker (in-process or not) calls this before it builds the pipeline.
+        cls.import_kernels()
+
+    @classmethod
     def supports_torch_inductor(cls) -> bool:
         return False
 
