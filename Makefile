@@ -47,9 +47,9 @@ test: install
 	$(MAKE) --no-print-directory -j2 lint typecheck pytest
 
 # All benchmarks, side by side in one run on the embedded model; each writes its table to
-# docs/benchmarks/ (summarised in docs/performance.md and docs/reliability.md). About 50 minutes on
+# docs/benchmarks/ (summarised in docs/performance.md and docs/reliability.md). About 55 minutes on
 # 2 CPU cores.
-BENCHMARKS := encoding batch_invariance overhead liveness throughput engine_throughput engines_cpu step_batching startup edit_throughput lora soak fuzz
+BENCHMARKS := encoding batch_invariance overhead liveness throughput engine_throughput engines_cpu step_batching omni_previews startup edit_throughput lora soak fuzz
 
 benchmark: install
 	for name in $(BENCHMARKS); do \

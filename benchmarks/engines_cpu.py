@@ -1,6 +1,7 @@
 """The two engines on the CPU side by side: vllm-omni's (`--image-engine omni`, through this
 package's CPU platform) and this package's diffusers engine, started alternately in one run on
-the same model: start-up, throughput and latency at concurrency 1 and 8, and memory.
+the same model: start-up, throughput and latency at concurrency 1 and 8, edits with and without
+a mask, and memory.
 
     .venv/bin/python -m benchmarks.engines_cpu          # writes docs/benchmarks/engines_cpu.md
     .venv/bin/python -m benchmarks.engines_cpu --shared  # the report says the machine was
@@ -15,9 +16,10 @@ and each start the niceness of the thread that worked most (the engine's compute
 
 The table gives each figure's median over the rounds and omni / diffusers, and applies the rule
 for what `--image-engine auto` picks on the CPU: omni when its throughput is within 10 % of
-diffusers' (at both concurrencies) and its start-up under 1.5x diffusers'. It applies it twice:
-to img/s, as the rule is worded, and to CPU time per image, which other work on the machine
-does not skew (img/s does, the more so when the engines compute at different priorities).
+diffusers' (at both concurrencies, and for edits) and its start-up under 1.5x diffusers'. It
+applies it twice: to img/s, as the rule is worded, and to CPU time per image (generations),
+which other work on the machine does not skew (img/s does, the more so when the engines
+compute at different priorities).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import os
 import subprocess
 import tempfile
@@ -33,7 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from PIL import Image
 
+from benchmarks.edit_throughput import input_png
 from benchmarks.load import closed_loop, generation_body
 from benchmarks.report import benchmark_parser, markdown_table, median, publish
 from benchmarks.soak import Sampler, listener
@@ -59,8 +64,13 @@ FIGURES = {
     "c8_images_per_s": "img/s, concurrency 8",
     "c8_p50_ms": "p50 latency, concurrency 8 (ms)",
     "c8_cpu_s_per_image": "CPU s per image, concurrency 8",
+    "edit_c1_images_per_s": "edits (image-to-image): img/s, concurrency 1",
+    "edit_c8_images_per_s": "edits (image-to-image): img/s, concurrency 8",
+    "inpaint_c8_images_per_s": "edits with a mask (inpainting): img/s, concurrency 8",
     "peak_rss_mib": "peak RSS of the server's processes (MiB)",
 }
+EDIT_LEVELS = {"edit_c1": (1, False), "edit_c8": (8, False), "inpaint_c8": (8, True)}
+"""Edit loads: concurrency, and whether each request sends a mask."""
 
 
 def checkout() -> str:
@@ -126,6 +136,39 @@ async def load(
     return rows
 
 
+async def edit_load(base_url: str, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Closed loops of edits (each request its own input picture), with and without a mask,
+    after a warm-up of each kind (the diffusers engine builds its img2img and inpaint
+    pipelines on first use)."""
+    side = int(args.size.split("x")[0])
+    mask = Image.new("RGBA", (side, side), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (0, 0, side // 2, side))  # the left half is edited
+    mask_buffer = io.BytesIO()
+    mask.save(mask_buffer, format="PNG")
+
+    def body(index: int) -> dict[str, Any]:
+        return {"prompt": f"edit {index}", "num_inference_steps": args.steps, "seed": index}
+
+    def uploads(masked: bool) -> Any:
+        def files(index: int) -> dict[str, tuple[str, bytes, str]]:
+            sent = {"image": ("in.png", input_png(index, side), "image/png")}
+            if masked:
+                sent["mask"] = ("mask.png", mask_buffer.getvalue(), "image/png")
+            return sent
+
+        return files
+
+    for masked in (False, True):
+        await closed_loop(base_url, 2, 4, body, files=uploads(masked))
+    rows = {}
+    for name, (level, masked) in EDIT_LEVELS.items():
+        requests = max(16, level * args.per_worker)
+        result = await closed_loop(base_url, level, requests, body, files=uploads(masked))
+        rows[name] = result.summary()
+        print(name, rows[name], flush=True)
+    return rows
+
+
 def measure_start(engine: str, args: argparse.Namespace, log: Path) -> dict[str, Any]:
     """Start `engine`, time it to healthy, load it under the memory sampler; one row."""
     port = free_port()
@@ -138,6 +181,7 @@ def measure_start(engine: str, args: argparse.Namespace, log: Path) -> dict[str,
             idle_mib = sampler.memory_mib()
             threads_before = thread_cpu_s(root)
             by_level = asyncio.run(load(base_url, root, args))
+            by_edit = asyncio.run(edit_load(base_url, args))
             threads_after = thread_cpu_s(root)
         # The thread that did the most work: its niceness is the engine's compute priority.
         busiest = max(
@@ -157,17 +201,20 @@ def measure_start(engine: str, args: argparse.Namespace, log: Path) -> dict[str,
         row[f"c{level}_images_per_s"] = result["images_per_s"]
         row[f"c{level}_p50_ms"] = result["p50_ms"]
         row[f"c{level}_cpu_s_per_image"] = result["cpu_s_per_image"]
-    row["lost_or_failed"] = sum(r["lost_or_failed"] for r in by_level.values())
-    row["duplicated_images"] = sum(r["duplicated_images"] for r in by_level.values())
+    for name, result in by_edit.items():
+        row[f"{name}_images_per_s"] = result["images_per_s"]
+    loads = [*by_level.values(), *by_edit.values()]
+    row["lost_or_failed"] = sum(r["lost_or_failed"] for r in loads)
+    row["duplicated_images"] = sum(r["duplicated_images"] for r in loads)
     print(row, flush=True)
     return row
 
 
-def rule(throughput: dict[int, float], startup: float, measure: str) -> tuple[bool, str]:
+def rule(throughput: dict[str, float], startup: float, measure: str) -> tuple[bool, str]:
     """The issue's rule on omni / diffusers throughput per level (as `measure` gives it) and
     start-up: whether omni should be `auto`'s choice on the CPU, and the sentence."""
     met = all(r >= 1 - THROUGHPUT_WITHIN for r in throughput.values()) and startup < STARTUP_UNDER
-    measured = ", ".join(f"{r:.2f} at concurrency {level}" for level, r in throughput.items())
+    measured = ", ".join(f"{r:.2f} ({load})" for load, r in throughput.items())
     conclusion = (
         "**met: `--image-engine auto` should pick omni on the CPU**"
         if met
@@ -188,10 +235,15 @@ def verdicts(
     does not skew; and a warning where the engines compute at different priorities."""
     ratios, startup = summary["ratio"], summary["ratio"]["startup_s"]
     by_rate, rate_text = rule(
-        {level: ratios[f"c{level}_images_per_s"] for level in LEVELS}, startup, "img/s"
+        {
+            **{f"concurrency {level}": ratios[f"c{level}_images_per_s"] for level in LEVELS},
+            **{name: ratios[f"{name}_images_per_s"] for name in EDIT_LEVELS},
+        },
+        startup,
+        "img/s",
     )
     by_cpu, cpu_text = rule(
-        {level: 1 / ratios[f"c{level}_cpu_s_per_image"] for level in LEVELS},
+        {f"concurrency {level}": 1 / ratios[f"c{level}_cpu_s_per_image"] for level in LEVELS},
         startup,
         "CPU time per image (diffusers' / omni's)",
     )

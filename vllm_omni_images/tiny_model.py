@@ -225,9 +225,11 @@ _TEMPLATE_TEXTS = (
 )
 
 
-def _build_tokenizer():  # type: ignore[no-untyped-def]  # transformers' class is untyped
+def _build_tokenizer(  # type: ignore[no-untyped-def]  # transformers' class is untyped
+    template_texts: tuple[str, ...] = _TEMPLATE_TEXTS,
+):
     """A byte-level BPE tokenizer with Qwen2's special tokens: every byte is a token, plus
-    merges for the template's words, so nothing has to be trained or downloaded."""
+    merges for the words of `template_texts`, so nothing has to be trained or downloaded."""
     from tokenizers import AddedToken, pre_tokenizers
     from transformers import Qwen2Tokenizer
 
@@ -236,7 +238,7 @@ def _build_tokenizer():  # type: ignore[no-untyped-def]  # transformers' class i
         vocab[char] = len(vocab)
     merges: list[tuple[str, str]] = []
     splitter = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    for text in _TEMPLATE_TEXTS:
+    for text in template_texts:
         for word, _ in splitter.pre_tokenize_str(text):
             for end in range(1, len(word)):
                 if word[: end + 1] not in vocab:

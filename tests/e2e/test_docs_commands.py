@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -51,6 +52,8 @@ DOCUMENTS = sorted(
 )
 SHELL_LANGUAGES = {"bash", "sh", "shell"}
 COMMAND_TIMEOUT_S = 180
+STOP_TIMEOUT_S = 60
+"""How long a command past its time has to stop after Ctrl-C."""
 DEFAULT_PORT = 8000
 FENCE = re.compile(r"^```(\w*)\s*$")
 SERVER_COMMAND = re.compile(r"^(\w+=\S+\s+)*(make serve\b|vllm serve tiny-qwen-image\b)")
@@ -245,14 +248,27 @@ def run_snippet(snippet: Snippet, scratch: Path, env: dict[str, str]) -> None:
     else:
         command = ["bash", "-o", "pipefail", "-c", snippet.text]
     full_env = {key: value for key, value in os.environ.items() if key != "OPENAI_API_KEY"}
-    result = subprocess.run(
+    # A session of its own: a command past its time gets Ctrl-C, as a user stops it, so that
+    # the servers it started (each in a session of its own) are stopped by its own clean-up.
+    with subprocess.Popen(
         command,
         cwd=scratch,
         env={**full_env, **env},
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=COMMAND_TIMEOUT_S,
-    )
+        start_new_session=True,
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=COMMAND_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGINT)
+            try:
+                process.communicate(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+            raise
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     assert result.returncode == 0, (
         f"{snippet}\nexited {result.returncode}\n--- stdout\n{result.stdout[-3000:]}"
         f"\n--- stderr\n{result.stderr[-3000:]}"

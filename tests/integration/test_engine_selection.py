@@ -253,6 +253,7 @@ def test_every_flag_reaches_vllm_omnis_engine_config(
         *("--diffusion-quantization-config", '{"method": "fp8"}'),
         *("--model-class-name", "QwenImagePipeline", "--diffusion-load-format", "default"),
         "--step-execution",
+        "--diffusion-streaming-output",
     )
     options = omni_options_from_args(args)
     # Every flag but --enable-cpu-offload (vllm-omni lets layerwise offload override it), and
@@ -269,6 +270,10 @@ def test_every_flag_reaches_vllm_omnis_engine_config(
     assert config.enable_layerwise_offload
     assert config.vae_use_tiling and config.vae_use_slicing
     assert config.step_execution
+    assert config.streaming_output  # with this package's preview pipeline (test_omni_previews)
+    assert config.custom_pipeline_args == {
+        "pipeline_class": "vllm_omni_images.pipelines.step_previews.QwenImagePipeline"
+    }
     assert "TORCH_SDPA" in repr(config.diffusion_attention_config)
     assert config.quantization_config is not None
     assert (config.model_class_name, config.diffusion_load_format) == (

@@ -4,15 +4,15 @@ pipeline on CPU (this package's CPU platform), under this project's admission an
 One engine, built with `--image-max-batch-size 4`, is shared by the tests (building one takes
 a few seconds once vllm-omni is imported); `WorkerProbe` (tests/support/omni.py) records its
 waves and holds or breaks its pipeline at a denoising step. Only the test of a worker process
-that dies uses a stand-in executor, since an in-process worker cannot die.
+that dies uses a stand-in executor, since an in-process worker cannot die. Edits are in
+`test_omni_edits.py` (Qwen-Image) and `test_omni_edit_models.py` (edit models), since one
+in-process engine lives at a time in a test process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +32,8 @@ from tests.support.omni import (
     batch_sizes,
     build_engine,
     difference,
+    start_blocker,
+    until_vllm_omni_is_empty,
     until_waiting_in_vllm_omni,
 )
 from tests.support.waiting import ENGINE_WAIT_S, until
@@ -46,7 +48,7 @@ from vllm_omni_images.engine.errors import (
     RequestTimeoutError,
 )
 from vllm_omni_images.engine.omni_engine import OmniEngine
-from vllm_omni_images.engine.omni_requests import to_omni_requests
+from vllm_omni_images.engine.omni_requests import refuse_unsupported, to_omni_request
 
 from .conftest import AppFactory
 from .helpers import FAST, assert_openai_error, generate, http_client, pixels
@@ -81,25 +83,6 @@ async def images_from(client: ImageEngineClient, request: EngineRequest) -> list
     return await images_of(client.generate(request))
 
 
-async def until_vllm_omni_is_empty(engine: OmniEngine) -> None:
-    """Wait until vllm-omni holds no request: every aborted one has left it."""
-    vllm_omni = engine.diffusion_engine.scheduler
-    await until(
-        lambda: not vllm_omni.has_requests(),
-        "every request to leave vllm-omni",
-        timeout_s=ENGINE_WAIT_S,
-    )
-
-
-async def start_blocker(client: ImageEngineClient, worker: WorkerProbe) -> asyncio.Task:
-    """Hold the worker and occupy it with one request, so later ones wait in vllm-omni."""
-    worker.hold.clear()
-    blocker = asyncio.create_task(images_from(client, req(1000)))
-    await until(worker.denoising.is_set, "the worker to start", timeout_s=ENGINE_WAIT_S)
-    await until(lambda: client.running_images == 1, "admission to see it start")
-    return blocker
-
-
 # The mapping
 
 
@@ -114,7 +97,7 @@ def test_each_image_is_one_vllm_omni_request_with_its_own_seed() -> None:
         true_cfg_scale=4.0,
         guidance_scale=2.5,
     )
-    first, second = to_omni_requests(request, ["a-0", "a-1"])
+    first, second = (to_omni_request(request, i, f"a-{i}") for i in range(2))
     assert isinstance(first, OmniDiffusionRequest)
     assert (first.request_id, second.request_id) == ("a-0", "a-1")
     assert first.prompt == {"prompt": "a red fox", "negative_prompt": "blurry"}
@@ -128,8 +111,9 @@ def test_each_image_is_one_vllm_omni_request_with_its_own_seed() -> None:
 
 
 def test_unset_knobs_are_left_to_the_pipeline() -> None:
-    [only] = to_omni_requests(req(1), ["a-0"])
+    only = to_omni_request(req(1), 0, "a-0")
     assert only.prompt == {"prompt": "a red fox"}
+    assert only.batch_compatibility_key is None  # vllm-omni's default: batched with any
     assert only.sampling_params.true_cfg_scale is None
     assert not only.sampling_params.guidance_scale_provided
 
@@ -138,10 +122,12 @@ def test_defaults_come_from_the_served_pipeline(omni_engine: OmniEngine) -> None
     assert omni_engine.model_class_name == "QwenImagePipeline"  # read from model_index.json
     # The tiny model's vllm_omni_images.json sets its size and steps; the size multiple is
     # Qwen-Image's own (VAE factor 8 x 2x2 patches), and so is the minimum of 2 steps (its
-    # scheduler's terminal shift, read from the folder's scheduler_config.json).
+    # scheduler's terminal shift, read from the folder's scheduler_config.json); this
+    # package's Qwen-Image pipeline (pipelines/qwen_image.py) honours strength.
     assert omni_engine.defaults == ModelDefaults(
         width=256, height=256, num_inference_steps=4, size_multiple=16, min_steps=2
     )
+    assert omni_engine.takes_strength
 
 
 async def test_the_worker_gets_the_request_as_mapped(
@@ -166,44 +152,45 @@ async def test_requests_with_the_same_client_id_stay_apart(
     assert len(set(ids)) == 2 and all(i.startswith("img-twice-") for i in ids)
 
 
-async def test_a_pipeline_without_image_input_refuses_edits(omni_engine: OmniEngine) -> None:
-    assert not omni_engine.takes_images  # QwenImagePipeline generates only
+def test_a_pipeline_refuses_the_inputs_it_does_not_take() -> None:
     edit = req(1, image=Image.new("RGB", (64, 64)))
-    with pytest.raises(EngineRequestError, match="takes no input image"):
-        await images_of(omni_engine.generate(edit))
+    inpaint = req(1, image=Image.new("RGB", (64, 64)), mask=Image.new("L", (64, 64)))
+    strong = req(1, image=Image.new("RGB", (64, 64)), strength=0.5)
+    defaults = ModelDefaults(width=64, height=64, num_inference_steps=4, size_multiple=16)
+
+    def refuse(
+        request: EngineRequest, name: str, images: bool, masks: bool = False, strength: bool = False
+    ) -> None:
+        refuse_unsupported(
+            request,
+            name,
+            takes_images=images,
+            takes_masks=masks,
+            takes_strength=strength,
+            defaults=defaults,
+        )
+
+    with pytest.raises(EngineRequestError, match="FluxPipeline takes no input image"):
+        refuse(edit, "FluxPipeline", images=False)
+    refuse(edit, "QwenImageEditPipeline", images=True)
+    with pytest.raises(EngineRequestError, match="QwenImageEditPipeline takes no mask"):
+        refuse(inpaint, "QwenImageEditPipeline", images=True)
+    with pytest.raises(EngineRequestError, match="strength is not supported by Qwen"):
+        refuse(strong, "QwenImageEditPipeline", images=True)
+    refuse(inpaint, "QwenImagePipeline", images=True, masks=True)
+    refuse(strong, "QwenImagePipeline", images=True, strength=True)
 
 
-async def test_an_edit_model_gets_the_image_as_vllm_omni_takes_it(
-    tiny_model_dir: Path, tmp_path: Path
+async def test_previews_need_streaming_output(
+    omni_engine: OmniEngine, make_app: AppFactory
 ) -> None:
-    """The tiny model's folder, declared a Qwen-Image-Edit pipeline: vllm-omni's real edit
-    pre-processing runs on the mapped request. The worker is a stand-in: the real one cannot
-    load Qwen-Image-Edit from the tiny folder (it has no vision-language processor)."""
-    folder = tmp_path / "tiny-qwen-image-edit"
-    shutil.copytree(tiny_model_dir, folder)
-    index = json.loads((folder / "model_index.json").read_text())
-    (folder / "model_index.json").write_text(
-        json.dumps({**index, "_class_name": "QwenImageEditPipeline"})
-    )
-    engine = build_engine(
-        folder, max_batch_size=1, distributed_executor_backend=FakeDiffusionExecutor
-    )
-    worker = engine.diffusion_engine.executor
-    assert isinstance(worker, FakeDiffusionExecutor)
-    worker.batches.clear()
-    try:
-        assert engine.takes_images
-        client = ImageEngineClient(engine, "tiny-qwen-image-edit", FLAG_DEFAULTS.admission_config())
-        source = Image.new("RGB", (64, 64), (200, 30, 30))
-        [image] = await images_from(client, req(3, image=source, strength=0.7))
-        assert image.size == (64, 64)
-        [[sent]] = worker.batches
-        assert sent.prompt["multi_modal_data"]["image"] is source
-        assert sent.sampling_params.strength == 0.7
-        with pytest.raises(EngineRequestError, match="Masks"):
-            await images_from(client, req(3, image=source, mask=Image.new("L", (64, 64))))
-    finally:
-        await engine.close()
+    """This engine runs in request mode (test_omni_previews.py serves them)."""
+    with pytest.raises(EngineRequestError, match="--diffusion-streaming-output"):
+        await images_of(omni_engine.generate(req(1, partial_images=1)))
+    async with http_client(await make_app(omni_engine)) as http:
+        response = await generate(http, stream=True, partial_images=1, **FAST)
+    error = assert_openai_error(response, 400, "partial_images")
+    assert "--diffusion-streaming-output" in error["message"]
 
 
 # vllm-omni's own pipeline makes the images
@@ -446,8 +433,8 @@ async def test_an_engine_error_fails_its_request_and_the_next_is_served(
     with pytest.raises(EngineError, match="the pipeline broke"):
         await images_from(client, req(1))
     worker.fail_with = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
-    with pytest.raises(EngineOutOfMemoryError, match="Tried to allocate"):
-        await images_from(client, req(1))
+    with pytest.raises(EngineOutOfMemoryError, match="64x64 image did not fit, even alone"):
+        await images_from(client, req(1))  # alone in its wave: not retried
     assert len(await images_from(client, req(1))) == 1
 
 

@@ -15,6 +15,7 @@ Importing this module imports vllm-omni (~20-40 s, once per test session).
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,8 +32,10 @@ from vllm_omni.diffusion.request import OmniDiffusionRequest
 from vllm_omni.diffusion.sched.interface import DiffusionSchedulerOutput
 from vllm_omni.diffusion.worker.utils import BatchRunnerOutput, RunnerOutput
 
+from tests.support.engines import images_of, req
 from tests.support.waiting import ENGINE_WAIT_S, until
-from vllm_omni_images.engine.base import LoRASettings
+from vllm_omni_images.engine.base import EngineObserver, LoRASettings
+from vllm_omni_images.engine.client import ImageEngineClient
 from vllm_omni_images.engine.omni_engine import OmniEngine
 from vllm_omni_images.engine.omni_requests import build_omni_config
 
@@ -55,7 +58,10 @@ class WorkerProbe:
     - `hold`: while cleared, the pipeline waits at its next denoising step, with `denoising`
       set; set by default;
     - `fail_with`: raised from the next denoising step, inside vllm-omni's pipeline and
-      worker, then cleared.
+      worker, then cleared;
+    - `fits`: a model of the device's memory, asked at each denoising step with the requests
+      of the wave (request mode: those that joined it): where it says no, the step raises
+      `torch.OutOfMemoryError`, as a CUDA allocation would. `None` (the default): all fit.
     """
 
     def __init__(self, engine: OmniEngine) -> None:
@@ -67,12 +73,15 @@ class WorkerProbe:
         self.hold.set()
         self.denoising = threading.Event()
         self.fail_with: BaseException | None = None
+        self.fits: Callable[[list[OmniDiffusionRequest]], bool] | None = None
+        running: list[OmniDiffusionRequest] = []
 
         execute = diffusion_engine.execute_fn
 
         def record_wave(scheduler_output: DiffusionSchedulerOutput) -> Any:
             new = [data.req for data in scheduler_output.scheduled_new_reqs]
             self.waves.append(Wave(new, len(scheduler_output.scheduled_request_ids)))
+            running[:] = new
             return execute(scheduler_output)
 
         diffusion_engine.execute_fn = record_wave
@@ -87,6 +96,8 @@ class WorkerProbe:
             finally:
                 self.denoising.clear()
             error, self.fail_with = self.fail_with, None
+            if error is None and self.fits is not None and not self.fits(running):
+                error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
             if error is not None:
                 raise error
             return forward(*args, **kwargs)
@@ -101,6 +112,7 @@ class WorkerProbe:
     def reset(self) -> None:
         self.hold.set()
         self.fail_with = None
+        self.fits = None
         self.waves.clear()
 
 
@@ -220,13 +232,19 @@ def build_engine(
     max_batch_size: int = 4,
     hang_grace_s: float = 60.0,
     lora: LoRASettings | None = None,
+    *,
+    batch_delay_ms: float = 0.0,
+    observer: EngineObserver | None = None,
     **options: object,
 ) -> OmniEngine:
-    return OmniEngine(
-        build_omni_config(str(model_dir), options, max_batch_size=max_batch_size, lora=lora),
-        hang_grace_s=hang_grace_s,
+    config = build_omni_config(
+        str(model_dir),
+        options,
+        max_batch_size=max_batch_size,
+        batch_delay_ms=batch_delay_ms,
         lora=lora,
     )
+    return OmniEngine(config, hang_grace_s=hang_grace_s, observer=observer, lora=lora)
 
 
 def difference(a: Image.Image, b: Image.Image) -> int:
@@ -245,3 +263,22 @@ async def until_waiting_in_vllm_omni(engine: OmniEngine, count: int) -> None:
         f"{count} requests waiting in vllm-omni",
         timeout_s=ENGINE_WAIT_S,
     )
+
+
+async def until_vllm_omni_is_empty(engine: OmniEngine) -> None:
+    """Wait until vllm-omni holds no request: every aborted one has left it."""
+    await until(
+        lambda: not engine.diffusion_engine.scheduler.has_requests(),
+        "every request to leave vllm-omni",
+        timeout_s=ENGINE_WAIT_S,
+    )
+
+
+async def start_blocker(client: ImageEngineClient, worker: WorkerProbe) -> asyncio.Task:
+    """Hold the worker and occupy it with one request (seed 1000), so that later ones wait in
+    vllm-omni."""
+    worker.hold.clear()
+    blocker = asyncio.create_task(images_of(client.generate(req(1000))))
+    await until(worker.denoising.is_set, "the worker to start", timeout_s=ENGINE_WAIT_S)
+    await until(lambda: client.running_images == 1, "admission to see it start")
+    return blocker

@@ -318,3 +318,17 @@ def test_an_edit_maps_its_input_image_and_strength():
     with pytest.raises(VLLMValidationError, match="leaves none of the 4") as weak:
         to_engine_request(ImageEditRequest(prompt="p", strength=1e-20), context, inputs)
     assert weak.value.parameter == "strength"
+
+
+def test_strength_is_refused_by_name_where_the_pipeline_never_reads_it():
+    from PIL import Image
+
+    from vllm_omni_images.images.edits import ImageInputs
+
+    no_strength = MappingContext("id", dataclasses.replace(DEFAULTS, supports_strength=False))
+    inputs = ImageInputs([Image.new("RGB", (64, 64))], None)
+    with pytest.raises(VLLMValidationError, match="never reads it") as refused:
+        to_engine_request(ImageEditRequest(prompt="p", strength=0.5), no_strength, inputs)
+    assert refused.value.parameter == "strength"
+    edit = to_engine_request(ImageEditRequest(prompt="p"), no_strength, inputs)
+    assert edit.strength is None  # an edit without one is the pipeline's own

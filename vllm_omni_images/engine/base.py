@@ -35,6 +35,8 @@ class ModelDefaults:
     """Fewest denoising steps that give an image (2 where one step divides by zero)."""
     supports_partial_images: bool = False
     """Whether the engine streams previews of intermediate steps (`PreviewImages`)."""
+    supports_strength: bool = True
+    """Whether the served pipeline honours an edit's `strength`; where not, one is refused."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,18 @@ class EngineRequest:
     @property
     def num_images(self) -> int:
         return len(self.seeds)
+
+    def keep_unmasked(self, images: list[Image.Image]) -> list[Image.Image]:
+        """`images` with the input's own pixels put back outside the mask (inpainting only):
+        engines blend in latent space, and the VAE's round trip alters what the client kept."""
+        if self.image is None or self.mask is None:
+            return images
+        kept = []
+        for image in images:
+            original = self.image.resize(image.size, Image.Resampling.LANCZOS)
+            mask = self.mask.resize(image.size, Image.Resampling.BILINEAR)
+            kept.append(Image.composite(image, original, mask))
+        return kept
 
     @property
     def task(self) -> str:

@@ -135,7 +135,7 @@ class DiffusersRunner:
         except Exception as error:
             raise EngineError(f"{type(error).__name__}: {error}") from error
         return [
-            keep_unmasked(request, result)
+            request.keep_unmasked(result)
             for request, result in zip(requests, split_per_request(requests, images), strict=True)
         ]
 
@@ -321,18 +321,6 @@ def preview_rows(requests: Sequence[EngineRequest]) -> list[tuple[int, int, Engi
             rows.append((position, start, request))
         start += request.num_images
     return rows
-
-
-def keep_unmasked(request: EngineRequest, images: list[Image.Image]) -> list[Image.Image]:
-    """The images with the input's own pixels put back outside the mask (inpainting only)."""
-    if request.image is None or request.mask is None:
-        return images
-    kept = []
-    for image in images:
-        original = request.image.resize(image.size, Image.Resampling.LANCZOS)
-        mask = request.mask.resize(image.size, Image.Resampling.BILINEAR)
-        kept.append(Image.composite(image, original, mask))
-    return kept
 
 
 def split_per_request(

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import multiprocessing
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
@@ -28,6 +29,7 @@ from vllm_omni_images.engine.base import (
     LoRASettings,
     ModelDefaults,
     NoObserver,
+    PreviewImages,
     notify,
 )
 from vllm_omni_images.engine.errors import (
@@ -35,6 +37,7 @@ from vllm_omni_images.engine.errors import (
     EngineDiedError,
     EngineError,
     EngineNotReadyError,
+    EngineOutOfMemoryError,
     EngineRequestError,
     GenerationCancelled,
     LoRAAdapterError,
@@ -45,8 +48,17 @@ from vllm_omni_images.engine.lora_files import PeftCopies
 from vllm_omni_images.engine.model_folder import defaults_for_pipeline_class
 from vllm_omni_images.engine.omni_requests import (
     classify_failure,
+    pipeline_takes_masks,
+    reads_strength,
     refuse_unsupported,
-    to_omni_requests,
+    to_omni_request,
+)
+from vllm_omni_images.engine.omni_waves import (
+    ScheduledWave,
+    WaveLog,
+    recording_scheduler,
+    retry_halves,
+    retry_key,
 )
 
 if TYPE_CHECKING:
@@ -57,25 +69,47 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+_CANCELLATIONS = (GenerationCancelled, asyncio.CancelledError)
+
 
 @dataclass(eq=False)
 class _Flight:
-    """One request handed to vllm-omni, as its images' ids there."""
+    """One request handed to vllm-omni, one vllm-omni request per image (per try of it)."""
 
-    request_ids: list[str]
+    request: EngineRequest
+    base_id: str
+    lora: LoRARequest | None
+    caller: asyncio.AbstractEventLoop
+    request_ids: list[str] = field(init=False)
+    """Each image's id in vllm-omni, of its current try."""
     # The caller's loop only:
     inbox: Inbox = field(default_factory=Inbox)
     job: asyncio.Future[list[Image.Image]] | None = None
     started: int = 0
-    """Images that left vllm-omni's queue."""
+    """Images that left vllm-omni's queue (a retry's start is not counted again)."""
     started_at: float | None = None
+    previews: dict[int, dict[int, Image.Image]] = field(default_factory=dict)
+    """Preview index -> its images in so far, by position (streaming output only)."""
     # The engine's loop only:
     aborted: bool = False
-    """Images not yet handed to vllm-omni are not handed any more."""
+    """Images not yet handed to vllm-omni (or to be tried again) are not handed any more."""
+    tasks: list[asyncio.Task[Image.Image]] = field(default_factory=list)
+    running: set[int] = field(default_factory=set)
+    """Images whose current try vllm-omni started and has not finished."""
+    ever_started: set[int] = field(default_factory=set)
+    """Images one of whose tries started: their `ImagesStarted` is sent."""
+
+    def __post_init__(self) -> None:
+        self.request_ids = [f"{self.base_id}-{i}" for i in range(self.num_images)]
 
     @property
     def num_images(self) -> int:
-        return len(self.request_ids)
+        return self.request.num_images
+
+    def to_caller(self, callback: Callable[..., object], *args: Any) -> None:
+        """Call `callback(*args)` on the caller's loop; nothing if that loop is gone."""
+        with contextlib.suppress(RuntimeError):
+            self.caller.call_soon_threadsafe(callback, *args)
 
 
 class OmniEngine(ImageEngine):
@@ -101,8 +135,13 @@ class OmniEngine(ImageEngine):
         self.model_class_name = config.model_class_name
         self.takes_images = supports_multimodal_input(config)[0]
         """Whether the pipeline edits an input image (e.g. Qwen-Image-Edit)."""
-        self._defaults = defaults or defaults_for_pipeline_class(
-            config.model_class_name, config.model
+        self.takes_masks = pipeline_takes_masks(config.model_class_name)
+        self.takes_strength = reads_strength(config)
+        """Whether the pipeline honours an edit's `strength` (Qwen-Image-Edit's does not)."""
+        self._defaults = dataclasses.replace(
+            defaults or defaults_for_pipeline_class(config.model_class_name, config.model),
+            supports_strength=self.takes_strength,
+            supports_partial_images=config.streaming_output,  # pipelines/step_previews.py
         )
         self._observer = observer or NoObserver()
         self._hang_watch = HangWatch(hang_grace_s, self._fail_waiting, observer=self._observer)
@@ -112,7 +151,12 @@ class OmniEngine(ImageEngine):
         self._lora = lora
         self._peft = None if lora is None else PeftCopies(config.model, lora.max_lora_rank)
         self._adapters: dict[int, LoRARequest] = {}
-        self._engine: DiffusionEngine = DiffusionEngine.make_engine(config)
+        self._waves = WaveLog()
+        self._retries: dict[str, asyncio.Future[tuple[str, str] | None]] = {}
+        """Out-of-memory tries waiting for the rest of their wave: their half's batch key."""
+        self._engine: DiffusionEngine = DiffusionEngine.make_engine(
+            config, recording_scheduler(config, self._waves)
+        )
         self._engine.executor.register_failure_callback(self._executor_failed)
         self._loop = LoopThread("omni-engine-loop")
         logger.info(
@@ -160,21 +204,20 @@ class OmniEngine(ImageEngine):
         """Hand each image to vllm-omni at once (its scheduler batches) and stream its
         `ImagesStarted` as vllm-omni reports them, then the images."""
         self._refuse_if_closed()  # its loop is stopped: nothing would answer
-        refuse_unsupported(request, self.model_class_name, self.takes_images)
+        refuse_unsupported(
+            request,
+            self.model_class_name,
+            takes_images=self.takes_images,
+            takes_masks=self.takes_masks,
+            takes_strength=self.takes_strength,
+            defaults=self._defaults,
+        )
         # vllm-omni keys its queue and output streams by id: a suffix of our own keeps two
         # requests apart even when a client sends the same X-Request-Id twice.
         base = f"{request.request_id or 'image'}-{uuid.uuid4().hex[:12]}"
-        flight = _Flight([f"{base}-{i}" for i in range(request.num_images)])
-        omni_requests = to_omni_requests(
-            request, flight.request_ids, self._lora_request(request.lora)
-        )
-        loop = asyncio.get_running_loop()
-
-        def on_started() -> None:  # the engine's loop
-            with contextlib.suppress(RuntimeError):  # the caller's loop is gone
-                loop.call_soon_threadsafe(self._started, flight)
-
-        job = self._loop.submit(self._run(flight, omni_requests, on_started))
+        lora = self._lora_request(request.lora)
+        flight = _Flight(request, base, lora, asyncio.get_running_loop())
+        job = self._loop.submit(self._run(flight))
         flight.job = job
         self._in_flight.add(flight)
         job.add_done_callback(lambda _: self._finished(flight))
@@ -222,6 +265,14 @@ class OmniEngine(ImageEngine):
             notify(self._observer.on_batch_start, flight.num_images)
         flight.started += 1
         flight.inbox.put(ImagesStarted(1, flight.num_images))
+
+    def _preview(self, flight: _Flight, index: int, position: int, image: Image.Image) -> None:
+        """Preview `index` of image `position`; once every image has it, it goes out."""
+        images = flight.previews.setdefault(index, {})
+        images[position] = image
+        if len(images) == flight.num_images:
+            del flight.previews[index]
+            flight.inbox.put(PreviewImages(index, [images[i] for i in range(flight.num_images)]))
 
     def _finished(self, flight: _Flight) -> None:
         """The job ended: its outcome goes to the stream, if it still listens."""
@@ -298,60 +349,148 @@ class OmniEngine(ImageEngine):
     # On the engine's loop:
 
     def _abort_on_loop(self, flight: _Flight) -> None:
-        """Abort the flight's images in vllm-omni, and mark it so that those not handed over
-        yet are not (vllm-omni ignores an abort for an id it has not seen)."""
+        """Abort the flight's images in vllm-omni, and stop those not running there: not handed
+        over yet (vllm-omni ignores an abort for an id it has not seen), between tries, or
+        waiting in vllm-omni's queue (whose abort it reports only when it schedules again)."""
+        if flight.aborted:
+            return
         flight.aborted = True
         self._engine.abort(flight.request_ids)
+        for index, task in enumerate(flight.tasks):
+            if index not in flight.running:
+                task.cancel()
 
     async def _load_lora(self, request: LoRARequest, replace: bool) -> None:
         if replace:
             await self._engine.async_collective_rpc("remove_lora", args=(request.lora_int_id,))
         await self._engine.async_collective_rpc("add_lora", args=(request,))
 
-    async def _run(
-        self,
-        flight: _Flight,
-        omni_requests: list[OmniDiffusionRequest],
-        on_started: Callable[[], None],
-    ) -> list[Image.Image]:
+    async def _run(self, flight: _Flight) -> list[Image.Image]:
         """Every image of one API request; the first failure aborts the others."""
-        tasks = [asyncio.create_task(self._image(flight, r, on_started)) for r in omni_requests]
+        flight.tasks = [
+            asyncio.create_task(self._image(flight, i)) for i in range(flight.num_images)
+        ]
 
         def abort_siblings(task: asyncio.Task[Image.Image]) -> None:
             if task.cancelled() or task.exception() is not None:
                 self._abort_on_loop(flight)
 
-        for task in tasks:
+        for task in flight.tasks:
             task.add_done_callback(abort_siblings)
-        results = await asyncio.gather(*tasks, return_exceptions=True)
+        results = await asyncio.gather(*flight.tasks, return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             # The cause, rather than the cancellations it brought on its siblings.
-            raise next((e for e in errors if not isinstance(e, GenerationCancelled)), errors[0])
-        return [r for r in results if isinstance(r, Image.Image)]
+            raise next(
+                (e for e in errors if not isinstance(e, _CANCELLATIONS)), GenerationCancelled()
+            )
+        return flight.request.keep_unmasked([r for r in results if isinstance(r, Image.Image)])
 
-    async def _image(
-        self, flight: _Flight, request: OmniDiffusionRequest, on_started: Callable[[], None]
-    ) -> Image.Image:
+    async def _image(self, flight: _Flight, index: int) -> Image.Image:
+        """Image `index` of `flight`; out of memory in a wave of several images, tried again
+        in half of that wave's images (docs/architecture.md, "Faults")."""
+        request = flight.request
+        batch_key: tuple[str, str] | None = None
+        failed_in: int | None = None  # the images of the last wave it ran out of memory in
+        while True:
+            if flight.aborted:
+                raise GenerationCancelled()  # aborted on its way here
+            if failed_in is not None:
+                flight.request_ids[index] = f"{flight.base_id}-{index}-after{failed_in}"
+            request_id = flight.request_ids[index]
+            omni_request = to_omni_request(request, index, request_id, flight.lora, batch_key)
+            retry: asyncio.Future[tuple[str, str] | None] | None = None
+            self._waves.watch(request_id)
+            try:
+                # From the check above to vllm-omni's admission there is no await: an abort on
+                # this loop comes either before (caught above) or after (vllm-omni has it).
+                return await self._try(flight, index, omni_request)
+            except EngineOutOfMemoryError as error:
+                out_of_memory = error
+                retry = self._retries[request_id] = asyncio.get_running_loop().create_future()
+            finally:
+                wave = self._ended(flight, index, request_id, retry is not None)
+            try:
+                batch_key = await retry  # once every image of its wave is in
+            finally:
+                self._retries.pop(request_id, None)
+            size = 1 if wave is None else len(wave.request_ids)
+            if batch_key is None:
+                logger.warning(
+                    "One %dx%d image of request %s ran out of device memory even alone; the "
+                    "request fails: %s",
+                    request.width,
+                    request.height,
+                    request.request_id or "(no id)",
+                    out_of_memory,
+                )
+                message = f"one {request.width}x{request.height} image did not fit, even alone"
+                raise EngineOutOfMemoryError(message) from out_of_memory
+            if failed_in is not None and size >= failed_in:
+                # Its half ran with other requests (a pipeline's pre-processing replaced the
+                # batch key): stop, rather than retry in batches that do not shrink.
+                raise EngineOutOfMemoryError(
+                    f"out of memory again in a batch of {size} images, after a split"
+                ) from out_of_memory
+            failed_in = size
+
+    def _ended(
+        self, flight: _Flight, index: int, request_id: str, out_of_memory: bool
+    ) -> ScheduledWave | None:
+        """A try ended: report it to the wave it ran in. The last one in settles the wave, once
+        it too waits for its retry: the retries are handed over in the order they are given."""
+        flight.running.discard(index)
+        wave = self._waves.forget(request_id)
+        if wave is None:
+            if out_of_memory:  # never scheduled by vllm-omni: nothing to halve
+                self._retries[request_id].set_result(None)
+        elif wave.report(request_id, out_of_memory) and wave.out_of_memory:
+            asyncio.get_running_loop().call_soon(self._retry_in_halves, wave, flight)
+        return wave
+
+    def _retry_in_halves(self, wave: ScheduledWave, flight: _Flight) -> None:
+        """Every image of a wave that ran out of memory is in: give its images that ran out
+        of memory their half's batch key (`None`: the wave ran one image), first half first,
+        so that they are handed to vllm-omni again in that order."""
+        halves = retry_halves(wave)
+        if halves:
+            logger.warning(
+                "A vllm-omni batch of %d images ran out of device memory; retrying %s images.",
+                len(wave.request_ids),
+                " + ".join(str(len(half)) for half in halves),
+            )
+            flight.to_caller(notify, self._observer.on_batch_split, len(wave.request_ids))
+        keys = {request_id: retry_key(half) for half in halves for request_id in half}
+        for request_id in list(keys) or wave.out_of_memory:  # first half first
+            retry = self._retries.get(request_id)
+            if retry is not None and not retry.done():
+                retry.set_result(keys.get(request_id))
+
+    async def _try(self, flight: _Flight, index: int, request: OmniDiffusionRequest) -> Image.Image:
+        """One try of one image in vllm-omni: its image, or this project's exception."""
         from vllm_omni.diffusion.data import (
             DiffusionRequestAbortedError,
             is_diffusion_request_started_output,
         )
 
         image: Image.Image | None = None
+        previews = 0
         try:
-            if flight.aborted:
-                raise GenerationCancelled()  # aborted on its way here
-            # From the check above to vllm-omni's admission there is no await: an abort on
-            # this loop comes either before (caught above) or after (vllm-omni has it).
             async for outputs in self._engine.step_streaming(request):
                 output = outputs[0]
                 if is_diffusion_request_started_output(output):
-                    on_started()
+                    flight.running.add(index)
+                    if index not in flight.ever_started:
+                        flight.ever_started.add(index)
+                        flight.to_caller(self._started, flight)
                     continue
                 images = output.images
                 if len(images) != 1 or not isinstance(images[0], Image.Image):
                     raise EngineError(f"vllm-omni returned {images!r} for one image")
+                if not output.finished:  # a chunk of its streaming output: a preview
+                    flight.to_caller(self._preview, flight, previews, index, images[0])
+                    previews += 1
+                    continue
                 image = images[0]
         except DiffusionRequestAbortedError as error:
             raise GenerationCancelled() from error

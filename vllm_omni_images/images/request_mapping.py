@@ -91,11 +91,17 @@ def _edit_request(
     mask: Image.Image | None,
 ) -> EngineRequest:
     """`size` `auto` (or none) is the input's size, rounded down to what the model can
-    produce; a `strength` must leave at least one denoising step."""
+    produce; a `strength` needs a model that honours it, and must leave at least one step."""
     if len(images) != EDIT_INPUT_IMAGES:  # a caller's bug: read_multipart refuses more
         raise ValueError(f"an edit takes {EDIT_INPUT_IMAGES} image, got {len(images)}")
     image = images[0]
     defaults = within_limits(context.defaults, context.limits)
+    if request.strength is not None and not defaults.supports_strength:
+        raise VLLMValidationError(
+            "strength is not supported by this model: its pipeline never reads it (an edit "
+            "there is conditioned on the input image, not started from it); leave strength out.",
+            parameter="strength",
+        )
     if request.size is None or request.size == "auto":
         width, height = input_size(image, defaults)
     else:
@@ -148,8 +154,9 @@ def _engine_request(
     partial_images = request.partial_images or 0
     if partial_images and not defaults.supports_partial_images:
         raise VLLMValidationError(
-            "partial_images is not supported by this model and engine (it cannot decode "
-            "previews of its intermediate steps); stream with partial_images 0.",
+            "partial_images is not served by this model and engine (previews come from "
+            "the diffusers engine for the Qwen-Image family, or from the vllm-omni engine "
+            "started with --diffusion-streaming-output); stream with partial_images 0.",
             parameter="partial_images",
         )
     return EngineRequest(

@@ -5,7 +5,34 @@ server's (`build_omni_config` loads vllm-omni's general plugins) and each worker
 
 from __future__ import annotations
 
+_QWEN_IMAGE = "vllm_omni_images.pipelines.qwen_image"
+_FLUX = "vllm_omni_images.pipelines.flux"
+_Z_IMAGE = "vllm_omni_images.pipelines.z_image"
+
 
 def register_pipelines() -> None:
     """The `vllm_omni.general_plugins` entry `image_task`: register this package's pipelines
-    with vllm-omni (safe to call more than once)."""
+    with vllm-omni, each under the architecture key of the pipeline it extends (safe to call
+    more than once; the modules are imported only when vllm-omni builds one)."""
+    from vllm_omni.diffusion.registry import register_diffusion_model
+
+    register_diffusion_model(
+        "QwenImagePipeline",
+        _QWEN_IMAGE,
+        "ImageTaskQwenImagePipeline",
+        pre_process_func_name="get_image_task_qwen_image_pre_process_func",
+        post_process_func_name="get_qwen_image_post_process_func",
+    )
+    register_diffusion_model(
+        "FluxPipeline",
+        _FLUX,
+        "ImageTaskFluxPipeline",
+        pre_process_func_name="get_image_task_flux_pre_process_func",
+        post_process_func_name="get_flux_post_process_func",
+    )
+    register_diffusion_model(
+        "ZImagePipeline",
+        _Z_IMAGE,
+        "ZImageEditPipeline",
+        post_process_func_name="get_post_process_func",
+    )

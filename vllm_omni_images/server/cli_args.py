@@ -348,6 +348,16 @@ OMNI_FLAGS: tuple[OmniFlag, ...] = (
         },
     ),
     OmniFlag(
+        ("--diffusion-streaming-output",),
+        "diffusion_streaming_output",
+        {
+            "action": "store_true",
+            "help": "[omni engine] Serve partial_images (streamed previews): vllm-omni's "
+            "chunked streaming output, a chunk ending at each preview step. It runs the "
+            "engine in step mode, which costs plain requests too (docs/performance.md).",
+        },
+    ),
+    OmniFlag(
         ("--diffusion-attention-backend",),
         "diffusion_attention_backend",
         {
