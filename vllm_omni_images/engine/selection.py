@@ -105,8 +105,8 @@ def choose_engine(requested: str, model_path: str) -> EngineChoice:
     if requested == "auto" and not has_accelerator():
         return EngineChoice(
             "diffusers",
-            "no GPU here: on the CPU diffusers is as fast and also edits with any pipeline; "
-            "--image-engine omni serves through vllm-omni",
+            "no GPU here: on the CPU vllm-omni starts 1.6x slower and streams previews only "
+            "in step mode (docs/performance.md); --image-engine omni serves through vllm-omni",
         )
     try:
         platform = omni_platform()
