@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,7 +20,9 @@ from vllm_omni_images.images.app_state import ImagesState
 from .helpers import http_client, sdk_client
 
 if TYPE_CHECKING:
+    from tests.support.omni import WorkerProbe
     from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
+    from vllm_omni_images.engine.omni_engine import OmniEngine
     from vllm_omni_images.images.app_state import ImagesState
 
 AppFactory = Callable[..., Awaitable[FastAPI]]
@@ -93,3 +95,19 @@ async def served(
     app = await make_app(tiny_runner)
     async with sdk_client(app) as sdk, http_client(app) as http:
         yield sdk, http
+
+
+@pytest.fixture(scope="module")
+def probe(omni_engine: OmniEngine) -> WorkerProbe:
+    """`WorkerProbe` on the module's own `omni_engine` (each omni module defines one)."""
+    from tests.support.omni import WorkerProbe
+
+    return WorkerProbe(omni_engine)
+
+
+@pytest.fixture
+def worker(probe: WorkerProbe) -> Iterator[WorkerProbe]:
+    """The module's probe, reset before and after the test."""
+    probe.reset()
+    yield probe
+    probe.reset()

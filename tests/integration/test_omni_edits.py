@@ -61,18 +61,6 @@ def omni_engine(request: pytest.FixtureRequest, tiny_model_dir: Path) -> Iterato
     asyncio.run(engine.close())
 
 
-@pytest.fixture(scope="module")
-def probe(omni_engine: OmniEngine) -> WorkerProbe:
-    return WorkerProbe(omni_engine)
-
-
-@pytest.fixture
-def worker(probe: WorkerProbe) -> Iterator[WorkerProbe]:
-    probe.reset()
-    yield probe
-    probe.reset()
-
-
 def client_of(engine: OmniEngine) -> ImageEngineClient:
     return ImageEngineClient(engine, "tiny-qwen-image", FLAG_DEFAULTS.admission_config())
 
@@ -86,13 +74,14 @@ async def diffusers_images(runner: DiffusersRunner, request: EngineRequest) -> l
     return images
 
 
-def test_the_package_pipeline_serves_qwen_image(omni_engine: OmniEngine) -> None:
+def test_the_package_pipeline_serves_qwen_image(
+    omni_engine: OmniEngine, worker: WorkerProbe
+) -> None:
     """Registered through vllm-omni's general-plugin entry point, in place of its own."""
     registered = DiffusionModelRegistry.models["QwenImagePipeline"].load_model_cls()
     assert registered.__name__ == "ImageTaskQwenImagePipeline"
     assert omni_engine.takes_images and omni_engine.takes_masks
-    pipeline = WorkerProbe(omni_engine).pipeline
-    assert type(pipeline) is registered
+    assert type(worker.pipeline) is registered
 
 
 async def test_an_edit_gives_the_diffusers_engines_image(

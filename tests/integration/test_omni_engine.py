@@ -61,18 +61,6 @@ def omni_engine(tiny_model_dir: Path) -> Iterator[OmniEngine]:
     asyncio.run(engine.close())
 
 
-@pytest.fixture(scope="module")
-def probe(omni_engine: OmniEngine) -> WorkerProbe:
-    return WorkerProbe(omni_engine)
-
-
-@pytest.fixture
-def worker(probe: WorkerProbe) -> Iterator[WorkerProbe]:
-    probe.reset()
-    yield probe
-    probe.reset()
-
-
 @pytest.fixture
 def client(omni_engine: OmniEngine) -> ImageEngineClient:
     """Admission in front of the shared engine (never closed: that would close the engine)."""

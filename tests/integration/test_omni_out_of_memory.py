@@ -53,11 +53,6 @@ def omni_engine(tiny_model_dir: Path, observer: RecordingObserver) -> Iterator[O
     asyncio.run(engine.close())
 
 
-@pytest.fixture(scope="module")
-def probe(omni_engine: OmniEngine) -> WorkerProbe:
-    return WorkerProbe(omni_engine)
-
-
 @pytest.fixture
 def worker(probe: WorkerProbe, observer: RecordingObserver) -> Iterator[WorkerProbe]:
     probe.reset()

@@ -35,18 +35,6 @@ def omni_engine(tiny_model_dir: Path) -> Iterator[OmniEngine]:
     asyncio.run(engine.close())
 
 
-@pytest.fixture(scope="module")
-def probe(omni_engine: OmniEngine) -> WorkerProbe:
-    return WorkerProbe(omni_engine)
-
-
-@pytest.fixture
-def worker(probe: WorkerProbe) -> Iterator[WorkerProbe]:
-    probe.reset()
-    yield probe
-    probe.reset()
-
-
 async def outputs_of(
     engine: OmniEngine, *seeds: int, partial_images: int = 0
 ) -> list[EngineOutput]:

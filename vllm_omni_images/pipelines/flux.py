@@ -29,15 +29,12 @@ class ImageTaskFluxPipeline(ImageToImageMixin, FluxPipeline):
     """`FluxPipeline`, plus an input image and mask in the prompt's `multi_modal_data`
     (`image`, `mask_image`) with `sampling_params.strength`."""
 
+    default_steps = 28
+
     def __init__(self, *, od_config: Any, prefix: str = "") -> None:
         super().__init__(od_config=od_config, prefix=prefix)
         self.latent_channels = self.vae.config.latent_channels
         self.init_image_processors(self.vae_scale_factor * 2, self.latent_channels)
-
-    def start_size(self, sampling: Any) -> tuple[int, int, int]:
-        default = self.default_sample_size * self.vae_scale_factor
-        steps = sampling.num_inference_steps or 28
-        return sampling.height or default, sampling.width or default, steps
 
     def dtype_of_latents(self) -> torch.dtype:
         return self.text_encoder.dtype

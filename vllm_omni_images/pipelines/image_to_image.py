@@ -44,7 +44,10 @@ class ImageToImageMixin:
     scheduler: Any
     transformer: Any
     vae_scale_factor: int
+    default_sample_size: int
     interrupt: bool
+    default_steps: ClassVar[int]
+    """The steps the pipeline's own `forward` runs when a request gives none."""
     _request_mode_start: ImageStart | None = None
     _request_mode_step: int = 0
 
@@ -65,7 +68,9 @@ class ImageToImageMixin:
 
     def start_size(self, sampling: Any) -> tuple[int, int, int]:
         """The request's height, width and steps, with the pipeline's defaults."""
-        raise NotImplementedError
+        default = self.default_sample_size * self.vae_scale_factor
+        steps = sampling.num_inference_steps or self.default_steps
+        return sampling.height or default, sampling.width or default, steps
 
     def encode_image(self, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """The VAE latents of `pixels` (sampled from `generator`, normalised), noise-shaped."""
