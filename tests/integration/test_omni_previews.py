@@ -90,6 +90,29 @@ async def test_a_stream_gets_the_diffusers_engines_previews_then_its_unstreamed_
     assert difference(image, theirs) <= SAME_IMAGE
 
 
+async def test_a_streamed_edit_gets_the_diffusers_engines_previews_of_its_steps(
+    omni_engine: OmniEngine, tiny_runner: DiffusersRunner
+) -> None:
+    """An inpainting edit runs the last steps x strength of the schedule (this package's
+    pipeline in step mode): its previews come after the same of those steps as the diffusers
+    engine's, and it ends with its unstreamed image."""
+    source = Image.linear_gradient("L").resize((64, 64)).convert("RGB")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    edit = {"image": source, "mask": mask, "strength": 0.8, "num_inference_steps": 5}
+    outputs = [o async for o in omni_engine.generate(req(6, partial_images=2, **edit))]
+    assert [type(o) for o in outputs] == [ImagesStarted, PreviewImages, PreviewImages, FinalImages]
+    [plain] = final_in([o async for o in omni_engine.generate(req(6, **edit))])
+    assert difference(final_in(outputs)[0], plain) <= SAME_IMAGE
+    expected: list[Image.Image] = []
+    [[theirs]] = tiny_runner.run(
+        [req(6, partial_images=2, **edit)],
+        on_preview=lambda _position, _index, images: expected.extend(images),
+    )
+    assert most_different([image for [image] in previews_in(outputs)], expected) <= SAME_IMAGE
+    assert difference(plain, theirs) <= SAME_IMAGE
+
+
 async def test_batched_streams_each_get_their_own_previews(
     omni_engine: OmniEngine, worker: WorkerProbe
 ) -> None:
