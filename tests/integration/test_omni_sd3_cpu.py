@@ -21,6 +21,7 @@ from tests.support.engines import images_of, req
 from tests.support.omni import SAME_IMAGE, WorkerProbe, build_engine, difference
 from vllm_omni_images.engine.base import EngineRequest, ModelDefaults
 from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
+from vllm_omni_images.engine.model_folder import defaults_for_pipeline_class
 from vllm_omni_images.engine.omni_engine import OmniEngine
 
 SD3_GUIDANCE = 7.0
@@ -95,10 +96,23 @@ def test_the_package_pipeline_serves_the_sd3_folder(
         width=TINY_SD3_DEFAULTS["width"],
         height=TINY_SD3_DEFAULTS["height"],
         num_inference_steps=TINY_SD3_DEFAULTS["num_inference_steps"],
-        size_multiple=8,
+        size_multiple=16,
         guidance_scale=SD3_GUIDANCE,
     )
     assert sd3_engine.defaults == sd3_runner.defaults == expected
+
+
+def test_sd3_defaults_are_sd3s_own(tmp_path: Path) -> None:
+    """Without the tiny folder's size and steps: diffusers' `StableDiffusion3Pipeline`'s (128
+    latent pixels x 8, 28 steps, guidance 7.0); sizes in multiples of 16, as SD3 checks (its
+    image processor's scale is the VAE's 8, its transformer patches 2x2)."""
+    assert defaults_for_pipeline_class("StableDiffusion3Pipeline", str(tmp_path)) == ModelDefaults(
+        width=1024,
+        height=1024,
+        num_inference_steps=28,
+        size_multiple=16,
+        guidance_scale=SD3_GUIDANCE,
+    )
 
 
 @pytest.mark.parametrize(
