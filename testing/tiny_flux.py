@@ -63,15 +63,14 @@ def build_tiny_flux(path: Path) -> None:
 def build_flux_pipeline() -> Any:
     import torch
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         FluxPipeline,
         FluxTransformer2DModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel
 
-    tokenizer = _clip_tokenizer()
-    tokenizer_2 = _t5_tokenizer()
+    tokenizer = clip_tokenizer()
+    tokenizer_2 = t5_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_SEED)
         transformer: Any = FluxTransformer2DModel(
@@ -86,59 +85,10 @@ def build_flux_pipeline() -> Any:
             guidance_embeds=True,  # FLUX.1-dev's distilled guidance
             axes_dims_rope=(2, 2, 4),  # sums to attention_head_dim, as (16, 56, 56) to 128
         )
-        with torch.no_grad():
-            for module in transformer.modules():
-                if isinstance(module, torch.nn.Linear):
-                    module.weight.mul_(_WEIGHT_GAIN)
-        torch.manual_seed(_SEED)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 16, 16, 16),
-            layers_per_block=1,
-            norm_num_groups=4,
-            latent_channels=16,
-            sample_size=1024,
-            scaling_factor=0.3611,
-            shift_factor=0.1159,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
-        torch.manual_seed(_SEED)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=_TEXT_WIDTH,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=_CLIP_MAX_LENGTH,
-                projection_dim=_TEXT_WIDTH,
-                hidden_act="quick_gelu",
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,  # pooled at the first end-of-text token
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        ).eval()
-        torch.manual_seed(_SEED)
-        text_encoder_2 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(tokenizer_2),
-                d_model=_TEXT_WIDTH,
-                d_kv=8,
-                d_ff=64,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=32,
-                relative_attention_max_distance=128,
-                feed_forward_proj="gated-gelu",  # T5 v1.1's: gelu_new, gated
-                dropout_rate=0.0,
-                pad_token_id=tokenizer_2.pad_token_id,
-                eos_token_id=tokenizer_2.eos_token_id,
-            )
-        ).eval()
+        amplify_linear_weights(transformer)
+        vae = tiny_vae(scaling_factor=0.3611, shift_factor=0.1159)
+        text_encoder = clip_text_encoder(CLIPTextModel, tokenizer)
+        text_encoder_2 = t5_text_encoder(tokenizer_2)
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**_SCHEDULER_CONFIG),
         vae=vae,
@@ -150,7 +100,91 @@ def build_flux_pipeline() -> Any:
     )
 
 
-def _clip_tokenizer() -> Any:
+def amplify_linear_weights(model: Any) -> None:
+    """Multiply `model`'s linear weights by `_WEIGHT_GAIN` (after PyTorch's default init)."""
+    import torch
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.mul_(_WEIGHT_GAIN)
+
+
+def tiny_vae(*, scaling_factor: float, shift_factor: float) -> Any:
+    """FLUX's and SD3's `AutoencoderKL` layout (four blocks: scale factor 8, 16 latent channels,
+    no quant convs) at a few channels, with the model's latent scaling and shift; seeded."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(_SEED)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=16,
+        sample_size=1024,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def clip_text_encoder(
+    model_class: Any, tokenizer: Any, width: int = _TEXT_WIDTH, seed: int = _SEED
+) -> Any:
+    """A two-layer CLIP text model of `model_class` (`CLIPTextModel`, or
+    `CLIPTextModelWithProjection`) for `clip_tokenizer()`'s vocabulary, `width` wide (its
+    projection too), pooled at the first end-of-text token; seeded with `seed`."""
+    import torch
+    from transformers import CLIPTextConfig
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=_CLIP_MAX_LENGTH,
+        projection_dim=width,
+        hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,  # pooled at the first end-of-text token
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return model_class(config).eval()
+
+
+def t5_text_encoder(tokenizer: Any, width: int = _TEXT_WIDTH) -> Any:
+    """A two-layer T5 v1.1 encoder (gated gelu_new) for `t5_tokenizer()`'s vocabulary, with
+    `width` as its d_model; seeded."""
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(_SEED)
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=width,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu",  # T5 v1.1's: gelu_new, gated
+        dropout_rate=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return T5EncoderModel(config).eval()
+
+
+def clip_tokenizer() -> Any:
     """CLIP's byte-level BPE with no merges: every byte is a token, within a word and (with
     `</w>`) at its end; the two special tokens last, as in CLIP's vocabulary."""
     from tokenizers import pre_tokenizers
@@ -162,7 +196,7 @@ def _clip_tokenizer() -> Any:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=_CLIP_MAX_LENGTH)
 
 
-def _t5_tokenizer() -> Any:
+def t5_tokenizer() -> Any:
     """T5's Unigram with `<pad>`, `</s>`, `<unk>`, the word marker and one piece per printable
     ASCII character (no sentinel tokens)."""
     from transformers import T5Tokenizer  # the fast one: FLUX's T5TokenizerFast is its alias

@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +33,6 @@ def pipeline_class_name(model_path: str) -> str | None:
 def read_defaults(pipe: Any, model_path: str) -> ModelDefaults:
     """The model's size, steps and size rule from a diffusers pipeline (loaded, or an empty
     shell of its class), overridden by the model folder's `vllm_omni_images.json`."""
-    size_multiple = _FALLBACK_SIZE_MULTIPLE
-    processor = getattr(pipe, "image_processor", None)
-    if processor is not None and getattr(processor.config, "vae_scale_factor", None):
-        size_multiple = int(processor.config.vae_scale_factor)
     size = _FALLBACK_SIZE
     sample_size = getattr(pipe, "default_sample_size", None)
     vae_scale_factor = getattr(pipe, "vae_scale_factor", None)
@@ -46,7 +43,7 @@ def read_defaults(pipe: Any, model_path: str) -> ModelDefaults:
         "width": size,
         "height": size,
         "num_inference_steps": steps if isinstance(steps, int) else _FALLBACK_STEPS,
-        "size_multiple": size_multiple,
+        "size_multiple": _size_multiple(pipe),
     }
     guidance = _call_default(pipe, "guidance_scale")
     if isinstance(guidance, (int, float)) and not isinstance(guidance, bool):
@@ -59,6 +56,20 @@ def read_defaults(pipe: Any, model_path: str) -> ModelDefaults:
     if override.is_file():
         values.update(json.loads(override.read_text()))
     return ModelDefaults(**values)
+
+
+def _size_multiple(pipe: Any) -> int:
+    """What width and height must be multiples of: the image processor's scale, and where the
+    transformer patches unpacked latents itself (SD3's `patch_size`: 8 x 2) that too."""
+    multiple = _FALLBACK_SIZE_MULTIPLE
+    processor = getattr(pipe, "image_processor", None)
+    if processor is not None and getattr(processor.config, "vae_scale_factor", None):
+        multiple = int(processor.config.vae_scale_factor)
+    patch_size = getattr(pipe, "patch_size", None)
+    vae_scale_factor = getattr(pipe, "vae_scale_factor", None)
+    if isinstance(patch_size, int) and isinstance(vae_scale_factor, int):
+        multiple = math.lcm(multiple, vae_scale_factor * patch_size)
+    return multiple
 
 
 def _call_default(pipe: Any, name: str) -> Any:

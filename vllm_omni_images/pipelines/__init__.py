@@ -8,6 +8,7 @@ from __future__ import annotations
 _QWEN_IMAGE = "vllm_omni_images.pipelines.qwen_image"
 _FLUX = "vllm_omni_images.pipelines.flux"
 _Z_IMAGE = "vllm_omni_images.pipelines.z_image"
+_SD3 = "vllm_omni_images.pipelines.sd3"
 
 
 def register_pipelines() -> None:
@@ -29,6 +30,13 @@ def register_pipelines() -> None:
         "ImageTaskFluxPipeline",
         pre_process_func_name="get_image_task_flux_pre_process_func",
         post_process_func_name="get_flux_post_process_func",
+    )
+    register_diffusion_model(
+        "StableDiffusion3Pipeline",
+        _SD3,
+        "ImageTaskSD3Pipeline",
+        pre_process_func_name="get_image_task_sd3_pre_process_func",
+        post_process_func_name="get_sd3_image_post_process_func",
     )
     register_diffusion_model(
         "ZImagePipeline",

@@ -58,12 +58,20 @@ def batch_key_pre_process(family: str) -> Callable[[Any], Any]:
 
 
 def strength_schedule(
-    scheduler: Any, steps: int, strength: float, **set_timesteps: Any
+    scheduler: Any,
+    steps: int,
+    strength: float,
+    base_sigmas: np.ndarray | None = None,
+    **set_timesteps: Any,
 ) -> tuple[list[float], torch.Tensor]:
     """The `sigmas` to pass for the last `steps x strength` of a `steps`-step schedule (before
     the scheduler's shift), and the shifted sigmas they run through, ending with the terminal 0.
-    `set_timesteps` are the scheduler's own (e.g. `mu`); `scheduler` is not changed."""
-    full = np.linspace(1.0, 1 / steps, steps)
+    `base_sigmas`: the whole schedule's, `np.linspace(1, 1/steps, steps)` (vllm-omni's Qwen-Image
+    and FLUX.1) unless given. `set_timesteps` are the scheduler's own (e.g. `mu`); `scheduler`
+    is not changed."""
+    full = np.linspace(1.0, 1 / steps, steps) if base_sigmas is None else np.asarray(base_sigmas)
+    if len(full) != steps:
+        raise ValueError(f"{len(full)} base sigmas for {steps} steps")
     # diffusers' get_timesteps, exactly: the steps that run are the last init_timestep ones.
     init_timestep = min(steps * strength, steps)
     t_start = int(max(steps - init_timestep, 0))
@@ -76,6 +84,15 @@ def strength_schedule(
         # Karras-like schedules depend on the whole list: a truncated one would differ.
         raise ValueError(f"{type(scheduler).__name__}'s schedule cannot be truncated")
     return full[t_start:].tolist(), tail.sigmas
+
+
+def scheduler_default_sigmas(scheduler: Any, steps: int) -> np.ndarray:
+    """The unshifted sigmas a flow-matching scheduler builds for `steps` steps when given none
+    (diffusers' `FlowMatchEulerDiscreteScheduler.set_timesteps`: evenly from its training
+    schedule's `sigma_max` down to its `sigma_min`), as SD3's pipelines run."""
+    train_steps = scheduler.config.num_train_timesteps
+    start, end = scheduler.sigma_max * train_steps, scheduler.sigma_min * train_steps
+    return np.linspace(start, end, steps) / train_steps
 
 
 def noised(image_latents: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

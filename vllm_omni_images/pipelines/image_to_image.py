@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
@@ -99,6 +100,11 @@ class ImageToImageMixin:
         """The scheduler's `set_timesteps` arguments besides `sigmas` (e.g. `mu`)."""
         raise NotImplementedError
 
+    def base_sigmas(self, steps: int) -> np.ndarray | None:
+        """The unshifted sigmas of the whole `steps`-step schedule that the pipeline's own
+        `forward` runs without `sigmas`; `None`: `np.linspace(1, 1/steps, steps)`."""
+        return None
+
     # Request mode: the whole batch in one call.
 
     def forward(self, req: DiffusionRequestBatch) -> Any:
@@ -180,7 +186,11 @@ class ImageToImageMixin:
         noise_shape = self.noise_shape(height, width)
         noise = randn_tensor(noise_shape, generator=generator, device=self.device, dtype=dtype)
         sigmas, shifted = strength_schedule(
-            self.scheduler, steps, strength, **self.schedule_kwargs(height, width)
+            self.scheduler,
+            steps,
+            strength,
+            self.base_sigmas(steps),
+            **self.schedule_kwargs(height, width),
         )
         latents = noised(image_latents, noise, shifted[:1].to(self.device, dtype))
         start = ImageStart(

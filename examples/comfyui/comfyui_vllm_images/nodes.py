@@ -31,7 +31,7 @@ from .model_list import SERVER_DEFAULT_MODEL, ModelList, accepts_model
 
 CATEGORY = "image/vLLM"
 SIZE_STEP = 16
-"""Width and height step: Qwen-Image and FLUX need multiples of 16 (SD3 8)."""
+"""Width and height step: Qwen-Image, FLUX and SD3 need multiples of 16."""
 MAX_SIDE = 4096
 """The server takes at most 2048x2048 pixels in all (so one side may reach 4096) and input
 images up to 4096x4096; it answers a size it cannot make with a message saying why."""
