@@ -1,7 +1,7 @@
 """Edits, inpainting and variations on vllm-omni's engine: this package's Qwen-Image pipeline
 (`pipelines/qwen_image.py`), registered in vllm-omni through its plugin entry point, run by
-vllm-omni's real worker on the CPU, in request mode and in step mode, against the diffusers
-engine's img2img and inpaint pipelines for the same seed, strength and mask."""
+vllm-omni's real worker on the CPU in request mode (step mode: test_omni_previews.py), against
+the diffusers engine's img2img and inpaint pipelines for the same seed, strength and mask."""
 
 from __future__ import annotations
 
@@ -52,11 +52,11 @@ def left_half() -> Image.Image:
     return mask
 
 
-@pytest.fixture(scope="module", params=["request", "step"])
-def omni_engine(request: pytest.FixtureRequest, tiny_model_dir: Path) -> Iterator[OmniEngine]:
-    """The pipeline in vllm-omni's request mode (a batch per call), then in its step mode (one
-    denoising step per scheduling wave); one at a time, as vllm-omni's in-process worker wants."""
-    engine = build_engine(tiny_model_dir, max_batch_size=4, step_execution=request.param == "step")
+@pytest.fixture(scope="module")
+def omni_engine(tiny_model_dir: Path) -> Iterator[OmniEngine]:
+    """vllm-omni's request mode (a batch per call); its step mode runs these edits in
+    test_omni_previews.py, whose engine streams (streaming output runs step mode)."""
+    engine = build_engine(tiny_model_dir, max_batch_size=4)
     yield engine
     asyncio.run(engine.close())
 
@@ -143,8 +143,7 @@ async def test_generations_edits_and_inpaints_sent_together_run_apart(
     mixed = [await first, *await rest]
     for batch in worker.batches:
         assert len({r.batch_compatibility_key for r in batch}) == 1
-    if not omni_engine.diffusion_engine.od_config.step_execution:
-        assert batch_sizes(worker) == [1, 2, 1, 1, 1]
+    assert batch_sizes(worker) == [1, 2, 1, 1, 1]
     for request, [image] in zip(requests, mixed, strict=True):
         [alone] = await omni_images(omni_engine, request)
         assert difference(image, alone) <= SAME_IMAGE

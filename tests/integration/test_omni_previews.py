@@ -9,6 +9,7 @@ import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -90,16 +91,20 @@ async def test_a_stream_gets_the_diffusers_engines_previews_then_its_unstreamed_
     assert difference(image, theirs) <= SAME_IMAGE
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["image-to-image", "inpainting"])
 async def test_a_streamed_edit_gets_the_diffusers_engines_previews_of_its_steps(
-    omni_engine: OmniEngine, tiny_runner: DiffusersRunner
+    omni_engine: OmniEngine, tiny_runner: DiffusersRunner, masked: bool
 ) -> None:
-    """An inpainting edit runs the last steps x strength of the schedule (this package's
-    pipeline in step mode): its previews come after the same of those steps as the diffusers
-    engine's, and it ends with its unstreamed image."""
+    """An edit runs the last steps x strength of the schedule (this package's pipeline in
+    vllm-omni's step mode, which streaming output runs): its previews come after the same of
+    those steps as the diffusers engine's, and it ends with its unstreamed image, the diffusers
+    engine's (with a mask, the kept half as sent)."""
     source = Image.linear_gradient("L").resize((64, 64)).convert("RGB")
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (0, 0, 32, 64))
-    edit = {"image": source, "mask": mask, "strength": 0.8, "num_inference_steps": 5}
+    edit = {"image": source, "strength": 0.8, "num_inference_steps": 5}
+    if masked:
+        edit["mask"] = mask
     outputs = [o async for o in omni_engine.generate(req(6, partial_images=2, **edit))]
     assert [type(o) for o in outputs] == [ImagesStarted, PreviewImages, PreviewImages, FinalImages]
     [plain] = final_in([o async for o in omni_engine.generate(req(6, **edit))])
@@ -111,6 +116,9 @@ async def test_a_streamed_edit_gets_the_diffusers_engines_previews_of_its_steps(
     )
     assert most_different([image for [image] in previews_in(outputs)], expected) <= SAME_IMAGE
     assert difference(plain, theirs) <= SAME_IMAGE
+    if masked:
+        kept = np.asarray(plain, dtype=int)[:, 32:] - np.asarray(source, dtype=int)[:, 32:]
+        assert np.abs(kept).max() == 0
 
 
 async def test_batched_streams_each_get_their_own_previews(
