@@ -17,6 +17,7 @@ from vllm_omni.diffusion.registry import DiffusionModelRegistry
 
 from tests.support.batching import FLAG_DEFAULTS
 from tests.support.engines import images_of, req
+from tests.support.images import gradient_source, left_half_engine_mask
 from tests.support.omni import (
     SAME_IMAGE,
     WorkerProbe,
@@ -35,21 +36,6 @@ from .conftest import AppFactory
 from .helpers import FAST, pixels, sdk_client
 
 EDIT = {"num_inference_steps": 4, "strength": 0.7}
-
-
-def source(seed: int = 0) -> Image.Image:
-    """A 64x64 input with structure (a gradient under noise), so that edits show."""
-    rng = np.random.default_rng(seed)
-    ramp = np.linspace(0, 255, 64)[None, :, None] * np.ones((64, 1, 3))
-    noise = rng.integers(0, 60, (64, 64, 3))
-    return Image.fromarray(np.clip(ramp + noise, 0, 255).astype(np.uint8))
-
-
-def left_half() -> Image.Image:
-    """The engines' mask: white (change) on the left half, black (keep) on the right."""
-    mask = Image.new("L", (64, 64), 0)
-    mask.paste(255, (0, 0, 32, 64))
-    return mask
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +74,7 @@ async def test_an_edit_gives_the_diffusers_engines_image(
     omni_engine: OmniEngine, tiny_runner: DiffusersRunner
 ) -> None:
     engine = omni_engine
-    request = req(5, image=source(), **EDIT)
+    request = req(5, image=gradient_source(), **EDIT)
     [omni] = await omni_images(engine, request)
     [diffusers] = await diffusers_images(tiny_runner, request)
     assert difference(omni, diffusers) <= SAME_IMAGE
@@ -102,11 +88,11 @@ async def test_inpainting_gives_the_diffusers_engines_image_and_keeps_the_rest(
     omni_engine: OmniEngine, tiny_runner: DiffusersRunner
 ) -> None:
     engine = omni_engine
-    request = req(6, image=source(), mask=left_half(), **EDIT)
+    request = req(6, image=gradient_source(), mask=left_half_engine_mask(), **EDIT)
     [omni] = await omni_images(engine, request)
     [diffusers] = await diffusers_images(tiny_runner, request)
     assert difference(omni, diffusers) <= SAME_IMAGE
-    edited, original = np.asarray(omni, dtype=int), np.asarray(source(), dtype=int)
+    edited, original = np.asarray(omni, dtype=int), np.asarray(gradient_source(), dtype=int)
     assert np.abs(edited[:, 32:] - original[:, 32:]).max() == 0  # kept as sent
     assert np.abs(edited[:, :31] - original[:, :31]).mean() > 10  # changed
 
@@ -114,7 +100,7 @@ async def test_inpainting_gives_the_diffusers_engines_image_and_keeps_the_rest(
 async def test_the_default_strength_is_the_diffusers_engines(
     omni_engine: OmniEngine, tiny_runner: DiffusersRunner
 ) -> None:
-    request = req(8, image=source(), num_inference_steps=5)  # strength unset: 0.6 on both
+    request = req(8, image=gradient_source(), num_inference_steps=5)  # strength unset: 0.6 on both
     [omni] = await omni_images(omni_engine, request)
     [diffusers] = await diffusers_images(tiny_runner, request)
     assert difference(omni, diffusers) <= SAME_IMAGE
@@ -128,11 +114,11 @@ async def test_generations_edits_and_inpaints_sent_together_run_apart(
     gets alone."""
     requests = [
         req(1, num_inference_steps=4),  # runs first, alone, while the rest queue
-        req(2, image=source(), **EDIT),
-        req(7, image=source(1), **EDIT),  # batches with the edit before it
-        req(3, image=source(), mask=left_half(), **EDIT),
+        req(2, image=gradient_source(), **EDIT),
+        req(7, image=gradient_source(1), **EDIT),  # batches with the edit before it
+        req(3, image=gradient_source(), mask=left_half_engine_mask(), **EDIT),
         req(5, num_inference_steps=4),
-        req(4, image=source(), num_inference_steps=4, strength=0.9),
+        req(4, image=gradient_source(), num_inference_steps=4, strength=0.9),
     ]
     worker.hold.clear()
     first = asyncio.create_task(omni_images(omni_engine, requests[0]))
@@ -153,7 +139,7 @@ async def test_edits_inpaints_and_variations_through_the_api_match_the_diffusers
     make_app: AppFactory, omni_engine: OmniEngine, tiny_runner: DiffusersRunner
 ) -> None:
     buffer = io.BytesIO()
-    source().save(buffer, format="PNG")
+    gradient_source().save(buffer, format="PNG")
     png = buffer.getvalue()
     mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
     mask.paste((0, 0, 0, 0), (0, 0, 32, 64))  # OpenAI's convention: transparent is edited

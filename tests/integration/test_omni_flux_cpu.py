@@ -20,6 +20,7 @@ from PIL import Image
 
 from testing.tiny_flux import TINY_FLUX_DEFAULTS, ensure_tiny_flux
 from tests.support.engines import images_of, req
+from tests.support.images import gradient_source, left_half_engine_mask
 from tests.support.omni import SAME_IMAGE, build_engine, difference
 from vllm_omni_images.engine.base import EngineRequest, ModelDefaults
 from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
@@ -176,17 +177,6 @@ async def test_a_worker_process_sets_the_ops_up_too(
     assert difference(omni, diffusers) <= SAME_IMAGE
 
 
-def structured_source() -> Image.Image:
-    """A 64x64 gradient: an input with structure, so that an edit shows."""
-    return Image.linear_gradient("L").resize((64, 64)).convert("RGB")
-
-
-def left_half_mask() -> Image.Image:
-    mask = Image.new("L", (64, 64), 0)
-    mask.paste(255, (0, 0, 32, 64))
-    return mask
-
-
 @pytest.mark.parametrize("masked", [False, True], ids=["image-to-image", "inpainting"])
 async def test_edits_give_the_diffusers_engines_image(
     flux_engine: OmniEngine, flux_runner: DiffusersRunner, masked: bool
@@ -194,8 +184,8 @@ async def test_edits_give_the_diffusers_engines_image(
     """This package's FLUX pipeline (`pipelines/flux.py`), registered in vllm-omni, against
     diffusers' `FluxImg2ImgPipeline` / `FluxInpaintPipeline`, same seed and strength."""
     assert flux_engine.takes_images and flux_engine.takes_masks
-    mask = left_half_mask() if masked else None
-    request = flux_req(4, image=structured_source(), mask=mask, strength=0.7, num_inference_steps=4)
+    mask = left_half_engine_mask() if masked else None
+    request = flux_req(4, image=gradient_source(), mask=mask, strength=0.7, num_inference_steps=4)
     [omni] = await omni_images(flux_engine, request)
     [[diffusers]] = await asyncio.to_thread(flux_runner.run, [request])
     assert difference(omni, diffusers) <= SAME_IMAGE
@@ -207,7 +197,7 @@ async def test_an_edit_batch_gives_each_request_its_own_image(
     flux_engine: OmniEngine, flux_runner: DiffusersRunner
 ) -> None:
     requests = [
-        flux_req(seed, image=structured_source(), strength=0.8, num_inference_steps=4)
+        flux_req(seed, image=gradient_source(), strength=0.8, num_inference_steps=4)
         for seed in (5, 6)
     ]
     together = await asyncio.gather(*(omni_images(flux_engine, r) for r in requests))

@@ -18,6 +18,7 @@ from vllm_omni.diffusion.registry import DiffusionModelRegistry
 
 from testing.tiny_sd3 import TINY_SD3_DEFAULTS, ensure_tiny_sd3
 from tests.support.engines import images_of, req
+from tests.support.images import gradient_source, left_half_engine_mask
 from tests.support.omni import SAME_IMAGE, WorkerProbe, build_engine, difference
 from vllm_omni_images.engine.base import EngineRequest, ModelDefaults
 from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
@@ -60,21 +61,6 @@ async def omni_images(engine: OmniEngine, request: EngineRequest) -> list[Image.
 async def diffusers_images(runner: DiffusersRunner, request: EngineRequest) -> list[Image.Image]:
     [images] = await asyncio.to_thread(runner.run, [request])
     return images
-
-
-def source() -> Image.Image:
-    """A 64x64 input with structure (a gradient under noise), so that an edit shows."""
-    rng = np.random.default_rng(0)
-    ramp = np.linspace(0, 255, 64)[None, :, None] * np.ones((64, 1, 3))
-    noise = rng.integers(0, 60, (64, 64, 3))
-    return Image.fromarray(np.clip(ramp + noise, 0, 255).astype(np.uint8))
-
-
-def left_half() -> Image.Image:
-    """The engines' mask: white (change) on the left half, black (keep) on the right."""
-    mask = Image.new("L", (64, 64), 0)
-    mask.paste(255, (0, 0, 32, 64))
-    return mask
 
 
 def test_the_package_pipeline_serves_the_sd3_folder(
@@ -145,15 +131,15 @@ async def test_edits_give_the_diffusers_engines_image(
     """diffusers' `StableDiffusion3Img2ImgPipeline` / `StableDiffusion3InpaintPipeline`, same
     seed and strength: the scheduler's own schedule, truncated; the VAE sample, then the noise;
     the kept region put back after each step (at strength 1, from pure noise)."""
-    mask = left_half() if masked else None
-    request = sd3_req(4, image=source(), mask=mask, strength=strength)
+    mask = left_half_engine_mask() if masked else None
+    request = sd3_req(4, image=gradient_source(), mask=mask, strength=strength)
     [omni] = await omni_images(sd3_engine, request)
     [diffusers] = await diffusers_images(sd3_runner, request)
     assert difference(omni, diffusers) <= SAME_IMAGE
     [generated] = await omni_images(sd3_engine, sd3_req(4))
     assert difference(omni, generated) > 10 * SAME_IMAGE  # an edit, not a generation
     if masked:
-        edited, original = np.asarray(omni, dtype=int), np.asarray(source(), dtype=int)
+        edited, original = np.asarray(omni, dtype=int), np.asarray(gradient_source(), dtype=int)
         assert np.abs(edited[:, 32:] - original[:, 32:]).max() == 0  # kept as sent
 
 
@@ -161,7 +147,7 @@ async def test_an_edit_batch_gives_each_request_its_own_image(
     sd3_engine: OmniEngine, sd3_runner: DiffusersRunner
 ) -> None:
     """vllm-omni batches the two edits (one key: same task and strength)."""
-    requests = [sd3_req(seed, image=source(), strength=0.8) for seed in (5, 6)]
+    requests = [sd3_req(seed, image=gradient_source(), strength=0.8) for seed in (5, 6)]
     together = await asyncio.gather(*(omni_images(sd3_engine, r) for r in requests))
     for request, [image] in zip(requests, together, strict=True):
         [alone] = await diffusers_images(sd3_runner, request)

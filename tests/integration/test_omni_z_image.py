@@ -21,7 +21,7 @@ from PIL import Image
 from testing.tiny_z_image import build_tiny_z_image
 from tests.support.batching import FLAG_DEFAULTS
 from tests.support.engines import images_of, req
-from tests.support.images import png
+from tests.support.images import gradient_source, png
 from tests.support.omni import SAME_IMAGE, WorkerProbe, build_engine, difference
 from vllm_omni_images.engine.client import ImageEngineClient
 from vllm_omni_images.engine.omni_engine import OmniEngine
@@ -55,13 +55,6 @@ def probe(z_engine: OmniEngine) -> WorkerProbe:
     return WorkerProbe(z_engine)
 
 
-def source() -> Image.Image:
-    """A 64x64 input with structure (a gradient under noise)."""
-    rng = np.random.default_rng(0)
-    ramp = np.linspace(0, 255, 64)[None, :, None] * np.ones((64, 1, 3))
-    return Image.fromarray(np.clip(ramp + rng.integers(0, 60, (64, 64, 3)), 0, 255).astype("uint8"))
-
-
 def test_z_image_is_served_by_this_packages_pipeline(
     z_engine: OmniEngine, probe: WorkerProbe
 ) -> None:
@@ -92,7 +85,7 @@ async def test_generations_and_edits_at_a_strength_are_diffusers_own(
         response = await http.post(
             "/v1/images/edits",
             data={name: str(value) for name, value in {**fields, **GUIDANCE}.items()},
-            files={"image": ("in.png", png(source()), "image/png")},
+            files={"image": ("in.png", png(gradient_source()), "image/png")},
         )
     assert response.status_code == 200, response.text
     edited = Image.fromarray(pixels(response.json()["data"][0]["b64_json"]))
@@ -108,7 +101,10 @@ async def test_generations_and_edits_at_a_strength_are_diffusers_own(
     assert difference(generated, expected) <= SAME_IMAGE
     img2img = ZImageImg2ImgPipeline.from_pipe(pipe)
     [expected_edit] = img2img(
-        **common, image=source(), strength=0.6, generator=torch.Generator("cpu").manual_seed(3)
+        **common,
+        image=gradient_source(),
+        strength=0.6,
+        generator=torch.Generator("cpu").manual_seed(3),
     ).images
     assert difference(edited, expected_edit) <= SAME_IMAGE
     assert difference(edited, generated) > SAME_IMAGE  # the input image shaped the edit

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 from PIL import Image
 
 FAST_STEPS = {"num_inference_steps": 2}
@@ -25,3 +26,19 @@ def png(
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def gradient_source(seed: int = 0, size: int = 64) -> Image.Image:
+    """An edit's input with structure (a left-to-right gradient under noise), RGB."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 255, size)[None, :, None] * np.ones((size, 1, 3))
+    noise = rng.integers(0, 60, (size, size, 3))
+    return Image.fromarray(np.clip(ramp + noise, 0, 255).astype(np.uint8))
+
+
+def left_half_engine_mask(size: int = 64) -> Image.Image:
+    """An engine's mask (`EngineRequest.mask`, `L`): white (change) on the left half, black
+    (keep) on the right."""
+    mask = Image.new("L", (size, size), 0)
+    mask.paste(255, (0, 0, size // 2, size))
+    return mask

@@ -39,13 +39,6 @@ class ImageTaskFluxPipeline(ImageToImageMixin, FluxPipeline):
     def dtype_of_latents(self) -> torch.dtype:
         return self.text_encoder.dtype
 
-    def encode_image(self, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """A (1, C, h, w) sample, shifted and scaled as the VAE's config says."""
-        pixels = pixels.to(self.device, self.dtype_of_latents())
-        latents = self.vae.encode(pixels).latent_dist.sample(generator)
-        config = self.vae.config
-        return (latents - config.shift_factor) * config.scaling_factor
-
     def noise_shape(self, height: int, width: int) -> tuple[int, ...]:
         return (1, self.transformer.in_channels // 4, *self.packed_latent_size(height, width))
 

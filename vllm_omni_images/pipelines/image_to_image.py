@@ -44,6 +44,7 @@ class ImageToImageMixin:
     device: torch.device
     scheduler: Any
     transformer: Any
+    vae: Any
     vae_scale_factor: int
     default_sample_size: int
     interrupt: bool
@@ -74,8 +75,12 @@ class ImageToImageMixin:
         return sampling.height or default, sampling.width or default, steps
 
     def encode_image(self, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """The VAE latents of `pixels` (sampled from `generator`, normalised), noise-shaped."""
-        raise NotImplementedError
+        """The VAE latents of `pixels` (sampled from `generator`, normalised), noise-shaped;
+        here an `AutoencoderKL`'s, shifted and scaled as its config says (FLUX's, SD3's)."""
+        pixels = pixels.to(self.device, self.dtype_of_latents())
+        latents = self.vae.encode(pixels).latent_dist.sample(generator)
+        config = self.vae.config
+        return (latents - config.shift_factor) * config.scaling_factor
 
     def noise_shape(self, height: int, width: int) -> tuple[int, ...]:
         """The shape of one image's noise, before packing."""

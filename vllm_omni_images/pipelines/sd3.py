@@ -35,25 +35,15 @@ class ImageTaskSD3Pipeline(ImageToImageMixin, StableDiffusion3Pipeline):
     """`StableDiffusion3Pipeline`, plus an input image and mask in the prompt's
     `multi_modal_data` (`image`, `mask_image`) with `sampling_params.strength`."""
 
+    default_steps = 28
+
     def __init__(self, *, od_config: Any, prefix: str = "") -> None:
         super().__init__(od_config=od_config, prefix=prefix)
         self.latent_channels = self.vae.config.latent_channels
         self.init_image_processors(self.vae_scale_factor, self.latent_channels)
 
-    def start_size(self, sampling: Any) -> tuple[int, int, int]:
-        default = self.default_sample_size * self.vae_scale_factor
-        steps = sampling.num_inference_steps or 28
-        return sampling.height or default, sampling.width or default, steps
-
     def dtype_of_latents(self) -> torch.dtype:
         return self.od_config.dtype  # what `forward` casts the latents to
-
-    def encode_image(self, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """A (1, C, h, w) sample, shifted and scaled as the VAE's config says."""
-        pixels = pixels.to(self.device, self.dtype_of_latents())
-        latents = self.vae.encode(pixels).latent_dist.sample(generator)
-        config = self.vae.config
-        return (latents - config.shift_factor) * config.scaling_factor
 
     def noise_shape(self, height: int, width: int) -> tuple[int, ...]:
         return (1, self.latent_channels, *self.latent_size(height, width))
