@@ -11,9 +11,8 @@ import logging
 import multiprocessing
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncGenerator
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
@@ -24,12 +23,10 @@ from vllm_omni_images.engine.base import (
     FinalImages,
     ImageEngine,
     ImagesStarted,
-    Inbox,
     LoRAAdapter,
     LoRASettings,
     ModelDefaults,
     NoObserver,
-    PreviewImages,
     notify,
 )
 from vllm_omni_images.engine.errors import (
@@ -46,6 +43,7 @@ from vllm_omni_images.engine.hang_watch import HangWatch
 from vllm_omni_images.engine.loop_thread import LoopThread
 from vllm_omni_images.engine.lora_files import PeftCopies
 from vllm_omni_images.engine.model_folder import defaults_for_pipeline_class
+from vllm_omni_images.engine.omni_flight import Flight
 from vllm_omni_images.engine.omni_requests import (
     classify_failure,
     pipeline_takes_masks,
@@ -70,46 +68,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _CANCELLATIONS = (GenerationCancelled, asyncio.CancelledError)
-
-
-@dataclass(eq=False)
-class _Flight:
-    """One request handed to vllm-omni, one vllm-omni request per image (per try of it)."""
-
-    request: EngineRequest
-    base_id: str
-    lora: LoRARequest | None
-    caller: asyncio.AbstractEventLoop
-    request_ids: list[str] = field(init=False)
-    """Each image's id in vllm-omni, of its current try."""
-    # The caller's loop only:
-    inbox: Inbox = field(default_factory=Inbox)
-    job: asyncio.Future[list[Image.Image]] | None = None
-    started: int = 0
-    """Images that left vllm-omni's queue (a retry's start is not counted again)."""
-    started_at: float | None = None
-    previews: dict[int, dict[int, Image.Image]] = field(default_factory=dict)
-    """Preview index -> its images in so far, by position (streaming output only)."""
-    # The engine's loop only:
-    aborted: bool = False
-    """Images not yet handed to vllm-omni (or to be tried again) are not handed any more."""
-    tasks: list[asyncio.Task[Image.Image]] = field(default_factory=list)
-    running: set[int] = field(default_factory=set)
-    """Images whose current try vllm-omni started and has not finished."""
-    ever_started: set[int] = field(default_factory=set)
-    """Images one of whose tries started: their `ImagesStarted` is sent."""
-
-    def __post_init__(self) -> None:
-        self.request_ids = [f"{self.base_id}-{i}" for i in range(self.num_images)]
-
-    @property
-    def num_images(self) -> int:
-        return self.request.num_images
-
-    def to_caller(self, callback: Callable[..., object], *args: Any) -> None:
-        """Call `callback(*args)` on the caller's loop; nothing if that loop is gone."""
-        with contextlib.suppress(RuntimeError):
-            self.caller.call_soon_threadsafe(callback, *args)
 
 
 class OmniEngine(ImageEngine):
@@ -146,7 +104,7 @@ class OmniEngine(ImageEngine):
         self._observer = observer or NoObserver()
         self._hang_watch = HangWatch(hang_grace_s, self._fail_waiting, observer=self._observer)
         self._died: str | None = None
-        self._in_flight: set[_Flight] = set()
+        self._in_flight: set[Flight] = set()
         self._closed = False
         self._lora = lora
         self._peft = None if lora is None else PeftCopies(config.model, lora.max_lora_rank)
@@ -216,7 +174,7 @@ class OmniEngine(ImageEngine):
         # requests apart even when a client sends the same X-Request-Id twice.
         base = f"{request.request_id or 'image'}-{uuid.uuid4().hex[:12]}"
         lora = self._lora_request(request.lora)
-        flight = _Flight(request, base, lora, asyncio.get_running_loop())
+        flight = Flight(request, base, lora, asyncio.get_running_loop())
         job = self._loop.submit(self._run(flight))
         flight.job = job
         self._in_flight.add(flight)
@@ -259,22 +217,14 @@ class OmniEngine(ImageEngine):
 
     # On the caller's loop:
 
-    def _started(self, flight: _Flight) -> None:
+    def _started(self, flight: Flight) -> None:
         if flight.started_at is None:
             flight.started_at = time.monotonic()
             notify(self._observer.on_batch_start, flight.num_images)
         flight.started += 1
         flight.inbox.put(ImagesStarted(1, flight.num_images))
 
-    def _preview(self, flight: _Flight, index: int, position: int, image: Image.Image) -> None:
-        """Preview `index` of image `position`; once every image has it, it goes out."""
-        images = flight.previews.setdefault(index, {})
-        images[position] = image
-        if len(images) == flight.num_images:
-            del flight.previews[index]
-            flight.inbox.put(PreviewImages(index, [images[i] for i in range(flight.num_images)]))
-
-    def _finished(self, flight: _Flight) -> None:
+    def _finished(self, flight: Flight) -> None:
         """The job ended: its outcome goes to the stream, if it still listens."""
         self._in_flight.discard(flight)
         self._hang_watch.returned(flight)
@@ -282,7 +232,7 @@ class OmniEngine(ImageEngine):
             notify(self._observer.on_batch_end, time.monotonic() - flight.started_at)
         flight.inbox.put(self._outcome(flight))
 
-    def _outcome(self, flight: _Flight) -> FinalImages | BaseException:
+    def _outcome(self, flight: Flight) -> FinalImages | BaseException:
         """The images of a finished job, or the exception its stream raises."""
         job = flight.job
         assert job is not None
@@ -299,7 +249,7 @@ class OmniEngine(ImageEngine):
             logger.warning("Image request failed in the engine: %r", error)
         return error
 
-    def _left(self, flight: _Flight) -> None:
+    def _left(self, flight: Flight) -> None:
         """The stream ended: abort an unfinished job, and watch a started one (`HangWatch`)."""
         job = flight.job
         if job is None or job.done():
@@ -319,7 +269,7 @@ class OmniEngine(ImageEngine):
                 self._abort(flight)
                 flight.inbox.put(error)
 
-    def _abort(self, flight: _Flight) -> None:
+    def _abort(self, flight: Flight) -> None:
         self._loop.call_soon(self._abort_on_loop, flight)
 
     async def close(self) -> None:
@@ -348,7 +298,7 @@ class OmniEngine(ImageEngine):
 
     # On the engine's loop:
 
-    def _abort_on_loop(self, flight: _Flight) -> None:
+    def _abort_on_loop(self, flight: Flight) -> None:
         """Abort the flight's images in vllm-omni, and stop those not running there: not handed
         over yet (vllm-omni ignores an abort for an id it has not seen), between tries, or
         waiting in vllm-omni's queue (whose abort it reports only when it schedules again)."""
@@ -365,7 +315,7 @@ class OmniEngine(ImageEngine):
             await self._engine.async_collective_rpc("remove_lora", args=(request.lora_int_id,))
         await self._engine.async_collective_rpc("add_lora", args=(request,))
 
-    async def _run(self, flight: _Flight) -> list[Image.Image]:
+    async def _run(self, flight: Flight) -> list[Image.Image]:
         """Every image of one API request; the first failure aborts the others."""
         flight.tasks = [
             asyncio.create_task(self._image(flight, i)) for i in range(flight.num_images)
@@ -386,7 +336,7 @@ class OmniEngine(ImageEngine):
             )
         return flight.request.keep_unmasked([r for r in results if isinstance(r, Image.Image)])
 
-    async def _image(self, flight: _Flight, index: int) -> Image.Image:
+    async def _image(self, flight: Flight, index: int) -> Image.Image:
         """Image `index` of `flight`; out of memory in a wave of several images, tried again
         in half of that wave's images (docs/architecture.md, "Faults")."""
         request = flight.request
@@ -435,7 +385,7 @@ class OmniEngine(ImageEngine):
             failed_in = size
 
     def _ended(
-        self, flight: _Flight, index: int, request_id: str, out_of_memory: bool
+        self, flight: Flight, index: int, request_id: str, out_of_memory: bool
     ) -> ScheduledWave | None:
         """A try ended: report it to the wave it ran in. The last one in settles the wave, once
         it too waits for its retry: the retries are handed over in the order they are given."""
@@ -448,7 +398,7 @@ class OmniEngine(ImageEngine):
             asyncio.get_running_loop().call_soon(self._retry_in_halves, wave, flight)
         return wave
 
-    def _retry_in_halves(self, wave: ScheduledWave, flight: _Flight) -> None:
+    def _retry_in_halves(self, wave: ScheduledWave, flight: Flight) -> None:
         """Every image of a wave that ran out of memory is in: give its images that ran out
         of memory their half's batch key (`None`: the wave ran one image), first half first,
         so that they are handed to vllm-omni again in that order."""
@@ -466,7 +416,7 @@ class OmniEngine(ImageEngine):
             if retry is not None and not retry.done():
                 retry.set_result(keys.get(request_id))
 
-    async def _try(self, flight: _Flight, index: int, request: OmniDiffusionRequest) -> Image.Image:
+    async def _try(self, flight: Flight, index: int, request: OmniDiffusionRequest) -> Image.Image:
         """One try of one image in vllm-omni: its image, or this project's exception."""
         from vllm_omni.diffusion.data import (
             DiffusionRequestAbortedError,
@@ -488,7 +438,7 @@ class OmniEngine(ImageEngine):
                 if len(images) != 1 or not isinstance(images[0], Image.Image):
                     raise EngineError(f"vllm-omni returned {images!r} for one image")
                 if not output.finished:  # a chunk of its streaming output: a preview
-                    flight.to_caller(self._preview, flight, previews, index, images[0])
+                    flight.to_caller(flight.add_preview, previews, index, images[0])
                     previews += 1
                     continue
                 image = images[0]
