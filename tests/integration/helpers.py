@@ -72,3 +72,23 @@ def assert_openai_error(response: httpx.Response, status: int, param: str | None
     if param is not None:
         assert error["param"] is not None and error["param"].endswith(param)
     return error
+
+
+async def stream_and_plain(
+    sdk: openai.AsyncOpenAI, seeded: dict[str, Any], partial_images: int = 2
+) -> tuple[list[Any], ImagesResponse]:
+    """A streamed 64x64 generation of the tiny model with `partial_images` previews (its
+    events), and the same request unstreamed."""
+    stream = await sdk.images.generate(
+        model="tiny-qwen-image",
+        prompt="a red fox",
+        size="64x64",
+        stream=True,
+        partial_images=partial_images,
+        extra_body=seeded,
+    )
+    events = [event async for event in stream]
+    plain = await sdk.images.generate(
+        model="tiny-qwen-image", prompt="a red fox", size="64x64", extra_body=seeded
+    )
+    return events, plain

@@ -18,7 +18,7 @@ from tests.support.images import FAST
 from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
 
 from .conftest import AppFactory
-from .helpers import assert_openai_error, http_client, pixels, sdk_client
+from .helpers import assert_openai_error, http_client, pixels, sdk_client, stream_and_plain
 
 SEEDED = {"num_inference_steps": 4, "seed": 21}
 
@@ -27,15 +27,7 @@ async def test_a_stream_sends_its_partial_images_then_the_unstreamed_image(
     served: tuple[openai.AsyncOpenAI, httpx.AsyncClient],
 ) -> None:
     sdk, _ = served
-    stream = await sdk.images.generate(
-        model="tiny-qwen-image",
-        prompt="a red fox",
-        size="64x64",
-        stream=True,
-        partial_images=2,
-        extra_body=SEEDED,
-    )
-    events = [event async for event in stream]
+    events, plain = await stream_and_plain(sdk, SEEDED)
     assert [event.type for event in events] == [
         "image_generation.partial_image",
         "image_generation.partial_image",
@@ -47,9 +39,6 @@ async def test_a_stream_sends_its_partial_images_then_the_unstreamed_image(
     final = pixels(events[-1].b64_json)
     assert not np.array_equal(previews[0], previews[1])  # two different steps
     assert not np.array_equal(previews[1], final)
-    plain = await sdk.images.generate(
-        model="tiny-qwen-image", prompt="a red fox", size="64x64", extra_body=SEEDED
-    )
     assert plain.data is not None and plain.data[0].b64_json == events[-1].b64_json
 
 

@@ -23,7 +23,7 @@ from vllm_omni_images.pipelines.qwen_image import ImageTaskQwenImagePipeline
 from vllm_omni_images.pipelines.step_previews import StepPreviews
 
 from .conftest import AppFactory
-from .helpers import pixels, sdk_client
+from .helpers import pixels, sdk_client, stream_and_plain
 
 STEPS = 4
 
@@ -156,18 +156,7 @@ async def test_the_api_streams_partial_images_then_the_unstreamed_image(
     app = await make_app(omni_engine, ["--image-engine", "omni", "--diffusion-streaming-output"])
     seeded = {"num_inference_steps": STEPS, "seed": 21}
     async with sdk_client(app) as sdk:
-        stream = await sdk.images.generate(
-            model="tiny-qwen-image",
-            prompt="a red fox",
-            size="64x64",
-            stream=True,
-            partial_images=2,
-            extra_body=seeded,
-        )
-        events = [event async for event in stream]
-        plain = await sdk.images.generate(
-            model="tiny-qwen-image", prompt="a red fox", size="64x64", extra_body=seeded
-        )
+        events, plain = await stream_and_plain(sdk, seeded)
     assert [event.type for event in events] == [
         "image_generation.partial_image",
         "image_generation.partial_image",

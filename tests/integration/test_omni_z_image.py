@@ -44,19 +44,15 @@ def z_image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def z_engine(z_image_dir: Path) -> Iterator[OmniEngine]:
+def omni_engine(z_image_dir: Path) -> Iterator[OmniEngine]:
+    """The tiny Z-Image folder's engine (the conftest's `probe` wraps it)."""
     engine = build_engine(z_image_dir, max_batch_size=1)
     yield engine
     asyncio.run(engine.close())
 
 
-@pytest.fixture(scope="module")
-def probe(z_engine: OmniEngine) -> WorkerProbe:
-    return WorkerProbe(z_engine)
-
-
 def test_z_image_is_served_by_this_packages_pipeline(
-    z_engine: OmniEngine, probe: WorkerProbe
+    omni_engine: OmniEngine, probe: WorkerProbe
 ) -> None:
     """Built at the folder's size (vllm-omni's own builds the released one), taking an input
     image and a strength."""
@@ -64,23 +60,23 @@ def test_z_image_is_served_by_this_packages_pipeline(
 
     from vllm_omni_images.pipelines.z_image import ZImageEditPipeline
 
-    assert z_engine.model_class_name == "ZImagePipeline"
+    assert omni_engine.model_class_name == "ZImagePipeline"
     assert DiffusionModelRegistry._try_load_model_cls("ZImagePipeline") is ZImageEditPipeline
     assert isinstance(probe.pipeline, ZImageEditPipeline)
     assert probe.pipeline.transformer.dim == 32
-    assert z_engine.takes_images and z_engine.takes_strength
-    assert z_engine.defaults.supports_strength
+    assert omni_engine.takes_images and omni_engine.takes_strength
+    assert omni_engine.defaults.supports_strength
 
 
 async def test_generations_and_edits_at_a_strength_are_diffusers_own(
-    make_app: AppFactory, z_engine: OmniEngine, probe: WorkerProbe, z_image_dir: Path
+    make_app: AppFactory, omni_engine: OmniEngine, probe: WorkerProbe, z_image_dir: Path
 ) -> None:
     from diffusers import ZImageImg2ImgPipeline, ZImagePipeline
 
     probe.reset()
-    client = ImageEngineClient(z_engine, "tiny-z-image", FLAG_DEFAULTS.admission_config())
+    client = ImageEngineClient(omni_engine, "tiny-z-image", FLAG_DEFAULTS.admission_config())
     [generated] = await images_of(client.generate(req(3, num_inference_steps=STEPS, **GUIDANCE)))
-    async with http_client(await make_app(z_engine)) as http:
+    async with http_client(await make_app(omni_engine)) as http:
         fields = {"prompt": "a red fox", "seed": 3, "strength": 0.6, "num_inference_steps": STEPS}
         response = await http.post(
             "/v1/images/edits",
