@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import http.server
-import threading
 from collections.abc import Iterator
 
 import httpx
@@ -17,7 +15,8 @@ from openai.types import ImagesResponse
 from PIL import Image
 
 from tests.support.engines import ObservedRunner
-from tests.support.images import FAST_STEPS, png
+from tests.support.image_host import serve_files
+from tests.support.images import FAST_STEPS, encoded, png, quadrants, stored_as
 from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
 from vllm_omni_images.images.limits import DEFAULT_LIMITS
 
@@ -73,6 +72,26 @@ async def test_an_edit_with_a_mask_changes_only_the_masked_area(
     masked_change = np.abs(edited[:, :32] - original[:, :32]).mean()
     kept_change = np.abs(edited[:, 33:] - original[:, 33:]).mean()
     assert masked_change > 10 and kept_change < 1
+
+
+async def test_a_rotated_photo_is_edited_as_displayed_within_a_mask_drawn_on_it(
+    served: tuple[openai.AsyncOpenAI, httpx.AsyncClient],
+) -> None:
+    sdk, _ = served
+    displayed = quadrants(64, 32)  # a phone's sideways photo: stored 32x64, EXIF orientation 6
+    photo = encoded(stored_as(displayed, 6), "JPEG", orientation=6, quality=95)
+    result = await sdk.images.edit(
+        model="tiny-qwen-image",
+        image=("photo.jpg", photo, "image/jpeg"),
+        mask=("mask.png", png(left_half_mask(64, 32)), "image/png"),
+        prompt="a red fox",
+        extra_body=FAST,
+    )
+    assert result.data is not None and result.size == "64x32"
+    edited = pixels(result.data[0].b64_json or "").astype(np.int16)
+    original = np.asarray(displayed, np.int16)
+    assert np.abs(edited[:, :32] - original[:, :32]).mean() > 10
+    assert np.abs(edited[:, 33:] - original[:, 33:]).mean() < 4  # kept, upright (JPEG's error)
 
 
 async def test_an_edit_without_a_mask_keeps_the_input_size_rounded(
@@ -270,24 +289,8 @@ async def test_concurrent_edits_batch_and_each_keeps_its_own_input(
 @pytest.fixture(scope="module")
 def image_host() -> Iterator[str]:
     """A local HTTP server with one PNG at /fox.png: a stand-in for a host on the internet."""
-    body = png(source())
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200 if self.path == "/fox.png" else 404)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            return None
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with serve_files({"/fox.png": png(source())}) as url:
+        yield url
 
 
 async def test_an_image_url_is_fetched_only_from_hosts_the_operator_allowed(

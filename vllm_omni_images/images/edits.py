@@ -3,25 +3,27 @@
 
 Sizes and counts are refused before any image is decoded; an `http(s)` image URL is fetched
 only through `fetch_remote` (vLLM's media fetching, `--allowed-media-domains`), else a 400.
+Every image and mask, sent or fetched, is decoded by `input_images` as a photo viewer shows it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
-import io
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
 from fastapi import Request
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps
 from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 from vllm.exceptions import VLLMValidationError
 
 from vllm_omni_images.images.errors import PayloadTooLargeError, describe_validation_errors
+from vllm_omni_images.images.input_images import alpha_channel, as_rgb, open_input
 from vllm_omni_images.images.limits import DEFAULT_LIMITS, ImageLimits, size_text
 from vllm_omni_images.images.protocol import ImageEditRequest
 from vllm_omni_images.images.request_guard import BodyTooLargeError
@@ -30,7 +32,6 @@ from vllm_omni_images.images.safe_text import printable
 
 MAX_FORM_FIELDS = 64
 """Text fields of one form: the request model has fewer than 40."""
-INPUT_FORMATS = frozenset({"PNG", "JPEG", "WEBP"})
 IMAGE_FIELDS = ("image", "image[]")
 MASK_FIELDS = ("mask", "mask_image")
 FORM_CONTENT_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
@@ -42,13 +43,15 @@ _Request = TypeVar("_Request", bound=ImageEditRequest)
 @dataclass(frozen=True)
 class ImageInputs:
     images: list[Image.Image]
-    """RGB, in the order sent: at most `ImageLimits.input_images` (one)."""
+    """RGB as displayed (`input_images.as_rgb`), in the order sent: at most
+    `ImageLimits.input_images` (one)."""
     mask: Image.Image | None
-    """`L`, white where the image is to be edited; the size of `images[0]`."""
+    """`L`, white where the image is to be edited; the size of `images[0]` as displayed."""
 
 
-RemoteImageFetcher = Callable[[str], Awaitable[Image.Image]]
-"""Fetches an http(s) image URL; raises `ValueError` or `OSError` for one it will not or cannot."""
+RemoteImageFetcher = Callable[[str], Awaitable[bytes]]
+"""Fetches an http(s) image URL's bytes (decoded as an upload's are); raises `ValueError` or
+`OSError` for one it will not or cannot."""
 
 
 async def read_multipart(
@@ -123,14 +126,16 @@ async def _read_form(
             f"{ONE_AT_A_TIME}; got {len(sources)}.",
             parameter="image",
         )
+    # Decoding and conversion run in a worker thread: a large image takes the event loop
+    # no time from other requests.
     images = [
-        (await _read_image(source, "image", fetch_remote, limits)).convert("RGB")
+        await asyncio.to_thread(as_rgb, await _read_image(source, "image", fetch_remote, limits))
         for source in sources
     ]
     mask = None
     if mask_source is not None:
         mask_image = await _read_image(mask_source, "mask", fetch_remote, limits)
-        mask = _edit_mask(mask_image, images[0].size)
+        mask = await asyncio.to_thread(_edit_mask, mask_image, images[0].size)
     return request, ImageInputs(images, mask)
 
 
@@ -148,49 +153,15 @@ async def _read_image(
     fetch_remote: RemoteImageFetcher | None,
     limits: ImageLimits,
 ) -> Image.Image:
+    """The source decoded and upright (`input_images.open_input`), within the limits."""
     if isinstance(source, str) and source.startswith(("http://", "https://")):
-        # The fetcher holds the image to the same byte and pixel limits before decoding it.
-        image = await _fetch(source, parameter, fetch_remote)
-        return _within_pixel_cap(image, parameter, limits)
-    data = await _read_bytes(source, parameter, limits)
-    try:
-        image = Image.open(io.BytesIO(data))  # reads the header only
-        if image.format not in INPUT_FORMATS:
-            raise VLLMValidationError(
-                f"{parameter} must be a PNG, JPEG or WebP image, got {image.format}.",
-                parameter=parameter,
-            )
-        _within_pixel_cap(image, parameter, limits)
-        image.load()  # decodes it all: a truncated file fails here, not in the engine
-    except Image.DecompressionBombError:  # Pillow's own, even larger limit, at open
-        raise VLLMValidationError(
-            f"{parameter} has more pixels than Pillow opens; at most {limits.max_input_pixels} "
-            "(--image-max-input-pixels).",
-            parameter=parameter,
-        ) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        if isinstance(error, VLLMValidationError):
-            raise
-        reason = printable(str(error), 200)
-        raise VLLMValidationError(
-            f"{parameter} is not a readable PNG, JPEG or WebP image ({reason}).",
-            parameter=parameter,
-        ) from None
-    return image
+        data = await _fetch(source, parameter, fetch_remote)  # held to the byte limit (413)
+    else:
+        data = await _read_bytes(source, parameter, limits)
+    return await asyncio.to_thread(open_input, data, parameter, limits.max_input_pixels)
 
 
-def _within_pixel_cap(image: Image.Image, parameter: str, limits: ImageLimits) -> Image.Image:
-    width, height = image.size
-    if width * height > limits.max_input_pixels:
-        raise VLLMValidationError(
-            f"{parameter} is {width}x{height}: at most {limits.max_input_pixels} pixels "
-            "(--image-max-input-pixels).",
-            parameter=parameter,
-        )
-    return image
-
-
-async def _fetch(url: str, parameter: str, fetch_remote: RemoteImageFetcher | None) -> Image.Image:
+async def _fetch(url: str, parameter: str, fetch_remote: RemoteImageFetcher | None) -> bytes:
     if fetch_remote is None:
         raise VLLMValidationError(
             f"{parameter} as an http(s) URL is not allowed on this server: its operator has not "
@@ -236,18 +207,18 @@ def _too_large(parameter: str, limit: int) -> str:
 
 
 def _edit_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """OpenAI's mask (transparent = edit) as diffusers' (white = edit)."""
-    has_alpha = mask.mode in ("RGBA", "LA") or "transparency" in mask.info
-    if mask.format != "PNG" or not has_alpha:
+    """OpenAI's mask (transparent = edit) as diffusers' (white = edit); `size` and the mask's
+    are as displayed (both upright)."""
+    alpha = alpha_channel(mask) if mask.format == "PNG" else None
+    if alpha is None:
         raise VLLMValidationError(
             "mask must be a PNG with an alpha channel: its transparent pixels are edited.",
             parameter="mask",
         )
     if mask.size != size:
         raise VLLMValidationError(
-            f"mask is {mask.size[0]}x{mask.size[1]} but the image is {size[0]}x{size[1]}; "
-            "they must match.",
+            f"mask is {mask.size[0]}x{mask.size[1]} but the image is {size[0]}x{size[1]} "
+            "(both as displayed, EXIF orientation applied); they must match.",
             parameter="mask",
         )
-    alpha = mask.convert("RGBA").getchannel("A")
-    return alpha.point(lambda value: 255 - value)
+    return ImageOps.invert(alpha)

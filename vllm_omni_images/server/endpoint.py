@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import io
 import logging
 import shutil
 import tempfile
@@ -18,7 +17,6 @@ from starlette.datastructures import State
 from vllm_omni_images.server.cli_args import IMAGE_TASK, ImageTaskArgs, served_model_names
 
 if TYPE_CHECKING:
-    from PIL import Image
     from vllm.engine.protocol import EngineClient
     from vllm.entrypoints.openai.models.serving import OpenAIServingModels
 
@@ -110,38 +108,38 @@ def limits_from_args(args: Namespace) -> ImageLimits:
 
 def remote_image_fetcher(args: Namespace, limits: ImageLimits) -> RemoteImageFetcher | None:
     """vLLM's media fetching for image URLs of `--allowed-media-domains` (`None`: no host),
-    held to `limits`' input bytes (413) and pixels (400)."""
+    held to `limits`' input bytes (413); the bytes are decoded as an upload's are (the format,
+    pixel limit and orientation of `images/input_images.py`)."""
     domains = getattr(args, "allowed_media_domains", None)
     if not domains:
         return None
     from vllm import envs
     from vllm.connections import HTTPResponseSizeExceededError, MediaDownloadSizeExceededError
+    from vllm.multimodal.media.base import MediaIO
     from vllm.multimodal.media.connector import MediaConnector
-    from vllm.multimodal.media.image import ImageMediaIO
 
     from vllm_omni_images.images.errors import PayloadTooLargeError
 
-    class LimitedImageIO(ImageMediaIO):
-        """vLLM's image reading with this server's byte and pixel limits."""
+    class ImageBytesIO(MediaIO[bytes]):
+        """vLLM's media fetching with this server's byte limit, giving the bytes undecoded
+        (only http(s) URLs are passed: `data:` URLs are read by the route, files never)."""
 
         def get_max_bytes(self) -> int:
             return limits.max_input_bytes
 
-        def load_bytes(self, data: bytes) -> Any:
-            from PIL import Image
+        def load_bytes(self, data: bytes) -> bytes:
+            return data
 
-            width, height = Image.open(io.BytesIO(data)).size  # the header only
-            if width * height > limits.max_input_pixels:
-                raise ValueError(
-                    f"the image is {width}x{height}: at most {limits.max_input_pixels} pixels "
-                    "(--image-max-input-pixels)"
-                )
-            return super().load_bytes(data)
+        def load_base64(self, media_type: str, data: str) -> bytes:
+            raise ValueError("only http(s) image URLs are fetched")
+
+        def load_file(self, filepath: Path) -> bytes:
+            raise ValueError("only http(s) image URLs are fetched")
 
     connector = MediaConnector(allowed_media_domains=list(domains))
-    image_io = LimitedImageIO(image_mode=None)  # keeps a mask's alpha
+    image_io = ImageBytesIO()
 
-    async def fetch(url: str) -> Image.Image:
+    async def fetch(url: str) -> bytes:
         try:
             return await connector.load_from_url_async(
                 url, image_io, fetch_timeout=envs.VLLM_IMAGE_FETCH_TIMEOUT
