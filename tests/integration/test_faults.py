@@ -55,25 +55,36 @@ def splits(text: str) -> float:
     return metric_value(text, "vllm:image_batch_splits_total")
 
 
-async def test_an_engine_exception_fails_its_batch_and_the_next_batch_runs(
-    make_app, faulty: FaultyRunner
+async def test_an_engine_exception_fails_only_the_request_that_causes_it(
+    make_app, faulty: FaultyRunner, caplog: pytest.LogCaptureFixture
 ) -> None:
     app = await make_app(faulty, ["--image-max-batch-size", "2", "--image-batch-delay-ms", "10000"])
     async with http_client(app) as client:
         before = await metrics(client)
-        failing, companion = await asyncio.gather(
-            generate(client, **FAST, prompt=FaultyRunner.FAIL_PROMPT),
-            generate(client, **FAST, prompt="a companion in the same batch"),
-        )
-        for response in (failing, companion):
-            error = assert_openai_error(response, 500)
-            assert error["type"] == "InternalServerError"
-            assert FaultyRunner.FAILURE in error["message"]  # the cause
+        with caplog.at_level(logging.WARNING, logger="vllm_omni_images.engine"):
+            failing, companion = await asyncio.gather(
+                generate(client, **FAST, prompt=FaultyRunner.FAIL_PROMPT, seed=1),
+                generate(client, **FAST, prompt="a companion in the same batch", seed=2),
+            )
+        error = assert_openai_error(failing, 500)
+        assert error["type"] == "InternalServerError"
+        assert FaultyRunner.FAILURE in error["message"]  # the cause
+        assert companion.status_code == 200, companion.text  # retried alone
         assert (await client.get("/health")).status_code == 200
         after_alone = await generate(client, **FAST, n=2)  # the next batch: two images, at once
         assert after_alone.status_code == 200, after_alone.text
-        assert outcomes_grew(before, await metrics(client)) == {"error": 2, "ok": 1}
-    assert [len(call) for call in faulty.calls] == [2, 2]
+        after = await metrics(client)
+    assert outcomes_grew(before, after) == {"error": 1, "ok": 2}
+    assert (
+        metric_value(after, "vllm:image_batch_isolations_total")
+        - metric_value(before, "vllm:image_batch_isolations_total")
+        == 1
+    )
+    # The batch, each request alone (the failing one once), the next batch.
+    assert faulty.calls[0] in ([1, 2], [2, 1])
+    assert sorted(faulty.calls[1:3]) == [[1], [2]]
+    assert len(faulty.calls) == 4 and len(faulty.calls[3]) == 2
+    assert any("retrying each request alone" in r.getMessage() for r in caplog.records)
 
 
 async def test_out_of_memory_retries_in_halves_and_every_request_succeeds(

@@ -1,9 +1,11 @@
-"""Out of memory on the vllm-omni engine: a wave that runs out of memory is retried in halves,
-down to single images (docs/architecture.md, "Faults"), on vllm-omni's real worker and
-Qwen-Image pipeline on CPU.
+"""Faults in the vllm-omni engine's waves (docs/architecture.md, "Faults"), on vllm-omni's real
+worker and Qwen-Image pipeline on CPU: a wave that runs out of memory is retried in halves,
+down to single images; a wave that fails otherwise is retried request by request, so that only
+the request that causes the failure fails.
 
 `WorkerProbe.fits` models the device's memory: a wave it refuses raises `torch.OutOfMemoryError`
-inside the real pipeline. One engine is shared by the module, with `--image-max-batch-size 4`
+inside the real pipeline. A negative prompt with a lone surrogate makes the real tokenizer
+raise for the whole wave. One engine is shared by the module, with `--image-max-batch-size 4`
 and a batch delay (vllm-omni's admission wait), so that images handed over together form one
 wave; a blocker holds the worker while the requests of a test queue behind it.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterator
+from http import HTTPStatus
 from pathlib import Path
 
 import pytest
@@ -33,7 +36,9 @@ from tests.support.omni import (
 from tests.support.waiting import ENGINE_WAIT_S, until
 from vllm_omni_images.engine.base import EngineRequest
 from vllm_omni_images.engine.client import ImageEngineClient
+from vllm_omni_images.engine.errors import EngineError
 from vllm_omni_images.engine.omni_engine import OmniEngine
+from vllm_omni_images.images.errors import error_kind
 
 from .conftest import AppFactory
 from .helpers import FAST, assert_openai_error, generate, http_client, metric_value, pixels
@@ -191,3 +196,66 @@ async def test_a_request_withdrawn_while_its_retry_waits_is_not_retried(
     await until_vllm_omni_is_empty(omni_engine)
     assert seeds_of(worker) == [[1000], [1, 2], [1]]
     assert client.queued_images == client.running_images == 0
+
+
+async def test_a_request_that_breaks_the_pipeline_fails_alone_and_its_wave_runs_again(
+    client: ImageEngineClient,
+    worker: WorkerProbe,
+    observer: RecordingObserver,
+    omni_engine: OmniEngine,
+) -> None:
+    """A lone surrogate in a negative prompt makes the real tokenizer raise for the wave (the
+    API refuses it; the engine must not rely on that): each request runs again alone."""
+    good, two = req(1, negative_prompt="blurry"), req(3, 4, negative_prompt="dark")
+    bad = req(2, negative_prompt="\ud800")
+    alone = [await images_from(client, request) for request in (good, two)]
+    worker.waves.clear()
+    observer.events.clear()
+    blocker = await start_blocker(client, worker)
+    waiting = [asyncio.create_task(images_from(client, r)) for r in (good, bad, two)]
+    await until_waiting_in_vllm_omni(omni_engine, 4)
+    worker.hold.set()
+    _, *results = await asyncio.gather(blocker, *waiting, return_exceptions=True)
+    failure = results[1]
+    assert isinstance(failure, EngineError) and "TextEncodeInput" in str(failure)
+    assert error_kind(failure).status == HTTPStatus.INTERNAL_SERVER_ERROR
+    for images, expected in zip((results[0], results[2]), alone, strict=True):
+        assert isinstance(images, list) and len(images) == len(expected)
+        for image, alone_image in zip(images, expected, strict=True):
+            assert difference(image, alone_image) <= SAME_IMAGE
+    # The wave, then each request alone (its images together), the failing one once.
+    assert seeds_of(worker) == [[1000], [1, 2, 3, 4], [1], [2], [3, 4]]
+    assert observer.of("isolated") == [3]
+    assert client.queued_images == client.running_images == 0
+    await until_vllm_omni_is_empty(omni_engine)
+
+
+async def test_a_fault_of_the_wave_alone_fails_none_of_its_requests_through_the_api(
+    make_app: AppFactory,
+    omni_engine: OmniEngine,
+    worker: WorkerProbe,
+    observer: RecordingObserver,
+) -> None:
+    """A fault that strikes any wave of several requests, none alone (a batching bug): every
+    request gets its images, each counted once (`ok`)."""
+
+    def several_requests_fail(wave: list[OmniDiffusionRequest]) -> BaseException | None:
+        return RuntimeError("a batched kernel failed") if len(wave) > 1 else None
+
+    async with http_client(await make_app(omni_engine)) as http:
+        before = outcomes((await http.get("/metrics")).text)
+        worker.hold.clear()
+        blocker = asyncio.create_task(generate(http, **FAST, seed=1000))
+        await until(worker.denoising.is_set, "the blocker to start", timeout_s=ENGINE_WAIT_S)
+        responses = [asyncio.create_task(generate(http, **FAST, seed=seed)) for seed in (1, 2)]
+        await until_waiting_in_vllm_omni(omni_engine, 2)
+        worker.fault = several_requests_fail
+        worker.hold.set()
+        for response in await asyncio.gather(blocker, *responses):
+            assert response.status_code == 200, response.text
+        after = outcomes((await http.get("/metrics")).text)
+    grew = {outcome: after[outcome] - before[outcome] for outcome in after}
+    assert grew == {"ok": 3, "out_of_memory": 0, "error": 0, "unavailable": 0}
+    assert observer.of("isolated") == [2]
+    assert seeds_of(worker) == [[1000], [1, 2], [1], [2]]
+    await until_vllm_omni_is_empty(omni_engine)

@@ -6,6 +6,7 @@ process, so this module runs apart from the other omni modules' engines)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,11 +14,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.support.engines import req
-from tests.support.omni import SAME_IMAGE, WorkerProbe, build_engine, difference
+from tests.support.engines import images_of, req
+from tests.support.omni import (
+    SAME_IMAGE,
+    WorkerProbe,
+    build_engine,
+    difference,
+    until_waiting_in_vllm_omni,
+)
 from tests.support.waiting import ENGINE_WAIT_S, until
 from vllm_omni_images.engine.base import EngineOutput, FinalImages, ImagesStarted, PreviewImages
 from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
+from vllm_omni_images.engine.errors import EngineError
 from vllm_omni_images.engine.omni_engine import OmniEngine
 from vllm_omni_images.pipelines.qwen_image import ImageTaskQwenImagePipeline
 from vllm_omni_images.pipelines.step_previews import StepPreviews
@@ -148,6 +156,30 @@ async def test_batched_streams_each_get_their_own_previews(
         assert most_different(final_in(batched), final_in(solo)) <= SAME_IMAGE
     assert [len(previews_in(outputs)) for outputs in together] == [3, 1]
     assert [len(images) for images in previews_in(together[1])] == [2]
+
+
+async def test_a_request_whose_preparation_fails_in_a_step_batch_fails_alone(
+    omni_engine: OmniEngine, worker: WorkerProbe, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Step mode prepares each request apart: a lone surrogate in a negative prompt fails its
+    request only, where it joins a running one; the failed one is not retried (nothing else
+    failed with it), and it does not wait for the survivor to finish."""
+    worker.hold.clear()
+    good = asyncio.create_task(
+        images_of(omni_engine.generate(req(1, num_inference_steps=STEPS, negative_prompt="ok")))
+    )
+    await until(worker.denoising.is_set, "the first to denoise", timeout_s=ENGINE_WAIT_S)
+    bad = asyncio.create_task(
+        images_of(omni_engine.generate(req(2, num_inference_steps=STEPS, negative_prompt="\ud800")))
+    )
+    await until_waiting_in_vllm_omni(omni_engine, 1)
+    with caplog.at_level(logging.WARNING, logger="vllm_omni_images.engine"):
+        worker.hold.set()
+        with pytest.raises(EngineError, match="TextEncodeInput"):
+            await bad
+        assert len(await good) == 1
+    assert max(wave.running for wave in worker.waves) == 2  # it joined the running step batch
+    assert not any("alone" in record.getMessage() for record in caplog.records)
 
 
 async def test_the_api_streams_partial_images_then_the_unstreamed_image(

@@ -132,6 +132,9 @@ class RecordingObserver(EngineObserver):
     def on_batch_split(self, images: int) -> None:
         self.events.append(("split", images))
 
+    def on_batch_isolated(self, requests: int) -> None:
+        self.events.append(("isolated", requests))
+
     def on_engine_hung(self, hung: bool) -> None:
         self.events.append(("hung", hung))
 
@@ -161,6 +164,9 @@ class BrokenObserver(EngineObserver):
         raise RuntimeError("observer bug")
 
     def on_batch_split(self, images: int) -> None:
+        raise RuntimeError("observer bug")
+
+    def on_batch_isolated(self, requests: int) -> None:
         raise RuntimeError("observer bug")
 
     def on_engine_hung(self, hung: bool) -> None:

@@ -61,7 +61,8 @@ class WorkerProbe:
       worker, then cleared;
     - `fits`: a model of the device's memory, asked at each denoising step with the requests
       of the wave (request mode: those that joined it): where it says no, the step raises
-      `torch.OutOfMemoryError`, as a CUDA allocation would. `None` (the default): all fit.
+      `torch.OutOfMemoryError`, as a CUDA allocation would. `None` (the default): all fit;
+    - `fault`: asked the same way; the exception it returns is raised from the step.
     """
 
     def __init__(self, engine: OmniEngine) -> None:
@@ -74,6 +75,7 @@ class WorkerProbe:
         self.denoising = threading.Event()
         self.fail_with: BaseException | None = None
         self.fits: Callable[[list[OmniDiffusionRequest]], bool] | None = None
+        self.fault: Callable[[list[OmniDiffusionRequest]], BaseException | None] | None = None
         running: list[OmniDiffusionRequest] = []
 
         execute = diffusion_engine.execute_fn
@@ -98,6 +100,8 @@ class WorkerProbe:
             error, self.fail_with = self.fail_with, None
             if error is None and self.fits is not None and not self.fits(running):
                 error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+            if error is None and self.fault is not None:
+                error = self.fault(running)
             if error is not None:
                 raise error
             return forward(*args, **kwargs)
@@ -113,6 +117,7 @@ class WorkerProbe:
         self.hold.set()
         self.fail_with = None
         self.fits = None
+        self.fault = None
         self.waves.clear()
 
 

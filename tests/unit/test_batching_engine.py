@@ -208,22 +208,121 @@ async def test_a_partly_abandoned_batch_delivers_to_the_rest() -> None:
 
 
 @pytest.mark.parametrize("error", [EngineError("broken"), RuntimeError("bug")])
-async def test_engine_error_fails_only_its_batch(runner: FakeRunner, error: Exception) -> None:
+async def test_engine_error_fails_only_its_request(runner: FakeRunner, error: Exception) -> None:
     observer = RecordingObserver()
-    runner.fail_with["boom"] = error
+    runner.fail_with["boom"] = error  # any call that "boom" leads fails
     async with serving(runner, observer=observer) as served:
         held = await served.hold(req(100, width=128))
-        failing = await served.submit_queued(req(1, prompt="boom"), req(2, prompt="x"))
+        failing, companion = await served.submit_queued(req(1, prompt="boom"), req(2, prompt="x"))
         [fine] = await served.submit_queued(req(3, height=128))
         runner.gate.set()
-        for task in failing:
-            with pytest.raises(type(error)) as raised:
-                await task
-            assert raised.value is error
+        with pytest.raises(type(error)) as raised:
+            await failing
+        assert raised.value is error
+        assert_images_of(req(2), await companion)  # retried alone: its own images
         assert_images_of(req(3), await fine)
         await held
-    assert runner.finished == ["ok", "error", "ok"]
-    assert len(observer.of("end")) == 3
+    assert [seeds_of(batch) for batch in runner.batches] == [[100], [1, 2], [1], [2], [3]]
+    assert runner.finished == ["ok", "error", "error", "ok", "ok"]
+    assert observer.of("isolated") == [2]
+    assert len(observer.of("end")) == 3  # one batch for the metrics, however many calls
+
+
+def fails_with(prompt: str, error: Exception) -> Callable[[Sequence[EngineRequest]], None]:
+    """A `FakeRunner.fault`: `error` for any call with a request of `prompt`."""
+
+    def fault(requests: Sequence[EngineRequest]) -> None:
+        if any(request.prompt == prompt for request in requests):
+            raise error
+
+    return fault
+
+
+async def test_a_failed_batch_runs_each_request_alone_once(runner: FakeRunner) -> None:
+    runner.fault = fails_with("bad", EngineError("TypeError: TextEncodeInput must be ..."))
+    observer = RecordingObserver()
+    async with serving(runner, observer=observer, max_batch_size=4) as served:
+        held = await served.hold(req(100, width=128))
+        requests = [req(1), req(2, prompt="bad"), req(3, 4)]
+        tasks = await served.submit_queued(*requests)
+        runner.gate.set()
+        first, bad, last = await asyncio.gather(*tasks, return_exceptions=True)
+        await held
+    assert_images_of(requests[0], first)
+    assert_images_of(requests[2], last)
+    assert isinstance(bad, EngineError) and "TextEncodeInput" in str(bad)
+    # The failed request's call alone is its last: it is not tried again.
+    assert [seeds_of(batch) for batch in runner.batches[1:]] == [[1, 2, 3, 4], [1], [2], [3, 4]]
+    assert observer.of("isolated") == [3]
+    assert observer.of("start") == [1, 4]
+    assert observer.of("split") == []
+
+
+@pytest.mark.parametrize(
+    "error",
+    [EngineDiedError("the worker died"), EngineHungError(1.0), EngineClosedError()],
+)
+async def test_the_whole_engines_failure_is_not_retried_request_by_request(
+    runner: FakeRunner, error: Exception
+) -> None:
+    runner.fault = fails_with("a red fox", error)
+    async with serving(runner, max_batch_size=4) as served:
+        held = await served.hold(req(100, prompt="held", width=128))
+        tasks = await served.submit_queued(req(1), req(2))
+        runner.gate.set()
+        for task in tasks:
+            with pytest.raises(type(error)):
+                await task
+        await held
+    assert [seeds_of(batch) for batch in runner.batches[1:]] == [[1, 2]]
+
+
+async def test_a_failure_in_an_out_of_memory_half_isolates_that_halfs_requests(
+    runner: FakeRunner,
+) -> None:
+    out_of_memory_above_2 = out_of_memory(above=2)
+    failing = fails_with("bad", EngineError("broken"))
+
+    def fault(requests: Sequence[EngineRequest]) -> None:
+        out_of_memory_above_2(requests)
+        failing(requests)
+
+    runner.fault = fault
+    observer = RecordingObserver()
+    async with serving(runner, observer=observer, max_batch_size=4) as served:
+        held = await served.hold(req(100, width=128))
+        requests = [req(1), req(2, prompt="bad"), req(3), req(4)]
+        tasks = await served.submit_queued(*requests)
+        runner.gate.set()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        await held
+    assert isinstance(results[1], EngineError)
+    for index in (0, 2, 3):
+        assert_images_of(requests[index], results[index])
+    assert [seeds_of(batch) for batch in runner.batches[1:]] == [
+        [1, 2, 3, 4],
+        [1, 2],
+        [1],
+        [2],
+        [3, 4],
+    ]
+    assert observer.of("split") == [4]
+    assert observer.of("isolated") == [2]
+
+
+async def test_a_request_withdrawn_before_its_turn_alone_is_not_run(runner: FakeRunner) -> None:
+    runner.fault = fails_with("bad", EngineError("broken"))
+    async with serving(runner, max_batch_size=4) as served:
+        runner.gate.clear()  # the batch fails before its first step; the first retry waits
+        kept, bad, gone = (served.submit(r) for r in (req(1), req(2, prompt="bad"), req(3)))
+        await until(lambda: len(runner.batches) == 2, "the first request's call alone")
+        gone.cancel()
+        await asyncio.gather(gone, return_exceptions=True)
+        runner.gate.set()
+        assert_images_of(req(1), await kept)
+        with pytest.raises(EngineError):
+            await bad
+    assert [seeds_of(batch) for batch in runner.batches] == [[1, 2, 3], [1], [2]]
 
 
 # Close

@@ -236,6 +236,11 @@ class EngineObserver(Protocol):
         """An engine call of `images` images ran out of memory; its halves run next."""
         return None
 
+    def on_batch_isolated(self, requests: int) -> None:
+        """An engine call of `requests` requests failed (not out of memory, not the whole
+        engine's failure); each request runs alone next."""
+        return None
+
     def on_engine_hung(self, hung: bool) -> None:
         """The engine was taken as hung (`True`), or what hung it returned at last (`False`)."""
         return None

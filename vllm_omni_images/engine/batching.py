@@ -46,6 +46,7 @@ from vllm_omni_images.engine.errors import (
     EngineDiedError,
     EngineOutOfMemoryError,
     GenerationCancelled,
+    may_be_one_requests,
 )
 from vllm_omni_images.engine.hang_watch import HangWatch
 
@@ -383,17 +384,18 @@ class BatchingEngine(ImageEngine):
         on_preview: PreviewCallback,
     ) -> None:
         """Run the wanted `parts` in one call and answer each request done or failed; out of
-        memory, run each half in turn, down to single images."""
+        memory, run each half in turn, down to single images; failed otherwise (an error that
+        may be one request's: `may_be_one_requests`), run each request alone, once."""
         parts = [part for part in parts if run.wants(part.index)]
         if not parts:
             return
         requests = [run.request_for(part) for part in parts]
-        images = sum(part.num_images for part in parts)
 
         def preview(position: int, index: int, images: list[Image.Image]) -> None:
             on_preview(parts[position].index, index, images)
 
         out_of_memory: str | None = None
+        failed: str | None = None
         call = asyncio.get_running_loop().run_in_executor(
             self._executor, self.runner.run, requests, on_step, preview
         )
@@ -407,17 +409,52 @@ class BatchingEngine(ImageEngine):
         except EngineOutOfMemoryError as error:
             out_of_memory = str(error) or type(error).__name__
         except Exception as error:
-            if not (isinstance(error, GenerationCancelled) and run.batch.cancel.is_set()):
+            if isinstance(error, GenerationCancelled) and run.batch.cancel.is_set():
+                pass
+            elif may_be_one_requests(error) and len({part.index for part in parts}) > 1:
+                failed = repr(error)
+            else:
                 logger.warning("Image batch of %d request(s) failed: %r", len(requests), error)
                 run.fail(parts, error)
         else:
             run.deliver(parts, results)
-        if out_of_memory is None:
-            return
         # Retried out here, not in the except block, so that the failed call's traceback (and
         # whatever memory its frames hold) is gone before the next call.
+        if failed is not None:
+            await self._run_each_alone(run, parts, failed, on_step, on_preview)
+        elif out_of_memory is not None:
+            await self._run_halves(run, parts, out_of_memory, on_step, on_preview)
+
+    async def _run_each_alone(
+        self,
+        run: _BatchRun,
+        parts: Sequence[BatchSlice],
+        failure: str,
+        on_step: StepCallback,
+        on_preview: PreviewCallback,
+    ) -> None:
+        """A call of several requests failed, maybe for one of them: run each request's part
+        alone, in order, so that only a request that fails alone fails (with its own error)."""
+        logger.warning(
+            "A batch of %d requests failed (%s); retrying each request alone.", len(parts), failure
+        )
+        notify(self._observer.on_batch_isolated, len(parts))
+        for part in parts:  # one part per request: a split cuts a request once at most
+            await self._run_slices(run, [part], on_step, on_preview)
+
+    async def _run_halves(
+        self,
+        run: _BatchRun,
+        parts: Sequence[BatchSlice],
+        out_of_memory: str,
+        on_step: StepCallback,
+        on_preview: PreviewCallback,
+    ) -> None:
+        """A call ran out of memory: run each half of its images in turn; a single image that
+        ran out of memory fails its request."""
+        images = sum(part.num_images for part in parts)
         if images == 1:
-            request = requests[0]
+            request = run.request_for(parts[0])
             logger.warning(
                 "One %dx%d image of request %s ran out of device memory even alone; the request "
                 "fails: %s",

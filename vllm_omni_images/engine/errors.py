@@ -99,3 +99,18 @@ class EngineHungError(AdmissionError):
 
 class GenerationCancelled(Exception):  # noqa: N818 - a control-flow signal, not a failure
     """Work stopped because no request wants it any more (or it was aborted): a signal."""
+
+
+def may_be_one_requests(error: BaseException) -> bool:
+    """Whether a failed engine call of several requests may have failed for one of them alone,
+    so that each runs again alone (docs/architecture.md, "Faults"): any exception but out of
+    memory (retried in halves instead), a cancellation, and the whole engine's failures (dead,
+    hung, closed, not ready), which no retry can cure."""
+    whole_engine = (
+        EngineOutOfMemoryError,
+        EngineDiedError,
+        EngineNotReadyError,
+        AdmissionError,
+        GenerationCancelled,
+    )
+    return isinstance(error, Exception) and not isinstance(error, whole_engine)

@@ -30,6 +30,7 @@ class ImageMetrics:
     batch_size: Histogram
     step_time: Histogram
     batch_splits: Counter
+    batch_isolations: Counter
     engine_hung: Gauge
 
     @classmethod
@@ -99,6 +100,13 @@ class ImageMetrics:
                 model,
                 registry=registry,
             ),
+            batch_isolations=Counter(
+                "vllm:image_batch_isolations",
+                "Engine calls of several requests that failed (not out of memory) and were "
+                "retried one request at a time.",
+                model,
+                registry=registry,
+            ),
             engine_hung=Gauge(
                 "vllm:image_engine_hung",
                 "1 while the engine is taken as hung (a call did not stop when asked), else 0.",
@@ -136,6 +144,7 @@ class ModelMetrics(EngineObserver):
         self._batch_size = metrics.batch_size.labels(model_name=model_name)
         self._step_time = metrics.step_time.labels(model_name=model_name)
         self._batch_splits = metrics.batch_splits.labels(model_name=model_name)
+        self._batch_isolations = metrics.batch_isolations.labels(model_name=model_name)
         self._engine_hung = metrics.engine_hung.labels(model_name=model_name)
         self._engine_hung.set(0)
 
@@ -163,6 +172,9 @@ class ModelMetrics(EngineObserver):
 
     def on_batch_split(self, images: int) -> None:
         self._batch_splits.inc()
+
+    def on_batch_isolated(self, requests: int) -> None:
+        self._batch_isolations.inc()
 
     def on_engine_hung(self, hung: bool) -> None:
         self._engine_hung.set(1 if hung else 0)

@@ -53,10 +53,13 @@ from vllm_omni_images.engine.omni_requests import (
 )
 from vllm_omni_images.engine.omni_waves import (
     ScheduledWave,
+    TryOutcome,
     WaveLog,
     recording_scheduler,
+    retry_alone,
     retry_halves,
     retry_key,
+    try_outcome,
 )
 
 if TYPE_CHECKING:
@@ -109,9 +112,9 @@ class OmniEngine(ImageEngine):
         self._lora = lora
         self._peft = None if lora is None else PeftCopies(config.model, lora.max_lora_rank)
         self._adapters: dict[int, LoRARequest] = {}
-        self._waves = WaveLog()
+        self._waves: WaveLog[Flight] = WaveLog(self._wave_settled)
         self._retries: dict[str, asyncio.Future[tuple[str, str] | None]] = {}
-        """Out-of-memory tries waiting for the rest of their wave: their half's batch key."""
+        """Failed tries waiting for the rest of their wave: their group's batch key."""
         self._engine: DiffusionEngine = DiffusionEngine.make_engine(
             config, recording_scheduler(config, self._waves)
         )
@@ -337,33 +340,47 @@ class OmniEngine(ImageEngine):
         return flight.request.keep_unmasked([r for r in results if isinstance(r, Image.Image)])
 
     async def _image(self, flight: Flight, index: int) -> Image.Image:
-        """Image `index` of `flight`; out of memory in a wave of several images, tried again
-        in half of that wave's images (docs/architecture.md, "Faults")."""
+        """Image `index` of `flight`, tried again after a failure in a wave of several images
+        (docs/architecture.md, "Faults"): out of memory, in half of that wave's images; failed
+        otherwise (`may_be_one_requests`), with its request's images alone, once."""
         request = flight.request
         batch_key: tuple[str, str] | None = None
         failed_in: int | None = None  # the images of the last wave it ran out of memory in
+        alone = False  # tried alone after a failure: a failure now is its own
+        tries = 0
         while True:
             if flight.aborted:
                 raise GenerationCancelled()  # aborted on its way here
-            if failed_in is not None:
-                flight.request_ids[index] = f"{flight.base_id}-{index}-after{failed_in}"
+            if tries:
+                flight.request_ids[index] = f"{flight.base_id}-{index}-retry{tries}"
+            tries += 1
             request_id = flight.request_ids[index]
             omni_request = to_omni_request(request, index, request_id, flight.lora, batch_key)
+            outcome = TryOutcome.ENDED
             retry: asyncio.Future[tuple[str, str] | None] | None = None
             self._waves.watch(request_id)
             try:
                 # From the check above to vllm-omni's admission there is no await: an abort on
                 # this loop comes either before (caught above) or after (vllm-omni has it).
                 return await self._try(flight, index, omni_request)
-            except EngineOutOfMemoryError as error:
-                out_of_memory = error
+            except EngineError as error:
+                failure, outcome = error, try_outcome(error)
+                if outcome is TryOutcome.ENDED or (
+                    outcome is TryOutcome.FAILED and (alone or self._closed)
+                ):
+                    raise
                 retry = self._retries[request_id] = asyncio.get_running_loop().create_future()
             finally:
-                wave = self._ended(flight, index, request_id, retry is not None)
+                wave = self._ended(flight, index, request_id, outcome, retry)
             try:
                 batch_key = await retry  # once every image of its wave is in
             finally:
                 self._retries.pop(request_id, None)
+            if outcome is TryOutcome.FAILED:
+                if batch_key is None:  # nothing else failed with it
+                    raise failure
+                alone = True
+                continue
             size = 1 if wave is None else len(wave.request_ids)
             if batch_key is None:
                 logger.warning(
@@ -372,46 +389,60 @@ class OmniEngine(ImageEngine):
                     request.width,
                     request.height,
                     request.request_id or "(no id)",
-                    out_of_memory,
+                    failure,
                 )
                 message = f"one {request.width}x{request.height} image did not fit, even alone"
-                raise EngineOutOfMemoryError(message) from out_of_memory
+                raise EngineOutOfMemoryError(message) from failure
             if failed_in is not None and size >= failed_in:
                 # Its half ran with other requests (a pipeline's pre-processing replaced the
                 # batch key): stop, rather than retry in batches that do not shrink.
                 raise EngineOutOfMemoryError(
                     f"out of memory again in a batch of {size} images, after a split"
-                ) from out_of_memory
+                ) from failure
             failed_in = size
 
     def _ended(
-        self, flight: Flight, index: int, request_id: str, out_of_memory: bool
-    ) -> ScheduledWave | None:
-        """A try ended: report it to the wave it ran in. The last one in settles the wave, once
-        it too waits for its retry: the retries are handed over in the order they are given."""
+        self,
+        flight: Flight,
+        index: int,
+        request_id: str,
+        outcome: TryOutcome,
+        retry: asyncio.Future[tuple[str, str] | None] | None,
+    ) -> ScheduledWave[Flight] | None:
+        """A try ended: report it to the wave it ran in (`WaveLog.end`), which, once settled,
+        hands each waiting `retry` its batch key (`_retry_wave`)."""
         flight.running.discard(index)
-        wave = self._waves.forget(request_id)
-        if wave is None:
-            if out_of_memory:  # never scheduled by vllm-omni: nothing to halve
-                self._retries[request_id].set_result(None)
-        elif wave.report(request_id, out_of_memory) and wave.out_of_memory:
-            asyncio.get_running_loop().call_soon(self._retry_in_halves, wave, flight)
+        wave = self._waves.end(request_id, outcome, flight)
+        if wave is None and retry is not None:  # never scheduled by vllm-omni: none to retry
+            retry.set_result(None)
         return wave
 
-    def _retry_in_halves(self, wave: ScheduledWave, flight: Flight) -> None:
-        """Every image of a wave that ran out of memory is in: give its images that ran out
-        of memory their half's batch key (`None`: the wave ran one image), first half first,
-        so that they are handed to vllm-omni again in that order."""
-        halves = retry_halves(wave)
+    def _wave_settled(self, wave: ScheduledWave[Flight]) -> None:  # on any thread
+        self._loop.call_soon(self._retry_wave, wave)
+
+    def _retry_wave(self, wave: ScheduledWave[Flight]) -> None:
+        """Every image of a wave that failed is in: give each that waits its group's batch key
+        (`None`: it is not tried again), group by group, so that they are handed to vllm-omni
+        again in that order: halves of the out-of-memory ones, then each request alone."""
+        halves, alone = retry_halves(wave), retry_alone(wave)
+        caller = next(iter(wave.owners.values()))  # the metrics are told on a caller's loop
         if halves:
             logger.warning(
                 "A vllm-omni batch of %d images ran out of device memory; retrying %s images.",
                 len(wave.request_ids),
                 " + ".join(str(len(half)) for half in halves),
             )
-            flight.to_caller(notify, self._observer.on_batch_split, len(wave.request_ids))
-        keys = {request_id: retry_key(half) for half in halves for request_id in half}
-        for request_id in list(keys) or wave.out_of_memory:  # first half first
+            caller.to_caller(notify, self._observer.on_batch_split, len(wave.request_ids))
+        if alone:
+            logger.warning(
+                "A vllm-omni batch of %d images of %d requests failed; retrying each request "
+                "alone.",
+                len(wave.request_ids),
+                len(alone),
+            )
+            caller.to_caller(notify, self._observer.on_batch_isolated, len(alone))
+        keys = {request_id: retry_key(group) for group in halves + alone for request_id in group}
+        for request_id in [*keys, *wave.out_of_memory, *wave.failed]:  # first group first
             retry = self._retries.get(request_id)
             if retry is not None and not retry.done():
                 retry.set_result(keys.get(request_id))
