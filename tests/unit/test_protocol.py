@@ -1,9 +1,13 @@
 import pytest
 from pydantic import ValidationError
+from vllm.exceptions import VLLMValidationError
 
+from vllm_omni_images.images.errors import error_response
 from vllm_omni_images.images.protocol import (
     INT64_MAX,
     INT64_MIN,
+    MAX_ASPECT_RATIO,
+    ImageEditRequest,
     ImageGenerationRequest,
     ImageGenerationResponse,
     ImageObject,
@@ -117,3 +121,15 @@ def test_response_shape():
     )
     assert linked.model_dump(exclude_none=True)["data"] == [{"url": "http://h/images/files/x.png"}]
     assert isinstance(dumped["created"], int) and dumped["created"] > 1_700_000_000
+
+
+@pytest.mark.parametrize("model", [ImageGenerationRequest, ImageEditRequest])
+def test_a_size_more_elongated_than_8_to_1_is_refused_with_the_bound(model):
+    for size in ("64x512", "512x64", "16x128", "1024x1024"):
+        assert model.model_validate({"prompt": "p", "size": size}).size == size
+    for size in ("64x528", "528x64", "16x13107", "8x2048"):
+        with pytest.raises((ValidationError, VLLMValidationError)) as info:
+            model.model_validate({"prompt": "p", "size": size})
+        error = error_response(info.value).error
+        assert (error.code, error.param) == (400, "size")
+        assert f"at most {MAX_ASPECT_RATIO} times its shortest" in error.message

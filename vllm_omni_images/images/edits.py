@@ -1,8 +1,9 @@
 """`read_multipart`: the multipart (or urlencoded) bodies of `/v1/images/edits` and
 `/v1/images/variations`, checked before any work is queued (docs/image_api.md, "Edits").
 
-Sizes and counts are refused before any image is decoded; an `http(s)` image URL is fetched
-only through `fetch_remote` (vLLM's media fetching, `--allowed-media-domains`), else a 400.
+Sizes (pixels, the 8:1 aspect bound, from each image's header) and counts are refused before
+any image is decoded; an `http(s)` image URL is fetched only through `fetch_remote` (vLLM's
+media fetching, `--allowed-media-domains`), else a 400.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from vllm.exceptions import VLLMValidationError
 
 from vllm_omni_images.images.errors import PayloadTooLargeError, describe_validation_errors
 from vllm_omni_images.images.limits import DEFAULT_LIMITS, ImageLimits, size_text
-from vllm_omni_images.images.protocol import ImageEditRequest
+from vllm_omni_images.images.protocol import ImageEditRequest, check_aspect_ratio
 from vllm_omni_images.images.request_guard import BodyTooLargeError
 from vllm_omni_images.images.request_mapping import check_limits
 from vllm_omni_images.images.safe_text import printable
@@ -151,7 +152,7 @@ async def _read_image(
     if isinstance(source, str) and source.startswith(("http://", "https://")):
         # The fetcher holds the image to the same byte and pixel limits before decoding it.
         image = await _fetch(source, parameter, fetch_remote)
-        return _within_pixel_cap(image, parameter, limits)
+        return _within_input_limits(image, parameter, limits)
     data = await _read_bytes(source, parameter, limits)
     try:
         image = Image.open(io.BytesIO(data))  # reads the header only
@@ -160,7 +161,7 @@ async def _read_image(
                 f"{parameter} must be a PNG, JPEG or WebP image, got {image.format}.",
                 parameter=parameter,
             )
-        _within_pixel_cap(image, parameter, limits)
+        _within_input_limits(image, parameter, limits)
         image.load()  # decodes it all: a truncated file fails here, not in the engine
     except Image.DecompressionBombError:  # Pillow's own, even larger limit, at open
         raise VLLMValidationError(
@@ -179,7 +180,8 @@ async def _read_image(
     return image
 
 
-def _within_pixel_cap(image: Image.Image, parameter: str, limits: ImageLimits) -> Image.Image:
+def _within_input_limits(image: Image.Image, parameter: str, limits: ImageLimits) -> Image.Image:
+    """`image` (its header read), if its size is within the pixel cap and the aspect bound."""
     width, height = image.size
     if width * height > limits.max_input_pixels:
         raise VLLMValidationError(
@@ -187,6 +189,7 @@ def _within_pixel_cap(image: Image.Image, parameter: str, limits: ImageLimits) -
             "(--image-max-input-pixels).",
             parameter=parameter,
         )
+    check_aspect_ratio(width, height, parameter)
     return image
 
 

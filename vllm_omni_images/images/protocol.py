@@ -15,6 +15,8 @@ from vllm.exceptions import VLLMValidationError
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 SIZE_PATTERN = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
+MAX_ASPECT_RATIO = 8
+"""The longest side of an input image or a `size` at most this many times its shortest."""
 
 ResponseFormat = Literal["b64_json", "url"]
 OutputFormat = Literal["png", "jpeg", "webp"]
@@ -38,6 +40,17 @@ UNSUPPORTED_FIELDS: dict[str, str] = {
 
 EDIT_ONLY_UNSUPPORTED_FIELDS = ("input_fidelity", "markup")
 """Fields of OpenAI's edits this server cannot honour in any value (`strength` is its knob)."""
+
+
+def check_aspect_ratio(width: int, height: int, parameter: str) -> None:
+    """A 400 naming `parameter` for an image or size more elongated than `MAX_ASPECT_RATIO`."""
+    if width > 0 and height > 0 and max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        fix = "Ask for a less elongated size." if parameter == "size" else "Crop or pad it."
+        raise VLLMValidationError(
+            f"{parameter} is {width}x{height}: its longest side may be at most "
+            f"{MAX_ASPECT_RATIO} times its shortest ({MAX_ASPECT_RATIO}:1). {fix}",
+            parameter=parameter,
+        )
 
 
 class ImageGenerationRequest(OpenAIBaseModel):
@@ -88,9 +101,13 @@ class ImageGenerationRequest(OpenAIBaseModel):
     @field_validator("size")
     @classmethod
     def _size_is_width_x_height(cls, size: str | None) -> str | None:
-        if size is None or size == "auto" or SIZE_PATTERN.match(size):
+        if size is None or size == "auto":
             return size
-        raise ValueError("size must be 'WIDTHxHEIGHT' in pixels (e.g. '1024x1024') or 'auto'")
+        match = SIZE_PATTERN.match(size)
+        if match is None:
+            raise ValueError("size must be 'WIDTHxHEIGHT' in pixels (e.g. '1024x1024') or 'auto'")
+        check_aspect_ratio(int(match.group(1)), int(match.group(2)), "size")
+        return size
 
     @model_validator(mode="after")
     def _refuse_what_cannot_be_honoured(self) -> Self:
