@@ -9,6 +9,7 @@ end (or, with a `Content-Length` above the limit, before its first chunk).
 from __future__ import annotations
 
 import base64
+import json
 import random
 import struct
 import zlib
@@ -217,6 +218,31 @@ async def test_hostile_json_is_a_400(client: httpx.AsyncClient, body: bytes) -> 
     error = assert_openai_error(response, 400)
     assert len(error["message"]) < 600
     assert (await generate(client, **FAST)).status_code == 200
+
+
+async def test_text_a_tokenizer_cannot_read_and_wrong_json_types_never_reach_the_engine(
+    make_app: AppFactory, tiny_runner: DiffusersRunner
+) -> None:
+    """The issue's `negative_prompt: "\\ud800"` was a 500 from the tokenizer (and failed the
+    request batched beside it); `"stream": "yes"` streamed and `"n": "2"` made two images."""
+    app, engine = await app_with(make_app, tiny_runner)
+    async with http_client(app) as http:
+        for field in ("prompt", "negative_prompt", "user", "safety_identifier", "model", "size"):
+            body = {"prompt": "x", "size": "64x64", field: "a\ud800"}
+            response = await http.post(
+                "/v1/images/generations",
+                content=json.dumps(body),  # "\\ud800": ASCII, valid JSON
+                headers={"Content-Type": "application/json"},
+            )
+            error = assert_openai_error(response, 400, field)
+            assert "lone surrogate" in error["message"]
+        for field, value in (("stream", "yes"), ("n", "2"), ("seed", "1"), ("n", 2.0)):
+            error = assert_openai_error(await generate(http, **{field: value}), 400, field)
+            assert "valid" in error["message"]
+        assert engine.batches == []
+        ok = await generate(http, **FAST, guidance_scale=1, true_cfg_scale=1)  # ints as floats
+        assert ok.status_code == 200, ok.text
+    assert engine.batches == [1]
 
 
 # --- edit inputs -----------------------------------------------------------------------------

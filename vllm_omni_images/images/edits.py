@@ -137,7 +137,8 @@ async def _read_form(
 
 def _validate(request_model: type[_Request], fields: dict[str, str]) -> _Request:
     try:
-        return request_model.model_validate(fields)
+        # A form's fields are strings: parsed (`"n": "2"`), where a JSON body is held strictly.
+        return request_model.model_validate(fields, strict=False)
     except ValidationError as error:
         message, parameter = describe_validation_errors(error.errors())
         raise VLLMValidationError(message, parameter=parameter) from None

@@ -1,6 +1,10 @@
 """Pydantic models of the OpenAI Images API, with the diffusion extensions (`negative_prompt`,
 `num_inference_steps`, `guidance_scale`, `true_cfg_scale`, `seed`, `lora_scale`). Their
-validators refuse what the request alone decides, raising vLLM's `VLLMValidationError`."""
+validators refuse what the request alone decides, raising vLLM's `VLLMValidationError`.
+
+A JSON body is validated strictly, as OpenAI's API does (`"n": "2"` and `"stream": "yes"` are
+400s; an int is a valid float); a form's fields, which are always strings, are parsed
+(`edits.read_multipart` validates with `strict=False`)."""
 
 from __future__ import annotations
 
@@ -54,8 +58,9 @@ def check_aspect_ratio(width: int, height: int, parameter: str) -> None:
 
 
 class ImageGenerationRequest(OpenAIBaseModel):
-    # Every field a client sends is honoured or refused by name; none is dropped unread.
-    model_config = ConfigDict(extra="forbid")
+    # Every field a client sends is honoured or refused by name; none is dropped unread. Its
+    # type too: a JSON body is held to it strictly (module docstring).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     # Its length limit is the server's (--image-max-prompt-chars): `request_mapping.check_limits`.
     prompt: str = Field(min_length=1)
@@ -90,6 +95,21 @@ class ImageGenerationRequest(OpenAIBaseModel):
     seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     lora_scale: float | None = Field(default=None, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE)
     """The strength of the LoRA adapter that `model` names (1: as trained; 0: none)."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _text_is_unicode(cls, value: object) -> object:
+        """Every text field (of every request model) is text a tokenizer reads: a lone
+        surrogate, which valid JSON can escape (`"\\ud800"`), cannot be encoded as UTF-8."""
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as error:
+                raise ValueError(
+                    f"must be Unicode text: character {error.start} is a lone surrogate, "
+                    "which cannot be encoded as UTF-8"
+                ) from None
+        return value
 
     @field_validator("prompt")
     @classmethod
