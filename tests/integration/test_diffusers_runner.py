@@ -32,6 +32,7 @@ def test_defaults_come_from_the_model_folder(tiny_runner: DiffusersRunner) -> No
         height=256,
         num_inference_steps=4,
         size_multiple=16,
+        max_side=98_304,  # Qwen-Image's RoPE table (model_folder.max_side)
         min_steps=2,
         supports_partial_images=True,
     )
@@ -43,7 +44,12 @@ def test_without_a_defaults_file_the_pipeline_decides(
     # Qwen-Image's own: 128 latent pixels x 8, 50 steps, sizes in multiples of 8 x 2x2 patches.
     # Its scheduler stretches the schedule to a terminal shift: one step would be 0/0.
     assert read_defaults(tiny_runner.pipeline, str(tmp_path)) == ModelDefaults(
-        width=1024, height=1024, num_inference_steps=50, size_multiple=16, min_steps=2
+        width=1024,
+        height=1024,
+        num_inference_steps=50,
+        size_multiple=16,
+        max_side=98_304,  # read from the loaded transformer's config
+        min_steps=2,
     )
 
 

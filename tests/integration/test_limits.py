@@ -9,6 +9,7 @@ end (or, with a `Content-Length` above the limit, before its first chunk).
 from __future__ import annotations
 
 import base64
+import json
 import random
 import struct
 import zlib
@@ -20,6 +21,7 @@ from fastapi import FastAPI
 from PIL import Image
 
 from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
+from vllm_omni_images.images.encoding import decode_image_base64
 
 from ..support.engines import ObservedRunner
 from ..support.images import png
@@ -218,6 +220,31 @@ async def test_hostile_json_is_a_400(client: httpx.AsyncClient, body: bytes) -> 
     assert (await generate(client, **FAST)).status_code == 200
 
 
+async def test_text_a_tokenizer_cannot_read_and_wrong_json_types_never_reach_the_engine(
+    make_app: AppFactory, tiny_runner: DiffusersRunner
+) -> None:
+    """The issue's `negative_prompt: "\\ud800"` was a 500 from the tokenizer (and failed the
+    request batched beside it); `"stream": "yes"` streamed and `"n": "2"` made two images."""
+    app, engine = await app_with(make_app, tiny_runner)
+    async with http_client(app) as http:
+        for field in ("prompt", "negative_prompt", "user", "safety_identifier", "model", "size"):
+            body = {"prompt": "x", "size": "64x64", field: "a\ud800"}
+            response = await http.post(
+                "/v1/images/generations",
+                content=json.dumps(body),  # "\\ud800": ASCII, valid JSON
+                headers={"Content-Type": "application/json"},
+            )
+            error = assert_openai_error(response, 400, field)
+            assert "lone surrogate" in error["message"]
+        for field, value in (("stream", "yes"), ("n", "2"), ("seed", "1"), ("n", 2.0)):
+            error = assert_openai_error(await generate(http, **{field: value}), 400, field)
+            assert "valid" in error["message"]
+        assert engine.batches == []
+        ok = await generate(http, **FAST, guidance_scale=1, true_cfg_scale=1)  # ints as floats
+        assert ok.status_code == 200, ok.text
+    assert engine.batches == [1]
+
+
 # --- edit inputs -----------------------------------------------------------------------------
 
 
@@ -301,3 +328,51 @@ async def test_edit_pixels_per_request_count_n_images_of_the_output_size(
         )
         assert_openai_error(response, 400, "n")
     assert engine.batches == []
+
+
+# --- what the model can make of an input: the planned size -----------------------------------
+
+
+async def test_an_image_or_size_beyond_8_to_1_is_refused_before_decoding_or_queueing(
+    make_app: AppFactory, tiny_runner: DiffusersRunner
+) -> None:
+    """The issue's 8x2097152 PNG (within --image-max-input-pixels) planned a 16x1048576
+    output: now its header alone is refused with the aspect bound (it holds no pixel data: a
+    decoded image would read "not readable"); an explicit size alike, for every route."""
+    app, engine = await app_with(make_app, tiny_runner)
+    async with http_client(app) as http:
+        for route in ("/v1/images/edits", "/v1/images/variations"):
+            for side in ((8, 2_097_152), (2_097_152, 8), (64, 520)):
+                thin = ("thin.png", png_header_only(*side), "image/png")
+                response = await http.post(
+                    route, data={"prompt": "p", "size": "auto"}, files={"image": thin}
+                )
+                error = assert_openai_error(response, 400, "image")
+                assert "at most 8 times its shortest (8:1)" in error["message"]
+            square = ("a.png", png(), "image/png")
+            response = await http.post(
+                route, data={"prompt": "p", "size": "64x1024"}, files={"image": square}
+            )
+            assert "8:1" in assert_openai_error(response, 400, "size")["message"]
+        error = assert_openai_error(await generate(http, size="2048x128"), 400, "size")
+        assert "8:1" in error["message"]
+    assert engine.batches == []
+
+
+async def test_an_auto_size_edit_is_within_the_pixel_limit_after_rounding(
+    make_app: AppFactory, tiny_runner: DiffusersRunner
+) -> None:
+    """A 24x176 image at --image-max-pixels 1024: scaled to 11x86, whose sides round to
+    16x80 (1280 pixels, past the limit); the plan shortens the long side instead: 16x64."""
+    app, engine = await app_with(make_app, tiny_runner, ["--image-max-pixels", "1024"])
+    async with http_client(app) as http:
+        response = await http.post(
+            "/v1/images/variations",
+            data={"size": "auto", "num_inference_steps": "2"},
+            files={"image": ("tall.png", png(width=24, height=176), "image/png")},
+        )
+        assert response.status_code == 200, response.text
+        assert response.json()["size"] == "16x64"
+        [item] = response.json()["data"]
+        assert decode_image_base64(item["b64_json"]).size == (16, 64)
+    assert engine.batches == [1]

@@ -47,6 +47,7 @@ from vllm_omni_images.engine.errors import (
     EngineRequestError,
     RequestTimeoutError,
 )
+from vllm_omni_images.engine.model_folder import QWEN_IMAGE_ROPE_POSITIONS, QWEN_IMAGE_TEXT_TOKENS
 from vllm_omni_images.engine.omni_engine import OmniEngine
 from vllm_omni_images.engine.omni_requests import refuse_unsupported, to_omni_request
 
@@ -111,11 +112,25 @@ def test_defaults_come_from_the_served_pipeline(omni_engine: OmniEngine) -> None
     # The tiny model's vllm_omni_images.json sets its size and steps; the size multiple is
     # Qwen-Image's own (VAE factor 8 x 2x2 patches), and so is the minimum of 2 steps (its
     # scheduler's terminal shift, read from the folder's scheduler_config.json); this
-    # package's Qwen-Image pipeline (pipelines/qwen_image.py) honours strength.
-    assert omni_engine.defaults == ModelDefaults(
-        width=256, height=256, num_inference_steps=4, size_multiple=16, min_steps=2
-    )
+    # package's Qwen-Image pipeline (pipelines/qwen_image.py) honours strength. Its longest
+    # side is its RoPE table's, read from the folder's transformer config as diffusers' is.
+    defaults = ModelDefaults(width=256, height=256, num_inference_steps=4, size_multiple=16)
+    assert omni_engine.defaults == dataclasses.replace(defaults, max_side=98_304, min_steps=2)
     assert omni_engine.takes_strength
+
+
+def test_vllm_omnis_qwen_image_rope_positions_exactly_the_longest_side() -> None:
+    """vllm-omni's own Qwen-Image RoPE (its transformer's copy of diffusers'): a side of
+    `max_side` pixels and the longest prompt get all their positions; two patches more do not."""
+    from vllm_omni.diffusion.models.qwen_image.qwen_image_transformer import QwenEmbedRope
+
+    rope = QwenEmbedRope(theta=10000, axes_dim=[2, 2, 4], scale_rope=True)
+    assert rope.pos_freqs.shape[0] == QWEN_IMAGE_ROPE_POSITIONS
+    patches = 98_304 // 16
+    for width, fits in ((patches, True), (patches + 2, False)):
+        image, text = rope([(1, 1, width)], [QWEN_IMAGE_TEXT_TOKENS], torch.device("cpu"))
+        assert image.shape[0] == width
+        assert (text.shape[0] == QWEN_IMAGE_TEXT_TOKENS) is fits
 
 
 async def test_the_worker_gets_the_request_as_mapped(

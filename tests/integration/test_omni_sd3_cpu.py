@@ -84,6 +84,7 @@ def test_the_package_pipeline_serves_the_sd3_folder(
         num_inference_steps=TINY_SD3_DEFAULTS["num_inference_steps"],
         size_multiple=16,
         guidance_scale=SD3_GUIDANCE,
+        max_side=768,  # its pos_embed_max_size (48) x 2x2 patches x VAE 8
     )
     assert sd3_engine.defaults == sd3_runner.defaults == expected
 

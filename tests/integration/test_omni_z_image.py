@@ -66,6 +66,8 @@ def test_z_image_is_served_by_this_packages_pipeline(
     assert probe.pipeline.transformer.dim == 32
     assert omni_engine.takes_images and omni_engine.takes_strength
     assert omni_engine.defaults.supports_strength
+    # Its RoPE tables' 128 height and width positions (axes_lens) x 2x2 patches x VAE 8.
+    assert omni_engine.defaults.max_side == 2048
 
 
 async def test_generations_and_edits_at_a_strength_are_diffusers_own(

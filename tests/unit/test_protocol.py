@@ -1,12 +1,19 @@
+import json
+
 import pytest
 from pydantic import ValidationError
+from vllm.exceptions import VLLMValidationError
 
+from vllm_omni_images.images.errors import describe_validation_errors, error_response
 from vllm_omni_images.images.protocol import (
     INT64_MAX,
     INT64_MIN,
+    MAX_ASPECT_RATIO,
+    ImageEditRequest,
     ImageGenerationRequest,
     ImageGenerationResponse,
     ImageObject,
+    ImageVariationRequest,
 )
 
 
@@ -117,3 +124,69 @@ def test_response_shape():
     )
     assert linked.model_dump(exclude_none=True)["data"] == [{"url": "http://h/images/files/x.png"}]
     assert isinstance(dumped["created"], int) and dumped["created"] > 1_700_000_000
+
+
+@pytest.mark.parametrize("model", [ImageGenerationRequest, ImageEditRequest, ImageVariationRequest])
+def test_every_field_refuses_a_lone_surrogate_by_name(model):
+    """Valid JSON can escape half a surrogate pair (`"\\ud800"`): no tokenizer can read it
+    (it cannot be encoded as UTF-8), so any field holding one is a 400 naming that field,
+    whatever its type, before any work is queued."""
+    for field in model.model_fields:
+        for text in ("\ud800", "a fox \udfff", "\ude00\ud83d"):
+            payload = {"prompt": "p", field: text}
+            with pytest.raises(ValidationError) as info:
+                model.model_validate(payload)
+            message, param = describe_validation_errors(info.value.errors())
+            assert param is not None and param.endswith(field), (field, message)
+            assert "lone surrogate" in message
+            with pytest.raises(ValidationError):  # a form's field alike
+                model.model_validate(payload, strict=False)
+    # A whole pair, as JSON escapes a character outside the BMP, is that character.
+    pair = model.model_validate(json.loads('{"prompt": "a", "negative_prompt": "\\ud83e\\udd8a"}'))
+    assert pair.negative_prompt == "\U0001f98a"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("n", "2"),
+        ("n", 2.0),
+        ("n", True),
+        ("stream", "yes"),
+        ("stream", "true"),
+        ("stream", 1),
+        ("seed", "7"),
+        ("num_inference_steps", "4"),
+        ("guidance_scale", "1.5"),
+        ("output_compression", 50.0),
+        ("partial_images", False),
+    ],
+)
+def test_a_json_body_is_held_to_each_fields_type(field, value):
+    """As OpenAI's API: a value of the wrong JSON type is a 400 naming the field, not coerced."""
+    with pytest.raises(ValidationError) as info:
+        ImageGenerationRequest.model_validate({"prompt": "p", field: value})
+    assert field in error_fields(info.value)
+
+
+def test_a_float_field_takes_an_int_and_a_form_field_is_parsed():
+    request = ImageEditRequest.model_validate(
+        {"prompt": "p", "guidance_scale": 1, "true_cfg_scale": 4, "strength": 1, "lora_scale": 0}
+    )
+    assert (request.guidance_scale, request.strength) == (1.0, 1.0)
+    assert isinstance(request.true_cfg_scale, float)
+    form = {"prompt": "p", "n": "2", "stream": "false", "seed": "-3", "guidance_scale": "1.5"}
+    parsed = ImageEditRequest.model_validate(form, strict=False)  # as edits.read_multipart does
+    assert (parsed.n, parsed.stream, parsed.seed, parsed.guidance_scale) == (2, False, -3, 1.5)
+
+
+@pytest.mark.parametrize("model", [ImageGenerationRequest, ImageEditRequest])
+def test_a_size_more_elongated_than_8_to_1_is_refused_with_the_bound(model):
+    for size in ("64x512", "512x64", "16x128", "1024x1024"):
+        assert model.model_validate({"prompt": "p", "size": size}).size == size
+    for size in ("64x528", "528x64", "16x13107", "8x2048"):
+        with pytest.raises((ValidationError, VLLMValidationError)) as info:
+            model.model_validate({"prompt": "p", "size": size})
+        error = error_response(info.value).error
+        assert (error.code, error.param) == (400, "size")
+        assert f"at most {MAX_ASPECT_RATIO} times its shortest" in error.message

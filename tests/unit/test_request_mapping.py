@@ -18,6 +18,7 @@ from vllm_omni_images.images.protocol import (
 from vllm_omni_images.images.request_mapping import (
     MappingContext,
     image_seeds,
+    input_size,
     parse_size,
     resolve_size,
     to_engine_request,
@@ -78,6 +79,49 @@ def test_size_is_bounded():
     with pytest.raises(VLLMValidationError) as info:
         resolve_size("2048x2048", DEFAULTS)
     assert "too large" in str(info.value)
+
+
+def test_size_is_within_the_side_the_model_can_position():
+    """SD3's learned position table (the tiny SD3's 48 positions x 2x2 patches x VAE 8):
+    a size within the pixel limit whose side is longer is refused, naming the bound."""
+    sd3 = dataclasses.replace(DEFAULTS, max_side=768)
+    assert resolve_size("768x256", sd3) == (768, 256)
+    with pytest.raises(VLLMValidationError) as info:
+        resolve_size("1024x256", sd3)
+    assert info.value.parameter == "size"
+    assert "at most 768 pixels per side" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("image", "max_side", "planned"),
+    [
+        ((8, 2_097_152), None, (16, 262_144)),  # the issue's PNG: 16x1048576 before
+        ((8, 2_097_152), 98_304, (16, 98_304)),  # Qwen-Image's side (its RoPE table)
+        ((2_097_152, 8), 98_304, (98_304, 16)),
+        ((300, 200), None, (288, 192)),  # within both: rounded down to 16s
+        ((4000, 1000), 768, (768, 192)),  # a side beyond SD3's table: scaled to fit it
+        ((20_000, 2_500), None, (5792, 720)),  # at 8:1, scaled to the pixel limit
+    ],
+)
+def test_an_auto_size_is_within_the_limits_after_every_rounding(image, max_side, planned):
+    defaults = dataclasses.replace(DEFAULTS, max_pixels=2048 * 2048, max_side=max_side)
+    assert input_size(image, defaults) == planned
+
+
+def test_every_planned_size_is_a_size_the_model_accepts():
+    """For input sizes from 1 pixel to far past every limit, and aspect ratios up to 10:1: the
+    planned size is one `resolve_size` accepts (multiples of 16, pixels, sides)."""
+    for defaults in (
+        DEFAULTS,
+        dataclasses.replace(DEFAULTS, max_side=768),
+        dataclasses.replace(DEFAULTS, max_pixels=1000),  # 16x62 and 62x16 round past it
+    ):
+        for short in (1, 7, 15, 16, 17, 100, 999, 1024, 3000, 40_000):
+            for ratio in (1, 1.5, 3, 7.9, 8, 10):
+                long = int(short * ratio)
+                for image in ((short, long), (long, short)):
+                    width, height = input_size(image, defaults)
+                    assert resolve_size(f"{width}x{height}", defaults) == (width, height), image
 
 
 def test_seeds_count_up_from_the_request_seed():

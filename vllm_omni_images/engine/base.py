@@ -31,6 +31,10 @@ class ModelDefaults:
     true_cfg_scale: float | None = None
     guidance_scale: float | None = None
     max_pixels: int = 2048 * 2048
+    max_side: int | None = None
+    """Widest and tallest image, in pixels, whose positions the model's transformer can
+    encode (its position table, read from its config: `model_folder.max_side`); `None`:
+    no bound but `max_pixels` (FLUX computes its positions for any size)."""
     min_steps: int = 1
     """Fewest denoising steps that give an image (2 where one step divides by zero)."""
     supports_partial_images: bool = False

@@ -7,6 +7,7 @@ import inspect
 import json
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,13 @@ MODEL_INDEX = "model_index.json"
 _FALLBACK_SIZE = 1024
 _FALLBACK_STEPS = 50
 _FALLBACK_SIZE_MULTIPLE = 8
+
+QWEN_IMAGE_ROPE_POSITIONS = 4096
+"""Entries per axis of Qwen-Image's rotary position table (`QwenEmbedRope`'s
+`torch.arange(4096)`, in diffusers and vllm-omni alike; its config does not record it)."""
+QWEN_IMAGE_TEXT_TOKENS = 1024
+"""The most prompt tokens a Qwen-Image pipeline encodes (its `tokenizer_max_length`, vllm-omni's
+default `max_sequence_length`): their positions follow the image's on the same table."""
 
 
 def pipeline_class_name(model_path: str) -> str | None:
@@ -44,6 +52,7 @@ def read_defaults(pipe: Any, model_path: str) -> ModelDefaults:
         "height": size,
         "num_inference_steps": steps if isinstance(steps, int) else _FALLBACK_STEPS,
         "size_multiple": _size_multiple(pipe),
+        "max_side": max_side(_transformer_config(pipe, model_path), _vae_scale_factor(pipe)),
     }
     guidance = _call_default(pipe, "guidance_scale")
     if isinstance(guidance, (int, float)) and not isinstance(guidance, bool):
@@ -70,6 +79,48 @@ def _size_multiple(pipe: Any) -> int:
     if isinstance(patch_size, int) and isinstance(vae_scale_factor, int):
         multiple = math.lcm(multiple, vae_scale_factor * patch_size)
     return multiple
+
+
+def max_side(transformer: Mapping[str, Any] | None, vae_scale_factor: int) -> int | None:
+    """The longest side, in pixels, whose positions the transformer of config `transformer`
+    encodes: a side of `patches` positions is `patches x patch_size x vae_scale_factor` pixels.
+    `None` where it computes positions for any size (FLUX) or the model is not known."""
+    if transformer is None:
+        return None
+    name = transformer.get("_class_name")
+    patch_size = int(transformer.get("patch_size") or 1)
+    if name == "QwenImageTransformer2DModel":
+        # Its RoPE centres the image: half of each side's positions, then the text's, are
+        # taken from the table, so a side has 2 x (table - text) positions at most.
+        patches = 2 * (QWEN_IMAGE_ROPE_POSITIONS - QWEN_IMAGE_TEXT_TOKENS)
+    elif name == "SD3Transformer2DModel" and transformer.get("pos_embed_max_size"):
+        patches = int(transformer["pos_embed_max_size"])  # its learned table, cropped per size
+    elif name == "ZImageTransformer2DModel" and transformer.get("axes_lens"):
+        # RoPE tables per axis of (caption and frame, height, width); the smallest patch is
+        # the fewest pixels per position.
+        patches = min(int(length) for length in transformer["axes_lens"][1:])
+        patch_size = min(int(size) for size in transformer.get("all_patch_size") or [2])
+    else:
+        return None
+    return patches * patch_size * vae_scale_factor
+
+
+def _transformer_config(pipe: Any, model_path: str) -> Mapping[str, Any] | None:
+    """The config of the pipeline's transformer: the loaded one's, or the folder's file."""
+    transformer = getattr(pipe, "transformer", None)
+    config = getattr(transformer, "config", None)
+    if isinstance(config, Mapping):
+        return {**config, "_class_name": type(transformer).__name__}
+    path = Path(model_path) / "transformer" / "config.json"
+    if not path.is_file():
+        return None
+    loaded = json.loads(path.read_text())
+    return loaded if isinstance(loaded, dict) else None
+
+
+def _vae_scale_factor(pipe: Any) -> int:
+    factor = getattr(pipe, "vae_scale_factor", None)
+    return int(factor) if isinstance(factor, int) else _FALLBACK_SIZE_MULTIPLE
 
 
 def _call_default(pipe: Any, name: str) -> Any:

@@ -1,9 +1,10 @@
 """`read_multipart`: the multipart (or urlencoded) bodies of `/v1/images/edits` and
 `/v1/images/variations`, checked before any work is queued (docs/image_api.md, "Edits").
 
-Sizes and counts are refused before any image is decoded; an `http(s)` image URL is fetched
-only through `fetch_remote` (vLLM's media fetching, `--allowed-media-domains`), else a 400.
-Every image and mask, sent or fetched, is decoded by `input_images` as a photo viewer shows it.
+Sizes (pixels, the 8:1 aspect bound, from each image's header) and counts are refused before
+any image is decoded; an `http(s)` image URL is fetched only through `fetch_remote` (vLLM's
+media fetching, `--allowed-media-domains`), else a 400. Every image and mask, sent or fetched,
+is decoded by `input_images` as a photo viewer shows it.
 """
 
 from __future__ import annotations
@@ -141,7 +142,8 @@ async def _read_form(
 
 def _validate(request_model: type[_Request], fields: dict[str, str]) -> _Request:
     try:
-        return request_model.model_validate(fields)
+        # A form's fields are strings: parsed (`"n": "2"`), where a JSON body is held strictly.
+        return request_model.model_validate(fields, strict=False)
     except ValidationError as error:
         message, parameter = describe_validation_errors(error.errors())
         raise VLLMValidationError(message, parameter=parameter) from None

@@ -25,6 +25,7 @@ from functools import cache
 from PIL import ExifTags, Image, ImageCms, ImageMath, ImageOps, UnidentifiedImageError
 from vllm.exceptions import VLLMValidationError
 
+from vllm_omni_images.images.protocol import check_aspect_ratio
 from vllm_omni_images.images.safe_text import printable
 
 INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
@@ -54,7 +55,8 @@ def open_input(data: bytes, parameter: str, max_pixels: int) -> Image.Image:
 
 def read_header(data: bytes, parameter: str, max_pixels: int) -> Image.Image:
     """`data` opened, not decoded: a PNG, JPEG or WebP whose `displayed_size` is at most
-    `max_pixels`; raises `VLLMValidationError` naming `parameter`."""
+    `max_pixels` and within the aspect bound (`protocol.check_aspect_ratio`); raises
+    `VLLMValidationError` naming `parameter`."""
     with _refusing_unreadable(parameter, max_pixels):
         image = Image.open(io.BytesIO(data), formats=INPUT_FORMATS)  # reads the header only
         width, height = displayed_size(image)
@@ -64,6 +66,7 @@ def read_header(data: bytes, parameter: str, max_pixels: int) -> Image.Image:
                 "(--image-max-input-pixels).",
                 parameter=parameter,
             )
+        check_aspect_ratio(width, height, parameter)
     return image
 
 

@@ -1,6 +1,10 @@
 """Pydantic models of the OpenAI Images API, with the diffusion extensions (`negative_prompt`,
 `num_inference_steps`, `guidance_scale`, `true_cfg_scale`, `seed`, `lora_scale`). Their
-validators refuse what the request alone decides, raising vLLM's `VLLMValidationError`."""
+validators refuse what the request alone decides, raising vLLM's `VLLMValidationError`.
+
+A JSON body is validated strictly, as OpenAI's API does (`"n": "2"` and `"stream": "yes"` are
+400s; an int is a valid float); a form's fields, which are always strings, are parsed
+(`edits.read_multipart` validates with `strict=False`)."""
 
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ from vllm.exceptions import VLLMValidationError
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 SIZE_PATTERN = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
+MAX_ASPECT_RATIO = 8
+"""The longest side of an input image or a `size` at most this many times its shortest."""
 
 ResponseFormat = Literal["b64_json", "url"]
 OutputFormat = Literal["png", "jpeg", "webp"]
@@ -40,9 +46,21 @@ EDIT_ONLY_UNSUPPORTED_FIELDS = ("input_fidelity", "markup")
 """Fields of OpenAI's edits this server cannot honour in any value (`strength` is its knob)."""
 
 
+def check_aspect_ratio(width: int, height: int, parameter: str) -> None:
+    """A 400 naming `parameter` for an image or size more elongated than `MAX_ASPECT_RATIO`."""
+    if width > 0 and height > 0 and max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        fix = "Ask for a less elongated size." if parameter == "size" else "Crop or pad it."
+        raise VLLMValidationError(
+            f"{parameter} is {width}x{height}: its longest side may be at most "
+            f"{MAX_ASPECT_RATIO} times its shortest ({MAX_ASPECT_RATIO}:1). {fix}",
+            parameter=parameter,
+        )
+
+
 class ImageGenerationRequest(OpenAIBaseModel):
-    # Every field a client sends is honoured or refused by name; none is dropped unread.
-    model_config = ConfigDict(extra="forbid")
+    # Every field a client sends is honoured or refused by name; none is dropped unread. Its
+    # type too: a JSON body is held to it strictly (module docstring).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     # Its length limit is the server's (--image-max-prompt-chars): `request_mapping.check_limits`.
     prompt: str = Field(min_length=1)
@@ -78,6 +96,21 @@ class ImageGenerationRequest(OpenAIBaseModel):
     lora_scale: float | None = Field(default=None, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE)
     """The strength of the LoRA adapter that `model` names (1: as trained; 0: none)."""
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _text_is_unicode(cls, value: object) -> object:
+        """Every text field (of every request model) is text a tokenizer reads: a lone
+        surrogate, which valid JSON can escape (`"\\ud800"`), cannot be encoded as UTF-8."""
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as error:
+                raise ValueError(
+                    f"must be Unicode text: character {error.start} is a lone surrogate, "
+                    "which cannot be encoded as UTF-8"
+                ) from None
+        return value
+
     @field_validator("prompt")
     @classmethod
     def _prompt_has_text(cls, prompt: str) -> str:
@@ -88,9 +121,13 @@ class ImageGenerationRequest(OpenAIBaseModel):
     @field_validator("size")
     @classmethod
     def _size_is_width_x_height(cls, size: str | None) -> str | None:
-        if size is None or size == "auto" or SIZE_PATTERN.match(size):
+        if size is None or size == "auto":
             return size
-        raise ValueError("size must be 'WIDTHxHEIGHT' in pixels (e.g. '1024x1024') or 'auto'")
+        match = SIZE_PATTERN.match(size)
+        if match is None:
+            raise ValueError("size must be 'WIDTHxHEIGHT' in pixels (e.g. '1024x1024') or 'auto'")
+        check_aspect_ratio(int(match.group(1)), int(match.group(2)), "size")
+        return size
 
     @model_validator(mode="after")
     def _refuse_what_cannot_be_honoured(self) -> Self:

@@ -103,7 +103,7 @@ def _edit_request(
             parameter="strength",
         )
     if request.size is None or request.size == "auto":
-        width, height = input_size(image, defaults)
+        width, height = input_size(image.size, defaults)
     else:
         width, height = resolve_size(request.size, defaults)
     engine_request = _engine_request(
@@ -183,15 +183,30 @@ def strength_steps(num_inference_steps: int, strength: float) -> int:
     return num_inference_steps - int(max(num_inference_steps - num_inference_steps * strength, 0))
 
 
-def input_size(image: Image.Image, defaults: ModelDefaults) -> tuple[int, int]:
-    """The size nearest `image`'s that the model can produce: scaled down to `max_pixels` if
-    larger, then each side rounded down to the size multiple (at least one multiple)."""
-    width, height = image.size
-    if width * height > defaults.max_pixels:
-        scale = (defaults.max_pixels / (width * height)) ** 0.5
-        width, height = int(width * scale), int(height * scale)
+def input_size(size: tuple[int, int], defaults: ModelDefaults) -> tuple[int, int]:
+    """The size nearest an input image's `size` that the model can produce, after every
+    rounding within `max_pixels` and each side within `max_side`: scaled down to fit both, then
+    each side rounded down to the size multiple (at least one multiple)."""
+    width, height = size
     multiple = defaults.size_multiple
-    return max(multiple, width // multiple * multiple), max(multiple, height // multiple * multiple)
+    scale = min(1.0, (defaults.max_pixels / (width * height)) ** 0.5)
+    if (longest := longest_side(defaults)) is not None:
+        scale = min(scale, longest / max(width, height))
+    width, height = (max(multiple, int(side * scale) // multiple * multiple) for side in size)
+    if width * height > defaults.max_pixels:
+        # Rounding raised a side (the short one, to one multiple): the long side gives way.
+        short = min(width, height)
+        long = max(multiple, defaults.max_pixels // short // multiple * multiple)
+        width, height = (short, long) if width == short else (long, short)
+    return width, height
+
+
+def longest_side(defaults: ModelDefaults) -> int | None:
+    """The model's `max_side` as a multiple of its size multiple; `None` without one."""
+    if defaults.max_side is None:
+        return None
+    multiple = defaults.size_multiple
+    return max(multiple, defaults.max_side // multiple * multiple)
 
 
 def quality_steps(quality: str | None, default_steps: int, min_steps: int = 1) -> int:
@@ -229,6 +244,13 @@ def resolve_size(size: str | None, defaults: ModelDefaults) -> tuple[int, int]:
         raise VLLMValidationError(
             f"size {size!r} is too large: this server generates at most "
             f"{defaults.max_pixels} pixels per image (--image-max-pixels).",
+            parameter="size",
+        )
+    longest = longest_side(defaults)
+    if longest is not None and max(width, height) > longest:
+        raise VLLMValidationError(
+            f"size {size!r} is too large for this model: its transformer encodes the positions "
+            f"of at most {longest} pixels per side.",
             parameter="size",
         )
     return width, height
