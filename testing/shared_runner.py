@@ -34,5 +34,8 @@ class SharedRunner:
     def add_lora(self, adapter: LoRAAdapter) -> None:
         self.inner.add_lora(adapter)
 
+    def unavailable_adapters(self) -> frozenset[int]:
+        return self.inner.unavailable_adapters()
+
     def close(self) -> None:
         return None  # the runner outlives this engine

@@ -59,6 +59,35 @@ def write_foreign_lora(folder: Path) -> Path:
     return folder
 
 
+def write_sparse_lora(
+    file: Path, module: str, in_features: int, out_features: int, rank: int
+) -> Path:
+    """A diffusers-format adapter file of one transformer layer (`module`, `in_features` to
+    `out_features`) at `rank`, whose weights are a hole: a sparse file as long as its header
+    says (gigabytes for a large rank) that takes no disk, for checks that must refuse it from
+    its header alone."""
+    import json
+
+    sizes = (rank * in_features * 4, out_features * rank * 4)  # float32
+    header = {
+        f"transformer.{module}.lora_A.weight": {
+            "dtype": "F32",
+            "shape": [rank, in_features],
+            "data_offsets": [0, sizes[0]],
+        },
+        f"transformer.{module}.lora_B.weight": {
+            "dtype": "F32",
+            "shape": [out_features, rank],
+            "data_offsets": [sizes[0], sum(sizes)],
+        },
+    }
+    raw = json.dumps(header).encode()
+    with file.open("wb") as handle:
+        handle.write(len(raw).to_bytes(8, "little") + raw)
+        handle.truncate(8 + len(raw) + sum(sizes))
+    return file
+
+
 def main() -> None:
     """`python -m testing.tiny_lora FOLDER [FOLDER ...]`: adapters of the embedded model, the
     first made with `--seed`, each next with the next seed."""

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+import torch
 
-from testing.tiny_lora import build_tiny_lora, write_foreign_lora
+from testing.tiny_lora import build_tiny_lora, write_foreign_lora, write_sparse_lora
 from tests.support.omni import SAME_IMAGE
 from vllm_omni_images.engine.base import LoRASettings
 from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
@@ -249,10 +251,109 @@ async def test_loading_a_bad_adapter_is_a_400_and_the_server_keeps_serving(
         response = await client.post(
             "/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": str(path)}
         )
-        error = assert_openai_error(response, 400)
-        assert "'bad'" in error["message"]  # vLLM leaves paths out of error messages
+        error = assert_openai_error(response, 400, "lora_path")
+        assert error["message"].startswith("LoRA adapter 'bad' cannot be served: ")
+        assert str(path) not in error["message"]  # as vLLM, file paths stay out of messages
         assert await model_ids(client) == {BASE, "style"}
         assert (await generate(client, model="style", **FAST)).status_code == 200
+
+
+SECRET = "SECRET-IN-HEADER-42"
+
+
+async def test_a_refusal_quotes_nothing_of_the_files_and_cannot_probe_paths(
+    runtime_client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """What the server's files hold, and whether a path exists or is readable, is not the
+    business of a client: nothing there, a system file, a folder, a safetensors file whose
+    header holds words, and a file that is no safetensors file all get the same answer."""
+    from safetensors.torch import save_file
+
+    secret = tmp_path / "secret.safetensors"
+    save_file({SECRET: torch.zeros(2)}, str(secret), metadata={"note": SECRET})
+    (tmp_path / "words.safetensors").write_text(f'{{"{SECRET}": 1}}')
+    paths = [tmp_path / "nowhere", Path("/etc/passwd"), tmp_path, secret]
+    async with runtime_client as client:
+        messages = set()
+        for path in [*paths, tmp_path / "words.safetensors"]:
+            response = await client.post(
+                "/v1/load_lora_adapter", json={"lora_name": "probe", "lora_path": str(path)}
+            )
+            error = assert_openai_error(response, 400, "lora_path")
+            assert SECRET not in response.text and str(path) not in response.text
+            messages.add(error["message"])
+        assert len(messages) == 1, messages
+
+
+async def test_a_huge_adapter_above_max_lora_rank_is_refused_from_its_header_alone(
+    runtime_client: httpx.AsyncClient,
+    lora_runner: DiffusersRunner,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A 1 GiB adapter (sparse: its weights are a hole) for the served model's own layer, of
+    a rank above --max-lora-rank, is refused without its weights being read."""
+    layer = lora_runner.pipeline.transformer.transformer_blocks[0].attn.to_q
+    rank = 2**30 // ((layer.in_features + layer.out_features) * 4)
+    huge = write_sparse_lora(
+        tmp_path / "huge.safetensors",
+        "transformer_blocks.0.attn.to_q",
+        layer.in_features,
+        layer.out_features,
+        rank,
+    )
+    assert huge.stat().st_size >= 2**30 - 2**20
+
+    def no_weights(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr("safetensors.safe_open", no_weights)
+    async with runtime_client as client:
+        response = await client.post(
+            "/v1/load_lora_adapter", json={"lora_name": "huge", "lora_path": str(huge)}
+        )
+        error = assert_openai_error(response, 400, "lora_path")
+        assert error["message"] == (
+            f"LoRA adapter 'huge' cannot be served: its rank {rank} is above --max-lora-rank 16."
+        )
+
+
+@pytest.mark.parametrize(
+    "name",
+    [BASE, "org/style", "a" * 5000, "", "_style", "style\nv2"],
+    ids=["base", "slash", "5000-chars", "empty", "underscore-first", "newline"],
+)
+async def test_an_adapter_name_of_a_base_model_or_outside_the_pattern_is_a_400(
+    runtime_client: httpx.AsyncClient, tiny_loras: dict[str, Path], name: str
+) -> None:
+    """A name that would shadow the base model (listed twice in /v1/models, unreachable) or
+    is not of the one pattern (letters, digits, '.', '_', '-'; at most 64) is refused."""
+    async with runtime_client as client:
+        response = await client.post(
+            "/v1/load_lora_adapter",
+            json={"lora_name": name, "lora_path": str(tiny_loras["third"])},
+        )
+        error = assert_openai_error(response, 400, "lora_name")
+        assert error["message"].startswith("lora_name ") and len(error["message"]) < 400
+        assert [card["id"] for card in (await client.get("/v1/models")).json()["data"]] == [
+            BASE,
+            "style",
+        ]
+        assert (
+            await client.post("/v1/unload_lora_adapter", json={"lora_name": name})
+        ).status_code == (400 if name == "" else 404)
+
+
+async def test_an_adapter_named_as_the_base_model_stops_the_start_up(
+    make_app: AppFactory, lora_runner: DiffusersRunner, tiny_loras: dict[str, Path]
+) -> None:
+    with pytest.raises(
+        EngineUnavailableError,
+        match=r"^--lora-modules: lora_name 'tiny-qwen-image' is the base model's",
+    ):
+        await make_app(
+            lora_runner, ["--enable-lora", "--lora-modules", f"{BASE}={tiny_loras['style']}"]
+        )
 
 
 async def test_unloading_an_adapter_in_use_lets_its_requests_finish_with_it(
@@ -269,3 +370,83 @@ async def test_unloading_an_adapter_in_use_lets_its_requests_finish_with_it(
         for result in await asyncio.gather(*running):
             assert differ(result, alone) <= SAME_IMAGE
         assert_openai_error(await generate(client, model="style", **FAST), 404, "model")
+
+
+# An adapter whose files go away or break after it left host memory (--max-cpu-loras).
+
+
+@pytest.fixture(scope="module")
+def one_slot_runner(tiny_model_dir: Path) -> Iterator[DiffusersRunner]:
+    """One adapter loaded and one kept read: naming another evicts it, to be read again."""
+    runner = DiffusersRunner(
+        str(tiny_model_dir), device="cpu", lora=LoRASettings(max_loras=1, max_cpu_loras=1)
+    )
+    yield runner
+    runner.close()
+
+
+async def test_an_evicted_adapter_whose_files_broke_fails_only_its_own_requests(
+    make_app: AppFactory,
+    one_slot_runner: DiffusersRunner,
+    tiny_loras: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    """Its requests are a 503 naming it (not a 500), the others' run as before, /v1/models
+    leaves it out while it cannot be used, and it is back once its files are."""
+    victim = tmp_path / "victim"
+    shutil.copytree(tiny_loras["third"], victim)
+    flags = ["--enable-lora", "--lora-modules", f"style={tiny_loras['style']}", f"victim={victim}"]
+    async with http_client(await make_app(one_slot_runner, flags)) as client:
+        base, styled = await image(client), await image(client, model="style")
+        good = await image(client, model="victim")  # now the one read: style is evicted
+        await image(client, model="style")  # read again: victim is evicted
+        weights = victim / "pytorch_lora_weights.safetensors"
+        saved = weights.read_bytes()
+        for breakage in ("deleted", "corrupt", "another model"):
+            shutil.rmtree(victim, ignore_errors=True)
+            if breakage == "corrupt":
+                victim.mkdir()
+                weights.write_bytes(saved[: len(saved) // 2])
+            elif breakage == "another model":
+                write_foreign_lora(victim)
+            results = await asyncio.gather(
+                generate(client, model="victim", **FAST),
+                generate(client, model="style", **FAST, seed=11),
+                generate(client, **FAST, seed=11),
+            )
+            error = assert_openai_error(results[0], 503, "model")
+            assert error["message"].startswith("LoRA adapter 'victim' is not available: ")
+            assert str(victim) not in error["message"]
+            assert differ(pixels(results[1].json()["data"][0]["b64_json"]), styled) <= SAME_IMAGE
+            assert differ(pixels(results[2].json()["data"][0]["b64_json"]), base) <= SAME_IMAGE
+            assert await model_ids(client) == {BASE, "style"}, breakage
+        shutil.rmtree(victim, ignore_errors=True)
+        victim.mkdir()
+        weights.write_bytes(saved)
+        assert differ(await image(client, model="victim"), good) <= SAME_IMAGE
+        assert await model_ids(client) == {BASE, "style", "victim"}
+
+
+async def test_lora_resolver_plugins_are_asked_only_for_names_an_adapter_may_have(
+    make_app: AppFactory, lora_runner: DiffusersRunner
+) -> None:
+    """vLLM's resolvers turn a request's `model` into an adapter (its filesystem resolver
+    joins it to a folder): a name like `../x` never reaches them."""
+    from vllm.lora.request import LoRARequest
+
+    asked: list[str] = []
+
+    class Recorder:
+        async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
+            asked.append(lora_name)
+            return None
+
+    app = await make_app(lora_runner, ["--enable-lora"])
+    models = app.state.openai_serving_models
+    models.lora_resolvers.append(Recorder())
+    for name in ("../secrets", "a/b", BASE, "x" * 65):
+        refused = await models.resolve_lora(name)
+        assert refused.error.code == 404 and len(refused.error.message) < 200
+    assert asked == []
+    assert (await models.resolve_lora("style-v2")).error.code == 404
+    assert asked == ["style-v2"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -299,6 +300,42 @@ async def test_an_adapter_of_another_model_is_refused_and_the_engine_serves_on(
     with pytest.raises(LoRAAdapterError, match=r"'foreign'.*another model"):
         await omni_engine.add_lora(LoRAAdapter("foreign", 199, str(tmp_path)))
     assert len(await images_from(client, req(1))) == 1
+
+
+async def test_an_adapter_whose_copy_went_away_is_copied_again_or_fails_alone(
+    client: ImageEngineClient,
+    omni_engine: OmniEngine,
+    adapters: dict[str, LoRAAdapter],
+    tiny_loras: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    """vllm-omni reads an evicted adapter again from the PEFT copy: a copy that went away (a
+    temporary-file cleaner) is written again from the adapter's files; with those gone too,
+    the adapter's requests fail with `LoRAAdapterUnavailableError`, and no other's."""
+    from vllm_omni_images.engine.errors import LoRAAdapterUnavailableError
+
+    own = tmp_path / "own"
+    shutil.copytree(tiny_loras["other"], own)
+    adapter = LoRAAdapter("own", 197, str(own))
+    await omni_engine.add_lora(adapter)
+    [before] = await images_from(client, req(3, lora=adapter))
+    assert omni_engine._adapters is not None
+    copy = Path((await omni_engine._adapters.request_for(adapter) or pytest.fail()).lora_path)
+    shutil.rmtree(copy)
+    [again] = await images_from(client, req(3, lora=adapter))
+    assert difference(again, before) <= SAME_IMAGE
+    copy = Path((await omni_engine._adapters.request_for(adapter) or pytest.fail()).lora_path)
+    assert copy.is_dir()
+    shutil.rmtree(copy)
+    shutil.rmtree(own)
+    with pytest.raises(LoRAAdapterUnavailableError, match=r"^LoRA adapter 'own' is not available"):
+        await images_from(client, req(3, lora=adapter))
+    assert omni_engine.unavailable_adapters() == {197}
+    assert len(await images_from(client, req(3, lora=adapters["style"]))) == 1
+    shutil.copytree(tiny_loras["other"], own)
+    [back] = await images_from(client, req(3, lora=adapter))
+    assert difference(back, before) <= SAME_IMAGE
+    assert omni_engine.unavailable_adapters() == frozenset()
 
 
 async def test_adapters_are_served_as_model_names_through_the_api(

@@ -121,6 +121,9 @@ class FakeRunner:
     def add_lora(self, adapter: LoRAAdapter) -> None:
         self.adapters.append(adapter)
 
+    def unavailable_adapters(self) -> frozenset[int]:
+        return frozenset()
+
     def run(
         self,
         requests: Sequence[EngineRequest],

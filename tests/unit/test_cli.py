@@ -111,6 +111,34 @@ def test_the_lora_flags_reach_the_engines_checked_as_vllm_checks_them(serve_pars
         settings("--enable-lora", "--max-loras", "3", "--max-cpu-loras", "2")
 
 
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("m", "the base model's served name"),
+        ("qwen", "the base model's served name"),
+        ("org/style", "not a valid adapter name"),
+        ("a" * 65, "at most 64 characters"),
+        ("_style", "must start with a letter or digit"),
+        ("style v2", "not a valid adapter name"),
+    ],
+)
+def test_lora_modules_names_are_checked_before_the_model_loads(
+    serve_parser, name: str, why: str
+) -> None:
+    """An adapter's name is a served name: never a base model's, and of one pattern."""
+    from vllm_omni_images.engine.errors import EngineUnavailableError
+    from vllm_omni_images.server.launcher import lora_settings_from_args
+
+    flags = ["--enable-lora", "--served-model-name", "m", "qwen"]
+    assert lora_settings_from_args(
+        serve_parser.parse_args(["m", "--task", "image", *flags, "--lora-modules", "s.v2_x-1=/a"])
+    )
+    args = serve_parser.parse_args(["m", "--task", "image", *flags, "--lora-modules", f"{name}=/a"])
+    with pytest.raises(EngineUnavailableError, match=r"^--lora-modules: lora_name ") as refused:
+        lora_settings_from_args(args)
+    assert why in str(refused.value) and len(str(refused.value)) < 400
+
+
 def test_the_model_flags_reach_the_engines(serve_parser):
     from vllm_omni_images.engine.model_source import ModelSource
     from vllm_omni_images.server.launcher import engine_settings_from_args, model_source_from_args

@@ -1,24 +1,34 @@
 """Reading LoRA adapters: diffusers' and PEFT's formats give one form, scaled as PEFT scales
-them; what cannot be served is refused in one line naming the adapter and its path."""
+them; what cannot be served is refused in one line naming the adapter and a reason, checked
+from the headers before any weight is read, never quoting the files, and alike for a path with
+nothing there and one with something unreadable or foreign."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from testing.tiny_lora import write_sparse_lora
+from vllm_omni_images.engine.base import LoRAAdapter
 from vllm_omni_images.engine.errors import LoRAAdapterError
 from vllm_omni_images.engine.lora_files import (
     DIFFUSERS_METADATA_KEY,
+    NOT_AN_ADAPTER,
     PEFT_CONFIG,
     PEFT_WEIGHTS,
+    AdapterWeights,
     check_fits,
     check_rank,
     diffusers_state_dict,
-    read_adapter,
+    inspect_adapter,
+    read_checked,
+    read_weights,
     write_peft_folder,
 )
 
@@ -34,6 +44,10 @@ class Tiny(torch.nn.Module):
         block.to_q = torch.nn.Linear(8, 6)
         block.to_out = torch.nn.ModuleList([torch.nn.Linear(6, 8), torch.nn.Dropout()])
         self.blocks = torch.nn.ModuleList([block])
+
+
+def read_adapter(path: str | Path, name: str = "a") -> AdapterWeights:
+    return read_weights(inspect_adapter(str(path), name), name)
 
 
 def pair(rank: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +80,7 @@ def test_diffusers_format_folder_and_file_read_alike(tmp_path: Path) -> None:
     from_file = read_adapter(str(folder / "pytorch_lora_weights.safetensors"), "a")
     down, up = pair()
     for weights in (from_folder, from_file):
-        assert weights.rank == 2 and weights.target_modules == ["to_q"]
+        assert weights.rank == 2 and list(weights.modules) == [MODULE]
         got_down, got_up = weights.modules[MODULE]
         assert torch.equal(got_down, down) and torch.equal(got_up, up)  # alpha = rank: x1
 
@@ -95,8 +109,8 @@ def test_vllm_omni_gets_its_own_name_for_the_output_projection(tmp_path: Path) -
             "transformer.blocks.0.to_out.0.lora_B.weight": up,
         },
     )
+    check_fits(inspect_adapter(str(folder), "a"), Tiny(), "a")  # diffusers' names fit
     weights = read_adapter(str(folder), "a")
-    check_fits(weights, Tiny(), "a", str(folder))  # diffusers' names fit diffusers' model
     write_peft_folder(weights, tmp_path / "peft")
     config = json.loads((tmp_path / "peft" / PEFT_CONFIG).read_text())
     assert config["target_modules"] == ["to_out", "to_q"]
@@ -114,63 +128,216 @@ def test_vllm_omni_gets_its_own_name_for_the_output_projection(tmp_path: Path) -
 @pytest.mark.parametrize(
     ("setup", "reason"),
     [
-        ("missing", "no file or folder"),
-        ("empty folder", "neither"),
-        ("corrupt", "not a readable safetensors"),
-        ("text encoder", "not LoRA weights of the transformer"),
+        ("text encoder", "1 tensor(s) besides LoRA weights of the transformer"),
         ("half", "lacks its lora_A or lora_B"),
+        ("rank mismatch", "matrices of one rank"),
+        ("integers", "not floating-point"),
         ("dora", "DoRA"),
+        ("alpha not a number", "LoRA configuration"),
     ],
 )
-def test_what_cannot_be_read_is_refused_naming_the_adapter(
+def test_an_adapter_that_cannot_be_served_is_refused_naming_it_and_why(
     tmp_path: Path, setup: str, reason: str
 ) -> None:
     path = tmp_path / "adapter"
-    if setup == "empty folder":
+    if setup == "text encoder":
+        diffusers_file(path, extra={"text_encoder.SECRET.q.lora_A.weight": torch.zeros(2, 2)})
+    elif setup in ("half", "rank mismatch", "integers"):
+        tensors = {f"transformer.{MODULE}.lora_A.weight": torch.zeros(2, 8)}
+        if setup == "rank mismatch":
+            tensors[f"transformer.{MODULE}.lora_B.weight"] = torch.zeros(6, 3)
+        if setup == "integers":
+            tensors = {key: torch.zeros(2, 2, dtype=torch.int32) for key in diffusers_keys()}
         path.mkdir()
-    elif setup == "corrupt":
-        path.mkdir()
-        (path / "pytorch_lora_weights.safetensors").write_bytes(b"\x00\x01garbage")
-    elif setup == "text encoder":
-        diffusers_file(path, extra={"text_encoder.layers.0.q.lora_A.weight": torch.zeros(2, 2)})
-    elif setup == "half":
-        path.mkdir()
-        save_file(
-            {f"transformer.{MODULE}.lora_A.weight": torch.zeros(2, 8)},
-            str(path / "pytorch_lora_weights.safetensors"),
-        )
+        save_file(tensors, str(path / "pytorch_lora_weights.safetensors"))
     elif setup == "dora":
-        write_peft_folder(read_adapter(str(diffusers_file(tmp_path / "d")), "x"), path)
+        write_peft_folder(read_adapter(diffusers_file(tmp_path / "d")), path)
         config = json.loads((path / PEFT_CONFIG).read_text())
         (path / PEFT_CONFIG).write_text(json.dumps({**config, "use_dora": True}))
+    elif setup == "alpha not a number":
+        write_peft_folder(read_adapter(diffusers_file(tmp_path / "d")), path)
+        config = json.loads((path / PEFT_CONFIG).read_text())
+        (path / PEFT_CONFIG).write_text(json.dumps({**config, "lora_alpha": "SECRET"}))
     with pytest.raises(LoRAAdapterError) as refused:
-        read_adapter(str(path), "style")
+        inspect_adapter(str(path), "style")
     message = str(refused.value)
-    assert message.startswith("LoRA adapter 'style'") and str(path) in message
+    assert message.startswith("LoRA adapter 'style' cannot be served: ")
     assert reason in message and "\n" not in message
+    assert "SECRET" not in message and str(path) not in message
+
+
+def diffusers_keys() -> list[str]:
+    return [f"transformer.{MODULE}.lora_{m}.weight" for m in "AB"]
+
+
+def header_file(path: Path, header: object, data: bytes = b"") -> None:
+    """A file in safetensors' layout with any header (JSON of `header`, or these bytes)."""
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+
+
+SECRET = "SECRET-IN-HEADER-42"
+
+
+def not_an_adapter(setup: str, tmp_path: Path) -> str:
+    """A lora_path with nothing there, something the server cannot read, or no adapter: the
+    file's own words (`SECRET`) wherever a header holds words."""
+    path = tmp_path / "adapter"
+    weights = path / "pytorch_lora_weights.safetensors"
+    one = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
+    if setup == "missing":
+        return str(tmp_path / "nowhere")
+    if setup == "missing inside a file":  # a path through a file: ENOTDIR
+        (tmp_path / "file").write_text("x")
+        return str(tmp_path / "file" / "adapter")
+    if setup == "NUL in the path":
+        return f"{tmp_path}/a\x00b"
+    if setup == "5000 characters":
+        return "/" + "a" * 5000
+    if setup == "a device":
+        return "/dev/zero"
+    if setup == "a FIFO":  # opened without blocking, and refused
+        os.mkfifo(tmp_path / "fifo")
+        return str(tmp_path / "fifo")
+    path.mkdir()
+    if setup == "empty folder":
+        pass
+    elif setup == "PEFT folder without weights":
+        (path / PEFT_CONFIG).write_text("{}")
+    elif setup == "PEFT config not JSON":
+        (path / PEFT_CONFIG).write_text(f"{{{SECRET}")
+        save_file({k: torch.zeros(2, 2) for k in diffusers_keys()}, str(path / PEFT_WEIGHTS))
+    elif setup == "garbage":
+        weights.write_bytes(b"\x00\x01" + SECRET.encode())
+    elif setup == "header not JSON":
+        header_file(weights, f'{{"{SECRET}": '.encode())
+    elif setup == "header nested too deep":
+        header_file(weights, b"[" * 100_000)
+    elif setup == "header says more than the file holds":
+        header_file(weights, {SECRET: one}, data=b"")
+    elif setup == "overlapping tensors":
+        header_file(weights, {SECRET: one, "b": one}, data=bytes(8))
+    elif setup == "unknown dtype":
+        header_file(weights, {"a": {**one, "dtype": SECRET}}, data=bytes(4))
+    elif setup == "metadata not strings":
+        header_file(weights, {"__metadata__": {SECRET: 1}, "a": one}, data=bytes(4))
+    elif setup == "LoRA metadata not JSON":
+        save_file(
+            {k: torch.zeros(2, 2) for k in diffusers_keys()},
+            str(weights),
+            {DIFFUSERS_METADATA_KEY: SECRET},
+        )
+    elif setup == "no LoRA tensors":
+        save_file({SECRET: torch.zeros(2)}, str(weights))
+    return str(path)
+
+
+NOT_ADAPTERS = [
+    "missing",
+    "missing inside a file",
+    "NUL in the path",
+    "5000 characters",
+    "a device",
+    "a FIFO",
+    "empty folder",
+    "PEFT folder without weights",
+    "PEFT config not JSON",
+    "garbage",
+    "header not JSON",
+    "header nested too deep",
+    "header says more than the file holds",
+    "overlapping tensors",
+    "unknown dtype",
+    "metadata not strings",
+    "LoRA metadata not JSON",
+    "no LoRA tensors",
+]
+
+
+@pytest.mark.parametrize("setup", NOT_ADAPTERS)
+def test_nothing_there_and_no_adapter_there_get_one_message_that_quotes_nothing(
+    tmp_path: Path, setup: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client may not probe the server's files: whatever is not an adapter (nothing, no
+    access, not safetensors, no LoRA weights) is refused in the same words, which quote
+    neither the path nor the file; the server's log says what was wrong."""
+    path = not_an_adapter(setup, tmp_path)
+    with (
+        caplog.at_level(logging.WARNING, logger="vllm_omni_images.engine.lora_files"),
+        pytest.raises(LoRAAdapterError) as refused,
+    ):
+        inspect_adapter(path, "style")
+    assert str(refused.value) == f"LoRA adapter 'style' cannot be served: {NOT_AN_ADAPTER}."
+    assert "style" in caplog.text  # the log names it, with the reason
+
+
+def test_the_rank_and_layers_are_checked_from_the_header_before_any_weight_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 1 GiB adapter (a sparse file: its weights are a hole) whose header declares a rank
+    above the limit is refused having read its header alone: safetensors never opens it, and
+    the process reads (read(2)) far less than its size."""
+    rank = 2**24  # A (rank, 8) and B (6, rank) in float32: 896 MiB
+    big = write_sparse_lora(tmp_path / "big.safetensors", MODULE, 8, 6, rank)
+    assert big.stat().st_size > 2**29
+
+    def no_weights(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr("safetensors.safe_open", no_weights)
+    read_before = bytes_read()
+    with pytest.raises(LoRAAdapterError, match=f"its rank {rank} is above --max-lora-rank 16"):
+        read_checked(LoRAAdapter("big", 1, str(big)), 16, Tiny())
+    assert bytes_read() - read_before < 2**20
+    # The layers too: an adapter of the right rank for another model is refused unread.
+    other = torch.nn.Module()
+    other.layer = torch.nn.Linear(8, 6)
+    with pytest.raises(LoRAAdapterError, match="another model"):
+        read_checked(LoRAAdapter("big", 1, str(big)), rank, other)
+    assert bytes_read() - read_before < 2**20
+
+
+def bytes_read() -> int:
+    """What this process has read with read(2) and its kin (Linux's /proc/self/io rchar)."""
+    try:
+        io = Path("/proc/self/io").read_text()
+    except OSError:
+        pytest.skip("no /proc/self/io to count bytes read")
+    return int(next(line for line in io.splitlines() if line.startswith("rchar:")).split()[1])
+
+
+def test_the_header_reads_as_safetensors_reads_it(tmp_path: Path) -> None:
+    from vllm_omni_images.engine.safetensors_header import read_header
+
+    tensors = {"b": torch.zeros(3, 5, dtype=torch.bfloat16), "a": torch.ones(2, dtype=torch.int64)}
+    save_file(tensors, str(tmp_path / "f.safetensors"), metadata={"k": "v"})
+    header = read_header(tmp_path / "f.safetensors")
+    assert {name: entry.shape for name, entry in header.tensors.items()} == {"a": (2,), "b": (3, 5)}
+    assert (header.tensors["a"].dtype, header.tensors["b"].dtype) == ("I64", "BF16")
+    assert header.metadata == {"k": "v"}
 
 
 def test_an_adapter_of_another_model_or_rank_is_refused(tmp_path: Path) -> None:
-    weights = read_adapter(str(diffusers_file(tmp_path)), "a")
-    check_fits(weights, Tiny(), "a", "p")
-    check_rank(weights, 2, "a", "p")
+    layout = inspect_adapter(str(diffusers_file(tmp_path)), "a")
+    check_fits(layout, Tiny(), "a")
+    check_rank(layout, 2, "a")
     with pytest.raises(LoRAAdapterError, match="rank 2 is above --max-lora-rank 1"):
-        check_rank(weights, 1, "a", "p")
+        check_rank(layout, 1, "a")
     wider = Tiny()
     wider.blocks[0].to_q = torch.nn.Linear(16, 6)
     with pytest.raises(LoRAAdapterError, match=r"another model.*maps 8 to 6.*maps 16 to 6"):
-        check_fits(weights, wider, "a", "p")
+        check_fits(layout, wider, "a")
     other = torch.nn.Module()
     other.layer = torch.nn.Linear(8, 6)
-    with pytest.raises(LoRAAdapterError, match=r"has no layer blocks\.0\.to_q"):
-        check_fits(weights, other, "a", "p")
+    with pytest.raises(LoRAAdapterError, match=r"1 of its 1 layers are not layers of Module\.$"):
+        check_fits(layout, other, "a")
 
 
 def test_a_model_without_a_transformer_serves_no_adapter(tmp_path: Path) -> None:
     """A UNet pipeline (or a folder without a diffusers transformer) has nothing to adapt."""
     from vllm_omni_images.engine.lora_files import meta_transformer
 
-    weights = read_adapter(str(diffusers_file(tmp_path / "a")), "a")
+    layout = inspect_adapter(str(diffusers_file(tmp_path / "a")), "a")
     assert meta_transformer(str(tmp_path)) is None
     with pytest.raises(LoRAAdapterError, match=r"'a'.*has no transformer"):
-        check_fits(weights, None, "a", "p")
+        check_fits(layout, None, "a")

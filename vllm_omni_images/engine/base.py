@@ -197,6 +197,11 @@ class ImageEngine(abc.ABC):
         """Load `adapter` for requests that name it; raise `LoRAAdapterError` if it cannot be."""
         raise LoRAAdapterError.not_enabled(adapter.name)
 
+    def unavailable_adapters(self) -> frozenset[int]:
+        """The ids of adapters added earlier that cannot be used now (their requests fail
+        with `LoRAAdapterUnavailableError`); callable from any thread."""
+        return frozenset()
+
     def check_health(self) -> None:  # noqa: B027 - engines with nothing to check keep this
         """Raise `EngineDiedError` or `EngineHungError` if the engine cannot serve."""
 

@@ -81,6 +81,11 @@ class PipelineRunner(Protocol):
         `LoRAAdapterError`."""
         ...
 
+    def unavailable_adapters(self) -> frozenset[int]:
+        """From any thread: adapters whose files could not be read again when a call needed
+        them (that call raised `LoRAAdapterUnavailableError`)."""
+        ...
+
     def close(self) -> None:
         """Release the model's memory."""
         ...
@@ -253,6 +258,9 @@ class BatchingEngine(ImageEngine):
         await asyncio.get_running_loop().run_in_executor(
             self._executor, self.runner.add_lora, adapter
         )
+
+    def unavailable_adapters(self) -> frozenset[int]:
+        return self.runner.unavailable_adapters()
 
     async def close(self) -> None:
         """Fail waiting requests, let the running batch finish (unless hung), release the model."""

@@ -25,14 +25,9 @@ from vllm_omni_images.engine.errors import (
     EngineRequestError,
     GenerationCancelled,
     LoRAAdapterError,
+    LoRAAdapterUnavailableError,
 )
-from vllm_omni_images.engine.lora_files import (
-    AdapterWeights,
-    check_fits,
-    check_rank,
-    diffusers_state_dict,
-    read_adapter,
-)
+from vllm_omni_images.engine.lora_files import AdapterWeights, diffusers_state_dict, read_checked
 from vllm_omni_images.engine.model_folder import read_defaults
 from vllm_omni_images.engine.previews import decode_previews, preview_steps, supports_previews
 
@@ -105,6 +100,9 @@ class DiffusersRunner:
         if self._lora is None:
             raise LoRAAdapterError.not_enabled(adapter.name)
         self._lora.add(adapter)
+
+    def unavailable_adapters(self) -> frozenset[int]:
+        return frozenset() if self._lora is None else self._lora.unavailable
 
     def run(
         self,
@@ -246,12 +244,16 @@ class _LoRASlots:
         self._read: OrderedDict[int, tuple[LoRAAdapter, AdapterWeights]] = OrderedDict()
         self._loaded: OrderedDict[int, LoRAAdapter] = OrderedDict()
         self._active: tuple[int, float] | None = None
+        self.unavailable: frozenset[int] = frozenset()
+        """Adapters whose files could not be read again when a batch needed them; replaced
+        whole, never changed in place, so that other threads may read it."""
 
     def add(self, adapter: LoRAAdapter) -> None:
         weights = self._read_checked(adapter)
         if adapter.adapter_id in self._loaded:  # loaded again in place: its weights changed
             self._unload(adapter.adapter_id)
         self._keep(adapter, weights)
+        self.unavailable -= {adapter.adapter_id}
 
     def activate(self, adapter: LoRAAdapter | None, scale: float) -> None:
         if adapter is None:
@@ -270,11 +272,8 @@ class _LoRASlots:
         self._active = (adapter.adapter_id, scale)
 
     def _read_checked(self, adapter: LoRAAdapter) -> AdapterWeights:
-        weights = read_adapter(adapter.path, adapter.name)
-        check_rank(weights, self._settings.max_lora_rank, adapter.name, adapter.path)
         transformer = getattr(self._pipe, "transformer", None)  # a UNet pipeline has none
-        check_fits(weights, transformer, adapter.name, adapter.path)
-        return weights
+        return read_checked(adapter, self._settings.max_lora_rank, transformer)
 
     def _keep(self, adapter: LoRAAdapter, weights: AdapterWeights) -> None:
         self._read[adapter.adapter_id] = (adapter, weights)
@@ -284,8 +283,15 @@ class _LoRASlots:
 
     def _load(self, adapter: LoRAAdapter) -> None:
         kept = self._read.get(adapter.adapter_id)
-        # Evicted from host memory since it was added: read it again, as vLLM does.
-        weights = kept[1] if kept is not None else self._read_checked(adapter)
+        if kept is not None:
+            weights = kept[1]
+        else:  # evicted from host memory since it was added: read it again, as vLLM does
+            try:
+                weights = self._read_checked(adapter)
+            except LoRAAdapterError as error:
+                self.unavailable |= {adapter.adapter_id}
+                raise LoRAAdapterUnavailableError(error) from None
+            self.unavailable -= {adapter.adapter_id}
         self._keep(adapter, weights)
         while len(self._loaded) >= self._settings.max_loras:
             self._unload(next(iter(self._loaded)))

@@ -21,8 +21,13 @@ class EngineDiedError(EngineError):
 
 
 class LoRAAdapterError(ValueError):
-    """A LoRA adapter cannot be served; the message, one line, starts with `prefix(name)` and
-    says why."""
+    """A LoRA adapter cannot be served: the message, one line, starts with `prefix(name)` and
+    gives `reason`, which never quotes the adapter's files."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"{self.prefix(name)} cannot be served: {reason}.")
+        self.name = name
+        self.reason = reason
 
     @staticmethod
     def prefix(name: str) -> str:
@@ -30,14 +35,27 @@ class LoRAAdapterError(ValueError):
 
     @classmethod
     def not_enabled(cls, name: str) -> LoRAAdapterError:
-        return cls(
-            f"{cls.prefix(name)}: LoRA is not enabled on this server (start it with --enable-lora)."
-        )
+        return cls(name, "LoRA is not enabled on this server (start it with --enable-lora)")
 
     @classmethod
     def is_about(cls, message: str, name: str) -> bool:
         """Whether `message` (this error's, passed on as text) refuses adapter `name`."""
         return message.startswith(cls.prefix(name))
+
+
+class LoRAAdapterUnavailableError(EngineError):
+    """An adapter loaded earlier cannot be used now: it left host memory (`--max-cpu-loras`)
+    and its files could not be read again as an adapter that fits (gone, unreadable, changed).
+    Its own requests fail with this until its files are back or it is loaded again; the
+    engine serves every other model and adapter meanwhile."""
+
+    def __init__(self, cause: LoRAAdapterError) -> None:
+        super().__init__(
+            f"{LoRAAdapterError.prefix(cause.name)} is not available: it was read again from "
+            f"its lora_path and cannot be served now ({cause.reason}). Load it again "
+            "(/v1/load_lora_adapter, load_inplace) or unload it."
+        )
+        self.name = cause.name
 
 
 class EngineNotReadyError(RuntimeError):

@@ -1,13 +1,18 @@
 """LoRA adapter files: diffusers' and PEFT's formats read into one form (`AdapterWeights`),
-checked against the served model, and written in the form each engine loads."""
+checked against the served model from their headers before any weight is read, and written in
+the form each engine loads. Refusals (`LoRAAdapterError`) name the adapter and a reason; they
+never quote the files (their tensor names, metadata or parse errors) and tell a missing path
+from an unreadable or foreign one only in the server's log."""
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import shutil
 import tempfile
+import threading
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,12 +23,30 @@ import torch
 
 from vllm_omni_images.engine.base import LoRAAdapter
 from vllm_omni_images.engine.errors import LoRAAdapterError
+from vllm_omni_images.engine.safetensors_header import (
+    FLOAT_DTYPES,
+    SafetensorsHeader,
+    read_header,
+)
+
+logger = logging.getLogger(__name__)
 
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 """The metadata key of diffusers' PEFT configs (JSON, keys `transformer.<field>`)."""
+
+MAX_CONFIG_BYTES = 2**20
+"""A PEFT `adapter_config.json` above this is refused (PEFT's own are a few kB)."""
+NOT_AN_ADAPTER = (
+    "its lora_path holds no LoRA adapter this server can read (diffusers' "
+    f"{DIFFUSERS_WEIGHTS}, that .safetensors file alone, or a PEFT folder with {PEFT_CONFIG} "
+    f"and {PEFT_WEIGHTS}, readable by the server)"
+)
+"""The reason given alike for a path with nothing there, one the server may not read, and one
+that holds no adapter: a client learns nothing about other files from it."""
+_BAD_CONFIG = "its LoRA configuration (lora_alpha, alpha_pattern, use_rslora) is not valid"
 
 _TRANSFORMER_PREFIX = "transformer."
 _PEFT_PREFIX = "base_model.model."
@@ -38,78 +61,156 @@ class AdapterWeights:
     modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
     rank: int
 
+
+@dataclass(frozen=True)
+class LoRAPair:
+    """One layer's matrices as the header declares them: A (rank, in), B (out, rank)."""
+
+    down_key: str
+    up_key: str
+    rank: int
+    in_features: int
+    out_features: int
+    scale: float
+    """What B is multiplied by: PEFT's alpha / rank (alpha / sqrt(rank) with rsLoRA)."""
+
+
+@dataclass(frozen=True)
+class AdapterLayout:
+    """An adapter as its files declare it (the safetensors header, the LoRA config), read
+    without its weights: enough to check its rank and the layers it changes."""
+
+    path: str
+    """The adapter's `lora_path`, for the server's log."""
+    weights_file: Path
+    modules: Mapping[str, LoRAPair]
+
     @property
-    def target_modules(self) -> list[str]:
-        """The last part of each module name, as PEFT's `target_modules` lists them."""
-        return sorted({name.rsplit(".", 1)[-1] for name in self.modules})
+    def rank(self) -> int:
+        return max(pair.rank for pair in self.modules.values())
 
 
-def read_adapter(path: str, name: str) -> AdapterWeights:
-    """The adapter at `path` (either format), or `LoRAAdapterError` saying why not."""
-    location = Path(path).expanduser()
-    if not location.exists():
-        raise _error(name, path, "there is no file or folder there")
-    if location.is_dir() and (location / PEFT_CONFIG).is_file():
-        peft_config = _read_json(location / PEFT_CONFIG, name, path)
-        tensors, _ = _read_safetensors(location / PEFT_WEIGHTS, name, path)
-        return _to_weights(tensors, _PEFT_PREFIX, peft_config, name, path)
-    weights_file = location / DIFFUSERS_WEIGHTS if location.is_dir() else location
-    if not weights_file.is_file():
-        raise _error(
-            name,
-            path,
-            f"it holds neither {DIFFUSERS_WEIGHTS} (diffusers) nor {PEFT_CONFIG} (PEFT)",
+def read_checked(
+    adapter: LoRAAdapter, max_rank: int, transformer: torch.nn.Module | None
+) -> AdapterWeights:
+    """`adapter`'s weights, read only once its headers show that it can be served (its rank at
+    most `max_rank`, each layer one of `transformer`'s); else `LoRAAdapterError`."""
+    layout = inspect_adapter(adapter.path, adapter.name)
+    check_rank(layout, max_rank, adapter.name)
+    check_fits(layout, transformer, adapter.name)
+    return read_weights(layout, adapter.name)
+
+
+def inspect_adapter(path: str, name: str) -> AdapterLayout:
+    """The adapter at `path` (either format) from its config and safetensors header alone, or
+    `LoRAAdapterError`. Whatever is not an adapter this module reads (nothing there, no access,
+    not safetensors, no LoRA weights) gets one and the same message (`NOT_AN_ADAPTER`), so that
+    the answer tells nothing about other files; the details go to the server's log."""
+    try:
+        weights_file, header, config, prefix = _read_headers(Path(path).expanduser())
+    except (OSError, ValueError, RecursionError) as error:  # also JSON nested too deep
+        raise _not_an_adapter(name, path, str(error)) from None
+    if config.get("use_dora"):
+        raise LoRAAdapterError(name, "it is a DoRA adapter; only plain LoRA is served")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise LoRAAdapterError(
+            name, "it is not a plain LoRA adapter (PEFT type LORA); only those are served"
         )
-    tensors, metadata = _read_safetensors(weights_file, name, path)
-    config: dict[str, Any] = {}
-    if DIFFUSERS_METADATA_KEY in metadata:
-        try:
-            fields = json.loads(metadata[DIFFUSERS_METADATA_KEY])
-        except ValueError:
-            raise _error(name, path, "its LoRA metadata is not JSON") from None
-        config = {
-            key[len(_TRANSFORMER_PREFIX) :]: value
-            for key, value in fields.items()
-            if key.startswith(_TRANSFORMER_PREFIX)
-        }
-    return _to_weights(tensors, _TRANSFORMER_PREFIX, config, name, path)
+    halves: dict[str, list[str | None]] = {}
+    others = 0
+    for key in header.tensors:
+        suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
+        if suffix is None or not key.startswith(prefix):
+            others += 1
+            continue
+        halves.setdefault(key[len(prefix) : -len(suffix)], [None, None])[_SUFFIXES[suffix]] = key
+    if not halves:
+        raise _not_an_adapter(name, path, f"no tensor is a LoRA weight under {prefix!r}")
+    if others:
+        raise LoRAAdapterError(
+            name,
+            f"it holds {others} tensor(s) besides LoRA weights of the transformer (a text "
+            "encoder's, or another format's); only transformer LoRA adapters are served",
+        )
+    modules: dict[str, LoRAPair] = {}
+    for module_name, (down_key, up_key) in halves.items():
+        if down_key is None or up_key is None:
+            raise LoRAAdapterError(
+                name, f"one of its {len(halves)} layers lacks its lora_A or lora_B matrix"
+            )
+        down, up = header.tensors[down_key], header.tensors[up_key]
+        if not {down.dtype, up.dtype} <= FLOAT_DTYPES:
+            raise LoRAAdapterError(name, "its LoRA weights are not floating-point numbers")
+        if len(down.shape) != 2 or len(up.shape) != 2 or not down.shape[0] == up.shape[1] > 0:
+            raise LoRAAdapterError(
+                name,
+                f"one of its {len(halves)} layers has no lora_A (rank, in) and lora_B (out, rank) "
+                "matrices of one rank",
+            )
+        rank = down.shape[0]
+        scale = _scaling(config, module_name, rank, name)
+        modules[module_name] = LoRAPair(down_key, up_key, rank, down.shape[1], up.shape[0], scale)
+    return AdapterLayout(path, weights_file, modules)
 
 
-def check_rank(weights: AdapterWeights, max_rank: int, name: str, path: str) -> None:
-    if weights.rank > max_rank:
-        raise _error(name, path, f"its rank {weights.rank} is above --max-lora-rank {max_rank}")
+def check_rank(layout: AdapterLayout, max_rank: int, name: str) -> None:
+    if layout.rank > max_rank:
+        raise LoRAAdapterError(name, f"its rank {layout.rank} is above --max-lora-rank {max_rank}")
 
 
-def check_fits(
-    weights: AdapterWeights, transformer: torch.nn.Module | None, name: str, path: str
-) -> None:
-    """Raise `LoRAAdapterError` unless every module the adapter changes is a linear layer of
-    `transformer` (its structure only: it may be on the meta device) of the adapter's shapes."""
+def check_fits(layout: AdapterLayout, transformer: torch.nn.Module | None, name: str) -> None:
+    """Raise `LoRAAdapterError` unless every layer the adapter changes is a linear layer of
+    `transformer` (its structure only: it may be on the meta device) of the adapter's shapes.
+    Only the model's own layer names are quoted, never a name the file alone holds."""
     if transformer is None:
-        raise _error(
-            name, path, "the served model has no transformer (only its adapters are served)"
+        raise LoRAAdapterError(
+            name, "the served model has no transformer (only its adapters are served)"
         )
     model = type(transformer).__name__
-    for module_name, (down, up) in weights.modules.items():
+    missing = 0
+    for module_name, pair in layout.modules.items():
         try:
             layer = transformer.get_submodule(module_name)
         except AttributeError:
-            raise _error(
-                name, path, f"it was made for another model: {model} has no layer {module_name}"
-            ) from None
+            missing += 1
+            continue
         # A layer that already carries adapters is PEFT's wrapper around the original one.
         while isinstance(inner := getattr(layer, "base_layer", None), torch.nn.Module):
             layer = inner
         if not isinstance(layer, torch.nn.Linear):
-            raise _error(name, path, f"{module_name} of {model} is not a linear layer")
-        if down.shape[1] != layer.in_features or up.shape[0] != layer.out_features:
-            raise _error(
+            raise LoRAAdapterError(name, f"{module_name} of {model} is not a linear layer")
+        if pair.in_features != layer.in_features or pair.out_features != layer.out_features:
+            raise LoRAAdapterError(
                 name,
-                path,
-                f"it was made for another model: its {module_name} maps {down.shape[1]} to "
-                f"{up.shape[0]} features, {model}'s maps {layer.in_features} to "
+                f"it was made for another model: its {module_name} maps {pair.in_features} to "
+                f"{pair.out_features} features, {model}'s maps {layer.in_features} to "
                 f"{layer.out_features}",
             )
+    if missing:
+        raise LoRAAdapterError(
+            name,
+            f"it was made for another model: {missing} of its {len(layout.modules)} layers "
+            f"are not layers of {model}",
+        )
+
+
+def read_weights(layout: AdapterLayout, name: str) -> AdapterWeights:
+    """The weights `layout` declares, scaled (`AdapterWeights`); `LoRAAdapterError` if the
+    file cannot be read or no longer matches its header."""
+    from safetensors import safe_open
+
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    try:
+        with safe_open(str(layout.weights_file), framework="pt") as handle:
+            for module_name, pair in layout.modules.items():
+                down, up = handle.get_tensor(pair.down_key), handle.get_tensor(pair.up_key)
+                declared = ((pair.rank, pair.in_features), (pair.out_features, pair.rank))
+                if (down.shape, up.shape) != declared:
+                    raise ValueError("a tensor's shape changed since its header was read")
+                modules[module_name] = (down.float(), up.float() * pair.scale)
+    except Exception as error:  # safetensors' own error types vary by version
+        raise _not_an_adapter(name, layout.path, f"its weights cannot be read: {error}") from None
+    return AdapterWeights(modules, layout.rank)
 
 
 @functools.cache
@@ -170,21 +271,21 @@ def write_peft_folder(weights: AdapterWeights, folder: Path) -> None:
 
 class PeftCopies:
     """PEFT copies for vllm-omni of the adapters of the model at `model_path`, in a temporary
-    folder until `remove`."""
+    folder until `remove`; `write` may run in several threads at once."""
 
     def __init__(self, model_path: str, max_rank: int) -> None:
         self._model_path = model_path
         self._max_rank = max_rank
         self._folder: Path | None = None
+        self._lock = threading.Lock()
 
     def write(self, adapter: LoRAAdapter) -> Path:
         """Check `adapter` against the model's `meta_transformer` and write a new copy; raise
         `LoRAAdapterError` if it cannot be served."""
-        weights = read_adapter(adapter.path, adapter.name)
-        check_rank(weights, self._max_rank, adapter.name, adapter.path)
-        check_fits(weights, meta_transformer(self._model_path), adapter.name, adapter.path)
-        if self._folder is None:
-            self._folder = Path(tempfile.mkdtemp(prefix="vllm-omni-images-lora-"))
+        weights = read_checked(adapter, self._max_rank, meta_transformer(self._model_path))
+        with self._lock:
+            if self._folder is None:
+                self._folder = Path(tempfile.mkdtemp(prefix="vllm-omni-images-lora-"))
         # A new folder per load: vllm-omni may re-read an evicted adapter from its path.
         folder = self._folder / f"{adapter.adapter_id}-{uuid.uuid4().hex[:8]}"
         write_peft_folder(weights, folder)
@@ -195,85 +296,50 @@ class PeftCopies:
             shutil.rmtree(self._folder, ignore_errors=True)
 
 
-def _to_weights(
-    tensors: Mapping[str, torch.Tensor],
-    prefix: str,
-    config: Mapping[str, Any],
-    name: str,
-    path: str,
-) -> AdapterWeights:
-    if config.get("use_dora"):
-        raise _error(name, path, "it is a DoRA adapter; only plain LoRA is served")
-    pairs: dict[str, list[torch.Tensor | None]] = {}
-    others: list[str] = []
-    for key, tensor in tensors.items():
-        suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
-        if suffix is None or not key.startswith(prefix):
-            others.append(key)
-            continue
-        module_name = key[len(prefix) : -len(suffix)]
-        pairs.setdefault(module_name, [None, None])[_SUFFIXES[suffix]] = tensor
-    if others:
-        raise _error(
-            name,
-            path,
-            f"it holds {len(others)} tensor(s) that are not LoRA weights of the transformer "
-            f"(e.g. {others[0]}); only transformer LoRA adapters are served",
-        )
-    if not pairs:
-        raise _error(name, path, "it holds no LoRA weights")
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    ranks = set()
-    for module_name, (down, up) in pairs.items():
-        if down is None or up is None or down.dim() != 2 or up.dim() != 2:
-            raise _error(name, path, f"{module_name} lacks its lora_A or lora_B matrix")
-        if down.shape[0] != up.shape[1]:
-            raise _error(name, path, f"{module_name}'s lora_A and lora_B ranks differ")
-        ranks.add(down.shape[0])
-        modules[module_name] = (down, up)
-    rank = max(ranks)
-    for module_name, (down, up) in modules.items():
-        scale = _scaling(config, module_name, down.shape[0])
-        modules[module_name] = (down.float(), up.float() * scale)
-    return AdapterWeights(modules, rank)
+def _read_headers(
+    location: Path,
+) -> tuple[Path, SafetensorsHeader, Mapping[str, Any], str]:
+    """The weights file, its header, the LoRA config and the tensors' name prefix, from PEFT's
+    folder or diffusers' (or its one file). Raises `OSError` or `ValueError`."""
+    if location.is_dir() and (location / PEFT_CONFIG).is_file():
+        config_file = location / PEFT_CONFIG
+        if config_file.stat().st_size > MAX_CONFIG_BYTES:
+            raise ValueError(f"{PEFT_CONFIG} is over {MAX_CONFIG_BYTES} bytes")
+        config = json.loads(config_file.read_text())
+        if not isinstance(config, dict):
+            raise ValueError(f"{PEFT_CONFIG} is not a JSON object")
+        weights_file = location / PEFT_WEIGHTS
+        return weights_file, read_header(weights_file), config, _PEFT_PREFIX
+    weights_file = location / DIFFUSERS_WEIGHTS if location.is_dir() else location
+    header = read_header(weights_file)
+    fields = json.loads(header.metadata.get(DIFFUSERS_METADATA_KEY, "{}"))
+    if not isinstance(fields, dict):
+        raise ValueError(f"{DIFFUSERS_METADATA_KEY} is not a JSON object")
+    config = {
+        key[len(_TRANSFORMER_PREFIX) :]: value
+        for key, value in fields.items()
+        if key.startswith(_TRANSFORMER_PREFIX)
+    }
+    return weights_file, header, config, _TRANSFORMER_PREFIX
 
 
-def _scaling(config: Mapping[str, Any], module_name: str, rank: int) -> float:
+def _scaling(config: Mapping[str, Any], module_name: str, rank: int, name: str) -> float:
     """PEFT's: alpha / rank (alpha / sqrt(rank) with rsLoRA), alpha per `alpha_pattern`."""
-    alpha = float(config.get("lora_alpha") or rank)
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if module_name == pattern or module_name.endswith(f".{pattern}"):
-            alpha = float(value)
-    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    alpha = config.get("lora_alpha") or rank
+    pattern = config.get("alpha_pattern") or {}
+    rslora = config.get("use_rslora") or False
+    if not isinstance(pattern, dict) or not isinstance(rslora, bool):
+        raise LoRAAdapterError(name, _BAD_CONFIG)
+    for layers, value in pattern.items():
+        if module_name == layers or module_name.endswith(f".{layers}"):
+            alpha = value
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise LoRAAdapterError(name, _BAD_CONFIG)
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
-def _read_safetensors(
-    file: Path, name: str, path: str
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
-
-    if not file.is_file():
-        raise _error(name, path, f"{file.name} is missing")
-    try:
-        with safe_open(str(file), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            keys = handle.keys()  # a safetensors handle is not iterable
-            return {key: handle.get_tensor(key) for key in keys}, metadata
-    except Exception as error:  # safetensors' own error types vary by version
-        raise _error(
-            name, path, f"{file.name} is not a readable safetensors file ({error})"
-        ) from None
-
-
-def _read_json(file: Path, name: str, path: str) -> dict[str, Any]:
-    try:
-        value = json.loads(file.read_text())
-    except (OSError, ValueError) as error:
-        raise _error(name, path, f"{file.name} cannot be read ({error})") from None
-    if not isinstance(value, dict):
-        raise _error(name, path, f"{file.name} is not a JSON object")
-    return value
-
-
-def _error(name: str, path: str, why: str) -> LoRAAdapterError:
-    return LoRAAdapterError(f"{LoRAAdapterError.prefix(name)} ({path}) cannot be served: {why}.")
+def _not_an_adapter(name: str, path: str, detail: str) -> LoRAAdapterError:
+    """The one answer for a `lora_path` that holds no adapter this module reads; `detail` (which
+    may quote the file) goes to the server's log only."""
+    logger.warning("LoRA adapter %r: %r is not a readable adapter: %.300s", name, path, detail)
+    return LoRAAdapterError(name, NOT_AN_ADAPTER)

@@ -11,7 +11,7 @@ import logging
 import multiprocessing
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable
 from typing import TYPE_CHECKING
 
 from PIL import Image
@@ -41,8 +41,8 @@ from vllm_omni_images.engine.errors import (
 )
 from vllm_omni_images.engine.hang_watch import HangWatch
 from vllm_omni_images.engine.loop_thread import LoopThread
-from vllm_omni_images.engine.lora_files import PeftCopies
 from vllm_omni_images.engine.model_folder import defaults_for_pipeline_class
+from vllm_omni_images.engine.omni_adapters import OmniAdapters
 from vllm_omni_images.engine.omni_flight import Flight
 from vllm_omni_images.engine.omni_requests import (
     classify_failure,
@@ -109,9 +109,7 @@ class OmniEngine(ImageEngine):
         self._died: str | None = None
         self._in_flight: set[Flight] = set()
         self._closed = False
-        self._lora = lora
-        self._peft = None if lora is None else PeftCopies(config.model, lora.max_lora_rank)
-        self._adapters: dict[int, LoRARequest] = {}
+        self._adapters = None if lora is None else OmniAdapters(config.model, lora.max_lora_rank)
         self._waves: WaveLog[Flight] = WaveLog(self._wave_settled)
         self._retries: dict[str, asyncio.Future[tuple[str, str] | None]] = {}
         """Failed tries waiting for the rest of their wave: their group's batch key."""
@@ -176,7 +174,7 @@ class OmniEngine(ImageEngine):
         # vllm-omni keys its queue and output streams by id: a suffix of our own keeps two
         # requests apart even when a client sends the same X-Request-Id twice.
         base = f"{request.request_id or 'image'}-{uuid.uuid4().hex[:12]}"
-        lora = self._lora_request(request.lora)
+        lora = await self._lora_request(request.lora)
         flight = Flight(request, base, lora, asyncio.get_running_loop())
         job = self._loop.submit(self._run(flight))
         flight.job = job
@@ -190,30 +188,23 @@ class OmniEngine(ImageEngine):
             self._left(flight)
 
     async def add_lora(self, adapter: LoRAAdapter) -> None:
-        """Check and copy the adapter (`PeftCopies`), then have vllm-omni's workers load it;
+        """Check and copy the adapter (`OmniAdapters`), then have vllm-omni's workers load it;
         raise `LoRAAdapterError` if either fails."""
-        from vllm_omni.lora.request import LoRARequest
-
-        if self._peft is None:
+        if self._adapters is None:
             raise LoRAAdapterError.not_enabled(adapter.name)
-        folder = await asyncio.to_thread(self._peft.write, adapter)
-        request = LoRARequest(
-            lora_name=adapter.name, lora_int_id=adapter.adapter_id, lora_path=str(folder)
-        )
-        replace = adapter.adapter_id in self._adapters  # loaded again in place
-        try:
-            await self._loop.submit(self._load_lora(request, replace))
-        except Exception as error:
-            raise LoRAAdapterError(
-                f"{LoRAAdapterError.prefix(adapter.name)} ({adapter.path}) cannot be served: "
-                f"vllm-omni could not load it ({error})."
-            ) from error
-        self._adapters[adapter.adapter_id] = request
 
-    def _lora_request(self, adapter: LoRAAdapter | None) -> LoRARequest | None:
+        def load(request: LoRARequest, replace: bool) -> Awaitable[None]:
+            return self._loop.submit(self._load_lora(request, replace))
+
+        await self._adapters.add(adapter, load)
+
+    def unavailable_adapters(self) -> frozenset[int]:
+        return frozenset() if self._adapters is None else self._adapters.unavailable
+
+    async def _lora_request(self, adapter: LoRAAdapter | None) -> LoRARequest | None:
         if adapter is None:
             return None
-        lora = self._adapters.get(adapter.adapter_id)
+        lora = None if self._adapters is None else await self._adapters.request_for(adapter)
         if lora is None:
             raise EngineRequestError(f"LoRA adapter '{adapter.name}' was never loaded.")
         return lora
@@ -296,8 +287,8 @@ class OmniEngine(ImageEngine):
                 )
         # Every job still in flight is cancelled once vllm-omni is closed: no caller waits on.
         await asyncio.to_thread(self._loop.stop, self._engine.close)
-        if self._peft is not None:
-            self._peft.remove()
+        if self._adapters is not None:
+            self._adapters.remove()
 
     # On the engine's loop:
 

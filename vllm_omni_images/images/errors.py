@@ -25,6 +25,7 @@ from vllm_omni_images.engine.errors import (
     EngineNotReadyError,
     EngineOutOfMemoryError,
     EngineRequestError,
+    LoRAAdapterUnavailableError,
     QueueFullError,
     RequestTimeoutError,
     RequestTooLargeError,
@@ -127,6 +128,12 @@ ERROR_TABLE: tuple[tuple[type[Exception], ErrorKind], ...] = (
         ),
     ),
     (EngineHungError, _UNAVAILABLE),  # until its call returns; the message says so
+    (
+        LoRAAdapterUnavailableError,  # its own requests only; the message names it, and why
+        ErrorKind(
+            HTTPStatus.SERVICE_UNAVAILABLE, "ServiceUnavailableError", "unavailable", param="model"
+        ),
+    ),
     (
         ImageStoreError,  # `response_format: url` only; the images already stored stay
         ErrorKind(

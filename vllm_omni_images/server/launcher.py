@@ -38,7 +38,7 @@ from vllm_omni_images.server.endpoint import (
     image_store_from_args,
     limits_from_args,
 )
-from vllm_omni_images.server.model_registry import serving_models_from_args
+from vllm_omni_images.server.model_registry import adapter_name_problem, serving_models_from_args
 from vllm_omni_images.server.serve_flags import refusal_message, refused_flags
 from vllm_omni_images.tiny_model import resolve_model_path
 
@@ -99,14 +99,18 @@ async def init_image_app_state(
 
 
 def lora_settings_from_args(args: argparse.Namespace) -> LoRASettings | None:
-    """`--enable-lora` and its limits, checked by vLLM's `LoRAConfig`; `None` without it.
-    Raises `EngineUnavailableError`."""
+    """`--enable-lora` and its limits, checked by vLLM's `LoRAConfig`, and the names
+    `--lora-modules` gives (before the model loads); `None` without it. Raises
+    `EngineUnavailableError`."""
     if not args.enable_lora:
         if args.lora_modules:
             raise EngineUnavailableError(
                 "--lora-modules needs --enable-lora (as in vLLM): add it, or drop the adapters."
             )
         return None
+    for module in args.lora_modules or []:
+        if (problem := adapter_name_problem(module.name, served_model_names(args))) is not None:
+            raise EngineUnavailableError(f"--lora-modules: {problem}")
     from pydantic import ValidationError
     from vllm.config.lora import LoRAConfig
 
