@@ -22,6 +22,7 @@ labels, side by side.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import tempfile
@@ -34,7 +35,7 @@ from typing import Any
 import psutil
 
 from benchmarks.report import RESULTS_DIR, benchmark_parser, machine, run_description
-from benchmarks.soak import Sampler, listener, wait_idle
+from benchmarks.soak import Sampler, listener
 from testing import adversarial_cases as cases
 from testing import adversarial_lora as lora
 from testing import adversarial_network as network
@@ -94,7 +95,8 @@ CASES = [
 
 def run_one(spec: CaseSpec, target: Target, server: psutil.Process | None) -> list[Row]:
     """The case's rows; a heavy one is skipped short of memory and notes the server's RSS; a
-    case that fails is a row that says so, and the others run on."""
+    case that fails is a row that says so, and the others run on. After a timeout (or a 503)
+    the next case waits until the server makes images again, and the row says how long."""
     available_gib = psutil.virtual_memory().available / 2**30
     if spec.heavy and available_gib < spec.needs_gib:
         status = f"skipped: memory ({available_gib:.1f} GiB available)"
@@ -103,29 +105,42 @@ def run_one(spec: CaseSpec, target: Target, server: psutil.Process | None) -> li
     sampler = Sampler(server) if spec.heavy and server is not None else None
     start_mib = sampler.memory_mib() if sampler is not None else 0.0
     try:
-        if sampler is not None:
-            with sampler:
-                rows = spec.run(target)
-        else:
+        with sampler or contextlib.nullcontext():
             rows = spec.run(target)
-        strays = [row.case for row in rows if row.case.split(":")[0] != spec.name]
-        if strays:
-            raise ValueError(f"rows not named {spec.name}[:...]: {strays}")
+            strays = [row.case for row in rows if row.case.split(":")[0] != spec.name]
+            if strays:
+                raise ValueError(f"rows not named {spec.name}[:...]: {strays}")
+            if any(row.status.startswith(("timeout", "503")) for row in rows):
+                add_note(rows[-1], recovery(target))
     except Exception as error:  # the table says which case broke, and the run goes on
         failed = f"case failed: {type(error).__name__}"
         return [Row(spec.name, spec.point, "", failed, str(error)[:160], None)]
     if sampler is not None:
         peak = max([start_mib, *sampler.rss_mib])
-        rows[-1].notes = f"{rows[-1].notes}; " * bool(rows[-1].notes) + (
-            f"server RSS {start_mib:.0f} MiB, peak {peak:.0f} MiB"
-        )
-    if any(row.status.startswith("timeout") for row in rows):
-        try:
-            busy_s = wait_idle(target.base_url, timeout_s=600)
-            rows[-1].notes += f"; the server worked {busy_s:.0f} s more after the client left"
-        except RuntimeError as error:
-            rows[-1].notes += f"; {error}"
+        add_note(rows[-1], f"server RSS {start_mib:.0f} MiB, peak {peak:.0f} MiB")
     return rows
+
+
+def add_note(row: Row, note: str) -> None:
+    row.notes = f"{row.notes}; {note}" if row.notes else note
+
+
+def recovery(target: Target, cap_s: float = 900.0) -> str:
+    """How long until the server makes a small image again (its engine may still be busy with
+    the work of a client that left)."""
+    start = time.monotonic()
+    probe = {"prompt": "probe", **cases.FAST}
+    answers: list[str] = []
+    while time.monotonic() - start < cap_s:
+        _, status, _ = cases.post_json(target, "/v1/images/generations", probe, timeout_s=60)
+        if status == "200":
+            return (
+                f"a small generation got 200 again {time.monotonic() - start:.0f} s later "
+                f"(answers before: {', '.join(sorted(set(answers))) or 'none'})"
+            )
+        answers.append(status)
+        time.sleep(2)
+    return f"no 200 for a small generation within {cap_s:.0f} s"
 
 
 def run_cases(target: Target, specs: list[CaseSpec], server: psutil.Process | None) -> list[Row]:
