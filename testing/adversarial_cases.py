@@ -140,18 +140,23 @@ def metric_total(target: Target, name: str) -> float:
     )
 
 
+def generation_with(name: str, point: int, field_name: str, value: Any) -> Case:
+    """A small generation with `field_name` set to `value` (escaped as JSON escapes it)."""
+
+    def case(target: Target) -> list[Row]:
+        body = {"prompt": "a lighthouse", **FAST, field_name: value}
+        result = post_json(target, "/v1/images/generations", body)
+        return [row(name, point, f"generation, {json.dumps({field_name: value})}", result)]
+
+    case.__name__ = name
+    return case
+
+
 # 1. A lone surrogate in a text field.
 
 
 def surrogate_in(field_name: str) -> Case:
-    def case(target: Target) -> list[Row]:
-        body = {"prompt": "a lighthouse", **FAST, field_name: SURROGATE}
-        result = post_json(target, "/v1/images/generations", body)
-        sent = f'generation, "{field_name}": "\\ud800"'
-        return [row(f"surrogate_in_{field_name}", 1, sent, result)]
-
-    case.__name__ = f"surrogate_in_{field_name}"
-    return case
+    return generation_with(f"surrogate_in_{field_name}", 1, field_name, SURROGATE)
 
 
 def surrogate_beside_a_good_request(target: Target) -> list[Row]:
@@ -302,11 +307,4 @@ def head_on_an_image_url(target: Target) -> list[Row]:
 
 
 def wrong_json_type(field_name: str, value: Any) -> Case:
-    def case(target: Target) -> list[Row]:
-        body = {"prompt": "x", **FAST, field_name: value}
-        result = post_json(target, "/v1/images/generations", body)
-        sent = f"generation, {json.dumps({field_name: value})}"
-        return [row(f"{field_name}_as_string", 7, sent, result)]
-
-    case.__name__ = f"{field_name}_as_string"
-    return case
+    return generation_with(f"{field_name}_as_string", 7, field_name, value)
