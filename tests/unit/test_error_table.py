@@ -23,8 +23,10 @@ from vllm_omni_images.engine.errors import (
 )
 from vllm_omni_images.images.errors import (
     ERROR_TABLE,
+    HeadTooLargeError,
     ImageNotFoundError,
     ModelNotFoundError,
+    ReadTimeoutError,
     TextOnlyRouteError,
     error_kind,
     error_response,
@@ -97,6 +99,22 @@ from vllm_omni_images.images.errors import (
             "LoRA adapter 'ink' is not available: it was read again from its lora_path and "
             "cannot be served now (its rank 64 is above 16). Load it again",
         ),
+        (
+            ReadTimeoutError("The request body did not all arrive within 1 s"),
+            408,
+            "TimeoutError",
+            "invalid",
+            None,
+            "did not all arrive within 1 s",
+        ),
+        (
+            HeadTooLargeError("The request has more than 8 headers"),
+            431,
+            "BadRequestError",
+            "invalid",
+            None,
+            "more than 8 headers",
+        ),
         (EngineError("NaNs"), 500, "InternalServerError", "error", None, "NaNs"),
         (KeyError("bug"), 500, "InternalServerError", "error", None, "bug"),
     ],
@@ -118,6 +136,11 @@ def test_a_full_queue_says_when_to_retry():
     response = error_response(QueueFullError(2.2))
     assert response_headers(response) == {"Retry-After": "3"}
     assert response_headers(error_response(EngineError("x"))) == {}
+
+
+def test_a_read_timeout_closes_the_connection():
+    """RFC 9110's 408: the server closes a connection whose request came too slowly."""
+    assert response_headers(error_response(ReadTimeoutError("late"))) == {"Connection": "close"}
 
 
 def test_vllms_own_error_responses_carry_no_headers():
@@ -173,7 +196,7 @@ def test_each_image_route_documents_every_status_the_table_answers():
     app = FastAPI()
     attach_router(app)
     expected = {str(kind.status.value) for _, kind in ERROR_TABLE} | {"500", "404"}
-    assert expected == {"400", "404", "413", "429", "500", "503", "504"}
+    assert expected == {"400", "404", "408", "413", "429", "431", "500", "503", "504"}
     paths = app.openapi()["paths"]
     for route in IMAGE_ROUTES:
         responses = paths[route]["post"]["responses"]

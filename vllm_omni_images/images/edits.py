@@ -27,7 +27,7 @@ from vllm_omni_images.images.errors import PayloadTooLargeError, describe_valida
 from vllm_omni_images.images.input_images import alpha_channel, as_rgb, open_input
 from vllm_omni_images.images.limits import DEFAULT_LIMITS, ImageLimits, size_text
 from vllm_omni_images.images.protocol import ImageEditRequest
-from vllm_omni_images.images.request_guard import BodyTooLargeError
+from vllm_omni_images.images.request_guard import BodyReadError
 from vllm_omni_images.images.request_mapping import check_limits
 from vllm_omni_images.images.safe_text import printable
 
@@ -64,7 +64,7 @@ async def read_multipart(
     limits: ImageLimits = DEFAULT_LIMITS,
 ) -> tuple[_Request, ImageInputs]:
     """The request's fields as `request_model`, and its checked images; raises
-    `VLLMValidationError` (400), `PayloadTooLargeError` or `BodyTooLargeError` (413)."""
+    `VLLMValidationError` (400), `PayloadTooLargeError` (413) or `BodyReadError` (413, 408)."""
     content_type = raw_request.headers.get("content-type", "")
     if not content_type.startswith(FORM_CONTENT_TYPES):
         raise VLLMValidationError(
@@ -78,8 +78,8 @@ async def read_multipart(
             max_fields=MAX_FORM_FIELDS,
             max_part_size=limits.form_field_bytes,
         )
-    except BodyTooLargeError:
-        raise  # the whole body passed its limit: a 413, answered by the route
+    except BodyReadError:
+        raise  # the body passed its limit or its deadline: answered by the route
     except HTTPException as error:  # Starlette's own limits and parse errors
         message = f"The form could not be read: {error.detail}"
         if str(error.detail).startswith("Too many files"):  # a flood of image parts

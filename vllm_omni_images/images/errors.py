@@ -52,6 +52,15 @@ class PayloadTooLargeError(ValueError):
     """An uploaded file is larger than the server accepts."""
 
 
+class HeadTooLargeError(ValueError):
+    """A request head (request line and headers) larger than the server reads."""
+
+
+class ReadTimeoutError(Exception):
+    """The client did not send its request (its head, or its body) within the server's deadline
+    for it; the message names the flag. Answered with `Connection: close` (RFC 9110, 408)."""
+
+
 class ModelNotFoundError(LookupError):
     """A request's `model` is neither a name of the served model nor one of its adapters."""
 
@@ -115,6 +124,11 @@ ERROR_TABLE: tuple[tuple[type[Exception], ErrorKind], ...] = (
     (
         PayloadTooLargeError,
         ErrorKind(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "BadRequestError", "invalid"),
+    ),
+    (ReadTimeoutError, ErrorKind(HTTPStatus.REQUEST_TIMEOUT, "TimeoutError", "invalid")),
+    (
+        HeadTooLargeError,
+        ErrorKind(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "BadRequestError", "invalid"),
     ),
     (EngineNotReadyError, _UNAVAILABLE),
     (EngineClosedError, _UNAVAILABLE),
@@ -232,6 +246,8 @@ def error_response(error: Exception) -> ImageErrorResponse:
     headers = {}
     if isinstance(error, QueueFullError):
         headers["Retry-After"] = str(math.ceil(error.retry_after_s))
+    elif isinstance(error, ReadTimeoutError):
+        headers["Connection"] = "close"  # the rest of a late request is not waited for
     return ImageErrorResponse(error=response.error, headers=headers)
 
 

@@ -166,6 +166,18 @@ class ImageTaskArgs:
     """Most pixels of an input image or mask (a number or WIDTHxHEIGHT), read from its header
     before it is decoded; more is a 400."""
 
+    # How long a client may take to send a request (docs/deployment.md, "Slow clients").
+    image_header_timeout: float = field(default=30.0, metadata={"type": _non_negative_float})
+    """Seconds a connection may take to send a request's head (request line and headers),
+    counted from its opening or from its previous answer; past it the server closes the
+    connection, with a 408 if part of a head came. (A connection idle after an answer is closed
+    sooner: after VLLM_HTTP_TIMEOUT_KEEP_ALIVE seconds, 5, without a byte.) 0 turns it off."""
+    image_body_timeout: float = field(default=120.0, metadata={"type": _non_negative_float})
+    """Seconds the whole body of an Images API request may take to arrive, counted from its
+    head's arrival; past it the request is a 408 and its connection is closed. Raise it where
+    clients upload large edit images over slow links (at the default a 20 MiB image needs 1.4
+    Mbit/s). 0 turns it off."""
+
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ImageTaskArgs":
         """The image flags of a parsed `vllm serve` command line."""
@@ -200,6 +212,7 @@ class ImageTaskArgs:
             max_input_images=self.image_max_input_images,
             max_input_bytes=_mib_bytes(self.image_max_input_mb),
             max_input_pixels=self.image_max_input_pixels,
+            body_timeout_s=self.image_body_timeout or None,
         )
 
     @property

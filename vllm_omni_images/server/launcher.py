@@ -38,6 +38,7 @@ from vllm_omni_images.server.endpoint import (
     image_store_from_args,
     limits_from_args,
 )
+from vllm_omni_images.server.http_protocol import HeadLimitedHttpProtocol, head_limited_protocol
 from vllm_omni_images.server.model_registry import adapter_name_problem, serving_models_from_args
 from vllm_omni_images.server.serve_flags import refusal_message, refused_flags
 from vllm_omni_images.tiny_model import resolve_model_path
@@ -182,13 +183,16 @@ async def load_engine_client(args: argparse.Namespace) -> ImageEngineClient:
 async def serve_image_app(
     app: FastAPI, sock: socket.socket, args: argparse.Namespace, **uvicorn_kwargs: Any
 ) -> asyncio.Task[Any]:
-    """Serve with vLLM's `serve_http` and the same options `vllm serve` passes it."""
+    """Serve with vLLM's `serve_http` and the same options `vllm serve` passes it, on this
+    package's HTTP protocol (`http_protocol.py`: a deadline and vLLM's limits for each request
+    head)."""
     log_config = get_uvicorn_log_config(args)
     if log_config is not None:
         uvicorn_kwargs["log_config"] = log_config
     return await serve_http(
         app,
         sock=sock,
+        http=http_protocol_from_args(args),
         enable_ssl_refresh=args.enable_ssl_refresh,
         host=args.host,
         port=args.port,
@@ -226,6 +230,11 @@ async def run_image_server(args: argparse.Namespace) -> None:
         if images is not None:
             images.close()
         sock.close()
+
+
+def http_protocol_from_args(args: argparse.Namespace) -> type[HeadLimitedHttpProtocol]:
+    """uvicorn's `http` option for `--image-header-timeout`."""
+    return head_limited_protocol(ImageTaskArgs.from_args(args).image_header_timeout or None)
 
 
 def run_image_server_cli(args: argparse.Namespace) -> None:

@@ -102,8 +102,14 @@ HONOURED: Mapping[str, str] = {
     "middleware": "ASGI middleware (a class or an http function) added to the app",
     "enable_request_id_headers": "answers carry an X-Request-Id header",
     "disable_fastapi_docs": "no /docs, /redoc or /openapi.json",
-    "h11_max_incomplete_event_size": "the HTTP server's limit on a request's head",
-    "h11_max_header_count": "the HTTP server's limit on a request's header count",
+    "h11_max_incomplete_event_size": (
+        "the most bytes of a request head not yet complete; more is a 431 (uvicorn's httptools "
+        "protocol ignores it: this package's reads it, server/http_protocol.py)"
+    ),
+    "h11_max_header_count": (
+        "the most headers of a request; more is a 431 (read by this package's HTTP protocol: "
+        "uvicorn reads it nowhere)"
+    ),
     "enable_offline_docs": "/docs from vendored assets, for air-gapped machines",
     # ModelConfig, LoadConfig: the launcher hands these to the engines.
     "model": _MODEL,
