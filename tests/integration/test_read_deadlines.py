@@ -21,7 +21,7 @@ from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
 from vllm_omni_images.server.launcher import serve_image_app
 
 from .conftest import AppFactory
-from .helpers import FAST
+from .helpers import FAST, assert_openai_error, http_client
 
 DEADLINE_S = 1.0
 FLAGS = [
@@ -179,3 +179,48 @@ async def test_prompt_clients_are_served_on_the_same_connection(address: Address
             await asyncio.sleep(DEADLINE_S / 2)
             assert (await client.get("/health")).status_code == 200
 
+
+# --- the server's own reads: an edit image's URL on a host that trickles -------------------
+
+
+@pytest.fixture
+async def trickling_host() -> AsyncIterator[str]:
+    """A host that answers any request with a PNG's head and then a byte every 0.2 s."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n")
+        with contextlib.suppress(ConnectionError):
+            for _ in range(1000):
+                writer.write(b"\x89")
+                await writer.drain()
+                await asyncio.sleep(0.2)
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    host, port = server.sockets[0].getsockname()[:2]
+    async with server:
+        yield f"http://{host}:{port}"
+        server.close()
+
+
+async def test_an_image_url_that_trickles_is_refused_at_one_deadline_with_its_reason(
+    make_app: AppFactory,
+    tiny_runner: DiffusersRunner,
+    trickling_host: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before: vLLM's three tries, 113 s, then "image could not be fetched:  (parameter=image)"."""
+    from vllm import envs
+
+    monkeypatch.setattr(envs, "VLLM_IMAGE_FETCH_TIMEOUT", 1, raising=False)
+    app = await make_app(tiny_runner, ["--allowed-media-domains", "127.0.0.1"])
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with http_client(app) as http:
+        data = {"prompt": "p", "image": f"{trickling_host}/fox.png"}
+        response = await http.post("/v1/images/edits", data=data)
+    error = assert_openai_error(response, 400, "image")
+    assert "did not arrive within 1 s" in error["message"]
+    assert "VLLM_IMAGE_FETCH_TIMEOUT" in error["message"]
+    assert loop.time() - started < LATE_S

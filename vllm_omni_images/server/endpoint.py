@@ -108,8 +108,9 @@ def limits_from_args(args: Namespace) -> ImageLimits:
 
 def remote_image_fetcher(args: Namespace, limits: ImageLimits) -> RemoteImageFetcher | None:
     """vLLM's media fetching for image URLs of `--allowed-media-domains` (`None`: no host),
-    held to `limits`' input bytes (413); the bytes are decoded as an upload's are (the format,
-    pixel limit and orientation of `images/input_images.py`)."""
+    held to `limits`' input bytes (413) and to vLLM's `VLLM_IMAGE_FETCH_TIMEOUT` in all (a
+    `ValueError` that says so); the bytes are decoded as an upload's are (the format, pixel
+    limit and orientation of `images/input_images.py`)."""
     domains = getattr(args, "allowed_media_domains", None)
     if not domains:
         return None
@@ -138,12 +139,19 @@ def remote_image_fetcher(args: Namespace, limits: ImageLimits) -> RemoteImageFet
 
     connector = MediaConnector(allowed_media_domains=list(domains))
     image_io = ImageBytesIO()
+    # One deadline for a fetch, vLLM's retries included: vLLM gives each retry four times the
+    # timeout of the last, so a host that trickles took 113 s to refuse at the default 5 s.
+    timeout_s = envs.VLLM_IMAGE_FETCH_TIMEOUT
 
     async def fetch(url: str) -> bytes:
         try:
-            return await connector.load_from_url_async(
-                url, image_io, fetch_timeout=envs.VLLM_IMAGE_FETCH_TIMEOUT
-            )
+            async with asyncio.timeout(timeout_s):
+                return await connector.load_from_url_async(url, image_io, fetch_timeout=timeout_s)
+        except TimeoutError:
+            raise ValueError(
+                f"the image did not arrive within {timeout_s} s, the most this server waits "
+                "for one, retries included (VLLM_IMAGE_FETCH_TIMEOUT)"
+            ) from None
         except (HTTPResponseSizeExceededError, MediaDownloadSizeExceededError):
             raise PayloadTooLargeError(
                 f"The image at the URL is larger than {limits.max_input_bytes} bytes "
