@@ -51,6 +51,11 @@ async def test_a_url_serves_the_same_bytes_as_b64_json_without_the_api_key(
     assert fetched.status_code == 200
     assert fetched.headers["content-type"] == "image/png"
     assert fetched.content == base64.b64decode(inline.data[0].b64_json or "")
+    # HEAD, as link checkers and caches send it: GET's headers, no body.
+    head = await bare.head(url)
+    assert head.status_code == 200
+    assert head.headers["content-type"] == "image/png"
+    assert head.headers["content-length"] == str(len(fetched.content))
     assert (await bare.post("/v1/images/generations", json={"prompt": "x"})).status_code == 401
 
 
@@ -87,13 +92,18 @@ async def test_an_expired_url_is_a_404(
         "/images/files/%2e%2e%2fsecret.png",
         "/images/files/" + "A" * 32 + ".png",  # well-formed, never issued
         "/images/files/" + "A" * 32 + ".png%00.txt",
+        "/images/files/a/b.png",  # a name with a slash: OpenAI's shape too, not FastAPI's
+        "/images/files/",
     ],
 )
 async def test_names_that_were_never_issued_are_404(
     served: tuple[openai.AsyncOpenAI, httpx.AsyncClient], path: str
 ) -> None:
     _, bare = served
-    assert (await bare.get(path)).status_code == 404
+    response = await bare.get(path)
+    assert response.status_code == 404
+    assert response.json() == NO_SUCH_IMAGE
+    assert (await bare.head(path)).status_code == 404
 
 
 async def test_urls_carry_the_root_path(make_app: AppFactory, tiny_runner: DiffusersRunner) -> None:
@@ -106,3 +116,17 @@ async def test_urls_carry_the_root_path(make_app: AppFactory, tiny_runner: Diffu
         # The proxy in front strips /proxy before the request reaches this server.
         fetched = await http.get(url.replace("/proxy", "", 1))
         assert fetched.status_code == 200
+
+
+async def test_a_path_or_method_no_route_serves_is_answered_in_openai_shape(
+    served: tuple[openai.AsyncOpenAI, httpx.AsyncClient],
+) -> None:
+    """Starlette's own 404 and 405 (vLLM's app answered them `{"detail": "Not Found"}`)."""
+    _, bare = served
+    response = await bare.get("/images/nothing-here")
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == 404
+    response = await bare.post("/images/files/" + "A" * 32 + ".png")
+    assert response.status_code == 405
+    assert response.json()["error"]["code"] == 405
+    assert set(response.headers["allow"].split(", ")) == {"GET", "HEAD"}

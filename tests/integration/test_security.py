@@ -174,7 +174,7 @@ async def test_encoded_traversal_and_absolute_paths_are_404(
     client: httpx.AsyncClient, path: str
 ) -> None:
     response = await client.get(path)
-    assert response.status_code == 404
+    assert_openai_error(response, 404)  # OpenAI's shape, also for a name with a `/`
     assert "root:" not in response.text
 
 

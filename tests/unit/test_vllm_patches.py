@@ -149,6 +149,25 @@ def test_the_images_plugin_is_attached_once_whatever_vllm_plugins_says():
     assert len(generation_routes) == 1
 
 
+async def test_an_exception_handler_added_after_the_stack_was_built_answers():
+    """vLLM's `build_app` builds the middleware stack early (its SageMaker bootstrap); a
+    handler added later is in force all the same."""
+    import httpx
+    from starlette.exceptions import HTTPException
+    from starlette.responses import JSONResponse
+
+    app = FastAPI()
+    app.middleware_stack = app.build_middleware_stack()
+
+    async def shaped(request: object, error: Exception) -> JSONResponse:
+        return JSONResponse({"error": "shaped"}, status_code=404)
+
+    vllm_patches.add_exception_handler(app, HTTPException, shaped)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        assert (await client.get("/nowhere")).json() == {"error": "shaped"}
+
+
 def test_the_server_switch_interval_is_one_millisecond():
     before = sys.getswitchinterval()
     try:

@@ -9,7 +9,9 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+from vllm.entrypoints.serve.exception_handling.handlers.http import http_exception_handler
 from vllm.entrypoints.serve.utils.api_utils import (
     load_aware_call,
     validate_json_request,
@@ -203,9 +205,12 @@ def _answer(
 
 
 # Outside /v1 on purpose: vLLM's --api-key guards /v1 only, and these are capability URLs that
-# a browser opens without headers (docs/image_api.md, "Image URLs").
-@router.get(
-    f"{IMAGE_FILES_PATH}/{{name}}",
+# a browser opens without headers (docs/image_api.md, "Image URLs"). Every path below
+# /images/files/ comes here (`:path`), so a name with a `/` is this route's 404 in OpenAI's
+# shape, not FastAPI's; HEAD answers as GET without the body (uvicorn sends none).
+@router.api_route(
+    f"{IMAGE_FILES_PATH}/{{name:path}}",
+    methods=["GET", "HEAD"],
     name=IMAGE_FILE_ROUTE,
     response_class=FileResponse,
     responses={
@@ -244,6 +249,16 @@ for _path in TEXT_ONLY_PATHS:
         include_in_schema=False,
         route_class_override=APIRoute,  # vLLM's routes by name: none of the Images API's checks
     )
+
+
+async def starlette_http_error(request: Request, error: Exception) -> Response:
+    """Starlette's own refusals, for a path no route serves (404) or a method its route does
+    not take (405, with its `Allow`), in OpenAI's error shape as vLLM answers FastAPI's
+    `HTTPException`s (vLLM's app leaves Starlette's to Starlette: `{"detail": "Not Found"}`)."""
+    assert isinstance(error, StarletteHTTPException)
+    response = await http_exception_handler(request, error)  # type: ignore[arg-type]
+    response.headers.update(error.headers or {})
+    return response
 
 
 def attach_router(app: FastAPI) -> None:

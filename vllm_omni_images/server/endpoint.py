@@ -38,11 +38,18 @@ class ImagesEndpointPlugin:
     required_tasks: Any = (IMAGE_TASK,)
 
     def attach_router(self, app: FastAPI) -> None:
-        from vllm_omni_images.images.api_router import TEXT_ONLY_PATHS, attach_router
-        from vllm_omni_images.server.vllm_patches import remove_core_routes
+        from starlette.exceptions import HTTPException
+
+        from vllm_omni_images.images.api_router import (
+            TEXT_ONLY_PATHS,
+            attach_router,
+            starlette_http_error,
+        )
+        from vllm_omni_images.server.vllm_patches import add_exception_handler, remove_core_routes
 
         remove_core_routes(app, TEXT_ONLY_PATHS)
         attach_router(app)
+        add_exception_handler(app, HTTPException, starlette_http_error)
 
     async def init_state(
         self, engine_client: EngineClient | None, state: State, args: Namespace

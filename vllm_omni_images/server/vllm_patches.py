@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from typing import TYPE_CHECKING, Any, cast
 
 from vllm.logger import init_logger
@@ -15,7 +15,7 @@ from vllm.logger import init_logger
 from vllm_omni_images.server.cli_args import IMAGE_TASK, add_image_cli_args
 
 if TYPE_CHECKING:
-    from fastapi import FastAPI
+    from fastapi import FastAPI, Request, Response
     from starlette.datastructures import State
     from vllm.entrypoints.openai.models.serving import OpenAIServingModels
 
@@ -124,6 +124,19 @@ def remove_core_routes(app: FastAPI, paths: Collection[str]) -> None:
     app.router.routes[:] = [
         route for route in app.router.routes if getattr(route, "path", None) not in paths
     ]
+
+
+def add_exception_handler(
+    app: FastAPI,
+    error_class: type[Exception],
+    handler: Callable[[Request, Exception], Awaitable[Response]],
+) -> None:
+    """`app.add_exception_handler`, in force at once: vLLM's `build_app` has built the app's
+    middleware stack already (its SageMaker bootstrap does), and the stack keeps the handlers
+    it was built with, so it is built again, as that bootstrap builds it."""
+    app.add_exception_handler(error_class, handler)
+    if app.middleware_stack is not None:
+        app.middleware_stack = app.build_middleware_stack()
 
 
 def attach_endpoint_plugin(app: FastAPI, plugin: Any) -> bool:
