@@ -5,7 +5,8 @@ Shared by the end-to-end test (a bounded number of cases in `make test`) and the
 `/openapi.json` gets cases that fit its schema (positive) and cases that break it (negative).
 An answer passes when it is not a 5xx and is what a client of the OpenAI API can read: a 200
 with images (JSON, or server-sent events when it asked to stream), or a 4xx in OpenAI's error
-shape (vLLM's own 401 for a missing key aside, which the fuzzer never triggers: it sends the key).
+shape (vLLM's own 401 for a missing key aside, which the fuzzer never triggers: it sends the key);
+to `HEAD`, the same without a body.
 """
 
 from __future__ import annotations
@@ -45,10 +46,15 @@ class FuzzReport:
         }
 
 
-def problem(status: int, content_type: str, text: str) -> str | None:
-    """What is wrong with an answer, or None."""
+def problem(status: int, content_type: str, text: str, method: str = "GET") -> str | None:
+    """What is wrong with an answer, or None. A `HEAD` answer is a `GET` one without its body."""
     if status >= 500:
         return f"{status}: {text[:300]}"
+    if method == "HEAD":
+        if text:
+            return f"{status}: HEAD answered a body: {text[:300]}"
+        expected = "image/" if status == 200 else "application/json"
+        return None if content_type.startswith(expected) else f"{status}: HEAD as {content_type}"
     if status == 200 and content_type.startswith("image/"):
         return None
     if status == 200 and content_type.startswith("text/event-stream"):
@@ -121,7 +127,7 @@ def _fuzz_operation(
         content_type = response.headers.get("content-type") or ""
         if isinstance(content_type, list):  # schemathesis keeps each header as a list
             content_type = content_type[0] if content_type else ""
-        found = problem(response.status_code, content_type, response.text)
+        found = problem(response.status_code, content_type, response.text, case.method.upper())
         if found is not None:
             body = case.body if isinstance(case.body, dict | list | str) else "<binary>"
             report.failures.append(f"{label} ({mode.value}) {str(body)[:200]} -> {found}")
