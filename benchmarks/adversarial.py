@@ -236,7 +236,7 @@ def main() -> None:
     parser.add_argument("--cases", help="comma-separated case names (default: all)")
     parser.add_argument("--quick", action="store_true", help="only the cases of a few seconds")
     parser.add_argument("--timeout", type=float, default=200.0, help="seconds per answer")
-    parser.add_argument("--slow-client-cap", type=float, default=120.0)
+    parser.add_argument("--slow-client-cap", type=float, default=Target.slow_client_cap_s)
     parser.add_argument("--base-url", help="a server started with this module's flags")
     parser.add_argument("--api-key", default=API_KEY)
     parser.add_argument("--table", action="store_true", help="only rewrite adversarial.md")

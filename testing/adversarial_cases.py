@@ -45,8 +45,9 @@ class Target:
     """The server's `--max-cpu-loras`: how many other adapters push one out of its cache."""
     timeout_s: float = 200.0
     """The longest a case waits for one answer (a slower one is recorded as a timeout)."""
-    slow_client_cap_s: float = 120.0
-    """How long a slow client is held open, waiting for the server to close it."""
+    slow_client_cap_s: float = 150.0
+    """How long a slow client is held open, waiting for the server to close it: past the
+    server's default deadlines (`--image-body-timeout`, 120 s), so that its answer is seen."""
 
 
 @dataclass
