@@ -97,8 +97,10 @@ async def serving(
         await client.close()
 
 
-def assert_images_of(request: EngineRequest, images: list[Image.Image]) -> None:
-    """`images` are `request`'s, in seed order (`FakeRunner` paints each in its seed's colour)."""
+def assert_images_of(request: EngineRequest, images: list[Image.Image] | BaseException) -> None:
+    """`images` are `request`'s, in seed order (`FakeRunner` paints each in its seed's colour);
+    an exception (from `gather(..., return_exceptions=True)`) fails the assertion."""
+    assert isinstance(images, list), f"request {request.request_id} failed: {images!r}"
     assert [image.getpixel((0, 0)) for image in images] == [colour(s) for s in request.seeds]
 
 

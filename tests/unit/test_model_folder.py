@@ -57,7 +57,9 @@ def test_qwen_images_rope_table_positions_exactly_its_longest_side():
     rope = QwenEmbedRope(theta=10000, axes_dim=[2, 2, 4], scale_rope=True)
     assert rope.pos_freqs.shape[0] == QWEN_IMAGE_ROPE_POSITIONS
     cpu = torch.device("cpu")
-    patches = max_side(QWEN_IMAGE, 8) // 16
+    side = max_side(QWEN_IMAGE, 8)
+    assert side is not None
+    patches = side // 16
     for width, fits in ((patches, True), (patches + 2, False)):
         image, text = rope([(1, 1, width)], cpu, max_txt_seq_len=QWEN_IMAGE_TEXT_TOKENS)
         assert image.shape[0] == width
