@@ -32,7 +32,8 @@ async def served(
     make_app: AppFactory, tiny_runner: DiffusersRunner
 ) -> AsyncIterator[tuple[openai.AsyncOpenAI, httpx.AsyncClient]]:
     """The SDK with the API key, and a bare HTTP client (no key) on the same app."""
-    app = await make_app(tiny_runner, ["--api-key", KEY, "--image-url-ttl", "0.5"])
+    # Long enough that a URL outlives a loaded machine's generate-then-fetch (0.5 s did not).
+    app = await make_app(tiny_runner, ["--api-key", KEY, "--image-url-ttl", "30"])
     async with sdk_client(app, KEY) as sdk, http_client(app) as bare:
         yield sdk, bare
 
@@ -72,14 +73,13 @@ async def test_each_of_n_images_gets_its_own_url_in_the_asked_format(
         assert response.headers["content-type"] == "image/webp"
 
 
-async def test_an_expired_url_is_a_404(
-    served: tuple[openai.AsyncOpenAI, httpx.AsyncClient],
-) -> None:
-    sdk, bare = served
-    result = await generate(sdk, response_format="url")
-    assert result.data is not None and result.data[0].url is not None
-    await asyncio.sleep(0.6)  # past --image-url-ttl 0.5
-    response = await bare.get(result.data[0].url)
+async def test_an_expired_url_is_a_404(make_app: AppFactory, tiny_runner: DiffusersRunner) -> None:
+    app = await make_app(tiny_runner, ["--api-key", KEY, "--image-url-ttl", "0.5"])
+    async with sdk_client(app, KEY) as sdk, http_client(app) as bare:
+        result = await generate(sdk, response_format="url")
+        assert result.data is not None and result.data[0].url is not None
+        await asyncio.sleep(0.6)  # past --image-url-ttl 0.5
+        response = await bare.get(result.data[0].url)
     assert response.status_code == 404
     assert response.json()["error"]["type"] == "NotFoundError"
     assert response.json() == NO_SUCH_IMAGE
