@@ -361,7 +361,7 @@ def hung_error(engine: ImageEngine) -> EngineHungError | None:
 def refuses_new_work(client: ImageEngineClient) -> bool:
     """Whether `client` is shutting down: it refuses new requests with a shutdown error."""
     try:
-        client.check_admission(1)
+        client.check_admission(req(1))
     except EngineClosedError:
         return True
     return False

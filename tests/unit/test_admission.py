@@ -72,7 +72,7 @@ async def test_queue_limit_refuses_and_cancelled_requests_free_their_place(
         first, second = await served.submit_queued(req(1, 2), req(3))
         assert served.client.queued_images == 3
         with pytest.raises(QueueFullError) as refused:
-            served.client.check_admission(2)  # asked before any work, as the server asks
+            served.client.check_admission(req(1, 2))  # asked before any work, as the server asks
         assert refused.value.retry_after_s >= 1.0  # the Retry-After of the 429
         with pytest.raises(QueueFullError) as refused:
             await images_of(served.client.generate(req(4, 5, request_id="refused")))
@@ -172,7 +172,7 @@ async def test_close_fails_the_waiting_and_waits_for_the_started(runner: FakeRun
             await waiting
         assert not closing.done() and served.client.queued_images == 0
         with pytest.raises(EngineClosedError):
-            served.client.check_admission(1)
+            served.client.check_admission(req(1))
         runner.gate.set()
         assert len(await started) == 1
         await asyncio.wait_for(closing, WAIT_S)
@@ -279,7 +279,7 @@ async def test_a_dead_engine_refuses_before_anything_is_counted(
     client, engine = scripted
     engine.dead = True
     with pytest.raises(EngineDiedError):
-        client.check_admission(1)
+        client.check_admission(req(1))
     with pytest.raises(EngineDiedError):
         await images_of(client.generate(req(1)))
     assert (client.queued_images, client.running_images) == (0, 0)
@@ -295,7 +295,7 @@ async def test_the_engine_is_asked_once_per_request(
     plain = submit(client, req(1, 2, 3))
     await until(lambda: len(engine.requests) == 1, "the hand-over")
     assert engine.admissions == 1
-    client.check_admission(1)
+    client.check_admission(req(1))
     streamed = asyncio.create_task(images_of(client.generate(req(4), checked=True)))
     await until(lambda: len(engine.requests) == 2, "the second hand-over")
     assert engine.admissions == 2

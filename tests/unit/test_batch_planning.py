@@ -16,6 +16,7 @@ from vllm_omni_images.engine.batch_planning import (
     BatchSlice,
     LastAdapter,
     adapter_of,
+    batch_capacity,
     batch_key,
     company_wait_s,
     form_batch,
@@ -158,3 +159,16 @@ def test_adapters_take_turns_so_none_waits_behind_a_run_of_another() -> None:
 def test_a_lone_adapter_keeps_its_turns() -> None:
     queue = [req(1, lora=STYLE), req(2, lora=STYLE)]
     assert form_batch(queue, max_images=1, last_adapter=STYLE.adapter_id) == [0]
+
+
+def test_the_pixel_budget_caps_a_batch_below_its_image_count() -> None:
+    big = {"width": 128, "height": 128}  # 4 of req's 64x64 images each
+    assert batch_capacity(req(1, **big), 8, None) == 8
+    assert batch_capacity(req(1, **big), 8, 3 * 128 * 128) == 3
+    assert batch_capacity(req(1, **big), 8, 100) == 1  # alone, whatever its size
+    queue = [req(1, **big), req(2, 3, **big), req(4, **big), req(5), req(6)]
+    assert form_batch(queue, max_images=8, max_pixels=2 * 128 * 128) == [0, 2]
+    assert form_batch(queue, max_images=8, max_pixels=3 * 128 * 128) == [0, 1]
+    # Smaller images of the same budget batch more (and the leader's size decides).
+    assert form_batch(queue[3:], max_images=8, max_pixels=2 * 128 * 128) == [0, 1]
+    assert form_batch([req(*range(6), **big)], max_images=8, max_pixels=128 * 128) == [0]

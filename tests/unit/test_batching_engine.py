@@ -592,7 +592,7 @@ async def test_a_call_that_does_not_stop_marks_the_engine_hung_until_it_returns(
             await queued  # a waiting request does not wait for a hung engine
         assert hung_error(served.engine) is not None and served.client.queued_images == 0
         with pytest.raises(EngineHungError, match="not responding"):
-            served.client.check_admission(1)  # refused at once
+            served.client.check_admission(req(1))  # refused at once
         with pytest.raises(EngineHungError, match="not responding"):
             await images_of(served.client.generate(req(3)))
         assert observer.of("hung") == [True]
@@ -684,7 +684,7 @@ async def test_a_dead_worker_fails_what_waits_and_fails_the_health_check(
             with pytest.raises(EngineDiedError, match="batching worker stopped"):
                 served.engine.check_health()
             with pytest.raises(EngineDiedError):
-                served.client.check_admission(1)
+                served.client.check_admission(req(1))
             with pytest.raises(EngineDiedError):
                 await images_of(served.client.generate(req(3)))
             assert (served.client.queued_images, served.client.running_images) == (0, 0)

@@ -41,6 +41,10 @@ class ModelDefaults:
     """Whether the engine streams previews of intermediate steps (`PreviewImages`)."""
     supports_strength: bool = True
     """Whether the served pipeline honours an edit's `strength`; where not, one is refused."""
+    bytes_per_megapixel: float | None = None
+    """The peak host memory one more megapixel in a pipeline call adds, measured on the CPU
+    (`benchmarks/memory_admission.py`); `None`: not measured. Sets the default pixel budget
+    (`memory_budget.resolve_pixel_budget`)."""
 
 
 @dataclass(frozen=True)
@@ -182,6 +186,10 @@ class ImageEngine(abc.ABC):
     `errors.py` exception; the request is taken at the first iteration, and closing the stream
     (or cancelling its consumer) before `FinalImages` aborts it. `close` stops taking work.
     """
+
+    max_pixels_in_flight: int | None = None
+    """The engine's pixel budget (`memory_budget.py`): its calls, and the images it has in
+    flight, hold at most this many pixels; `None`: no budget."""
 
     @property
     @abc.abstractmethod

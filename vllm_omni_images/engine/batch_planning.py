@@ -55,28 +55,40 @@ def batch_key(request: EngineRequest) -> BatchKey:
     )
 
 
+def batch_capacity(request: EngineRequest, max_images: int, max_pixels: int | None) -> int:
+    """The most images a batch of `request`'s size holds: `max_images`, fewer where more would
+    be over `max_pixels` (the engine's pixel budget; `None`: none), and at least one."""
+    if max_pixels is None:
+        return max_images
+    return max(1, min(max_images, max_pixels // (request.width * request.height)))
+
+
 def form_batch(
-    queue: Sequence[EngineRequest], max_images: int, last_adapter: LastAdapter = NO_BATCH_YET
+    queue: Sequence[EngineRequest],
+    max_images: int,
+    last_adapter: LastAdapter = NO_BATCH_YET,
+    max_pixels: int | None = None,
 ) -> list[int]:
     """Indices into `queue` (oldest first) of the next batch, its leader first: the oldest
     request, or the oldest of another adapter than `last_adapter`'s; then requests of the
-    leader's batch key, in order, that fit within `max_images` (one that does not is skipped).
-    """
+    leader's batch key, in order, that fit within `max_images` and `max_pixels` (one that does
+    not is skipped). The leader alone may be over either: it runs alone."""
     if not queue:
         return []
     lead = 0
     if adapter_of(queue[0]) == last_adapter:
         lead = next((i for i, r in enumerate(queue) if adapter_of(r) != last_adapter), 0)
     key = batch_key(queue[lead])
+    capacity = batch_capacity(queue[lead], max_images, max_pixels)
     chosen = [lead]
     total = queue[lead].num_images
     for index in range(len(queue)):
         if index == lead:
             continue
-        if total >= max_images:
+        if total >= capacity:
             break
         request = queue[index]
-        if total + request.num_images <= max_images and batch_key(request) == key:
+        if total + request.num_images <= capacity and batch_key(request) == key:
             chosen.append(index)
             total += request.num_images
     return chosen

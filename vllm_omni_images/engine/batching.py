@@ -36,6 +36,7 @@ from vllm_omni_images.engine.batch_planning import (
     BatchSlice,
     LastAdapter,
     adapter_of,
+    batch_capacity,
     company_wait_s,
     form_batch,
     split_in_halves,
@@ -49,6 +50,7 @@ from vllm_omni_images.engine.errors import (
     may_be_one_requests,
 )
 from vllm_omni_images.engine.hang_watch import HangWatch
+from vllm_omni_images.engine.memory_budget import PixelBudgetSetting, resolve_pixel_budget
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +103,10 @@ class BatchingConfig:
     """How long a non-full batch waits for company, from its oldest request's arrival."""
     hang_grace_s: float | None
     """How long a call asked to stop may run on before the engine is hung; `None`: never."""
+    max_pixels_in_flight: PixelBudgetSetting = None
+    """The engine's pixel budget: pixels per call, and so in flight (for vllm-omni: handed to
+    it); `auto`: from the memory available (`memory_budget.resolve_pixel_budget`); `None`: none.
+    """
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -109,6 +115,9 @@ class BatchingConfig:
             raise ValueError(f"batch_delay_ms must be >= 0, got {self.batch_delay_ms}")
         if self.hang_grace_s is not None and self.hang_grace_s <= 0:
             raise ValueError(f"hang_grace_s must be > 0, got {self.hang_grace_s}")
+        budget = self.max_pixels_in_flight
+        if isinstance(budget, int) and budget < 1:
+            raise ValueError(f"max_pixels_in_flight must be >= 1, 'auto' or None, got {budget}")
 
 
 @dataclass(eq=False)
@@ -220,6 +229,12 @@ class BatchingEngine(ImageEngine):
         self._died: str | None = None
         self._last_adapter: LastAdapter = NO_BATCH_YET
         """The adapter of the last batch (`batch_planning.adapter_of`), whose turn is over."""
+        # One call at a time: a call's pixels are all the engine's in flight.
+        self.max_pixels_in_flight = resolve_pixel_budget(
+            config.max_pixels_in_flight,
+            runner.defaults.bytes_per_megapixel,
+            on_host=str(getattr(runner, "device", "cpu")).startswith("cpu"),  # a test's: cpu
+        )
 
     @property
     def defaults(self) -> ModelDefaults:
@@ -324,8 +339,9 @@ class BatchingEngine(ImageEngine):
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
+            max_images, max_pixels = self._config.max_batch_size, self.max_pixels_in_flight
             indices = form_batch(
-                [p.request for p in self._queue], self._config.max_batch_size, self._last_adapter
+                [p.request for p in self._queue], max_images, self._last_adapter, max_pixels
             )
             head = self._queue[indices[0]]
             wait_s = 0.0
@@ -333,7 +349,7 @@ class BatchingEngine(ImageEngine):
                 images = sum(self._queue[i].request.num_images for i in indices)
                 wait_s = company_wait_s(
                     images,
-                    self._config.max_batch_size,
+                    batch_capacity(head.request, max_images, max_pixels),
                     head.arrival,
                     self._clock(),
                     self._config.batch_delay_ms / 1000,

@@ -32,6 +32,7 @@ from vllm_omni_images.engine.errors import (
     RequestTimeoutError,
     RequestTooLargeError,
 )
+from vllm_omni_images.engine.memory_budget import check_within_budget
 
 
 class AdapterRequest(Protocol):
@@ -185,17 +186,20 @@ class ImageEngineClient:
         )
         return True
 
-    def check_admission(self, num_images: int) -> None:
-        """Raise `EngineClosedError`, the engine's refusal, `RequestTooLargeError` or
-        `QueueFullError` if a request of `num_images` images cannot be taken now."""
-        self._admit(num_images, ask_engine=True)
+    def check_admission(self, request: EngineRequest) -> None:
+        """Raise `EngineClosedError`, the engine's refusal, `RequestOverBudgetError` (its images
+        alone exceed the engine's pixel budget), `RequestTooLargeError` or `QueueFullError` if
+        `request` cannot be taken now."""
+        self._admit(request, ask_engine=True)
 
-    def _admit(self, num_images: int, *, ask_engine: bool) -> None:
+    def _admit(self, request: EngineRequest, *, ask_engine: bool) -> None:
         engine = self.engine  # EngineNotReadyError once the model is released
         if self._closing:  # draining: finish what was admitted, take nothing new
             raise EngineClosedError()
+        num_images = request.num_images
         if ask_engine:
             engine.check_admission(num_images)
+        check_within_budget(request, engine.max_pixels_in_flight, engine.defaults.size_multiple)
         limit = self._config.max_queue_images
         if num_images > limit:
             raise RequestTooLargeError(num_images, limit)
@@ -213,7 +217,7 @@ class ImageEngineClient:
         """The engine's outputs for `request`, admitted first (`checked`: the caller just asked
         `check_admission`, so the engine is not asked again); raises `RequestTimeoutError` past
         the timeout. `timings`, if given, is filled in as it goes."""
-        self._admit(request.num_images, ask_engine=not checked)
+        self._admit(request, ask_engine=not checked)
         self._loop = asyncio.get_running_loop()  # where `shutdown` runs `close`
         admitted = _Admitted(request, self._clock(), timings or RequestTimings())
         self._count(admitted, queued=request.num_images)

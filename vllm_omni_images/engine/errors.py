@@ -81,6 +81,43 @@ class RequestTooLargeError(AdmissionError):
         self.max_queue_images = max_queue_images
 
 
+class RequestOverBudgetError(AdmissionError):
+    """The request's images alone are more pixels than the engine holds in flight
+    (`memory_budget.py`): it can never run. The message says the largest `n` and size that fit;
+    `parameter` names the field to change."""
+
+    def __init__(
+        self,
+        num_images: int,
+        size: tuple[int, int],
+        budget: int,
+        *,
+        fitting_n: int,
+        fitting_size: tuple[int, int] | None,
+    ) -> None:
+        width, height = size
+        asked = f"{num_images} images of {width}x{height} are" if num_images > 1 else "one "
+        if num_images == 1:
+            asked += f"{width}x{height} image is"
+        fits = []
+        if num_images > 1 and fitting_n >= 1:
+            fits.append(f"n={fitting_n} at {width}x{height}")
+        if fitting_size is not None:
+            fits.append(
+                f"n={num_images} at up to {fitting_size[0]}x{fitting_size[1]}"
+                if num_images > 1
+                else f"a size of up to {fitting_size[0]}x{fitting_size[1]}"
+            )
+        super().__init__(
+            f"{asked} {num_images * width * height} pixels, more than this server generates "
+            f"at once within its memory ({budget} pixels, its --image-max-pixels-in-flight). "
+            + (f"What fits: {' or '.join(fits)}." if fits else "Ask for fewer or smaller images.")
+        )
+        self.num_images = num_images
+        self.budget = budget
+        self.parameter = "n" if num_images > 1 and fitting_n >= 1 else "size"
+
+
 class QueueFullError(AdmissionError):
     """Too many images are waiting; the client may retry after `retry_after_s`."""
 

@@ -170,6 +170,7 @@ def create_engine(
             hang_grace_s=batching.hang_grace_s,
             observer=observer,
             lora=settings.lora,
+            max_pixels_in_flight=batching.max_pixels_in_flight,
         )
     if settings.omni_options:
         # vllm-omni's option names are its flags' (`--cache-backend`), and vLLM's too.

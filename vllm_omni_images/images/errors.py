@@ -27,6 +27,7 @@ from vllm_omni_images.engine.errors import (
     EngineRequestError,
     LoRAAdapterUnavailableError,
     QueueFullError,
+    RequestOverBudgetError,
     RequestTimeoutError,
     RequestTooLargeError,
 )
@@ -101,6 +102,7 @@ ERROR_TABLE: tuple[tuple[type[Exception], ErrorKind], ...] = (
             param="n",
         ),
     ),
+    (RequestOverBudgetError, _INVALID),  # names `n` or `size` and what fits
     (
         QueueFullError,
         ErrorKind(
@@ -236,7 +238,7 @@ def error_response(error: Exception) -> ImageErrorResponse:
     kind = error_kind(error)
     param = kind.param
     message = kind.message.format(error=error)
-    if isinstance(error, VLLMValidationError):
+    if isinstance(error, (VLLMValidationError, RequestOverBudgetError)):
         param = error.parameter
     elif isinstance(error, (RequestValidationError, ValidationError)):
         message, param = describe_validation_errors(error.errors())

@@ -159,7 +159,7 @@ class OpenAIServingImage:
             if request.stream:
                 # Overload and shutdown answers keep their status (429, 503) as plain JSON:
                 # asked before the first event, as vLLM asks before it streams.
-                self.engine_client.check_admission(engine_request.num_images)
+                self.engine_client.check_admission(engine_request)
                 return "ok", self._stream(request, engine_request, record)
             images = await self._generate(engine_request, record)
             data = await self._deliver(images, request, record, raw_request)

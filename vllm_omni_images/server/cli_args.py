@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
+from vllm_omni_images.engine.memory_budget import AUTO
 from vllm_omni_images.engine.names import ENGINE_NAMES, EngineName
 from vllm_omni_images.images.limits import ImageLimits, MiB
 
@@ -69,6 +70,22 @@ def _pixel_count(text: str) -> int:
     return value
 
 
+def _pixel_budget(text: str) -> int | Literal["auto"] | None:
+    """`auto`, `0` (no budget), or a number of pixels: `16777216`, `2048x2048` or
+    `4x2048x2048` (n x width x height)."""
+    if text.strip().lower() == AUTO:
+        return AUTO
+    try:
+        value = math.prod(int(factor) for factor in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be auto, 0, a number of pixels or [Nx]WIDTHxHEIGHT, got {text}"
+        ) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more pixels, got {text}")
+    return value or None
+
+
 def _mib_bytes(mib: float) -> int:
     return max(1, int(mib * MiB)) if math.isfinite(mib) else sys.maxsize
 
@@ -112,6 +129,15 @@ class ImageTaskArgs:
     /health answers 503 and requests fail with 503 until the call returns. Raise it where one
     step (or the VAE decode) can take longer, e.g. a large model on a CPU; 0 turns the check
     off."""
+    image_max_pixels_in_flight: int | Literal["auto"] | None = field(
+        default=AUTO, metadata={"type": _pixel_budget, "metavar": "auto|0|[Nx]WIDTHxHEIGHT"}
+    )
+    """Most image pixels the engine holds in memory at once: in one pipeline call, and (omni)
+    handed to vllm-omni. Requests beyond it wait their turn; one whose images alone are more
+    is a 400 that says the largest n and size that fit. `auto`: on the CPU, 80% of the memory
+    available once the model is loaded, divided by the model's measured bytes per megapixel
+    (docs/performance.md, "Memory"); on a GPU, or for a model not measured, no budget. 0: no
+    budget."""
     image_store_dir: str | None = None
     """Folder for the images of `response_format: url` requests (served at /images/files/<random
     name> without an API key: the URL is the secret). Default: a new temporary folder per
@@ -199,6 +225,7 @@ class ImageTaskArgs:
             max_batch_size=self.image_max_batch_size,
             batch_delay_ms=self.image_batch_delay_ms,
             hang_grace_s=self.image_engine_hang_grace or None,
+            max_pixels_in_flight=self.image_max_pixels_in_flight,
         )
 
     def image_limits(self) -> ImageLimits:
