@@ -46,8 +46,10 @@ from vllm_omni_images.engine.errors import (
     EngineError,
     EngineOutOfMemoryError,
     EngineRequestError,
+    RequestOverBudgetError,
     RequestTimeoutError,
 )
+from vllm_omni_images.engine.memory_budget import PixelGate
 from vllm_omni_images.engine.model_folder import QWEN_IMAGE_ROPE_POSITIONS, QWEN_IMAGE_TEXT_TOKENS
 from vllm_omni_images.engine.omni_engine import OmniEngine
 from vllm_omni_images.engine.omni_requests import refuse_unsupported, to_omni_request
@@ -386,6 +388,47 @@ async def test_incompatible_requests_run_apart(
     widths = [[r.sampling_params.width for r in batch] for batch in worker.batches[1:]]
     # vllm-omni batches runs of compatible requests in arrival order; it never reorders.
     assert widths == [[64, 64], [96, 96], [64]]
+
+
+# The pixel budget: requests wait their turn before vllm-omni
+
+
+@pytest.fixture
+def room_for_two(omni_engine: OmniEngine) -> Iterator[PixelGate]:
+    """The shared engine with a pixel budget of two of `req`'s 64x64 images, for one test (as
+    `--image-max-pixels-in-flight 2x64x64` builds it); its own gate, to look at."""
+    budget = 2 * 64 * 64
+    saved = omni_engine.max_pixels_in_flight, omni_engine._gate
+    gate = PixelGate(budget)
+    omni_engine.max_pixels_in_flight, omni_engine._gate = budget, gate
+    yield gate
+    omni_engine.max_pixels_in_flight, omni_engine._gate = saved
+
+
+async def test_requests_over_the_pixel_budget_wait_before_vllm_omni(
+    client: ImageEngineClient,
+    worker: WorkerProbe,
+    omni_engine: OmniEngine,
+    room_for_two: PixelGate,
+) -> None:
+    blocker = await start_blocker(client, worker)
+    waiting = [asyncio.create_task(images_from(client, req(seed))) for seed in range(3)]
+    await until_waiting_in_vllm_omni(omni_engine, 1)  # one more fits beside the blocker
+    await until(lambda: room_for_two.waiting == 2, "two requests held back")
+    assert client.queued_images == 3  # admitted, all three; queued, two of them here
+    waiting[2].cancel()  # a request held back leaves without reaching vllm-omni
+    await asyncio.gather(waiting[2], return_exceptions=True)
+    await until(lambda: room_for_two.waiting == 1, "the cancelled request to leave")
+    worker.hold.set()
+    results = await asyncio.gather(blocker, *waiting[:2])
+    assert [len(images) for images in results] == [1, 1, 1]
+    assert max(batch_sizes(worker)) <= 2
+    assert sorted(r.sampling_params.seed for b in worker.batches for r in b) == [0, 1, 1000]
+    assert room_for_two.in_flight == 0 and client.queued_images == client.running_images == 0
+    ran = len(worker.batches)
+    with pytest.raises(RequestOverBudgetError, match="What fits: n=2 at 64x64"):
+        await images_from(client, req(1, 2, 3))  # refused by admission, before any work
+    assert len(worker.batches) == ran and room_for_two.in_flight == 0
 
 
 # Cancellation and timeouts abort the request in vllm-omni
