@@ -49,7 +49,7 @@ test: install
 # All benchmarks, side by side in one run on the embedded model; each writes its table to
 # docs/benchmarks/ (summarised in docs/performance.md and docs/reliability.md). About 55 minutes on
 # 2 CPU cores.
-BENCHMARKS := encoding batch_invariance overhead liveness throughput engine_throughput engines_cpu step_batching omni_previews startup edit_throughput lora soak fuzz
+BENCHMARKS := encoding batch_invariance overhead liveness throughput engine_throughput engines_cpu step_batching omni_previews startup edit_throughput lora soak fuzz memory_admission
 
 benchmark: install
 	for name in $(BENCHMARKS); do \

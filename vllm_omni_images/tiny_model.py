@@ -20,11 +20,15 @@ CACHE_ENV_VAR = "VLLM_OMNI_IMAGES_CACHE"
 DEFAULT_CACHE_DIR = Path("~/.cache/vllm-omni-images")
 
 # Bump when the built model changes, so stale caches are rebuilt instead of reused.
-TINY_MODEL_VERSION = 1
+TINY_MODEL_VERSION = 2
 MARKER_FILE = "tiny_model_version.json"
 
 # The serving defaults the pipeline does not record itself (see `engine.base.DEFAULTS_FILE`).
 TINY_MODEL_DEFAULTS = {"width": 256, "height": 256, "num_inference_steps": 4}
+TINY_MODEL_BYTES_PER_MEGAPIXEL = 556_000_000
+"""The tiny Qwen-Image's peak memory per megapixel of a call on the CPU (float32), as
+`benchmarks/memory_admission.py` measured it (docs/benchmarks/memory_admission.md); its
+default pixel budget follows from it."""
 
 _SEED = 0
 # Qwen-Image's scheduler settings (scheduler/scheduler_config.json of Qwen/Qwen-Image).
@@ -161,7 +165,8 @@ def build_tiny_model(path: Path) -> None:
     """Build the tiny pipeline into `path` (deterministic: same weights on every machine)."""
     pipeline = build_qwen_image_pipeline(TINY_SHAPE)
     pipeline.save_pretrained(path, safe_serialization=True)
-    (path / DEFAULTS_FILE).write_text(json.dumps(TINY_MODEL_DEFAULTS, indent=2) + "\n")
+    defaults = {**TINY_MODEL_DEFAULTS, "bytes_per_megapixel": TINY_MODEL_BYTES_PER_MEGAPIXEL}
+    (path / DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2) + "\n")
     (path / MARKER_FILE).write_text(json.dumps({"version": TINY_MODEL_VERSION}) + "\n")
 
 

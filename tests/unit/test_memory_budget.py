@@ -4,6 +4,7 @@ batches never exceed it; a request over it never reaches the runner)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 from pathlib import Path
@@ -25,6 +26,7 @@ from vllm_omni_images.engine.memory_budget import (
     host_available_bytes,
     resolve_pixel_budget,
 )
+from vllm_omni_images.server.cli_args import ImageTaskArgs, add_image_cli_args
 
 GiB = 2**30
 IMAGE = 64 * 64
@@ -221,3 +223,24 @@ async def test_the_budget_caps_batches_below_a_larger_batch_size() -> None:
         served.runner.gate.set()
         await asyncio.gather(blocker, *queued)
     assert [sum(r.num_images for r in b) for b in served.runner.batches] == [4, 4, 4]
+
+
+# The flag
+
+
+def budget_flag(*flags: str) -> object:
+    parser = argparse.ArgumentParser(prog="vllm serve")
+    add_image_cli_args(parser)
+    args = ImageTaskArgs.from_args(parser.parse_args(list(flags)))
+    return args.batching_config().max_pixels_in_flight
+
+
+def test_the_flag_takes_auto_none_or_pixels() -> None:
+    assert budget_flag() == AUTO
+    assert budget_flag("--image-max-pixels-in-flight", "0") is None
+    assert budget_flag("--image-max-pixels-in-flight", "1000") == 1000
+    assert budget_flag("--image-max-pixels-in-flight", "2048x2048") == 2048 * 2048
+    assert budget_flag("--image-max-pixels-in-flight", "4x2048x2048") == 4 * 2048 * 2048
+    for wrong in ("-1", "lots", "2x-2x-2", "x"):
+        with pytest.raises(SystemExit):
+            budget_flag("--image-max-pixels-in-flight", wrong)

@@ -56,34 +56,33 @@ def _http_url(text: str) -> str:
     return text.rstrip("/")
 
 
-def _pixel_count(text: str) -> int:
-    """A number of pixels: `4194304` or `2048x2048`."""
-    width, separator, height = text.lower().partition("x")
+def _pixels(text: str) -> int:
+    """A number of pixels as a product: `4194304`, `2048x2048` or `4x2048x2048` (n x width x
+    height)."""
     try:
-        value = int(width) * int(height) if separator else int(text)
+        factors = [int(factor) for factor in text.lower().split("x")]
     except ValueError:
+        factors = [-1]
+    if min(factors) < 0:
         raise argparse.ArgumentTypeError(
-            f"must be a number of pixels or WIDTHxHEIGHT, got {text}"
-        ) from None
+            f"must be a number of pixels or [Nx]WIDTHxHEIGHT, got {text}"
+        )
+    return math.prod(factors)
+
+
+def _pixel_count(text: str) -> int:
+    """A number of pixels (`_pixels`), at least one."""
+    value = _pixels(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1 pixel, got {text}")
     return value
 
 
 def _pixel_budget(text: str) -> int | Literal["auto"] | None:
-    """`auto`, `0` (no budget), or a number of pixels: `16777216`, `2048x2048` or
-    `4x2048x2048` (n x width x height)."""
+    """`auto`, `0` (no budget: `None`) or a number of pixels (`_pixels`)."""
     if text.strip().lower() == AUTO:
         return AUTO
-    try:
-        value = math.prod(int(factor) for factor in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"must be auto, 0, a number of pixels or [Nx]WIDTHxHEIGHT, got {text}"
-        ) from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more pixels, got {text}")
-    return value or None
+    return _pixels(text) or None
 
 
 def _mib_bytes(mib: float) -> int:
