@@ -231,7 +231,10 @@ def slope(points: list[tuple[float, float]]) -> float:
 
 
 async def measure(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
-    results: dict[str, Any] = {"host_available_at_start_gib": round(host_available() / GiB, 1)}
+    results: dict[str, Any] = {
+        "host_total_gib": round(psutil.virtual_memory().total / GiB, 1),
+        "host_available_at_start_gib": round(host_available() / GiB, 1),
+    }
     off = ["--image-max-batch-size", "8", "--image-max-pixels-in-flight", "0"]
     # 1 and 3 (before) on one server without a budget; 3 (after) beside it.
     with ExitStack() as stack:
@@ -251,9 +254,10 @@ async def measure(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
         results["bytes_per_megapixel"] = round(per_mp)
         large = singles[-1]
         results["before_computed"] = {
-            "peak_mib": round(idle / MiB + 2 * large["added_mib"]),
+            "peak_mib": large["baseline_mib"] + 2 * large["added_mib"],
             "added_mib": 2 * large["added_mib"],
-            "how": "idle + 2 x what one 2048x2048 n=4 request added (step 1)",
+            "how": "the server's memory before the 2048x2048 n=4 request of step 1, plus "
+            "twice what that request added",
         }
         budget_flags = [
             "--image-max-batch-size",
@@ -273,6 +277,7 @@ async def measure(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
     auto_flags = ["--image-max-batch-size", "8"]
     # The budget `auto` finds depends on what the host has available as the server starts.
     await wait_for_room(LARGE[0] * LARGE[1] * LARGE[2] / 1e6)
+    results["auto_available_gib"] = round(host_available() / GiB, 1)
     with server("auto_budget", auto_flags, logs) as (url, root, log):
         results["auto_idle_mib"] = round(await warm_up(url, root) / MiB)
         found = BUDGET_LINE.search(log.read_text())
@@ -299,8 +304,9 @@ def report(results: dict[str, Any]) -> tuple[str, str]:
         f"The tiny model's peak memory grows by {per_mp:.0f} MiB per megapixel of a call "
         f"(least squares over the one-request rows from 1 megapixel up), whatever the steps. "
         f"Two concurrent 2048x2048 n=4 requests without a budget (batch size 8) would peak at "
-        f"{results['before_computed']['peak_mib'] / 1024:.1f} GiB (computed: idle "
-        f"{results['idle_mib'] / 1024:.1f} GiB + 2 x {large['added_mib'] / 1024:.1f} GiB); with "
+        f"{results['before_computed']['peak_mib'] / 1024:.1f} GiB (computed: the server's "
+        f"{large['baseline_mib'] / 1024:.1f} GiB before one such request + 2 x the "
+        f"{large['added_mib'] / 1024:.1f} GiB it added); with "
         f"the default budget ({results['auto_budget_pixels'] / 1e6:.1f} megapixels on this "
         f"machine) they peaked at {full['peak_mib'] / 1024:.1f} GiB, run as {full['calls']} "
         f"calls. Scaled down to 1024x1024 and measured side by side, the budget's throughput is "
@@ -320,6 +326,7 @@ def report(results: dict[str, Any]) -> tuple[str, str]:
     body += markdown_table(side, columns)
     body += f"\nThroughput, after / before (medians): **{ratio:.3f}**.\n"
     body += "\n## 2 and 4. Two concurrent 2048x2048 n=4 requests, batch size 8\n\n"
+    total = results["host_total_gib"]
     rows = [
         {
             "case": "before: no budget (computed, not run)",
@@ -330,27 +337,24 @@ def report(results: dict[str, Any]) -> tuple[str, str]:
         {
             "case": f"after: auto budget, {results['auto_budget_pixels']} pixels",
             **{k: full[k] for k in ("calls", "peak_mib", "added_mib", "vmhwm_mib", "wall_s")},
-            "lowest_available_gib": full["lowest_host_available_gib"],
+            "lowest_host_available_gib": full["lowest_host_available_gib"],
         },
     ]
-    body += markdown_table(
-        rows,
-        [
-            "case",
-            "calls",
-            "peak_mib",
-            "added_mib",
-            "vmhwm_mib",
-            "wall_s",
-            "lowest_host_available_gib",
-        ],
+    for row in rows:
+        row["share_of_host_memory"] = f"{row['peak_mib'] / 1024 / total:.0%}"
+    columns = ["case", "calls", "peak_mib", "added_mib", "share_of_host_memory", "vmhwm_mib"]
+    body += markdown_table(rows, [*columns, "wall_s", "lowest_host_available_gib"])
+    body += (
+        f"\nThe host has {total} GiB; {results['host_available_at_start_gib']} GiB were "
+        "available as the run started (the machine is shared), "
+        f"{results['auto_available_gib']} GiB as the `auto` server started.\n"
     )
     return intro, body
 
 
 def main() -> None:
     parser = benchmark_parser(__doc__, model=False)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="memory-admission-") as folder:
         results = asyncio.run(measure(args, Path(folder)))
