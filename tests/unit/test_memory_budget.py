@@ -37,7 +37,7 @@ IMAGE = 64 * 64
 
 
 def test_auto_is_a_share_of_the_available_memory_over_the_bytes_per_megapixel() -> None:
-    assert auto_pixel_budget(500 * 2**20, 20 * GiB) == int(0.8 * 20 * 1024 / 500 * MEGAPIXEL)
+    assert auto_pixel_budget(500 * 2**20, 20 * GiB) == int(0.75 * 20 * 1024 / 500 * MEGAPIXEL)
     assert auto_pixel_budget(2**20, 10 * GiB, fraction=0.5) == 5 * 1024 * MEGAPIXEL
     assert auto_pixel_budget(10 * GiB, 1) == 1  # never none at all
 
@@ -87,7 +87,7 @@ def test_the_setting_resolves_to_a_budget(
     assert resolve_pixel_budget(123, per_mp, on_host=True) == 123
     assert resolve_pixel_budget(None, per_mp, on_host=True) is None
     assert resolve_pixel_budget(AUTO, per_mp, on_host=True) == auto_pixel_budget(per_mp, 10 * GiB)
-    assert "Pixel budget: 16000000 pixels" in caplog.text
+    assert "Pixel budget: 15000000 pixels" in caplog.text
     assert resolve_pixel_budget(AUTO, per_mp, on_host=False) is None  # a GPU's allocator raises
     assert resolve_pixel_budget(AUTO, None, on_host=True) is None
     assert "bytes per megapixel are unknown" in caplog.text

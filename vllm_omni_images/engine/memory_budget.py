@@ -25,10 +25,12 @@ PixelBudgetSetting: TypeAlias = int | Literal["auto"] | None
 """A number of pixels, `auto` (`resolve_pixel_budget`), or `None`: no budget."""
 
 MEGAPIXEL = 1_000_000
-MEMORY_FRACTION = 0.8
-"""The share of the memory available after the model is loaded that `auto` lets images take:
-the rest is headroom for encoding answers, the process's own growth and the machine's other
-work (as vLLM's `--gpu-memory-utilization` leaves 10 % of a GPU)."""
+MEMORY_FRACTION = 0.75
+"""The share of the memory available after the model is loaded that `auto` lets images take
+(as vLLM's `--gpu-memory-utilization` leaves a share of a GPU): the rest is headroom for what
+the measured slope leaves out (memory the allocator keeps after a call, ~0.4 GiB on the tiny
+model; the slope's few percent from run to run; encoding answers) and for the host's other
+work, which may grow after the budget is set."""
 
 _MEMINFO = Path("/proc/meminfo")
 _CGROUP_V2 = Path("/sys/fs/cgroup")

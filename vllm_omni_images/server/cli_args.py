@@ -133,7 +133,7 @@ class ImageTaskArgs:
     )
     """Most image pixels the engine holds in memory at once: in one pipeline call, and (omni)
     handed to vllm-omni. Requests beyond it wait their turn; one whose images alone are more
-    is a 400 that says the largest n and size that fit. `auto`: on the CPU, 80% of the memory
+    is a 400 that says the largest n and size that fit. `auto`: on the CPU, 75% of the memory
     available once the model is loaded, divided by the model's measured bytes per megapixel
     (docs/performance.md, "Memory"); on a GPU, or for a model not measured, no budget. 0: no
     budget."""
