@@ -19,6 +19,7 @@ from vllm_omni_images.engine.errors import (
 )
 from vllm_omni_images.engine.model_folder import read_defaults
 from vllm_omni_images.engine.selection import create_engine
+from vllm_omni_images.tiny_model import TINY_MODEL_BYTES_PER_MEGAPIXEL
 
 
 def request(prompt: str = "a red fox", seeds: tuple[int, ...] = (1,), **knobs) -> EngineRequest:
@@ -35,6 +36,7 @@ def test_defaults_come_from_the_model_folder(tiny_runner: DiffusersRunner) -> No
         max_side=98_304,  # Qwen-Image's RoPE table (model_folder.max_side)
         min_steps=2,
         supports_partial_images=True,
+        bytes_per_megapixel=TINY_MODEL_BYTES_PER_MEGAPIXEL,  # measured (memory_admission)
     )
 
 

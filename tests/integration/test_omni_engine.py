@@ -53,6 +53,7 @@ from vllm_omni_images.engine.memory_budget import PixelGate
 from vllm_omni_images.engine.model_folder import QWEN_IMAGE_ROPE_POSITIONS, QWEN_IMAGE_TEXT_TOKENS
 from vllm_omni_images.engine.omni_engine import OmniEngine
 from vllm_omni_images.engine.omni_requests import refuse_unsupported, to_omni_request
+from vllm_omni_images.tiny_model import TINY_MODEL_BYTES_PER_MEGAPIXEL
 
 from .conftest import AppFactory
 from .helpers import FAST, assert_openai_error, generate, http_client, pixels
@@ -117,8 +118,14 @@ def test_defaults_come_from_the_served_pipeline(omni_engine: OmniEngine) -> None
     # scheduler's terminal shift, read from the folder's scheduler_config.json); this
     # package's Qwen-Image pipeline (pipelines/qwen_image.py) honours strength. Its longest
     # side is its RoPE table's, read from the folder's transformer config as diffusers' is.
+    # Its bytes per megapixel are measured (benchmarks/memory_admission.py).
     defaults = ModelDefaults(width=256, height=256, num_inference_steps=4, size_multiple=16)
-    assert omni_engine.defaults == dataclasses.replace(defaults, max_side=98_304, min_steps=2)
+    assert omni_engine.defaults == dataclasses.replace(
+        defaults,
+        max_side=98_304,
+        min_steps=2,
+        bytes_per_megapixel=TINY_MODEL_BYTES_PER_MEGAPIXEL,
+    )
     assert omni_engine.takes_strength
 
 

@@ -14,7 +14,7 @@ import pytest
 from tests.support.batching import serving
 from tests.support.engines import req
 from vllm_omni_images.engine import memory_budget
-from vllm_omni_images.engine.batching import BatchingConfig
+from vllm_omni_images.engine.base import ModelDefaults
 from vllm_omni_images.engine.errors import RequestOverBudgetError
 from vllm_omni_images.engine.memory_budget import (
     AUTO,
@@ -84,15 +84,20 @@ def test_the_setting_resolves_to_a_budget(
     caplog.set_level(logging.INFO, logger=memory_budget.__name__)
     monkeypatch.setattr(memory_budget, "host_available_bytes", lambda: 10 * GiB)
     per_mp = 512 * 2**20
-    assert resolve_pixel_budget(123, per_mp, on_host=True) == 123
-    assert resolve_pixel_budget(None, per_mp, on_host=True) is None
-    assert resolve_pixel_budget(AUTO, per_mp, on_host=True) == auto_pixel_budget(per_mp, 10 * GiB)
+    measured = ModelDefaults(64, 64, 2, 16, bytes_per_megapixel=per_mp)
+    assert resolve_pixel_budget(123, measured, "cpu") == 123
+    assert resolve_pixel_budget(None, measured, "cpu") is None
+    assert resolve_pixel_budget(AUTO, measured, "cpu") == auto_pixel_budget(per_mp, 10 * GiB)
     assert "Pixel budget: 15000000 pixels" in caplog.text
-    assert resolve_pixel_budget(AUTO, per_mp, on_host=False) is None  # a GPU's allocator raises
-    assert resolve_pixel_budget(AUTO, None, on_host=True) is None
+    assert resolve_pixel_budget(AUTO, measured, "cuda:0") is None  # a GPU's allocator raises
+    unmeasured = ModelDefaults(64, 64, 2, 16)
+    assert resolve_pixel_budget(AUTO, unmeasured, "cpu") is None
     assert "bytes per megapixel are unknown" in caplog.text
+    assert resolve_pixel_budget(5, unmeasured, "cuda") == 5  # set, it holds anywhere
     monkeypatch.setattr(memory_budget, "host_available_bytes", lambda: None)
-    assert resolve_pixel_budget(AUTO, per_mp, on_host=True) is None
+    assert resolve_pixel_budget(AUTO, measured, "cpu") is None
+    with pytest.raises(ValueError, match="at least 1 pixel"):
+        resolve_pixel_budget(0, measured, "cpu")
 
 
 # A request over the budget
@@ -177,6 +182,19 @@ async def test_a_cancelled_wait_holds_nothing_and_lets_the_next_in() -> None:
     assert gate.in_flight == 4 and gate.waiting == 0
 
 
+async def test_a_withdrawn_owner_stops_waiting_and_a_held_request_gives_its_pixels_back() -> None:
+    gate = PixelGate(2 * IMAGE)
+    first, second = req(1, 2), req(3)
+    async with gate.held(first):
+        waiting = asyncio.create_task(gate.acquire(IMAGE, second))
+        await asyncio.sleep(0)
+        gate.withdraw(second)
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert gate.in_flight == 2 * IMAGE and gate.waiting == 0
+    assert gate.in_flight == 0
+
+
 async def test_without_a_budget_the_gate_never_waits() -> None:
     gate = PixelGate(None)
     for _ in range(3):
@@ -185,13 +203,6 @@ async def test_without_a_budget_the_gate_never_waits() -> None:
 
 
 # The batching engine under a budget
-
-
-def test_a_budget_below_one_pixel_is_refused() -> None:
-    with pytest.raises(ValueError, match="max_pixels_in_flight"):
-        BatchingConfig(
-            max_batch_size=4, batch_delay_ms=0, hang_grace_s=None, max_pixels_in_flight=0
-        )
 
 
 async def test_batches_never_exceed_the_pixel_budget() -> None:

@@ -115,9 +115,6 @@ class BatchingConfig:
             raise ValueError(f"batch_delay_ms must be >= 0, got {self.batch_delay_ms}")
         if self.hang_grace_s is not None and self.hang_grace_s <= 0:
             raise ValueError(f"hang_grace_s must be > 0, got {self.hang_grace_s}")
-        budget = self.max_pixels_in_flight
-        if isinstance(budget, int) and budget < 1:
-            raise ValueError(f"max_pixels_in_flight must be >= 1, 'auto' or None, got {budget}")
 
 
 @dataclass(eq=False)
@@ -231,9 +228,7 @@ class BatchingEngine(ImageEngine):
         """The adapter of the last batch (`batch_planning.adapter_of`), whose turn is over."""
         # One call at a time: a call's pixels are all the engine's in flight.
         self.max_pixels_in_flight = resolve_pixel_budget(
-            config.max_pixels_in_flight,
-            runner.defaults.bytes_per_megapixel,
-            on_host=str(getattr(runner, "device", "cpu")).startswith("cpu"),  # a test's: cpu
+            config.max_pixels_in_flight, runner.defaults, getattr(runner, "device", "cpu")
         )
 
     @property

@@ -10,13 +10,14 @@ import contextlib
 import logging
 import math
 from collections import deque
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Literal, TypeAlias
 
 from vllm_omni_images.engine.errors import RequestOverBudgetError
 
 if TYPE_CHECKING:  # the serve flags import this module in every vLLM process: nothing heavy
-    from vllm_omni_images.engine.base import EngineRequest
+    from vllm_omni_images.engine.base import EngineRequest, ModelDefaults
 
 logger = logging.getLogger(__name__)
 
@@ -66,15 +67,19 @@ def auto_pixel_budget(
 
 
 def resolve_pixel_budget(
-    setting: PixelBudgetSetting, bytes_per_megapixel: float | None, *, on_host: bool
+    setting: PixelBudgetSetting, defaults: ModelDefaults, device: str
 ) -> int | None:
-    """The budget an engine keeps (`None`: none) for the flag's `setting`. `auto`, where the
-    model runs in the host's memory (the CPU) and its bytes per megapixel are known (its folder's
-    `vllm_omni_images.json`), is `auto_pixel_budget` of the memory available now (the model
-    loaded); elsewhere none: a GPU's allocator raises, and its batches are halved."""
+    """The budget an engine keeps (`None`: none) for the flag's `setting`, serving a model of
+    `defaults` on `device`. `auto`, where the model runs in the host's memory (the CPU) and its
+    bytes per megapixel are known (its folder's `vllm_omni_images.json`), is
+    `auto_pixel_budget` of the memory available now (the model loaded); elsewhere none: a
+    GPU's allocator raises, and its batches are halved."""
     if setting != AUTO:
+        if setting is not None and setting < 1:
+            raise ValueError(f"a pixel budget must be at least 1 pixel, 'auto' or None: {setting}")
         return setting
-    if not on_host:
+    bytes_per_megapixel = defaults.bytes_per_megapixel
+    if not device.startswith("cpu"):
         logger.info("No pixel budget (--image-max-pixels-in-flight auto): the model is on a GPU.")
         return None
     available = host_available_bytes()
@@ -143,23 +148,40 @@ class PixelGate:
     def __init__(self, budget: int | None) -> None:
         self.budget = budget
         self.in_flight = 0
-        self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self._waiting: deque[tuple[int, asyncio.Future[None], object]] = deque()
 
     @property
     def waiting(self) -> int:
         """Requests held back."""
-        return sum(1 for _, future in self._waiting if not future.done())
+        return sum(1 for _, future, _ in self._waiting if not future.done())
+
+    @contextlib.asynccontextmanager
+    async def held(self, request: EngineRequest) -> AsyncIterator[None]:
+        """Hold the request's pixels while the body runs, once they fit (`acquire`);
+        `withdraw(request)` ends the wait (with `CancelledError`)."""
+        pixels = request_pixels(request)
+        await self.acquire(pixels, request)
+        try:
+            yield
+        finally:
+            self.release(pixels)
+
+    def withdraw(self, owner: object) -> None:
+        """End the wait of `owner`'s `acquire`, if it waits: it raises `CancelledError`."""
+        for _, future, waiting in self._waiting:
+            if waiting is owner:
+                future.cancel()
 
     def _fits(self, pixels: int) -> bool:
         return self.budget is None or not self.in_flight or self.in_flight + pixels <= self.budget
 
-    async def acquire(self, pixels: int) -> None:
+    async def acquire(self, pixels: int, owner: object = None) -> None:
         """Wait until `pixels` fit beside those in flight and none wait before them, then hold
         them until `release` (a cancelled wait holds nothing)."""
         if not self._waiting and self._fits(pixels):
             self.in_flight += pixels
             return
-        entry = (pixels, asyncio.get_running_loop().create_future())
+        entry = (pixels, asyncio.get_running_loop().create_future(), owner)
         self._waiting.append(entry)
         try:
             await entry[1]
@@ -179,7 +201,7 @@ class PixelGate:
 
     def _let_in(self) -> None:
         while self._waiting:
-            pixels, future = self._waiting[0]
+            pixels, future, _ = self._waiting[0]
             if not future.done():  # (a cancelled one leaves)
                 if not self._fits(pixels):
                     return

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
+from vllm_omni_images.engine import memory_budget
 from vllm_omni_images.engine.base import (
     EngineObserver,
     EngineOutput,
@@ -41,12 +42,6 @@ from vllm_omni_images.engine.errors import (
 )
 from vllm_omni_images.engine.hang_watch import HangWatch
 from vllm_omni_images.engine.loop_thread import LoopThread
-from vllm_omni_images.engine.memory_budget import (
-    PixelBudgetSetting,
-    PixelGate,
-    request_pixels,
-    resolve_pixel_budget,
-)
 from vllm_omni_images.engine.model_folder import defaults_for_pipeline_class
 from vllm_omni_images.engine.omni_adapters import OmniAdapters
 from vllm_omni_images.engine.omni_flight import Flight
@@ -90,13 +85,14 @@ class OmniEngine(ImageEngine):
         hang_grace_s: float | None = 60.0,
         observer: EngineObserver | None = None,
         lora: LoRASettings | None = None,
-        max_pixels_in_flight: PixelBudgetSetting = None,
+        max_pixels_in_flight: memory_budget.PixelBudgetSetting = None,
     ) -> None:
         """Start vllm-omni's engine for `config` (loads the pipeline, runs its warm-up). With
         `lora` (and `config` built with it) it serves LoRA adapters; with a pixel budget
         (`memory_budget.py`), requests wait their turn before they are handed to vllm-omni."""
         from vllm_omni.diffusion.diffusion_engine import DiffusionEngine
         from vllm_omni.diffusion.io_support import supports_multimodal_input
+        from vllm_omni.platforms import current_omni_platform
 
         assert config.model is not None
         # vllm-omni's `mp` executor needs spawn as the default, as its own stage set-up makes it.
@@ -125,10 +121,10 @@ class OmniEngine(ImageEngine):
             config, recording_scheduler(config, self._waves)
         )
         self._engine.executor.register_failure_callback(self._executor_failed)
-        self.max_pixels_in_flight = resolve_pixel_budget(
-            max_pixels_in_flight, self._defaults.bytes_per_megapixel, on_host=_on_host()
+        self.max_pixels_in_flight = memory_budget.resolve_pixel_budget(
+            max_pixels_in_flight, self._defaults, current_omni_platform.device_type
         )
-        self._gate = PixelGate(self.max_pixels_in_flight)
+        self._gate = memory_budget.PixelGate(self.max_pixels_in_flight)
         """Pixels handed to vllm-omni (waiting in its queue or running); the engine's loop."""
         self._loop = LoopThread("omni-engine-loop")
         logger.info(
@@ -312,8 +308,7 @@ class OmniEngine(ImageEngine):
         if flight.aborted:
             return
         flight.aborted = True
-        if flight.admission is not None:
-            flight.admission.cancel()  # held back by the pixel budget: wait no more
+        self._gate.withdraw(flight.request)  # held back by the pixel budget: wait no more
         self._engine.abort(flight.request_ids)
         for index, task in enumerate(flight.tasks):
             if index not in flight.running:
@@ -326,19 +321,9 @@ class OmniEngine(ImageEngine):
 
     async def _run(self, flight: Flight) -> list[Image.Image]:
         """Every image of one API request, handed to vllm-omni once its pixels fit in the
-        pixel budget (`PixelGate`: first come first served; an abort ends the wait)."""
-        pixels = request_pixels(flight.request)
-        flight.admission = asyncio.ensure_future(self._gate.acquire(pixels))
-        try:
-            await flight.admission
-        except asyncio.CancelledError:
-            if flight.aborted:
-                raise GenerationCancelled() from None
-            raise
-        try:
+        budget (`PixelGate`: first come first served; an abort ends the wait)."""
+        async with self._gate.held(flight.request):
             return await self._run_images(flight)
-        finally:
-            self._gate.release(pixels)
 
     async def _run_images(self, flight: Flight) -> list[Image.Image]:
         """Every image of one API request; the first failure aborts the others."""
@@ -508,10 +493,3 @@ class OmniEngine(ImageEngine):
     def _executor_failed(self) -> None:  # called by vllm-omni's worker monitor
         self._died = self._died or "its executor reported that its worker died"
         logger.error("vllm-omni's diffusion executor died; /health now answers 503.")
-
-
-def _on_host() -> bool:
-    """Whether vllm-omni runs the model in the host's memory (its platform is the CPU)."""
-    from vllm_omni.platforms import current_omni_platform
-
-    return bool(current_omni_platform.is_cpu())

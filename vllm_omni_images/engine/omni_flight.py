@@ -37,8 +37,6 @@ class Flight:
     previews: dict[int, dict[int, Image.Image]] = field(default_factory=dict)
     """Preview index -> its images in so far, by position (streaming output only)."""
     # The engine's loop only:
-    admission: asyncio.Future[None] | None = None
-    """Its wait for room in the pixel budget (`PixelGate`), once `_run` began."""
     aborted: bool = False
     """Images not yet handed to vllm-omni (or to be tried again) are not handed any more."""
     tasks: list[asyncio.Task[Image.Image]] = field(default_factory=list)
