@@ -1,7 +1,8 @@
 """An engine's memory budget: the image pixels it has in flight at once
 (`--image-max-pixels-in-flight`), its default (`resolve_pixel_budget`), the refusal of a request
 that alone exceeds it (`check_within_budget`), and `PixelGate`, which holds requests back until
-their pixels fit. Importable without vLLM (docs/architecture.md, "Memory")."""
+their pixels fit. Importable without vLLM. The story: docs/architecture.md, "Memory: a budget
+of pixels in flight"."""
 
 from __future__ import annotations
 
@@ -86,8 +87,8 @@ def resolve_pixel_budget(
     if bytes_per_megapixel is None or available is None:
         logger.warning(
             "No pixel budget: %s; concurrent large requests may exceed the host's memory. Set "
-            '--image-max-pixels-in-flight (docs/performance.md, "Memory", says how to measure '
-            "it), or bytes_per_megapixel in the model folder's vllm_omni_images.json.",
+            '--image-max-pixels-in-flight (docs/performance.md, "Memory (issue 31)", says how to '
+            "measure it), or bytes_per_megapixel in the model folder's vllm_omni_images.json.",
             "the host's available memory cannot be read"
             if available is None
             else "this model's bytes per megapixel are unknown",
