@@ -251,7 +251,7 @@ def error_message(error: openai.OpenAIError, base_url: str) -> str:
     if isinstance(body, dict) and body.get("message"):
         message = str(body["message"])
     elif isinstance(body, dict) and isinstance(body.get("detail"), str):
-        message = body["detail"]  # a route that does not exist: FastAPI's {"detail": ...}
+        message = body["detail"]  # a route that does not exist, on a plain FastAPI server
     elif isinstance(body, str) and body:
         message = body
     else:
@@ -260,7 +260,8 @@ def error_message(error: openai.OpenAIError, base_url: str) -> str:
         message = f"{error.status_code}: {message}"
         if error.status_code == 401:
             message += " (check --api-key or OPENAI_API_KEY)"
-        elif error.status_code == 404 and not (isinstance(body, dict) and body.get("message")):
+        elif error.status_code == 404 and message.endswith(": Not Found"):
+            # No such route (the API's own 404s, an unknown model, say more than this).
             message += f" ({no_api_hint(str(error.request.url), base_url)})"
     return message
 

@@ -28,6 +28,9 @@ async def test_a_request_over_the_budget_is_a_400_naming_what_fits(
 ) -> None:
     app = await make_app(engine, BUDGET)
     async with http_client(app) as client:
+        # The counter is the process's (other tests' refusals count too): compare before/after.
+        before = (await client.get("/metrics")).text
+        invalid = metric_value(before, "vllm:image_requests_total", outcome="invalid")
         too_many = await generate(client, **FAST, n=4)
         error = assert_openai_error(too_many, 400, param="n")
         assert error["type"] == "BadRequestError"
@@ -43,7 +46,7 @@ async def test_a_request_over_the_budget_is_a_400_naming_what_fits(
         assert_openai_error(streamed, 400, param="size")  # refused before the stream starts
 
         metrics = (await client.get("/metrics")).text
-        assert metric_value(metrics, "vllm:image_requests_total", outcome="invalid") == 3
+        assert metric_value(metrics, "vllm:image_requests_total", outcome="invalid") == invalid + 3
     assert engine.batches == []  # none of them reached the engine
 
 
