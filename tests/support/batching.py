@@ -12,7 +12,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,6 +95,11 @@ async def serving(
     finally:
         runner.gate.set()
         await client.close()
+
+
+def seeds_of(batch: Sequence[EngineRequest]) -> list[int]:
+    """The seeds of a batch's images, in order (what the runner was asked to make)."""
+    return [seed for request in batch for seed in request.seeds]
 
 
 def assert_images_of(request: EngineRequest, images: list[Image.Image] | BaseException) -> None:

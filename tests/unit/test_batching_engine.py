@@ -22,6 +22,7 @@ from tests.support.batching import (
     BrokenObserver,
     RecordingObserver,
     assert_images_of,
+    seeds_of,
     serving,
 )
 from tests.support.engines import FakeClock, FakeRunner, hung_error, images_of, req
@@ -48,10 +49,6 @@ _T = TypeVar("_T")
 @pytest.fixture
 def runner() -> FakeRunner:
     return FakeRunner()
-
-
-def seeds_of(batch: Sequence[EngineRequest]) -> list[int]:
-    return [seed for request in batch for seed in request.seeds]
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import dataclasses
 from collections.abc import AsyncGenerator, Callable, Sequence
-from typing import ParamSpec, TypeVar
 
 import pytest
 from PIL import Image
@@ -16,6 +15,7 @@ from PIL import Image
 from tests.support.batching import (
     RecordingObserver,
     assert_images_of,
+    seeds_of,
     serving,
 )
 from tests.support.engines import FakeRunner, images_of, req
@@ -33,17 +33,10 @@ from vllm_omni_images.engine.errors import (
     EngineOutOfMemoryError,
 )
 
-_P = ParamSpec("_P")
-_T = TypeVar("_T")
-
 
 @pytest.fixture
 def runner() -> FakeRunner:
     return FakeRunner()
-
-
-def seeds_of(batch: Sequence[EngineRequest]) -> list[int]:
-    return [seed for request in batch for seed in request.seeds]
 
 
 @pytest.mark.parametrize("error", [EngineError("broken"), RuntimeError("bug")])
