@@ -19,22 +19,22 @@ from http import HTTPStatus
 from pathlib import Path
 
 import pytest
-from PIL import Image
 from vllm_omni.diffusion.request import OmniDiffusionRequest
 
-from tests.support.batching import FLAG_DEFAULTS, RecordingObserver
-from tests.support.engines import images_of, req
+from tests.support.batching import RecordingObserver
+from tests.support.engines import req
 from tests.support.omni import (
     SAME_IMAGE,
     WorkerProbe,
+    admitted,
     build_engine,
     difference,
+    images_from,
     start_blocker,
     until_vllm_omni_is_empty,
     until_waiting_in_vllm_omni,
 )
 from tests.support.waiting import ENGINE_WAIT_S, until
-from vllm_omni_images.engine.base import EngineRequest
 from vllm_omni_images.engine.client import ImageEngineClient
 from vllm_omni_images.engine.errors import EngineError
 from vllm_omni_images.engine.omni_engine import OmniEngine
@@ -68,8 +68,7 @@ def worker(probe: WorkerProbe, observer: RecordingObserver) -> Iterator[WorkerPr
 
 @pytest.fixture
 def client(omni_engine: OmniEngine) -> ImageEngineClient:
-    """Admission in front of the shared engine (never closed: that would close the engine)."""
-    return ImageEngineClient(omni_engine, "tiny-qwen-image", FLAG_DEFAULTS.admission_config())
+    return admitted(omni_engine)
 
 
 def memory_for(images: int) -> Callable[[list[OmniDiffusionRequest]], bool]:
@@ -85,10 +84,6 @@ def memory_for(images: int) -> Callable[[list[OmniDiffusionRequest]], bool]:
 def seeds_of(worker: WorkerProbe) -> list[list[int]]:
     """The seeds of each wave the worker ran, in order."""
     return [[r.sampling_params.seed for r in batch] for batch in worker.batches]
-
-
-async def images_from(client: ImageEngineClient, request: EngineRequest) -> list[Image.Image]:
-    return await images_of(client.generate(request))
 
 
 async def test_a_wave_out_of_memory_is_retried_in_halves_down_to_single_images(

@@ -32,9 +32,10 @@ from vllm_omni.diffusion.request import OmniDiffusionRequest
 from vllm_omni.diffusion.sched.interface import DiffusionSchedulerOutput
 from vllm_omni.diffusion.worker.utils import BatchRunnerOutput, RunnerOutput
 
+from tests.support.batching import FLAG_DEFAULTS
 from tests.support.engines import images_of, req
 from tests.support.waiting import ENGINE_WAIT_S, until
-from vllm_omni_images.engine.base import EngineObserver, LoRASettings
+from vllm_omni_images.engine.base import EngineObserver, EngineRequest, LoRASettings
 from vllm_omni_images.engine.client import ImageEngineClient
 from vllm_omni_images.engine.omni_engine import OmniEngine
 from vllm_omni_images.engine.omni_requests import build_omni_config
@@ -250,6 +251,16 @@ def build_engine(
         lora=lora,
     )
     return OmniEngine(config, hang_grace_s=hang_grace_s, observer=observer, lora=lora)
+
+
+def admitted(engine: OmniEngine) -> ImageEngineClient:
+    """Admission in front of a module's shared engine (never closed: that would close it)."""
+    return ImageEngineClient(engine, "tiny-qwen-image", FLAG_DEFAULTS.admission_config())
+
+
+async def images_from(client: ImageEngineClient, request: EngineRequest) -> list[Image.Image]:
+    """`request`'s images, through `client`."""
+    return await images_of(client.generate(request))
 
 
 def difference(a: Image.Image, b: Image.Image) -> int:
