@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from vllm_omni.diffusion.models.flux.pipeline_flux import FluxPipeline, get_flux_post_process_func
 
 from vllm_omni_images.pipelines.image_start import batch_key_pre_process
@@ -36,24 +35,5 @@ class ImageTaskFluxPipeline(ImageToImageMixin, FluxPipeline):
         self.latent_channels = self.vae.config.latent_channels
         self.init_image_processors(self.vae_scale_factor * 2, self.latent_channels)
 
-    def dtype_of_latents(self) -> torch.dtype:
-        return self.text_encoder.dtype
-
     def noise_shape(self, height: int, width: int) -> tuple[int, ...]:
         return (1, self.transformer.in_channels // 4, *self.packed_latent_size(height, width))
-
-    def pack(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        channels = self.transformer.in_channels // 4
-        return self._pack_latents(latents, 1, channels, *self.packed_latent_size(height, width))
-
-    def schedule_kwargs(self, height: int, width: int) -> dict[str, Any]:
-        latent_height, latent_width = self.packed_latent_size(height, width)
-        config = self.scheduler.config
-        mu = self.calculate_shift(
-            (latent_height // 2) * (latent_width // 2),
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
-        return {"mu": mu}

@@ -5,6 +5,7 @@ and keeps a masked region, in request mode (`forward`) and step mode (`prepare_e
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
+from vllm_omni.diffusion.models.qwen_image.pipeline_qwen_image import calculate_shift
 from vllm_omni.diffusion.worker.request_batch import DiffusionRequestBatch
 
 from vllm_omni_images.pipelines.image_start import (
@@ -43,8 +45,11 @@ class ImageToImageMixin:
     # What the pipeline class provides (vllm-omni's own attributes):
     device: torch.device
     scheduler: Any
+    text_encoder: Any
     transformer: Any
     vae: Any
+    _pack_latents: Callable[..., torch.Tensor]
+    """Packs latents 2x2 (FLUX's and Qwen-Image's; `pack` is overridden where it is absent)."""
     vae_scale_factor: int
     default_sample_size: int
     interrupt: bool
@@ -87,8 +92,10 @@ class ImageToImageMixin:
         raise NotImplementedError
 
     def pack(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """One image's latents as the transformer takes them."""
-        raise NotImplementedError
+        """One image's latents as the transformer takes them (here: packed 2x2 by the
+        pipeline's own `_pack_latents`, FLUX's and Qwen-Image's)."""
+        channels = self.transformer.in_channels // 4
+        return self._pack_latents(latents, 1, channels, *self.packed_latent_size(height, width))
 
     def latent_mask(self, mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """The (1, 1, H, W) pixel mask as the noise is shaped, before packing (here: packed
@@ -102,8 +109,18 @@ class ImageToImageMixin:
         return 2 * (int(height) // scale), 2 * (int(width) // scale)
 
     def schedule_kwargs(self, height: int, width: int) -> dict[str, Any]:
-        """The scheduler's `set_timesteps` arguments besides `sigmas` (e.g. `mu`)."""
-        raise NotImplementedError
+        """The scheduler's `set_timesteps` arguments besides `sigmas` (here: packed latents'
+        `mu`, from the image's token count, as FLUX's and Qwen-Image's `forward` compute it)."""
+        latent_height, latent_width = self.packed_latent_size(height, width)
+        config = self.scheduler.config
+        mu = calculate_shift(
+            (latent_height // 2) * (latent_width // 2),
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+        return {"mu": mu}
 
     def base_sigmas(self, steps: int) -> np.ndarray | None:
         """The unshifted sigmas of the whole `steps`-step schedule that the pipeline's own
@@ -210,8 +227,9 @@ class ImageToImageMixin:
         return start
 
     def dtype_of_latents(self) -> torch.dtype:
-        """The dtype the pipeline denoises in (its text encoder's)."""
-        raise NotImplementedError
+        """The dtype the pipeline denoises in (here: its text encoder's, as FLUX's and
+        Qwen-Image's `forward` use)."""
+        return self.text_encoder.dtype
 
     def _mask(self, mask: Image.Image, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
         pixels = self.mask_processor.preprocess(mask, height=height, width=width)

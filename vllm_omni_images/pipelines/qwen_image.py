@@ -10,7 +10,6 @@ from typing import Any
 import torch
 from vllm_omni.diffusion.models.qwen_image.pipeline_qwen_image import (
     QwenImagePipeline,
-    calculate_shift,
     get_qwen_image_post_process_func,
 )
 
@@ -40,9 +39,6 @@ class ImageTaskQwenImagePipeline(ImageToImageMixin, QwenImagePipeline):
         self.latent_channels = self.vae.config.z_dim
         self.init_image_processors(self.vae_scale_factor * 2, self.latent_channels)
 
-    def dtype_of_latents(self) -> torch.dtype:
-        return self.text_encoder.dtype
-
     def encode_image(self, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """A (1, 1, z, h, w) sample, normalised by the VAE's `latents_mean` / `latents_std`."""
         pixels = pixels.unsqueeze(2).to(self.device, self.dtype_of_latents())
@@ -54,19 +50,3 @@ class ImageTaskQwenImagePipeline(ImageToImageMixin, QwenImagePipeline):
 
     def noise_shape(self, height: int, width: int) -> tuple[int, ...]:
         return (1, 1, self.transformer.in_channels // 4, *self.packed_latent_size(height, width))
-
-    def pack(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        channels = self.transformer.in_channels // 4
-        return self._pack_latents(latents, 1, channels, *self.packed_latent_size(height, width))
-
-    def schedule_kwargs(self, height: int, width: int) -> dict[str, Any]:
-        latent_height, latent_width = self.packed_latent_size(height, width)
-        config = self.scheduler.config
-        mu = calculate_shift(
-            (latent_height // 2) * (latent_width // 2),
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
-        return {"mu": mu}
