@@ -13,7 +13,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 SERVE_ARGS ?=
 
-.PHONY: install serve test lint typecheck pytest benchmark clean
+.PHONY: install serve test lint typecheck pytest test-clients benchmark clean
 
 install: $(INSTALLED)
 
@@ -46,6 +46,15 @@ pytest: install
 test: install
 	$(MAKE) --no-print-directory -j2 lint typecheck pytest
 
+# The client apps that cannot share the main lock with vLLM, each in an environment of its own
+# (testing/clients/), run against a real `vllm serve` by tests/clients (pytest of the main venv;
+# `make test` does not collect them): LlamaIndex's text-to-image tool (as installed, and on the
+# openai 0.28.1 its code needs) and LiteLLM's proxy. About N minutes on 2 CPU cores.
+test-clients: install
+	UV_PROJECT_ENVIRONMENT=$(CURDIR)/.venv-clients $(UV) sync --frozen --project testing/clients
+	UV_PROJECT_ENVIRONMENT=$(CURDIR)/.venv-clients-openai0 $(UV) sync --frozen --project testing/clients/openai0
+	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest tests/clients
+
 # All benchmarks, side by side in one run on the embedded model; each writes its table to
 # docs/benchmarks/ (summarised in docs/performance.md and docs/reliability.md). About 55 minutes on
 # 2 CPU cores.
@@ -57,4 +66,4 @@ benchmark: install
 	done
 
 clean:
-	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-clients .venv-clients-openai0 $(TOOLS) .pytest_cache .mypy_cache .ruff_cache

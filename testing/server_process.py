@@ -46,10 +46,11 @@ def running_server(
     env: dict[str, str] | None = None,
     startup_timeout_s: float = STARTUP_TIMEOUT_S,
     cwd: Path | None = None,
+    health_path: str = "/health",
 ) -> Iterator[str]:
-    """Run `command` (which must listen on `port`), yield its base URL once healthy, and stop it
-    with SIGINT on exit, sent to its whole process group as Ctrl-C in a terminal would (so
-    `make serve` stops its `vllm serve` too)."""
+    """Run `command` (which must listen on `port`), yield its base URL once `health_path`
+    answers 200, and stop it with SIGINT on exit, sent to its whole process group as Ctrl-C in
+    a terminal would (so `make serve` stops its `vllm serve` too)."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
@@ -69,7 +70,7 @@ def running_server(
                     f"{command[0]} exited with {process.returncode}:\n{log_path.read_text()}"
                 )
             try:
-                if httpx.get(f"{base_url}/health", timeout=1).status_code == 200:
+                if httpx.get(f"{base_url}{health_path}", timeout=1).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
