@@ -5,6 +5,7 @@ then `tokenizer`): T5 for FLUX.1 and SD3, Qwen for Qwen-Image and Z-Image."""
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,9 @@ TOKENIZER_NAMES = ("tokenizer_3", "tokenizer_2", "tokenizer")
 
 
 class PromptTokenCounter:
-    """Counts text with one tokenizer, its special tokens and the pipeline's prompt template
-    left out (what the client wrote, not what the pipeline wraps it in); with none (`None`),
-    every text counts 0 tokens."""
+    """Counts text with one tokenizer, from one thread at a time (the event loop's), its
+    special tokens and the pipeline's prompt template left out (what the client wrote, not
+    what the pipeline wraps it in); with none (`None`), every text counts 0 tokens."""
 
     def __init__(self, tokenizer: Any = None) -> None:
         self._tokenizer = tokenizer
@@ -35,11 +36,13 @@ class PromptTokenCounter:
 
     @classmethod
     def of_pipeline(cls, pipeline: Any) -> PromptTokenCounter:
-        """The counter of a loaded diffusers pipeline's own tokenizer (nothing more is read)."""
+        """The counter of a copy of a loaded diffusers pipeline's tokenizer (nothing more is
+        read): a fast tokenizer is not to be used by two threads at once ("Already borrowed"),
+        and the pipeline's runs on the engine thread while this one counts on the event loop."""
         for name in TOKENIZER_NAMES:
             tokenizer = getattr(pipeline, name, None)
             if tokenizer is not None:
-                return cls(tokenizer)
+                return cls(copy.deepcopy(tokenizer))
         return cls()
 
     @classmethod
