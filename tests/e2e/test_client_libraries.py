@@ -33,7 +33,7 @@ from .live_server import API_KEY
 pytestmark = [
     pytest.mark.e2e,
     # LiteLLM's own TypedDicts, as pydantic reads them at its first call: not this server's.
-    pytest.mark.filterwarnings("ignore:.*is using the `ReadOnly` qualifier:UserWarning"),
+    pytest.mark.filterwarnings("ignore:.*using the `ReadOnly` qualifier:UserWarning"),
 ]
 
 SIZE = "64x64"
