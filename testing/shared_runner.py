@@ -13,6 +13,7 @@ from PIL import Image
 
 from vllm_omni_images.engine.base import EngineRequest, LoRAAdapter, ModelDefaults
 from vllm_omni_images.engine.batching import PipelineRunner, PreviewCallback, StepCallback
+from vllm_omni_images.engine.prompt_tokens import PromptTokenCounter
 
 
 class SharedRunner:
@@ -22,6 +23,10 @@ class SharedRunner:
     @property
     def defaults(self) -> ModelDefaults:
         return self.inner.defaults
+
+    @property
+    def prompt_tokens(self) -> PromptTokenCounter:
+        return self.inner.prompt_tokens
 
     def run(
         self,

@@ -1,7 +1,8 @@
 """One `vllm serve tiny-qwen-image --task image --api-key ... --enable-lora --lora-modules
 style=...` subprocess for every end-to-end test: starting vLLM costs ~25 s on 2 cores, so the
-modules share it (session scope). It serves one LoRA adapter, `style`, and allows vLLM's
-runtime adapter loading (`VLLM_ALLOW_RUNTIME_LORA_UPDATING`)."""
+modules share it (session scope). It serves one LoRA adapter, `style`, allows vLLM's
+runtime adapter loading (`VLLM_ALLOW_RUNTIME_LORA_UPDATING`), and answers to the aliases the
+apps written for OpenAI's image models default to (`SERVED_NAMES`, docs/clients.md)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 from testing.server_process import ServerFailedError, free_port, running_server, vllm_serve_command
 
-from .live_server import API_KEY
+from .live_server import API_KEY, SERVED_NAMES
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +28,8 @@ def server(
     port = free_port()
     log_path = server_log
     lora = ["--enable-lora", "--max-loras", "2", "--lora-modules", f"style={tiny_loras['style']}"]
-    command = vllm_serve_command("tiny-qwen-image", port, "--api-key", API_KEY, *lora)
+    names = ["--served-model-name", *SERVED_NAMES]
+    command = vllm_serve_command("tiny-qwen-image", port, "--api-key", API_KEY, *names, *lora)
     try:
         with running_server(
             command,

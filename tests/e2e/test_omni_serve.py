@@ -20,6 +20,7 @@ import numpy as np
 import openai
 import pytest
 from PIL import Image
+from transformers import AutoTokenizer
 
 from testing.server_process import ServerFailedError, free_port, running_server, vllm_serve_command
 from vllm_omni_images.images.encoding import decode_image_base64
@@ -80,7 +81,9 @@ def difference(a: np.ndarray, b: np.ndarray) -> int:
     return int(np.abs(a.astype(int) - b.astype(int)).max())
 
 
-def test_the_omni_engine_serves_the_openai_sdk(omni_server: tuple[str, Path]) -> None:
+def test_the_omni_engine_serves_the_openai_sdk(
+    omni_server: tuple[str, Path], tiny_model_dir: Path
+) -> None:
     url, log_path = omni_server
     log = log_path.read_text()
     assert "Image engine: omni" in log
@@ -92,6 +95,17 @@ def test_the_omni_engine_serves_the_openai_sdk(omni_server: tuple[str, Path]) ->
     assert difference(first, second) > 10 * SAME_IMAGE
     [again] = generate(sdk, seed=8)
     assert difference(again, second) <= SAME_IMAGE  # image i depends on seed i alone
+    # usage, as on the diffusers engine: the prompt by the folder's tokenizer, which the omni
+    # engine reads in the API process (its pipeline runs in a worker).
+    prompt = "a red fox in the snow"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
+    text = sum(  # the prompt's and the negative prompt's
+        len(tokenizer(words, add_special_tokens=False).input_ids)
+        for words in (prompt, GUIDED["negative_prompt"])
+    )
+    usage = sdk.images.generate(prompt=prompt, size="64x64", extra_body=GUIDED).usage
+    assert usage is not None and usage.input_tokens_details.text_tokens == text > 0
+    assert (usage.output_tokens, usage.total_tokens) == (16, text + 16)
     # vLLM's load gauges are exported as by the diffusers engine's server, idle again.
     metrics = httpx.get(f"{url}/metrics", timeout=10).text
     for gauge in ("vllm:num_requests_running", "vllm:num_requests_waiting"):

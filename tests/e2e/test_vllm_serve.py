@@ -16,7 +16,7 @@ from PIL import Image
 from tests.support.images import FAST_STEPS
 from vllm_omni_images.images.encoding import decode_image_base64
 
-from .live_server import API_KEY, AUTH
+from .live_server import API_KEY, AUTH, SERVED_NAMES
 
 pytestmark = pytest.mark.e2e
 
@@ -101,13 +101,13 @@ def test_openai_sdk_sees_errors_as_exceptions(sdk):
         sdk.images.generate(prompt="x", size="250x250")
     assert "multiples of 16" in str(bad_size.value)
     with pytest.raises(openai.NotFoundError):
-        sdk.images.generate(model="dall-e-3", prompt="x", size="64x64")
+        sdk.images.generate(model="dall-e-4", prompt="x", size="64x64")
 
 
 def test_openai_sdk_lists_the_model_and_its_adapter(sdk):
     cards = [card.model_dump() for card in sdk.models.list()]
     assert [(card["id"], card.get("parent")) for card in cards] == [
-        ("tiny-qwen-image", None),
+        *((name, None) for name in SERVED_NAMES),
         ("style", "tiny-qwen-image"),
     ]
 

@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 
+from tests.support.images import FAST_STEPS
 from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
 
 from .conftest import AppFactory
@@ -130,3 +131,29 @@ async def test_a_path_or_method_no_route_serves_is_answered_in_openai_shape(
     assert response.status_code == 405
     assert response.json()["error"]["code"] == 405
     assert set(response.headers["allow"].split(", ")) == {"GET", "HEAD"}
+
+
+@pytest.mark.parametrize(
+    ("setting", "inline", "linked"),
+    [("auto", ["tiny-qwen-image"], ["dall-e-2"]),
+     ("b64_json", ["tiny-qwen-image", "dall-e-2"], []),
+     ("url", [], ["tiny-qwen-image", "dall-e-2"])],
+)  # fmt: skip
+async def test_the_default_response_format_flag(
+    make_app: AppFactory, tiny_runner: DiffusersRunner, setting, inline, linked
+) -> None:
+    """`--image-default-response-format` answers a request that names no format; `auto`
+    (the default) is OpenAI's rule by the served name the request uses."""
+    flags = ["--served-model-name", "tiny-qwen-image", "dall-e-2"]
+    app = await make_app(tiny_runner, [*flags, "--image-default-response-format", setting])
+    async with sdk_client(app) as sdk:
+        for name in inline + linked:
+            result = await sdk.images.generate(
+                model=name, prompt="a fox", size="64x64", extra_body=FAST_STEPS
+            )
+            assert result.data is not None
+            [item] = result.data
+            assert (item.b64_json is not None, item.url is not None) == (
+                name in inline,
+                name in linked,
+            )

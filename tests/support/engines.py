@@ -47,6 +47,7 @@ from vllm_omni_images.engine.errors import (
     EngineOutOfMemoryError,
     GenerationCancelled,
 )
+from vllm_omni_images.engine.prompt_tokens import NO_TOKENIZER, PromptTokenCounter
 
 from .waiting import ENGINE_WAIT_S, WAIT_S
 
@@ -114,6 +115,10 @@ class FakeRunner:
     @property
     def defaults(self) -> ModelDefaults:
         return ModelDefaults(width=64, height=64, num_inference_steps=2, size_multiple=8)
+
+    @property
+    def prompt_tokens(self) -> PromptTokenCounter:
+        return NO_TOKENIZER
 
     def close(self) -> None:
         self.closed = True

@@ -13,8 +13,11 @@ from vllm_omni_images.images.protocol import (
     ImageGenerationRequest,
     ImageGenerationResponse,
     ImageObject,
+    ImageUsage,
     ImageVariationRequest,
+    UsageTokenDetails,
 )
+from vllm_omni_images.images.response_formats import default_response_format
 
 
 def error_fields(exc: ValidationError) -> set[str]:
@@ -25,7 +28,7 @@ def test_defaults_follow_openai():
     request = ImageGenerationRequest(prompt="a cat")
     assert request.n == 1
     assert request.size is None
-    assert request.response_format == "b64_json"
+    assert request.response_format is None  # the server decides (default_response_format)
     assert request.output_format == "png"
     assert request.model is None
     assert request.seed is None
@@ -112,18 +115,61 @@ def test_the_newest_sdk_fields_are_all_known() -> None:
     assert sdk_fields <= set(ImageGenerationRequest.model_fields)
 
 
+USAGE = ImageUsage(
+    input_tokens=7,
+    input_tokens_details=UsageTokenDetails(text_tokens=7),
+    output_tokens=16,
+    output_tokens_details=UsageTokenDetails(image_tokens=16),
+    total_tokens=23,
+)
+
+
 def test_response_shape():
-    response = ImageGenerationResponse(
-        data=[ImageObject(b64_json="abc")], size="64x64", output_format="png"
-    )
-    dumped = response.model_dump(exclude_none=True)  # what the router sends
-    assert set(dumped) == {"created", "data", "size", "output_format"}
+    def response(image: ImageObject) -> ImageGenerationResponse:
+        return ImageGenerationResponse(
+            data=[image], size="64x64", output_format="png", quality="high", usage=USAGE
+        )
+
+    dumped = response(ImageObject(b64_json="abc")).model_dump(exclude_none=True)
+    assert set(dumped) == {
+        "created", "data", "size", "output_format", "quality", "background", "usage"
+    }  # fmt: skip
     assert dumped["data"] == [{"b64_json": "abc"}]
-    linked = ImageGenerationResponse(
-        data=[ImageObject(url="http://h/images/files/x.png")], size="64x64", output_format="png"
-    )
-    assert linked.model_dump(exclude_none=True)["data"] == [{"url": "http://h/images/files/x.png"}]
+    url = "http://h/images/files/x.png"
+    assert response(ImageObject(url=url)).model_dump(exclude_none=True)["data"] == [{"url": url}]
     assert isinstance(dumped["created"], int) and dumped["created"] > 1_700_000_000
+
+
+def test_the_response_is_the_openai_sdks_images_response():
+    """Every field, usage's details included, as the installed openai SDK's model has it."""
+    from openai.types.images_response import ImagesResponse
+
+    response = ImageGenerationResponse(
+        data=[ImageObject(b64_json="abc")],
+        size="64x64",
+        output_format="png",
+        quality="high",
+        usage=USAGE,
+    ).model_dump(exclude_none=True)
+    parsed = ImagesResponse.model_validate(response)
+    assert parsed.model_dump(exclude_none=True) == response
+    assert parsed.usage is not None and parsed.usage.input_tokens_details.text_tokens == 7
+
+
+@pytest.mark.parametrize(
+    ("setting", "model", "expected"),
+    [
+        ("auto", "dall-e-2", "url"),
+        ("auto", "dall-e-3", "url"),
+        ("auto", "gpt-image-1", "b64_json"),
+        ("auto", "tiny-qwen-image", "b64_json"),
+        ("auto", "my-dall-e-2", "b64_json"),
+        ("b64_json", "dall-e-3", "b64_json"),
+        ("url", "gpt-image-1", "url"),
+    ],
+)
+def test_the_default_response_format_follows_openai_by_model_name(setting, model, expected):
+    assert default_response_format(setting, model) == expected
 
 
 @pytest.mark.parametrize("model", [ImageGenerationRequest, ImageEditRequest, ImageVariationRequest])

@@ -13,6 +13,7 @@ from typing import ParamSpec, Protocol, TypeAlias
 from PIL import Image
 
 from vllm_omni_images.engine.errors import LoRAAdapterError
+from vllm_omni_images.engine.prompt_tokens import NO_TOKENIZER, PromptTokenCounter
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +188,8 @@ class ImageEngine(abc.ABC):
     (or cancelling its consumer) before `FinalImages` aborts it. `close` stops taking work.
     """
 
+    prompt_tokens: PromptTokenCounter = NO_TOKENIZER
+    """Counts a prompt's tokens as the model's text encoder reads them (a response's `usage`)."""
     max_pixels_in_flight: int | None = None
     """The engine's pixel budget (`memory_budget.py`): its calls, and the images it has in
     flight, hold at most this many pixels; `None`: no budget."""

@@ -51,6 +51,7 @@ from vllm_omni_images.engine.errors import (
 )
 from vllm_omni_images.engine.hang_watch import HangWatch
 from vllm_omni_images.engine.memory_budget import PixelBudgetSetting, resolve_pixel_budget
+from vllm_omni_images.engine.prompt_tokens import PromptTokenCounter
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,11 @@ class PipelineRunner(Protocol):
 
     @property
     def defaults(self) -> ModelDefaults: ...
+
+    @property
+    def prompt_tokens(self) -> PromptTokenCounter:
+        """Counts prompt tokens as the pipeline's text encoder reads them."""
+        ...
 
     def run(
         self,
@@ -208,6 +214,7 @@ class BatchingEngine(ImageEngine):
         executor: concurrent.futures.Executor | None = None,
     ) -> None:
         self.runner = runner
+        self.prompt_tokens = runner.prompt_tokens
         self._config = config
         self._clock = clock
         self._owns_executor = executor is None

@@ -30,6 +30,7 @@ from vllm_omni_images.engine.errors import (
 from vllm_omni_images.engine.lora_files import AdapterWeights, diffusers_state_dict, read_checked
 from vllm_omni_images.engine.model_folder import read_defaults
 from vllm_omni_images.engine.previews import decode_previews, preview_steps, supports_previews
+from vllm_omni_images.engine.prompt_tokens import PromptTokenCounter
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class DiffusersRunner:
         # components (diffusers' `from_pipe`: no second copy of the weights).
         self._task_pipes: dict[str, Any] = {}
         self._lora = _LoRASlots(self._pipe, lora) if lora is not None else None
+        self.prompt_tokens = PromptTokenCounter.of_pipeline(self._pipe)
         self._defaults = dataclasses.replace(
             read_defaults(self._pipe, model_path),
             supports_partial_images=supports_previews(self._pipe),

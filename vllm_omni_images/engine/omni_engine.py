@@ -62,6 +62,7 @@ from vllm_omni_images.engine.omni_waves import (
     retry_key,
     try_outcome,
 )
+from vllm_omni_images.engine.prompt_tokens import PromptTokenCounter
 
 if TYPE_CHECKING:
     from vllm_omni.diffusion.data import OmniDiffusionConfig
@@ -98,6 +99,7 @@ class OmniEngine(ImageEngine):
         # vllm-omni's `mp` executor needs spawn as the default, as its own stage set-up makes it.
         multiprocessing.set_start_method("spawn", force=True)
         self.model_class_name = config.model_class_name
+        self.prompt_tokens = PromptTokenCounter.of_folder(config.model)
         self.takes_images = supports_multimodal_input(config)[0]
         """Whether the pipeline edits an input image (e.g. Qwen-Image-Edit)."""
         self.takes_masks = pipeline_takes_masks(config.model_class_name)

@@ -16,13 +16,14 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from vllm.entrypoints.serve.engine.protocol import OpenAIBaseModel
 from vllm.exceptions import VLLMValidationError
 
+from vllm_omni_images.images.response_formats import ResponseFormat
+
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 SIZE_PATTERN = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
 MAX_ASPECT_RATIO = 8
 """The longest side of an input image or a `size` at most this many times its shortest."""
 
-ResponseFormat = Literal["b64_json", "url"]
 OutputFormat = Literal["png", "jpeg", "webp"]
 
 
@@ -70,7 +71,8 @@ class ImageGenerationRequest(OpenAIBaseModel):
         default=None,
         description="`WIDTHxHEIGHT` in pixels, or `auto` for the model's default size.",
     )
-    response_format: ResponseFormat | None = "b64_json"
+    response_format: ResponseFormat | None = None
+    """`None`: the server's default for the model named (`default_response_format`)."""
     output_format: OutputFormat = "png"
     output_compression: int | None = Field(default=None, ge=0, le=100)
     quality: Quality | None = None
@@ -204,8 +206,26 @@ class ImageObject(OpenAIBaseModel):
     url: str | None = None
 
 
+class UsageTokenDetails(OpenAIBaseModel):
+    text_tokens: int = 0
+    image_tokens: int = 0
+
+
+class ImageUsage(OpenAIBaseModel):
+    """OpenAI's `usage` of an images response, counted for diffusion (`images/usage.py`)."""
+
+    input_tokens: int
+    input_tokens_details: UsageTokenDetails
+    output_tokens: int
+    output_tokens_details: UsageTokenDetails
+    total_tokens: int
+
+
 class ImageGenerationResponse(OpenAIBaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     data: list[ImageObject]
     size: str
     output_format: OutputFormat
+    quality: Quality
+    background: Literal["opaque"] = "opaque"
+    usage: ImageUsage

@@ -37,15 +37,22 @@ from vllm_omni_images.images.protocol import (
     ImageGenerationRequest,
     ImageGenerationResponse,
     ImageObject,
+    ImageUsage,
 )
 from vllm_omni_images.images.request_mapping import MappingContext, to_engine_request
 from vllm_omni_images.images.request_metrics import Outcome, RequestMetrics
+from vllm_omni_images.images.response_formats import (
+    DefaultResponseFormat,
+    ResponseFormat,
+    default_response_format,
+)
 from vllm_omni_images.images.safe_text import printable
 from vllm_omni_images.images.streaming import (
     completed_event,
     partial_image_event,
     server_sent_event,
 )
+from vllm_omni_images.images.usage import image_usage
 
 logger = init_logger(__name__)
 
@@ -81,6 +88,7 @@ class OpenAIServingImage:
         encode_executor: Executor | None = None,
         image_store: ImageStore | None = None,
         image_url_base: str | None = None,
+        default_response_format: DefaultResponseFormat = "auto",
         fetch_remote_image: RemoteImageFetcher | None = None,
         limits: ImageLimits = DEFAULT_LIMITS,
         request_metrics: RequestMetrics | None = None,
@@ -96,6 +104,8 @@ class OpenAIServingImage:
         """Where `response_format: "url"` images go; without one, `url` is refused (400)."""
         self.image_url_base = image_url_base
         """`--image-url-base`; `None`: the address the request came to."""
+        self.default_response_format: DefaultResponseFormat = default_response_format
+        """`--image-default-response-format`: for a request that names none."""
         self.fetch_remote_image = fetch_remote_image
         """How edits fetch http(s) image URLs; `None` (no host allowed): a 400."""
         self.log_error_stack = log_error_stack
@@ -150,7 +160,7 @@ class OpenAIServingImage:
     ) -> tuple[Outcome, ImageGenerationResponse | ErrorResponse | AsyncGenerator[str, None]]:
         try:
             lora = await self._adapter_named(request.model)
-            self._check_response_format(request, raw_request)
+            response_format = self._response_format(request, raw_request)
             context = MappingContext(
                 record.request_id, self.engine_client.defaults, self.limits, lora, self.seed_source
             )
@@ -162,13 +172,15 @@ class OpenAIServingImage:
                 self.engine_client.check_admission(engine_request)
                 return "ok", self._stream(request, engine_request, record)
             images = await self._generate(engine_request, record)
-            data = await self._deliver(images, request, record, raw_request)
+            data = await self._deliver(images, request, response_format, record, raw_request)
         except Exception as exc:
             return self._failed(record, exc)
         return "ok", ImageGenerationResponse(
             data=data,
             size=f"{engine_request.width}x{engine_request.height}",
             output_format=request.output_format,
+            quality=request.quality or "auto",
+            usage=self._usage(engine_request),
         )
 
     async def _adapter_named(self, model: str | None) -> LoRAAdapter | None:
@@ -231,30 +243,45 @@ class OpenAIServingImage:
                     yield server_sent_event(response.model_dump(), event="error")
                     return
             outcome = "ok"
-            yield server_sent_event(completed_event(kind, request, engine_request, completed))
+            event = completed_event(kind, request, engine_request, completed)
+            yield server_sent_event({**event, "usage": self._usage(engine_request).model_dump()})
         finally:
             self._finish(record, outcome)
 
-    def _check_response_format(
+    def _response_format(
         self, request: ImageGenerationRequest, raw_request: Request | None
-    ) -> None:
-        if request.response_format == "url" and (self.image_store is None or raw_request is None):
+    ) -> ResponseFormat:
+        """The request's `response_format`, or for none the server's default for the name it
+        used (a stream's images are inline, a server without an image store has no URLs)."""
+        can_link = self.image_store is not None and raw_request is not None
+        if request.response_format is None:
+            if request.stream or not can_link:
+                return "b64_json"
+            name = request.model or self.models.base_model_paths[0].name
+            return default_response_format(self.default_response_format, name)
+        if request.response_format == "url" and not can_link:
             raise VLLMValidationError(
                 "response_format 'url' is not available on this server (it has no image "
                 "store); use 'b64_json'.",
                 parameter="response_format",
             )
+        return request.response_format
+
+    def _usage(self, work: EngineRequest) -> ImageUsage:
+        engine = self.engine_client.engine
+        return image_usage(work, engine.prompt_tokens, engine.defaults.size_multiple)
 
     async def _deliver(
         self,
         images: list[Image.Image],
         request: ImageGenerationRequest,
+        response_format: ResponseFormat,
         record: _RequestRecord,
         raw_request: Request | None,
     ) -> list[ImageObject]:
         """Inline base64, or stored and linked (the store's URL, or the server's absolute one);
         every image is stored before any is linked, so a store failure hands out no URL."""
-        if request.response_format != "url":
+        if response_format != "url":
             texts = await self._encode(images, request, record, encode_image_base64)
             return [ImageObject(b64_json=text) for text in texts]
         assert self.image_store is not None and raw_request is not None

@@ -24,7 +24,7 @@ def _image_fields(
         "size": f"{work.width}x{work.height}",
         "output_format": request.output_format,
         "quality": request.quality or "auto",
-        "background": request.background or "opaque",
+        "background": "opaque",
         "created_at": int(time.time()),
     }
 

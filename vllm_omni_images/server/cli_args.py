@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from vllm_omni_images.engine.memory_budget import AUTO
 from vllm_omni_images.engine.names import ENGINE_NAMES, EngineName
 from vllm_omni_images.images.limits import ImageLimits, MiB
+from vllm_omni_images.images.response_formats import DEFAULT_RESPONSE_FORMATS, DefaultResponseFormat
 
 if TYPE_CHECKING:
     from vllm_omni_images.engine.batching import BatchingConfig
@@ -157,6 +158,13 @@ class ImageTaskArgs:
     <URL>/images/files/<name>. Default: the address the request came to, with vLLM's
     --root-path. Set it behind a router that does not pass the client's Host on
     (production-stack's), to an address that reaches the replicas' /images/files/."""
+    image_default_response_format: DefaultResponseFormat = field(
+        default="auto", metadata={"choices": DEFAULT_RESPONSE_FORMATS}
+    )
+    """The `response_format` of a request that names none: `b64_json` (inline) or `url`, for
+    every model name; `auto`, OpenAI's rule by the name the request uses: `url` for a
+    `dall-e-*` name (clients written for DALL-E read the URL), `b64_json` for any other. A
+    stream's images are always inline."""
     image_url_ttl: float = field(default=3600.0, metadata={"type": _positive_float})
     """Seconds an image URL works; then it answers 404 and the image is removed."""
     image_store_max_mb: float | None = field(default=None, metadata={"type": _positive_float})

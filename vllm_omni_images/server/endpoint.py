@@ -90,6 +90,7 @@ async def build_images_state(
         log_error_stack=getattr(args, "log_error_stack", False),
         image_store=store,
         image_url_base=args.image_url_base,
+        default_response_format=args.image_default_response_format,
         fetch_remote_image=remote_image_fetcher(args, limits),
         limits=limits,
         request_metrics=RequestMetrics(served_model_names(args)[0]),
