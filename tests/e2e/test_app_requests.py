@@ -168,7 +168,7 @@ def test_open_webui_edits(client, server, caller, image_field, image_edit_model,
     multipart `model` (`IMAGE_EDIT_MODEL`), `prompt`, `n`/`size`/`background` when set,
     `response_format: b64_json` unless the model matches `^gpt-image` (:974-987), the images
     as `image` (one string) or `image[]` (a list, :991-1000) named `<uuid>.png`, and only the
-    `Authorization` header (:966-968). No extra parameters exist for edits, so the tiny
+    `Authorization` header (:967-969). No extra parameters exist for edits, so the tiny
     model's default steps run."""
     data = {
         "model": image_edit_model,
