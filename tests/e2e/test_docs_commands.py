@@ -126,6 +126,11 @@ NOT_RUN: tuple[tuple[str, str], ...] = (
     ),
     (r"-m benchmarks\.", "a benchmark: minutes on two cores; its figures are in docs/"),
     (r"\bpytest\b", "a part of the test suite, which `make test` runs"),
+    (
+        r"^make test-clients\b",
+        "installs the client apps' own environments (LlamaIndex, LiteLLM's proxy) and starts "
+        "a server of its own: run by hand before a release (docs/clients.md)",
+    ),
     (r"^make (test|benchmark)\b", "`make test` is this run itself; `make benchmark` takes long"),
     (
         r"\bComfyUI\b|\bmain\.py\b|:8188\b",
