@@ -3,6 +3,7 @@ in latent patches (`images/usage.py`)."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 
@@ -40,7 +41,8 @@ def test_the_last_tokenizer_of_a_folder_counts(tokenizer_folder: Path, tmp_path:
 
 
 def test_a_folder_without_a_tokenizer_counts_nothing(tmp_path: Path, caplog) -> None:
-    counter = PromptTokenCounter.of_folder(str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="vllm_omni_images.engine.prompt_tokens"):
+        counter = PromptTokenCounter.of_folder(str(tmp_path))
     assert not counter.available and counter.count("a cat") == 0
     assert "no tokenizer folder" in caplog.text
 

@@ -166,11 +166,14 @@ class OpenAIServingImage:
             )
             engine_request = to_engine_request(request, context, inputs)
             record.engine_request = engine_request
+            # Counted now, from the engine's tokenizer: once the images come, a shutdown may
+            # have closed the engine client (the request is answered all the same).
+            usage = self._usage(engine_request)
             if request.stream:
                 # Overload and shutdown answers keep their status (429, 503) as plain JSON:
                 # asked before the first event, as vLLM asks before it streams.
                 self.engine_client.check_admission(engine_request)
-                return "ok", self._stream(request, engine_request, record)
+                return "ok", self._stream(request, engine_request, usage, record)
             images = await self._generate(engine_request, record)
             data = await self._deliver(images, request, response_format, record, raw_request)
         except Exception as exc:
@@ -180,7 +183,7 @@ class OpenAIServingImage:
             size=f"{engine_request.width}x{engine_request.height}",
             output_format=request.output_format,
             quality=request.quality or "auto",
-            usage=self._usage(engine_request),
+            usage=usage,
         )
 
     async def _adapter_named(self, model: str | None) -> LoRAAdapter | None:
@@ -215,6 +218,7 @@ class OpenAIServingImage:
         self,
         request: ImageGenerationRequest,
         engine_request: EngineRequest,
+        usage: ImageUsage,
         record: _RequestRecord,
     ) -> AsyncGenerator[str, None]:
         """Partial-image events, then the completed image or an error event; closing the
@@ -243,8 +247,9 @@ class OpenAIServingImage:
                     yield server_sent_event(response.model_dump(), event="error")
                     return
             outcome = "ok"
-            event = completed_event(kind, request, engine_request, completed)
-            yield server_sent_event({**event, "usage": self._usage(engine_request).model_dump()})
+            yield server_sent_event(
+                completed_event(kind, request, engine_request, completed, usage.model_dump())
+            )
         finally:
             self._finish(record, outcome)
 

@@ -41,6 +41,11 @@ def partial_image_event(
 
 
 def completed_event(
-    kind: str, request: ImageGenerationRequest, work: EngineRequest, b64_json: str
+    kind: str,
+    request: ImageGenerationRequest,
+    work: EngineRequest,
+    b64_json: str,
+    usage: dict[str, Any],
 ) -> dict[str, Any]:
-    return {"type": f"{kind}.completed", **_image_fields(request, work, b64_json)}
+    """The stream's last event: the image, and the request's `usage` (as a response's)."""
+    return {"type": f"{kind}.completed", **_image_fields(request, work, b64_json), "usage": usage}
