@@ -12,6 +12,9 @@ MODEL ?= tiny-qwen-image
 HOST ?= 127.0.0.1
 PORT ?= 8000
 SERVE_ARGS ?=
+# The model's own name, then the names apps written for OpenAI's image models send by default
+# (docs/clients.md): Open WebUI, LibreChat, n8n and LangChain work against `make serve` as is.
+SERVED_NAMES ?= $(MODEL) dall-e-2 dall-e-3 gpt-image-1
 
 .PHONY: install serve test lint typecheck pytest test-clients benchmark clean
 
@@ -29,7 +32,8 @@ $(INSTALLED): $(UV) pyproject.toml uv.lock
 	touch $@
 
 serve: install
-	$(VENV)/bin/vllm serve $(MODEL) --task image --host $(HOST) --port $(PORT) $(SERVE_ARGS)
+	$(VENV)/bin/vllm serve $(MODEL) --task image --host $(HOST) --port $(PORT) \
+		--served-model-name $(SERVED_NAMES) $(SERVE_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .
