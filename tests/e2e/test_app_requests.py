@@ -14,6 +14,7 @@ import io
 import re
 import uuid
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -22,7 +23,7 @@ from PIL import Image
 
 from tests.support.images import FAST_STEPS, png
 
-from .live_server import API_KEY
+from .live_server import AUTH
 
 pytestmark = pytest.mark.e2e
 
@@ -45,6 +46,14 @@ def opened(data: bytes, media_type: str) -> Image.Image:
     return image
 
 
+def post_edit(
+    client: httpx.Client, server: str, data: dict[str, str], files: list[tuple[str, Any]]
+) -> httpx.Response:
+    """A multipart edit, as each app posts it: its form fields and files, and only the
+    `Authorization` header (the multipart Content-Type is the HTTP library's)."""
+    return client.post(f"{server}/v1/images/edits", data=data, files=files, headers=AUTH)
+
+
 def origin(url: str) -> tuple[str, str | None, int | None]:
     parts = urlsplit(url)
     return parts.scheme, parts.hostname, parts.port
@@ -52,7 +61,7 @@ def origin(url: str) -> tuple[str, str | None, int | None]:
 
 # --- Open WebUI (open-webui/open-webui at 02530d501461ce58ab06231d7c2ef2024a141ddf) ----------
 
-OPEN_WEBUI_HEADERS = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+OPEN_WEBUI_HEADERS = {**AUTH, "Content-Type": "application/json"}
 """images.py:617-620. `ENABLE_FORWARD_USER_INFO_HEADERS` adds X-OpenWebUI-User-* headers."""
 
 
@@ -183,16 +192,15 @@ def test_open_webui_edits(client, server, caller, image_field, image_edit_model,
         ),
     }
     files = [(image_field, (f"{uuid.uuid4()}.png", png(), "image/png"))]
-    headers = {"Authorization": f"Bearer {API_KEY}"}
-    answer = client.post(f"{server}/v1/images/edits", data=data, files=files, headers=headers)
-    [(image, media_type)] = open_webui_reads(client, answer, headers)
+    answer = post_edit(client, server, data, files)
+    [(image, media_type)] = open_webui_reads(client, answer, AUTH)
     assert opened(image, media_type).size == (64, 64), caller
 
 
 # --- LibreChat (danny-avila/LibreChat) --------------------------------------------------------
 
 LIBRECHAT_JSON_HEADERS = {
-    "Authorization": f"Bearer {API_KEY}",
+    **AUTH,
     "Content-Type": "application/json",
     "Accept": "application/json",
 }
@@ -265,12 +273,7 @@ def test_librechat_image_edit_oai(client, server, extra_fields):
         **extra_fields,
     }
     files = [("image[]", ("img-upload.png", png(), "image/png"))]
-    answer = client.post(
-        f"{server}/v1/images/edits",
-        data=data,
-        files=files,
-        headers={"Authorization": f"Bearer {API_KEY}"},
-    )
+    answer = post_edit(client, server, data, files)
     assert answer.status_code == 200, answer.text
     base64_image = answer.json()["data"][0].get("b64_json")
     assert base64_image, "LibreChat: No image data returned from OpenAI API"
@@ -286,7 +289,7 @@ def test_n8n_openai_node_v1_lists_only_dall_e_names(client, server):
     index does not expose) fills its Model list from `GET /v1/models` on the credential's
     Base URL minus its last segment, keeps the ids that start with `dall-` and sorts them by
     name; its default is `dall-e-2`."""
-    answer = client.get(f"{server}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"})
+    answer = client.get(f"{server}/v1/models", headers=AUTH)
     answer.raise_for_status()
     names = sorted(
         model["id"] for model in answer.json()["data"] if model["id"].startswith("dall-")
@@ -306,7 +309,7 @@ def test_n8n_openai_node_v1_creates_an_image(client, server, response_format):
     answer = client.post(
         f"{server}/v1/images/generations",
         json=body,
-        headers={"Authorization": f"Bearer {API_KEY}"},
+        headers=AUTH,
     )
     assert answer.status_code == 200, answer.text
     [item] = answer.json()["data"]
@@ -345,7 +348,7 @@ def test_n8n_openai_node_v2_generates(client, server, model, options, reads):
     answer = client.post(
         f"{server}/v1/images/generations",
         json=body,
-        headers={"Authorization": f"Bearer {API_KEY}"},
+        headers=AUTH,
     )
     assert answer.status_code == 200, answer.text
     for entry in answer.json()["data"]:
@@ -371,12 +374,7 @@ def test_n8n_openai_node_v2_edits(client, server, model, image_field, model_fiel
     answer is read as `b64_json`, dall-e-2's url entries are returned as they are."""
     data = {"prompt": PROMPT, "model": model, "n": "1", "size": "256x256", **model_fields}
     files = [(image_field, ("data.png", png(), "image/png"))]
-    answer = client.post(
-        f"{server}/v1/images/edits",
-        data=data,
-        files=files,
-        headers={"Authorization": f"Bearer {API_KEY}"},
-    )
+    answer = post_edit(client, server, data, files)
     assert answer.status_code == 200, answer.text
     [entry] = answer.json()["data"]
     if model == "gpt-image-1":
@@ -454,11 +452,10 @@ SENT_AND_REFUSED = [
 def test_what_apps_send_that_the_server_refuses_is_a_400_naming_it(
     client, server, path, fields, files, field
 ):
-    headers = {"Authorization": f"Bearer {API_KEY}"}
     if files:
-        answer = client.post(f"{server}{path}", data=fields, files=files, headers=headers)
+        answer = client.post(f"{server}{path}", data=fields, files=files, headers=AUTH)
     else:
-        answer = client.post(f"{server}{path}", json=fields, headers=headers)
+        answer = client.post(f"{server}{path}", json=fields, headers=AUTH)
     assert answer.status_code == 400, answer.text
     error = answer.json()["error"]
     assert error["param"] == field and field in error["message"]

@@ -20,9 +20,9 @@ import numpy as np
 import openai
 import pytest
 from PIL import Image
-from transformers import AutoTokenizer
 
 from testing.server_process import ServerFailedError, free_port, running_server, vllm_serve_command
+from tests.support.image_answers import prompt_token_counter
 from vllm_omni_images.images.encoding import decode_image_base64
 
 from .live_server import API_KEY
@@ -98,11 +98,8 @@ def test_the_omni_engine_serves_the_openai_sdk(
     # usage, as on the diffusers engine: the prompt by the folder's tokenizer, which the omni
     # engine reads in the API process (its pipeline runs in a worker).
     prompt = "a red fox in the snow"
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
-    text = sum(  # the prompt's and the negative prompt's
-        len(tokenizer(words, add_special_tokens=False).input_ids)
-        for words in (prompt, GUIDED["negative_prompt"])
-    )
+    count = prompt_token_counter(tiny_model_dir)
+    text = count(prompt) + count(str(GUIDED["negative_prompt"]))  # and the negative prompt's
     usage = sdk.images.generate(prompt=prompt, size="64x64", extra_body=GUIDED).usage
     assert usage is not None and usage.input_tokens_details.text_tokens == text > 0
     assert (usage.output_tokens, usage.total_tokens) == (16, text + 16)

@@ -5,8 +5,6 @@ file route does not need, and `usage` in every response (docs/clients.md)."""
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -15,8 +13,8 @@ import httpx
 import openai
 import pytest
 from PIL import Image
-from transformers import AutoTokenizer
 
+from tests.support.image_answers import image_tokens, png_at, png_of, prompt_token_counter
 from tests.support.images import FAST_STEPS, png
 
 from .live_server import API_KEY, AUTH, SERVED_NAMES
@@ -25,7 +23,7 @@ pytestmark = pytest.mark.e2e
 
 EVERY_NAME = (*SERVED_NAMES, "style")
 """The base model's served names, and the shared server's LoRA adapter."""
-PATCHES_64 = (64 // 16) ** 2
+PATCHES_64 = image_tokens(64, 64)
 """A 64x64 image of the tiny Qwen-Image in latent patches (16 x 16 pixels each)."""
 
 
@@ -37,22 +35,15 @@ def sdk(server: str) -> openai.OpenAI:
 @pytest.fixture(scope="module")
 def prompt_tokens(tiny_model_dir: Path) -> Callable[[str], int]:
     """The tiny model's own tokenizer, as the text encoder reads a prompt."""
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
-
-    def count(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    return count
+    return prompt_token_counter(tiny_model_dir)
 
 
-def image_of(item: openai.types.Image) -> bytes:
-    """An answer's image, inline or fetched from its URL."""
+def image_of(item: openai.types.Image) -> Image.Image:
+    """An answer's PNG, inline or fetched from its URL (without a key, as a browser)."""
     if item.b64_json is not None:
-        return base64.b64decode(item.b64_json)
+        return png_of(item.b64_json)
     assert item.url is not None
-    fetched = httpx.get(item.url, timeout=60)
-    assert fetched.status_code == 200, fetched.text
-    return fetched.content
+    return png_at(item.url)
 
 
 @pytest.mark.parametrize("name", EVERY_NAME)
@@ -65,7 +56,7 @@ def test_every_served_name_generates_edits_and_varies(sdk, name):
     ]
     for result in results:
         assert result.data is not None and len(result.data) == 1
-        assert Image.open(io.BytesIO(image_of(result.data[0]))).size == (64, 64)
+        assert image_of(result.data[0]).size == (64, 64)
 
 
 @pytest.mark.parametrize(
@@ -87,7 +78,7 @@ def test_without_response_format_each_name_gets_openais_default(sdk, name, expec
             expected == "url",
             expected == "b64_json",
         )
-        assert image_of(item).startswith(b"\x89PNG")
+        assert image_of(item).size == (64, 64)
     # An explicit format still wins over the name's default.
     inline = sdk.images.generate(model=name, prompt="a kite", response_format="b64_json", **knobs)
     assert inline.data is not None and inline.data[0].b64_json is not None

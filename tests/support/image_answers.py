@@ -1,11 +1,13 @@
 """Reading an images answer as a client library hands it over: a `url` fetched as a client would
-fetch it, a `b64_json` decoded; and the `usage` this server counts for the tiny model."""
+fetch it, a `b64_json` decoded; and the `usage` this server counts for the tiny model (its
+image tokens, and its prompt tokens by the model's own tokenizer)."""
 
 from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import httpx
 from PIL import Image
@@ -17,6 +19,19 @@ PATCH_PIXELS = 16
 def image_tokens(width: int, height: int, images: int = 1) -> int:
     """The image tokens `usage` counts for `images` pictures of `width`x`height` pixels."""
     return (width // PATCH_PIXELS) * (height // PATCH_PIXELS) * images
+
+
+def prompt_token_counter(model_dir: Path) -> Callable[[str], int]:
+    """Counts a text with the tiny model's own tokenizer, as its text encoder reads a prompt
+    (no special tokens): usage's text tokens, counted apart from the server's counter."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return count
 
 
 def png_at(url: str) -> Image.Image:
