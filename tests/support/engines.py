@@ -36,6 +36,7 @@ from vllm_omni_images.engine.base import (
     Inbox,
     LoRAAdapter,
     ModelDefaults,
+    ScaledAdapter,
 )
 from vllm_omni_images.engine.batching import PipelineRunner, PreviewCallback, StepCallback
 from vllm_omni_images.engine.client import ImageEngineClient
@@ -66,8 +67,13 @@ def colour(seed: int) -> tuple[int, int, int]:
     return (seed % 256, seed // 256 % 256, 99)
 
 
-def req(*seeds: int, **fields: Any) -> EngineRequest:
-    """A request of `FakeRunner`'s default size and steps, with one image per seed (default 1)."""
+def req(
+    *seeds: int, lora: LoRAAdapter | None = None, lora_scale: float = 1.0, **fields: Any
+) -> EngineRequest:
+    """A request of `FakeRunner`'s default size and steps, with one image per seed (default 1);
+    `lora` (at `lora_scale`) is a stack of that one adapter."""
+    if lora is not None:
+        fields["loras"] = (ScaledAdapter(lora, lora_scale),)
     values: dict[str, Any] = {
         "prompt": "a red fox",
         "width": 64,

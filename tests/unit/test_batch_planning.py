@@ -145,20 +145,20 @@ def test_adapters_take_turns_so_none_waits_behind_a_run_of_another() -> None:
     """Ten requests of one adapter, then one of another and one of the base model: after a
     batch of the first adapter, the oldest request of another leads the next batch."""
     queue = [req(i, lora=STYLE) for i in range(10)] + [req(10, lora=OTHER), req(11)]
-    order: list[int | None] = []
+    order: list[tuple[int, ...]] = []
     last: LastAdapter = NO_BATCH_YET
     while queue:
         indices = form_batch(queue, max_images=2, last_adapter=last)
         last = adapter_of(queue[indices[0]])
         order.append(last)
         queue = [r for i, r in enumerate(queue) if i not in indices]
-    assert order[:4] == [1, 2, 1, None]  # the base model after the two adapters
-    assert order.count(1) == 5 and order[4:] == [1, 1, 1]
+    assert order[:4] == [(1,), (2,), (1,), ()]  # the base model after the two adapters
+    assert order.count((1,)) == 5 and order[4:] == [(1,), (1,), (1,)]
 
 
 def test_a_lone_adapter_keeps_its_turns() -> None:
     queue = [req(1, lora=STYLE), req(2, lora=STYLE)]
-    assert form_batch(queue, max_images=1, last_adapter=STYLE.adapter_id) == [0]
+    assert form_batch(queue, max_images=1, last_adapter=(STYLE.adapter_id,)) == [0]
 
 
 def test_the_pixel_budget_caps_a_batch_below_its_image_count() -> None:

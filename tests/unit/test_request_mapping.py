@@ -7,7 +7,7 @@ from pydantic import ValidationError
 from vllm.entrypoints.serve.engine.protocol import ErrorInfo
 from vllm.exceptions import VLLMValidationError
 
-from vllm_omni_images.engine.base import LoRAAdapter, ModelDefaults
+from vllm_omni_images.engine.base import LoRAAdapter, ModelDefaults, ScaledAdapter
 from vllm_omni_images.images.errors import error_response
 from vllm_omni_images.images.limits import ImageLimits
 from vllm_omni_images.images.protocol import (
@@ -154,12 +154,12 @@ def test_lora_scale_needs_an_adapter_and_reaches_the_engine():
     adapter = LoRAAdapter("style", 3, "/adapters/style")
     chosen = ImageGenerationRequest(prompt="p", model="style", lora_scale=0.5)
     request = to_engine_request(chosen, MappingContext("id", DEFAULTS, lora=adapter))
-    assert (request.lora, request.lora_scale) == (adapter, 0.5)
+    assert request.loras == (ScaledAdapter(adapter, 0.5),)
     plain = to_engine_request(
         ImageGenerationRequest(prompt="p", model="style"),
         MappingContext("id", DEFAULTS, lora=adapter),
     )
-    assert plain.lora_scale == 1.0
+    assert plain.loras == (ScaledAdapter(adapter, 1.0),)
     with pytest.raises(VLLMValidationError) as info:
         to_engine_request(
             ImageGenerationRequest(prompt="p", lora_scale=0.5), MappingContext("id", DEFAULTS)

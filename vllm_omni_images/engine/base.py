@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import dataclasses
 import logging
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import ParamSpec, Protocol, TypeAlias
 
@@ -49,13 +50,63 @@ class ModelDefaults:
 
 
 @dataclass(frozen=True)
+class AdapterDefaults:
+    """What a request naming an adapter gets for the knobs it leaves unset, in place of the
+    model's (a distilled few-step adapter's steps and guidance); `None`: the model's."""
+
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    true_cfg_scale: float | None = None
+
+    def given(self) -> dict[str, int | float]:
+        """The fields set, by their request names."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+NO_ADAPTER_DEFAULTS = AdapterDefaults()
+
+
+@dataclass(frozen=True)
 class LoRAAdapter:
-    """A LoRA adapter served under `name` (vLLM's `LoRARequest`, without vLLM): `path` is a
-    diffusers or PEFT adapter (`lora_files.py`); `adapter_id` is unique per name."""
+    """A LoRA adapter served under `name` (vLLM's `LoRARequest`, without vLLM): `path` is an
+    adapter file or folder in a layout diffusers reads (`lora_files.py`); `adapter_id` is
+    unique per name."""
 
     name: str
     adapter_id: int
     path: str
+    defaults: AdapterDefaults = field(default=NO_ADAPTER_DEFAULTS, compare=False)
+    """The operator's defaults for requests that name it (`--image-lora-defaults`)."""
+
+
+@dataclass(frozen=True)
+class ScaledAdapter:
+    """One adapter of a request's stack, at its strength (0: none, 1: as trained)."""
+
+    adapter: LoRAAdapter
+    scale: float = 1.0
+
+
+AdapterStack: TypeAlias = tuple[ScaledAdapter, ...]
+"""A request's adapters, applied together (their deltas add up), in adapter-id order, each
+adapter once; `()`: the base model."""
+
+StackKey: TypeAlias = tuple[tuple[int, float], ...]
+"""A stack as `(adapter_id, scale)` pairs: equal for stacks that make the same model."""
+
+
+def adapter_stack(adapters: Iterable[ScaledAdapter]) -> AdapterStack:
+    """`adapters` as a stack: sorted by id, so that a stack's order never changes its image;
+    `ValueError` for an adapter listed twice."""
+    stack = tuple(sorted(adapters, key=lambda scaled: scaled.adapter.adapter_id))
+    ids = [scaled.adapter.adapter_id for scaled in stack]
+    if len(set(ids)) != len(ids):
+        raise ValueError("an adapter may be listed once per stack")
+    return stack
+
+
+def stack_key(stack: AdapterStack) -> StackKey:
+    return tuple((scaled.adapter.adapter_id, scaled.scale) for scaled in stack)
 
 
 @dataclass(frozen=True)
@@ -97,14 +148,13 @@ class EngineRequest:
     """With `image`: how far from it the result may move (0-1); `None`: the pipeline's own."""
     partial_images: int = 0
     """Previews to stream from intermediate steps, evenly spaced (`PreviewImages`)."""
-    lora: LoRAAdapter | None = None
-    """The adapter to apply (the model name the request chose); `None`: the base model."""
-    lora_scale: float = 1.0
-    """The adapter's strength (0: none, 1: as trained)."""
+    loras: AdapterStack = ()
+    """The adapters to apply together (`adapter_stack`); `()`: the base model."""
 
     def __post_init__(self) -> None:
         if not self.seeds:
             raise ValueError("A request needs at least one seed.")
+        object.__setattr__(self, "loras", adapter_stack(self.loras))
 
     @property
     def num_images(self) -> int:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, TypeAlias
 
-from vllm_omni_images.engine.base import EngineRequest
+from vllm_omni_images.engine.base import EngineRequest, StackKey, stack_key
 
 
 class BatchKey(NamedTuple):
@@ -21,8 +21,7 @@ class BatchKey(NamedTuple):
     true_cfg_scale: float | None
     guidance_scale: float | None
     has_negative_prompt: bool
-    lora_id: int | None
-    lora_scale: float
+    loras: StackKey
 
 
 class _NoBatch(enum.Enum):
@@ -30,17 +29,20 @@ class _NoBatch(enum.Enum):
 
 
 NO_BATCH_YET = _NoBatch.YET
-LastAdapter: TypeAlias = int | Literal[_NoBatch.YET] | None
-"""The adapter of the last batch (`None`: the base model), or `NO_BATCH_YET`."""
+AdapterTurn: TypeAlias = tuple[int, ...]
+"""The adapters a batch applies, by id, whatever their strengths (`()`: the base model)."""
+LastAdapter: TypeAlias = AdapterTurn | Literal[_NoBatch.YET]
+"""The adapters of the last batch (`adapter_of`), or `NO_BATCH_YET`."""
 
 
-def adapter_of(request: EngineRequest) -> int | None:
-    """The request's LoRA adapter id; `None`: the base model."""
-    return None if request.lora is None else request.lora.adapter_id
+def adapter_of(request: EngineRequest) -> AdapterTurn:
+    """The ids of the request's adapters, its stack's turn; `()`: the base model."""
+    return tuple(scaled.adapter.adapter_id for scaled in request.loras)
 
 
 def batch_key(request: EngineRequest) -> BatchKey:
-    """The request's batch key (one adapter at one strength); prompts and seeds may differ."""
+    """The request's batch key (one stack of adapters at its strengths); prompts and seeds may
+    differ."""
     return BatchKey(
         request.task,
         request.strength,
@@ -50,8 +52,7 @@ def batch_key(request: EngineRequest) -> BatchKey:
         request.true_cfg_scale,
         request.guidance_scale,
         request.negative_prompt is not None,
-        adapter_of(request),
-        request.lora_scale if request.lora is not None else 1.0,
+        stack_key(request.loras),
     )
 
 
@@ -70,7 +71,7 @@ def form_batch(
     max_pixels: int | None = None,
 ) -> list[int]:
     """Indices into `queue` (oldest first) of the next batch, its leader first: the oldest
-    request, or the oldest of another adapter than `last_adapter`'s; then requests of the
+    request, or the oldest of another stack of adapters than `last_adapter`'s; then requests of the
     leader's batch key, in order, that fit within `max_images` and `max_pixels` (one that does
     not is skipped). The leader alone may be over either: it runs alone."""
     if not queue:

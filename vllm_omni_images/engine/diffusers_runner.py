@@ -16,7 +16,15 @@ from typing import Any
 import torch
 from PIL import Image
 
-from vllm_omni_images.engine.base import EngineRequest, LoRAAdapter, LoRASettings, ModelDefaults
+from vllm_omni_images.engine.base import (
+    AdapterStack,
+    EngineRequest,
+    LoRAAdapter,
+    LoRASettings,
+    ModelDefaults,
+    StackKey,
+    stack_key,
+)
 from vllm_omni_images.engine.batch_planning import batch_key
 from vllm_omni_images.engine.batching import PreviewCallback, StepCallback
 from vllm_omni_images.engine.errors import (
@@ -116,8 +124,8 @@ class DiffusersRunner:
             return []
         first = requests[0]
         if self._lora is not None:
-            self._lora.activate(first.lora, first.lora_scale)
-        elif first.lora is not None:
+            self._lora.activate(first.loras)
+        elif first.loras:
             raise EngineRequestError("LoRA is not enabled on this server.")
         pipe = self.pipeline_for(first.task)
         kwargs = self.pipeline_kwargs(pipe, requests, on_step, on_preview)
@@ -238,14 +246,15 @@ class DiffusersRunner:
 
 class _LoRASlots:
     """One pipeline's adapters: up to `max_loras` loaded and `max_cpu_loras` read, least
-    recently used out; a batch runs one at one strength, or none. Engine thread only."""
+    recently used out; a batch runs one stack of them (diffusers' `set_adapters` with a
+    weight each), or none. Engine thread only."""
 
     def __init__(self, pipe: Any, settings: LoRASettings) -> None:
         self._pipe = pipe
         self._settings = settings
         self._read: OrderedDict[int, tuple[LoRAAdapter, AdapterWeights]] = OrderedDict()
         self._loaded: OrderedDict[int, LoRAAdapter] = OrderedDict()
-        self._active: tuple[int, float] | None = None
+        self._active: StackKey = ()
         self.unavailable: frozenset[int] = frozenset()
         """Adapters whose files could not be read again when a batch needed them; replaced
         whole, never changed in place, so that other threads may read it."""
@@ -257,21 +266,28 @@ class _LoRASlots:
         self._keep(adapter, weights)
         self.unavailable -= {adapter.adapter_id}
 
-    def activate(self, adapter: LoRAAdapter | None, scale: float) -> None:
-        if adapter is None:
-            if self._active is not None:
+    def activate(self, stack: AdapterStack) -> None:
+        """Apply `stack` (every adapter loaded, each at its strength); `()`: none."""
+        if not stack:
+            if self._active:
                 self._pipe.disable_lora()
-                self._active = None
+                self._active = ()
             return
-        if self._active == (adapter.adapter_id, scale):
-            self._loaded.move_to_end(adapter.adapter_id)
+        if len(stack) > self._settings.max_loras:  # mapping refuses these: a caller's bug
+            raise ValueError(f"a stack of {len(stack)} adapters is over --max-loras")
+        wanted = {scaled.adapter.adapter_id for scaled in stack}
+        for scaled in stack:
+            if scaled.adapter.adapter_id not in self._loaded:
+                self._load(scaled.adapter, keep=wanted)
+            self._loaded.move_to_end(scaled.adapter.adapter_id)
+        if self._active == stack_key(stack):
             return
-        if adapter.adapter_id not in self._loaded:
-            self._load(adapter)
-        self._loaded.move_to_end(adapter.adapter_id)
         self._pipe.enable_lora()
-        self._pipe.set_adapters([_peft_name(adapter)], adapter_weights=[scale])
-        self._active = (adapter.adapter_id, scale)
+        self._pipe.set_adapters(
+            [_peft_name(scaled.adapter) for scaled in stack],
+            adapter_weights=[scaled.scale for scaled in stack],
+        )
+        self._active = stack_key(stack)
 
     def _read_checked(self, adapter: LoRAAdapter) -> AdapterWeights:
         transformer = getattr(self._pipe, "transformer", None)  # a UNet pipeline has none
@@ -283,7 +299,9 @@ class _LoRASlots:
         while len(self._read) > self._settings.cpu_slots:
             self._read.popitem(last=False)
 
-    def _load(self, adapter: LoRAAdapter) -> None:
+    def _load(self, adapter: LoRAAdapter, keep: set[int]) -> None:
+        """Load `adapter` into the model, unloading the least recently used adapters not in
+        `keep` (the stack it joins) to make room."""
         kept = self._read.get(adapter.adapter_id)
         if kept is not None:
             weights = kept[1]
@@ -296,7 +314,7 @@ class _LoRASlots:
             self.unavailable -= {adapter.adapter_id}
         self._keep(adapter, weights)
         while len(self._loaded) >= self._settings.max_loras:
-            self._unload(next(iter(self._loaded)))
+            self._unload(next(i for i in self._loaded if i not in keep))
         with warnings.catch_warnings():
             # peft warns that a model with an adapter gets another: that is the point here.
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
@@ -309,9 +327,9 @@ class _LoRASlots:
     def _unload(self, adapter_id: int) -> None:
         adapter = self._loaded.pop(adapter_id)
         self._pipe.delete_adapters(_peft_name(adapter))
-        if self._active is not None and self._active[0] == adapter_id:
-            self._active = None
-            if self._loaded:  # the others stay loaded, and off until a batch names one
+        if any(active_id == adapter_id for active_id, _ in self._active):
+            self._active = ()
+            if self._loaded:  # the others stay loaded, and off until a batch names them
                 self._pipe.disable_lora()
 
 

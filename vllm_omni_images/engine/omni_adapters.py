@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vllm_omni_images.engine.base import LoRAAdapter
+from vllm_omni_images.engine.base import AdapterStack, LoRAAdapter
 from vllm_omni_images.engine.errors import LoRAAdapterError, LoRAAdapterUnavailableError
 from vllm_omni_images.engine.lora_files import PEFT_WEIGHTS, PeftCopies
 
@@ -61,6 +61,12 @@ class OmniAdapters:
         self._requests[adapter.adapter_id] = request
         self.unavailable -= {adapter.adapter_id}
         return request
+
+    async def stack_request(self, stack: AdapterStack, load: LoadInWorkers) -> LoRARequest:
+        """vllm-omni's request for one adapter whose delta is the sum of `stack`'s scaled
+        deltas, written, loaded and kept per stack; `LoRAAdapterUnavailableError` if one of
+        its adapters cannot be read now."""
+        raise NotImplementedError("stacks on the vllm-omni engine")
 
     def remove(self) -> None:
         """Delete the copies (the engine is closed)."""

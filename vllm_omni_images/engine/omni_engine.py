@@ -18,6 +18,7 @@ from PIL import Image
 
 from vllm_omni_images.engine import memory_budget
 from vllm_omni_images.engine.base import (
+    AdapterStack,
     EngineObserver,
     EngineOutput,
     EngineRequest,
@@ -44,7 +45,7 @@ from vllm_omni_images.engine.hang_watch import HangWatch
 from vllm_omni_images.engine.loop_thread import LoopThread
 from vllm_omni_images.engine.model_folder import defaults_for_pipeline_class
 from vllm_omni_images.engine.omni_adapters import OmniAdapters
-from vllm_omni_images.engine.omni_flight import Flight
+from vllm_omni_images.engine.omni_flight import Flight, ScaledLoRA
 from vllm_omni_images.engine.omni_requests import (
     classify_failure,
     pipeline_takes_masks,
@@ -185,7 +186,7 @@ class OmniEngine(ImageEngine):
         # vllm-omni keys its queue and output streams by id: a suffix of our own keeps two
         # requests apart even when a client sends the same X-Request-Id twice.
         base = f"{request.request_id or 'image'}-{uuid.uuid4().hex[:12]}"
-        lora = await self._lora_request(request.lora)
+        lora = await self._lora_request(request.loras)
         flight = Flight(request, base, lora, asyncio.get_running_loop())
         job = self._loop.submit(self._run(flight))
         flight.job = job
@@ -212,13 +213,24 @@ class OmniEngine(ImageEngine):
     def unavailable_adapters(self) -> frozenset[int]:
         return frozenset() if self._adapters is None else self._adapters.unavailable
 
-    async def _lora_request(self, adapter: LoRAAdapter | None) -> LoRARequest | None:
-        if adapter is None:
+    async def _lora_request(self, stack: AdapterStack) -> ScaledLoRA | None:
+        """vllm-omni's request for `stack` and its strength: one adapter at its own, several
+        as one adapter of their summed deltas (`OmniAdapters.stack_request`) at 1."""
+        if not stack:
             return None
-        lora = None if self._adapters is None else await self._adapters.request_for(adapter)
+        if self._adapters is None:
+            raise EngineRequestError("LoRA is not enabled on this server.")
+        if len(stack) > 1:
+
+            def load(request: LoRARequest, replace: bool) -> Awaitable[None]:
+                return self._loop.submit(self._load_lora(request, replace))
+
+            return ScaledLoRA(await self._adapters.stack_request(stack, load), 1.0)
+        [scaled] = stack
+        lora = await self._adapters.request_for(scaled.adapter)
         if lora is None:
-            raise EngineRequestError(f"LoRA adapter '{adapter.name}' was never loaded.")
-        return lora
+            raise EngineRequestError(f"LoRA adapter '{scaled.adapter.name}' was never loaded.")
+        return ScaledLoRA(lora, scaled.scale)
 
     # On the caller's loop:
 

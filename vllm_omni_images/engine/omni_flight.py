@@ -17,6 +17,14 @@ if TYPE_CHECKING:
     from vllm_omni.lora.request import LoRARequest
 
 
+@dataclass(frozen=True)
+class ScaledLoRA:
+    """vllm-omni's request for a request's adapters, and the strength to apply it at."""
+
+    request: LoRARequest
+    scale: float
+
+
 @dataclass(eq=False)
 class Flight:
     """One request handed to vllm-omni, one vllm-omni request per image (per try of it):
@@ -24,7 +32,7 @@ class Flight:
 
     request: EngineRequest
     base_id: str
-    lora: LoRARequest | None
+    lora: ScaledLoRA | None
     caller: asyncio.AbstractEventLoop
     request_ids: list[str] = field(init=False)
     """Each image's id in vllm-omni, of its current try."""

@@ -22,7 +22,8 @@ from vllm_omni_images.engine.errors import (
 if TYPE_CHECKING:
     from vllm_omni.diffusion.data import OmniDiffusionConfig
     from vllm_omni.diffusion.request import OmniDiffusionRequest
-    from vllm_omni.lora.request import LoRARequest
+
+    from vllm_omni_images.engine.omni_flight import ScaledLoRA
 
 logger = logging.getLogger(__name__)
 
@@ -103,11 +104,11 @@ def to_omni_request(
     request: EngineRequest,
     index: int,
     request_id: str,
-    lora: LoRARequest | None = None,
+    lora: ScaledLoRA | None = None,
     batch_key: tuple[Any, ...] | None = None,
 ) -> OmniDiffusionRequest:
     """Image `index` of `request` as one `OmniDiffusionRequest`, with its own seed and a CPU
-    generator; `lora` is vllm-omni's request for `request.lora`; `batch_key` its
+    generator; `lora` is vllm-omni's request for `request.loras`; `batch_key` its
     `batch_compatibility_key` (pre-processing may extend it: requests whose keys differ never
     share a batch)."""
     from vllm_omni.diffusion.request import OmniDiffusionRequest
@@ -135,8 +136,8 @@ def to_omni_request(
     if request.guidance_scale is not None:
         sampling["guidance_scale"] = request.guidance_scale
     if lora is not None:
-        sampling["lora_request"] = lora
-        sampling["lora_scale"] = request.lora_scale
+        sampling["lora_request"] = lora.request
+        sampling["lora_scale"] = lora.scale
     if request.partial_images > 0:
         sampling["extra_args"] = {PARTIAL_IMAGES_ARG: request.partial_images}
     return OmniDiffusionRequest(

@@ -143,7 +143,7 @@ async def _read_form(
 def _validate(request_model: type[_Request], fields: dict[str, str]) -> _Request:
     try:
         # A form's fields are strings: parsed (`"n": "2"`), where a JSON body is held strictly.
-        return request_model.model_validate(fields, strict=False)
+        return request_model.model_validate(fields, strict=False, context={"form": True})
     except ValidationError as error:
         message, parameter = describe_validation_errors(error.errors())
         raise VLLMValidationError(message, parameter=parameter) from None

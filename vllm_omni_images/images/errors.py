@@ -70,6 +70,10 @@ class ModelNotFoundError(LookupError):
         super().__init__(self.model)
 
 
+class AdapterNotFoundError(ModelNotFoundError):
+    """A name in a request's `lora` is not one of the served model's adapters."""
+
+
 class ImageNotFoundError(LookupError):
     """No stored image has this name: it never existed or its URL has expired."""
 
@@ -158,6 +162,17 @@ ERROR_TABLE: tuple[tuple[type[Exception], ErrorKind], ...] = (
             "unavailable",
             "The image store is unavailable ({error}); retry later, or ask for "
             "response_format 'b64_json'.",
+        ),
+    ),
+    (
+        AdapterNotFoundError,  # as vLLM's 404 for a model, naming lora
+        ErrorKind(
+            HTTPStatus.NOT_FOUND,
+            "NotFoundError",
+            "invalid",
+            "The LoRA adapter `{error.model}` in lora does not exist (GET /v1/models lists "
+            "the adapters).",
+            param="lora",
         ),
     ),
     (

@@ -33,6 +33,9 @@ class ImageLimits:
     """One input image or mask, encoded."""
     max_input_pixels: int = 4096 * 4096
     """One input image or mask, read from its header."""
+    max_loras: int = 1
+    """LoRA adapters one request may apply together (`--max-loras`: a stack is loaded at
+    once)."""
     body_timeout_s: float | None = 120.0
     """Seconds a request's whole body may take to arrive, from its head's arrival; `None`: no
     deadline."""

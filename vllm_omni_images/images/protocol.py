@@ -1,5 +1,5 @@
 """Pydantic models of the OpenAI Images API, with the diffusion extensions (`negative_prompt`,
-`num_inference_steps`, `guidance_scale`, `true_cfg_scale`, `seed`, `lora_scale`). Their
+`num_inference_steps`, `guidance_scale`, `true_cfg_scale`, `seed`, `lora_scale`, `lora`). Their
 validators refuse what the request alone decides, raising vLLM's `VLLMValidationError`.
 
 A JSON body is validated strictly, as OpenAI's API does (`"n": "2"` and `"stream": "yes"` are
@@ -8,11 +8,19 @@ A JSON body is validated strictly, as OpenAI's API does (`"n": "2"` and `"stream
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from typing import Literal, Self
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from vllm.entrypoints.serve.engine.protocol import OpenAIBaseModel
 from vllm.exceptions import VLLMValidationError
 
@@ -32,6 +40,11 @@ Quality = Literal["auto", "standard", "hd", "low", "medium", "high", "xhigh", "m
 MAX_STEPS = 200
 MAX_LORA_SCALE = 100.0
 """Most strength (either sign) a request may give its adapter, as ComfyUI's LoRA loader."""
+MAX_LISTED_LORAS = 16
+"""Most entries `lora` may list (the server's own limit, `--max-loras`, is usually lower)."""
+LORA_PATH_KEYS = ("path", "lora_path", "local_path", "int_id", "lora_int_id")
+"""Keys of vllm-omni's own `lora` object that load an adapter from a path: refused here,
+where only the operator loads adapters (`--lora-modules`, `/v1/load_lora_adapter`)."""
 
 UNSUPPORTED_FIELDS: dict[str, str] = {
     "style": "style is a DALL-E 3 prompt rewrite; a diffusion pipeline has no equivalent. "
@@ -56,6 +69,34 @@ def check_aspect_ratio(width: int, height: int, parameter: str) -> None:
             f"{MAX_ASPECT_RATIO} times its shortest ({MAX_ASPECT_RATIO}:1). {fix}",
             parameter=parameter,
         )
+
+
+class LoRAChoice(OpenAIBaseModel):
+    """One served adapter of a request's `lora`, at a strength; keyed as vllm-omni's own
+    `lora` object (`name`, `scale`, and their aliases `lora_name`, `adapter`, `lora_scale`)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    name: str = Field(
+        min_length=1, max_length=256, validation_alias=AliasChoices("name", "lora_name", "adapter")
+    )
+    scale: float = Field(
+        default=1.0,
+        ge=-MAX_LORA_SCALE,
+        le=MAX_LORA_SCALE,
+        validation_alias=AliasChoices("scale", "lora_scale"),
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_paths(cls, value: object) -> object:
+        if isinstance(value, dict) and (keys := [k for k in LORA_PATH_KEYS if k in value]):
+            raise ValueError(
+                f"{keys[0]} is not read here: lora names adapters the server serves (GET "
+                "/v1/models lists them); an operator loads adapters from paths "
+                "(--lora-modules, /v1/load_lora_adapter)"
+            )
+        return value
 
 
 class ImageGenerationRequest(OpenAIBaseModel):
@@ -97,6 +138,30 @@ class ImageGenerationRequest(OpenAIBaseModel):
     seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     lora_scale: float | None = Field(default=None, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE)
     """The strength of the LoRA adapter that `model` names (1: as trained; 0: none)."""
+    lora: list[LoRAChoice] | None = None
+    """Served adapters to apply together (with the one `model` names, if any), each at its
+    `scale`: one object or a list of them; in a form, the same as JSON text."""
+
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _lora_as_list(cls, value: object, info: ValidationInfo) -> object:
+        """One object is a list of one; a form's `lora` is JSON text (a form field is a
+        string), a JSON body's is not."""
+        if isinstance(value, str) and (info.context or {}).get("form"):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise ValueError(
+                    'must be JSON text in a form: {"name": ..., "scale": ...} or a list of them'
+                ) from None
+        return [value] if isinstance(value, dict) else value
+
+    @field_validator("lora")
+    @classmethod
+    def _lora_lists_few(cls, value: list[LoRAChoice] | None) -> list[LoRAChoice] | None:
+        if value is not None and len(value) > MAX_LISTED_LORAS:
+            raise ValueError(f"may list at most {MAX_LISTED_LORAS} adapters, got {len(value)}")
+        return value
 
     @field_validator("*", mode="before")
     @classmethod

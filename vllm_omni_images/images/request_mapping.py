@@ -13,7 +13,14 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 from vllm.exceptions import VLLMValidationError
 
-from vllm_omni_images.engine.base import EngineRequest, LoRAAdapter, ModelDefaults
+from vllm_omni_images.engine.base import (
+    AdapterStack,
+    EngineRequest,
+    LoRAAdapter,
+    ModelDefaults,
+    ScaledAdapter,
+    adapter_stack,
+)
 from vllm_omni_images.images.limits import DEFAULT_LIMITS, EDIT_INPUT_IMAGES, ImageLimits
 from vllm_omni_images.images.protocol import (
     MAX_STEPS,
@@ -50,6 +57,8 @@ class MappingContext:
     limits: ImageLimits = DEFAULT_LIMITS
     lora: LoRAAdapter | None = None
     """The adapter the request's `model` names; `None`: the base model."""
+    listed: tuple[LoRAAdapter, ...] = ()
+    """The adapters the request's `lora` lists, in its order (`ImageGenerationRequest.lora`)."""
     seed_source: random.Random | None = None
     """The server's draw of seeds for a request without one (`--seed`); `None`: the OS."""
 
@@ -136,14 +145,8 @@ def _engine_request(
     **inputs: Any,
 ) -> EngineRequest:
     check_request_pixels(request.n, width, height, context.limits)
-    if request.lora_scale is not None and context.lora is None:
-        raise VLLMValidationError(
-            "lora_scale sets the strength of a LoRA adapter, and the model "
-            f"{'the server serves' if request.model is None else repr(request.model)} is the "
-            "base model: name an adapter in model (GET /v1/models lists them), or leave "
-            "lora_scale out.",
-            parameter="lora_scale",
-        )
+    stack = request_stack(request, context)
+    steps_default, true_cfg_default, guidance_default = stack_defaults(request, stack, defaults)
     steps = request.num_inference_steps
     if steps is not None and steps < defaults.min_steps:
         raise VLLMValidationError(
@@ -167,13 +170,70 @@ def _engine_request(
         width=width,
         height=height,
         num_inference_steps=steps
-        or quality_steps(request.quality, defaults.num_inference_steps, defaults.min_steps),
-        true_cfg_scale=_first_set(request.true_cfg_scale, defaults.true_cfg_scale),
-        guidance_scale=_first_set(request.guidance_scale, defaults.guidance_scale),
+        or quality_steps(request.quality, steps_default, defaults.min_steps),
+        true_cfg_scale=_first_set(request.true_cfg_scale, true_cfg_default),
+        guidance_scale=_first_set(request.guidance_scale, guidance_default),
         request_id=context.request_id,
-        lora=context.lora,
-        lora_scale=1.0 if request.lora_scale is None else request.lora_scale,
+        loras=stack,
         **inputs,
+    )
+
+
+def request_stack(request: ImageGenerationRequest, context: MappingContext) -> AdapterStack:
+    """The adapters the request applies: the one `model` names (at `lora_scale`), then those
+    `lora` lists (each at its `scale`); a 400 naming `lora_scale` without an adapter in
+    `model`, or `lora` for an adapter listed twice or more adapters than `--max-loras`."""
+    if request.lora_scale is not None and context.lora is None:
+        raise VLLMValidationError(
+            "lora_scale sets the strength of the LoRA adapter that model names, and the "
+            f"model {'the server serves' if request.model is None else repr(request.model)} "
+            "is the base model: name an adapter in model (GET /v1/models lists them), give "
+            "each adapter of lora its own scale, or leave lora_scale out.",
+            parameter="lora_scale",
+        )
+    scaled = []
+    if context.lora is not None:
+        strength = 1.0 if request.lora_scale is None else request.lora_scale
+        scaled.append(ScaledAdapter(context.lora, strength))
+    choices = request.lora or []
+    scaled += [ScaledAdapter(a, c.scale) for a, c in zip(context.listed, choices, strict=True)]
+    names = [s.adapter.name for s in scaled]
+    if len(set(names)) != len(names):
+        twice = next(name for name in names if names.count(name) > 1)
+        raise VLLMValidationError(
+            f"LoRA adapter '{twice}' is named twice (in model and lora, or twice in lora): "
+            "name each adapter once, with the scale it is to have.",
+            parameter="lora",
+        )
+    if len(scaled) > context.limits.max_loras:
+        raise VLLMValidationError(
+            f"this request applies {len(scaled)} LoRA adapters and this server applies at "
+            f"most {context.limits.max_loras} together (--max-loras): name fewer.",
+            parameter="lora",
+        )
+    return adapter_stack(scaled)
+
+
+def stack_defaults(
+    request: ImageGenerationRequest, stack: AdapterStack, defaults: ModelDefaults
+) -> tuple[int, float | None, float | None]:
+    """The default steps, true CFG and guidance for `request`: its adapters' (an operator's
+    `AdapterDefaults`) where they give one, else the model's. Two adapters that give one
+    knob different values leave the choice to the request: a 400 naming the knob, unless
+    the request sets it."""
+    chosen: dict[str, float] = {}
+    for scaled in stack:
+        for knob, value in scaled.adapter.defaults.given().items():
+            if chosen.setdefault(knob, value) != value and getattr(request, knob) is None:
+                raise VLLMValidationError(
+                    f"the LoRA adapters of this request default {knob} to different values "
+                    f"({chosen[knob]:g} and {value:g}): set {knob} in the request.",
+                    parameter=knob,
+                )
+    return (
+        int(chosen.get("num_inference_steps", defaults.num_inference_steps)),
+        chosen.get("true_cfg_scale", defaults.true_cfg_scale),
+        chosen.get("guidance_scale", defaults.guidance_scale),
     )
 
 

@@ -8,7 +8,7 @@ import contextlib
 import os
 import random
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -24,12 +24,24 @@ from vllm.logger import init_logger
 from vllm.lora.request import LoRARequest
 from vllm.utils import random_uuid
 
-from vllm_omni_images.engine.base import EngineRequest, FinalImages, LoRAAdapter, PreviewImages
+from vllm_omni_images.engine.base import (
+    NO_ADAPTER_DEFAULTS,
+    AdapterDefaults,
+    EngineRequest,
+    FinalImages,
+    LoRAAdapter,
+    PreviewImages,
+)
 from vllm_omni_images.engine.client import ImageEngineClient, RequestTimings
 from vllm_omni_images.engine.cpu_priority import yield_cpu_to_serving
 from vllm_omni_images.images.edits import ImageInputs, RemoteImageFetcher
 from vllm_omni_images.images.encoding import encode_image, encode_image_base64
-from vllm_omni_images.images.errors import ModelNotFoundError, error_kind, error_response
+from vllm_omni_images.images.errors import (
+    AdapterNotFoundError,
+    ModelNotFoundError,
+    error_kind,
+    error_response,
+)
 from vllm_omni_images.images.file_store import ImageStore
 from vllm_omni_images.images.limits import DEFAULT_LIMITS, ImageLimits
 from vllm_omni_images.images.protocol import (
@@ -93,9 +105,13 @@ class OpenAIServingImage:
         limits: ImageLimits = DEFAULT_LIMITS,
         request_metrics: RequestMetrics | None = None,
         seed: int | None = None,
+        adapter_defaults: Mapping[str, AdapterDefaults] | None = None,
     ) -> None:
         self.engine_client = engine_client
         self.models = models
+        self.adapter_defaults: Mapping[str, AdapterDefaults] = adapter_defaults or {}
+        """Each adapter's defaults by name, as the served models keep them (read per request:
+        a runtime load may change them)."""
         self.seed_source = random.Random(seed) if seed is not None else None
         """The draw of seeds for seedless requests (`--seed`); `None`: the OS."""
         self.request_metrics = request_metrics
@@ -160,9 +176,15 @@ class OpenAIServingImage:
     ) -> tuple[Outcome, ImageGenerationResponse | ErrorResponse | AsyncGenerator[str, None]]:
         try:
             lora = await self._adapter_named(request.model)
+            listed = await self._listed_adapters(request)
             response_format = self._response_format(request, raw_request)
             context = MappingContext(
-                record.request_id, self.engine_client.defaults, self.limits, lora, self.seed_source
+                record.request_id,
+                self.engine_client.defaults,
+                self.limits,
+                lora,
+                listed,
+                self.seed_source,
             )
             engine_request = to_engine_request(request, context, inputs)
             record.engine_request = engine_request
@@ -197,11 +219,32 @@ class OpenAIServingImage:
         if found is None and envs.VLLM_ALLOW_RUNTIME_LORA_UPDATING and self.models.lora_resolvers:
             found = await self.models.resolve_lora(model)
         if isinstance(found, LoRARequest):
-            return LoRAAdapter(found.lora_name, found.lora_int_id, found.lora_path)
+            defaults = self.adapter_defaults.get(found.lora_name, NO_ADAPTER_DEFAULTS)
+            return LoRAAdapter(found.lora_name, found.lora_int_id, found.lora_path, defaults)
         if isinstance(found, ErrorResponse) and found.error.code == HTTPStatus.BAD_REQUEST:
             # A resolver found it, and it cannot be loaded: vLLM's message, as a 400.
             raise VLLMValidationError(found.error.message)
         raise ModelNotFoundError(model)
+
+    async def _listed_adapters(self, request: ImageGenerationRequest) -> tuple[LoRAAdapter, ...]:
+        """The adapters `lora` lists, in its order; a 404 naming `lora` for a name that is
+        none, a 400 for the base model's."""
+        adapters = []
+        for choice in request.lora or []:
+            if self.models.is_base_model(choice.name):
+                raise VLLMValidationError(
+                    f"lora lists '{printable(choice.name, 100)}', the base model's name: list "
+                    "LoRA adapters only (GET /v1/models lists them).",
+                    parameter="lora",
+                )
+            try:
+                adapter = await self._adapter_named(choice.name)
+            except ModelNotFoundError:
+                raise AdapterNotFoundError(choice.name) from None
+            if adapter is None:  # VLLM_SKIP_MODEL_NAME_VALIDATION: vLLM serves the base model
+                raise AdapterNotFoundError(choice.name)
+            adapters.append(adapter)
+        return tuple(adapters)
 
     async def _generate(
         self, engine_request: EngineRequest, record: _RequestRecord
@@ -354,7 +397,8 @@ class OpenAIServingImage:
             logger.info("Image request %s: %s", record.request_id, outcome)
             return
         timings = record.timings
-        adapter = "" if work.lora is None else f", lora={work.lora.name}@{work.lora_scale:g}"
+        adapters = "+".join(f"{s.adapter.name}@{s.scale:g}" for s in work.loras)
+        adapter = f", lora={adapters}" if adapters else ""
         logger.info(
             "Image request %s: %s, %dx%d, n=%d, steps=%d%s, queue=%.0fms, engine=%.0fms "
             "(batch of %d), encode=%.0fms, user=%s",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -111,7 +112,9 @@ def limits_from_args(args: Namespace) -> ImageLimits:
             args.image_max_input_images,
             EDIT_INPUT_IMAGES,
         )
-    return ImageTaskArgs.from_args(args).image_limits()
+    limits = ImageTaskArgs.from_args(args).image_limits()
+    # vLLM's --max-loras: a request's stack of adapters is loaded into the model at once.
+    return dataclasses.replace(limits, max_loras=getattr(args, "max_loras", None) or 1)
 
 
 def remote_image_fetcher(args: Namespace, limits: ImageLimits) -> RemoteImageFetcher | None:
