@@ -71,7 +71,6 @@ import torch
 from PIL import Image
 
 from benchmarks.engine_throughput import drive
-from benchmarks.engines_cpu import SHARED_NOTE, checkout, machine_load
 from benchmarks.lora_parts import (
     ADAPTERS,
     LORA_OFF,
@@ -91,7 +90,16 @@ from benchmarks.lora_parts import (
     single,
     stack_of_two,
 )
-from benchmarks.report import benchmark_parser, markdown_table, median, percentile, publish
+from benchmarks.report import (
+    SHARED_NOTE,
+    benchmark_parser,
+    checkout,
+    machine_load,
+    markdown_table,
+    median,
+    percentile,
+    publish,
+)
 from testing.shared_runner import SharedRunner
 from testing.tiny_lora import build_tiny_lora
 from vllm_omni_images.engine.base import (
