@@ -32,7 +32,9 @@ workload's first adapter, not the last workload's), then a closed loop of `--con
 submitters, `--requests` one-image requests in all. A warm-up round of 8 requests each comes
 first. Ratios are to `all base` on the same runner: pooled (all rounds' images over all rounds'
 time) and per round. Each pipeline call is timed on the engine thread, with its images, its
-adapters and those of the call before.
+adapters and those of the call before; the stack mix's calls, and all base's beside them, are
+also reported by their images and adapters (`lora_parts.call_breakdown`), so that a stack's own
+cost and that of smaller batches show apart, measured in the same rounds.
 
 Then the parts, as single calls straight on the runners (on the engine thread), interleaved,
 medians: `--pairs` base calls of 1, 2, 3 and 4 images (what splitting a batch costs) and calls
@@ -81,7 +83,9 @@ from benchmarks.lora_parts import (
     STACKED,
     Call,
     Parts,
+    call_breakdown,
     measure_parts,
+    mixed_batch_estimate,
     ms,
     parse_size,
     parts_table,
@@ -299,35 +303,6 @@ def summarise(results: dict[tuple[str, str], Measured], parts: Parts) -> list[di
     return rows
 
 
-def mixed_batch_estimate(rows: list[dict[str, Any]], parts: Parts) -> list[dict[str, Any]]:
-    """An estimate, from measured parts, of mixed-adapter batches (PEFT's per-sample
-    `adapter_names`) with every adapter loaded: every call holds 4 images and none switches,
-    so a call costs a base call of 4 plus the adapter's cost; once (high end: LoRA branches
-    cost per row) or once per distinct adapter in the call (low end: PEFT runs each adapter's
-    A and B over its own rows, and on the tiny model an operation costs about the same
-    whatever its rows). PEFT's own bookkeeping for mixed batches is in neither."""
-    by = {(r["max_loras"], r["workload"]): r for r in rows}
-    base_call = parts.median(f"base {MAX_BATCH}")
-    adapter = parts.adapter
-    estimates = []
-    for workload, distinct in ((HALF, 1), (THIRDS, ADAPTERS)):
-        high = base_call / (base_call + adapter)
-        low = base_call / (base_call + distinct * adapter)
-        now = by[(str(ADAPTERS), workload)]
-        estimates.append(
-            {
-                "workload": workload,
-                "now_measured": now["vs_all_base"],
-                "now_predicted": now["predicted_vs_all_base"],
-                "adapters_per_mixed_call": distinct,
-                "mixed_estimate": f"{low:.2f}-{high:.2f}",
-                "mixed_over_now_predicted": f"{low / now['predicted_vs_all_base']:.2f}-"
-                f"{high / now['predicted_vs_all_base']:.2f}",
-            }
-        )
-    return estimates
-
-
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     load_before = os.getloadavg()[0]
     model = ensure_tiny_model()
@@ -377,6 +352,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "build_s": round(build_s, 1),
         "rows": summarise(results, parts),
+        "breakdown": [
+            {"workload": workload, **row}
+            for workload in (BASE, STACKS)
+            for row in call_breakdown(results[(SETTINGS[-1], workload)].calls)
+        ],
         "parts": parts,
         "load": machine_load(load_before),
         "checkout": checkout(),
@@ -414,7 +394,7 @@ def publish_results(args: argparse.Namespace, out: dict[str, Any]) -> None:
         for workload in MIXES
         if workload in RUN[setting]
     ]
-    estimates = mixed_batch_estimate(rows, parts)
+    estimates = mixed_batch_estimate(rows, parts, ((HALF, 1), (THIRDS, ADAPTERS)))
     lora_off = by[(LORA_OFF, BASE)]["images_per_s"]
     columns = ["max_loras", "workload", "images_per_s", "vs_all_base", "per_round_vs_all_base",
                "predicted_vs_all_base", "images_per_call", "calls_by_images",
@@ -431,6 +411,11 @@ def publish_results(args: argparse.Namespace, out: dict[str, Any]) -> None:
         f"row. `max_loras` `{LORA_OFF}`: the runner without LoRA.\n\n"
         f"The goal (a mix keeps at least {GOAL} of all-base throughput):\n\n"
         + markdown_table(verdicts, list(verdicts[0]))
+        + f"\nThe calls of the stack mix, and of all base beside it, with `max_loras` "
+        f"{SETTINGS[-1]}, by their images and adapters, timed on the engine thread during the "
+        "rounds (medians; within a workload the groups ran interleaved, so a stack's cost shows "
+        "against base calls of the same size, and split batches' against calls of 4):\n\n"
+        + markdown_table(out["breakdown"], list(out["breakdown"][0]))
         + f"\nThe parts: single calls straight on the runners, interleaved, medians of "
         f"{args.pairs} each at {args.size} and {args.switch_pairs} each of the switch probe "
         "(a cheap call, so that the machine's noise stays small beside a switch):\n\n"
@@ -469,6 +454,7 @@ def publish_results(args: argparse.Namespace, out: dict[str, Any]) -> None:
             "adapter_ms": ms(parts.adapter),
             "stack_of_two_ms": ms(parts.compute(2)),
             "switch_ms": {probe: ms(parts.switch(probe)) for probe in (*SETTINGS, STACKED)},
+            "stack_mix_calls": out["breakdown"],
             "mixed_batch_estimate": estimates,
             "shared_machine": args.shared,
             "torch_threads": torch.get_num_threads(),

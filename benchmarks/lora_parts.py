@@ -1,7 +1,8 @@
 """The parts of `benchmarks.lora`: single pipeline calls straight on the runners (calls of 1 to
 4 images, an adapter's and a stack's own compute, the cost of a switch), and a workload's
-throughput predicted from them and the calls the engine formed for it. The requests, stacks
-and constants that the benchmark shares with them are here too."""
+throughput predicted from them and the calls the engine formed for it; a workload's calls by
+their size and adapters; and the estimate for mixed-adapter batches. The requests, stacks and
+constants that the benchmark shares with them are here too."""
 
 from __future__ import annotations
 
@@ -240,3 +241,58 @@ def ms(seconds: float) -> float:
 def parse_size(size: str) -> tuple[int, int]:
     width, height = (int(v) for v in size.split("x"))
     return width, height
+
+
+def call_breakdown(calls: Sequence[Call]) -> list[dict[str, Any]]:
+    """`calls` by their images and adapters (none, one, a stack of two): how many, and the
+    median time per call and per image. Within one workload's run the groups ran interleaved,
+    so drift on a shared machine hits them alike: a stack's cost shows against base calls of
+    the same size, and what smaller batches cost against calls of 4."""
+    groups: dict[tuple[int, int], list[float]] = {}
+    for call in calls:
+        groups.setdefault((call.images, len(call.stack)), []).append(call.seconds)
+    rows = []
+    for (images, adapters), seconds in sorted(groups.items()):
+        typical = median(seconds)
+        rows.append(
+            {
+                "images": images,
+                "adapters": ("base model", "one adapter", "a stack of two")[adapters],
+                "calls": len(seconds),
+                "ms": ms(typical),
+                "per_image": ms(typical / images),
+            }
+        )
+    return rows
+
+
+def mixed_batch_estimate(
+    rows: list[dict[str, Any]], parts: Parts, mixes: Sequence[tuple[str, int]]
+) -> list[dict[str, Any]]:
+    """An estimate, from measured parts, of mixed-adapter batches (PEFT's per-sample
+    `adapter_names`) with every adapter loaded: every call holds 4 images and none switches,
+    so a call costs a base call of 4 plus the adapter's cost; once (high end: LoRA branches
+    cost per row) or once per distinct adapter in the call (low end: PEFT runs each adapter's
+    A and B over its own rows, and on the tiny model an operation costs about the same
+    whatever its rows). PEFT's own bookkeeping for mixed batches is in neither. `mixes`: the
+    workloads, each with its distinct adapters."""
+    by = {(r["max_loras"], r["workload"]): r for r in rows}
+    base_call = parts.median(f"base {MAX_BATCH}")
+    adapter = parts.adapter
+    estimates = []
+    for workload, distinct in mixes:
+        high = base_call / (base_call + adapter)
+        low = base_call / (base_call + distinct * adapter)
+        now = by[(str(ADAPTERS), workload)]
+        estimates.append(
+            {
+                "workload": workload,
+                "now_measured": now["vs_all_base"],
+                "now_predicted": now["predicted_vs_all_base"],
+                "adapters_per_mixed_call": distinct,
+                "mixed_estimate": f"{low:.2f}-{high:.2f}",
+                "mixed_over_now_predicted": f"{low / now['predicted_vs_all_base']:.2f}-"
+                f"{high / now['predicted_vs_all_base']:.2f}",
+            }
+        )
+    return estimates
