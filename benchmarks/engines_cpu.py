@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import io
 import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -40,7 +39,15 @@ from PIL import Image
 
 from benchmarks.edit_throughput import input_png
 from benchmarks.load import closed_loop, generation_body
-from benchmarks.report import benchmark_parser, markdown_table, median, publish
+from benchmarks.report import (
+    SHARED_NOTE,
+    benchmark_parser,
+    checkout,
+    machine_load,
+    markdown_table,
+    median,
+    publish,
+)
 from benchmarks.soak import Sampler, listener
 from testing.server_process import free_port, running_server, vllm_serve_command
 from vllm_omni_images.tiny_model import ensure_tiny_model
@@ -51,11 +58,6 @@ LEVELS = [1, 8]
 # start-up stays under 1.5x diffusers'.
 THROUGHPUT_WITHIN = 0.10
 STARTUP_UNDER = 1.5
-SHARED_NOTE = (
-    "The machine was shared with other work (tests, experiments) during the run, so timings "
-    "are noisy: compare the ratios, measured alternately, rather than the figures."
-)
-
 FIGURES = {
     "startup_s": "start-up to a healthy `/health` (s)",
     "c1_images_per_s": "img/s, concurrency 1",
@@ -71,31 +73,6 @@ FIGURES = {
 }
 EDIT_LEVELS = {"edit_c1": (1, False), "edit_c8": (8, False), "inpaint_c8": (8, True)}
 """Edit loads: concurrency, and whether each request sends a mask."""
-
-
-def checkout() -> str:
-    """The commit, and the tracked files changed since: what a run from a work tree ran."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit, changed = (
-            subprocess.run(
-                ["git", *args], capture_output=True, text=True, check=True, cwd=root
-            ).stdout.strip()
-            for args in (["rev-parse", "--short", "HEAD"], ["diff", "--name-only", "HEAD"])
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    if not changed:
-        return commit
-    return f"{commit} + uncommitted changes to {', '.join(changed.split())}"
-
-
-def machine_load(before: float) -> str:
-    """The 1-minute load average at the start and now: how busy the machine was."""
-    return (
-        f"load average {before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on "
-        f"{os.cpu_count()} cores"
-    )
 
 
 def server_tree(port: int) -> psutil.Process:

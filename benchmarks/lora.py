@@ -1,6 +1,7 @@
 """LoRA adapters on the diffusers engine: images/s at concurrency 8 with every request on the
-base model, half of them on one adapter, and a mix of three adapters, side by side in one run,
-with adapters swapped in and out (`--max-loras 1`) and kept loaded (`--max-loras 3`).
+base model, half of them on one adapter, a mix of three adapters, and a mix of the base model,
+single adapters and stacks of two, side by side in one run, with adapters swapped in and out
+(`--max-loras 1`) and kept loaded (`--max-loras 3`).
 
     .venv/bin/python -m benchmarks.lora                 # writes docs/benchmarks/lora.md
     .venv/bin/python -m benchmarks.lora --shared        # the report says the machine was
@@ -19,21 +20,28 @@ request `i`:
   switch after the first call): adapter 1, so the adapter's own compute shows apart from
   switching;
 - `half base, half adapter`: the base model when `i` is even, adapter 1 when odd;
-- `three adapters`: adapter `i mod 3 + 1`.
+- `three adapters`: adapter `i mod 3 + 1`;
+- `base, two adapters, their stack` (with all adapters loaded only: a stack of two needs two
+  loaded at once): by `i mod 4`, the base model, adapter 1, adapter 2, and both stacked
+  (adapter 1 at 0.8, adapter 2 at 0.6; diffusers' `set_adapters` with a weight each). A batch
+  holds one stack, so the four take turns.
 
 Each round runs every (runner, workload) once, in an order rotated by one between rounds so
 drift on a shared machine hits all alike: one untimed request (so the runner starts on the
 workload's first adapter, not the last workload's), then a closed loop of `--concurrency`
 submitters, `--requests` one-image requests in all. A warm-up round of 8 requests each comes
 first. Ratios are to `all base` on the same runner: pooled (all rounds' images over all rounds'
-time) and per round. Each pipeline call is timed on the engine thread, with its images and the
-adapter of the call before.
+time) and per round. Each pipeline call is timed on the engine thread, with its images, its
+adapters and those of the call before; the stack mix's calls, and all base's beside them, are
+also reported by their images and adapters (`lora_parts.call_breakdown`), so that a stack's own
+cost and that of smaller batches show apart, measured in the same rounds.
 
 Then the parts, as single calls straight on the runners (on the engine thread), interleaved,
 medians: `--pairs` base calls of 1, 2, 3 and 4 images (what splitting a batch costs) and calls
-of 4 on one adapter (its own compute); and with each setting, `--switch-pairs` cheap calls
-(`SWITCH_PROBE`) on the adapter of the call before (no switch), then on the next adapter (a
-switch: with `--max-loras 1` it re-loads PEFT layers, with 3 it is only `set_adapters`). From
+of 4 on one adapter and on a stack of two (their own compute); and with each setting,
+`--switch-pairs` cheap calls (`SWITCH_PROBE`) on the adapter of the call before (no switch),
+then on the next adapter (a switch: with `--max-loras 1` it re-loads PEFT layers, with 3 it is
+only `set_adapters`), and the same between two stacks of two, all loaded. From
 them each workload's throughput is predicted from its calls (their sizes, adapters and
 switches, as the engine formed them) and set beside the measurement; and mixed-adapter batches
 (PEFT's per-sample `adapter_names`, which diffusers does not pass) are estimated: every call
@@ -52,7 +60,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
-import itertools
 import os
 import statistics
 import tempfile
@@ -66,11 +73,47 @@ import torch
 from PIL import Image
 
 from benchmarks.engine_throughput import drive
-from benchmarks.engines_cpu import SHARED_NOTE, checkout, machine_load
-from benchmarks.report import benchmark_parser, markdown_table, median, percentile, publish
+from benchmarks.lora_parts import (
+    ADAPTERS,
+    LORA_OFF,
+    MAX_BATCH,
+    NONE_YET,
+    SETTINGS,
+    STACK_SCALES,
+    STACKED,
+    Call,
+    Parts,
+    call_breakdown,
+    measure_parts,
+    mixed_batch_estimate,
+    ms,
+    parse_size,
+    parts_table,
+    predicted_ratio,
+    request,
+    single,
+    stack_of_two,
+)
+from benchmarks.report import (
+    SHARED_NOTE,
+    benchmark_parser,
+    checkout,
+    machine_load,
+    markdown_table,
+    median,
+    percentile,
+    publish,
+)
 from testing.shared_runner import SharedRunner
 from testing.tiny_lora import build_tiny_lora
-from vllm_omni_images.engine.base import EngineRequest, LoRAAdapter, LoRASettings
+from vllm_omni_images.engine.base import (
+    AdapterStack,
+    EngineRequest,
+    LoRAAdapter,
+    LoRASettings,
+    StackKey,
+    stack_key,
+)
 from vllm_omni_images.engine.batching import (
     BatchingConfig,
     BatchingEngine,
@@ -81,42 +124,31 @@ from vllm_omni_images.engine.client import AdmissionConfig, ImageEngineClient
 from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
 from vllm_omni_images.tiny_model import ensure_tiny_model
 
-ADAPTERS = 3
-MAX_BATCH = 4
-"""The served default (`--image-max-batch-size`)."""
 GOAL = 0.8
 """The issue's goal: a mix keeps at least this share of all-base throughput."""
-LORA_OFF = "off"
-"""The runner without LoRA (a server without `--enable-lora`)."""
-SETTINGS = ("1", str(ADAPTERS))
-"""`--max-loras` of the LoRA runners: one adapter loaded at a time, or all of them."""
 
-Workload = Callable[[int, Sequence[LoRAAdapter]], LoRAAdapter | None]
+
+def with_stacks(index: int, adapters: Sequence[LoRAAdapter]) -> AdapterStack:
+    """Request `i` of the stack mix, in quarters: the base model, adapter 1, adapter 2, and
+    both stacked (adapter 1 at 0.8, adapter 2 at 0.6)."""
+    quarters = ((), single(adapters[0]), single(adapters[1]), stack_of_two(adapters))
+    return quarters[index % 4]
+
+
+Workload = Callable[[int, Sequence[LoRAAdapter]], AdapterStack]
 WORKLOADS: dict[str, Workload] = {
-    "all base": lambda i, adapters: None,
-    "all one adapter": lambda i, adapters: adapters[0],
-    "half base, half adapter": lambda i, adapters: adapters[0] if i % 2 else None,
-    "three adapters": lambda i, adapters: adapters[i % len(adapters)],
+    "all base": lambda i, adapters: (),
+    "all one adapter": lambda i, adapters: single(adapters[0]),
+    "half base, half adapter": lambda i, adapters: single(adapters[0]) if i % 2 else (),
+    "three adapters": lambda i, adapters: single(adapters[i % len(adapters)]),
+    "base, two adapters, their stack": with_stacks,
 }
-BASE, ONE, HALF, THIRDS = WORKLOADS
-MIXES = (HALF, THIRDS)
+BASE, ONE, HALF, THIRDS, STACKS = WORKLOADS
+MIXES = (HALF, THIRDS, STACKS)
 RUN = {LORA_OFF: [BASE], "1": [BASE, HALF, THIRDS], str(ADAPTERS): list(WORKLOADS)}
 """The workloads each runner runs: one adapter alone is the same on both settings (no switch
-after the first call), so it runs on the all-loaded runner only."""
-NONE_YET: Literal["none yet"] = "none yet"
-
-
-@dataclass
-class Call:
-    images: int
-    adapter: int | None
-    previous: int | Literal["none yet"] | None
-    """The adapter of the runner's call before (`None`: the base model)."""
-    seconds: float
-
-    @property
-    def switched(self) -> bool:
-        return self.previous != NONE_YET and self.previous != self.adapter
+after the first call), so it runs on the all-loaded runner only; a stack of two needs two
+adapters loaded at once, so the stack mix too."""
 
 
 class TimedRunner(SharedRunner):
@@ -125,7 +157,7 @@ class TimedRunner(SharedRunner):
     def __init__(self, inner: DiffusersRunner) -> None:
         super().__init__(inner)
         self.calls: list[Call] = []
-        self._last: int | Literal["none yet"] | None = NONE_YET
+        self._last: StackKey | Literal["none yet"] = NONE_YET
 
     def run(
         self,
@@ -133,18 +165,14 @@ class TimedRunner(SharedRunner):
         on_step: StepCallback | None = None,
         on_preview: PreviewCallback | None = None,
     ) -> list[list[Image.Image]]:
-        adapter = adapter_id(requests[0].lora)
+        stack = stack_key(requests[0].loras)
         start = time.perf_counter()
         images = super().run(requests, on_step, on_preview)
         seconds = time.perf_counter() - start
         count = sum(r.num_images for r in requests)
-        self.calls.append(Call(count, adapter, self._last, seconds))
-        self._last = adapter
+        self.calls.append(Call(count, stack, self._last, seconds))
+        self._last = stack
         return images
-
-
-def adapter_id(adapter: LoRAAdapter | None) -> int | None:
-    return None if adapter is None else adapter.adapter_id
 
 
 @dataclass
@@ -171,36 +199,23 @@ class Measured:
     calls: list[Call] = field(default_factory=list)
 
 
-def request(
-    index: int, adapter: LoRAAdapter | None, size: tuple[int, int], steps: int
-) -> EngineRequest:
-    return EngineRequest(
-        prompt=f"benchmark request {index}",
-        seeds=(index,),
-        width=size[0],
-        height=size[1],
-        num_inference_steps=steps,
-        lora=adapter,
-    )
-
-
-def picker(workload: str, adapters: Sequence[LoRAAdapter]) -> Callable[[int], LoRAAdapter | None]:
-    """Request `i`'s adapter in `workload`."""
+def picker(workload: str, adapters: Sequence[LoRAAdapter]) -> Callable[[int], AdapterStack]:
+    """Request `i`'s adapters in `workload`."""
     return lambda index: WORKLOADS[workload](index, adapters)
 
 
 async def closed_loop(
     client: ImageEngineClient,
-    adapter_for: Callable[[int], LoRAAdapter | None],
+    stack_for: Callable[[int], AdapterStack],
     concurrency: int,
     requests: int,
     size: tuple[int, int],
     steps: int,
 ) -> tuple[int, float, list[float]]:
-    """Images, wall seconds and latencies of `requests` requests, request `i` with adapter
-    `adapter_for(i)` (`engine_throughput.drive`)."""
+    """Images, wall seconds and latencies of `requests` requests, request `i` with adapters
+    `stack_for(i)` (`engine_throughput.drive`)."""
     return await drive(
-        client, lambda index: request(index, adapter_for(index), size, steps), concurrency, requests
+        client, lambda index: request(index, stack_for(index), size, steps), concurrency, requests
     )
 
 
@@ -253,139 +268,6 @@ async def measure_rounds(
     return results
 
 
-SWITCH_PROBE = (64, 64), 1
-"""Size and steps of the calls that time a switch: the switch costs the same whatever the call,
-and a cheap call keeps the machine's noise small beside it."""
-
-
-@dataclass
-class Parts:
-    """Single calls straight on the runners, seconds, one entry per pair (interleaved); and
-    the denoising steps of the calls of 4 (each step after the first, from the step before)."""
-
-    steps: int
-    times: dict[str, list[float]] = field(default_factory=dict)
-    step_times: dict[str, list[float]] = field(default_factory=dict)
-
-    def add(self, key: str, seconds: float) -> None:
-        self.times.setdefault(key, []).append(seconds)
-
-    def median(self, key: str) -> float:
-        return median(self.times[key])
-
-    def difference(self, key: str, minus: str) -> float:
-        """The median of the pairwise differences, at least 0."""
-        pairs = zip(self.times[key], self.times[minus], strict=True)
-        return max(median([a - b for a, b in pairs]), 0.0)
-
-    @property
-    def adapter(self) -> float:
-        """An adapter's own compute in a call of 4: its LoRA branches run in the transformer
-        only, so the denoising step's median time with it minus without, times the steps (a
-        step is short: other work on the machine hits it less often than a whole call)."""
-        base, adapter = (median(self.step_times[k]) for k in (f"base {MAX_BATCH}", "adapter 4"))
-        return max(adapter - base, 0.0) * self.steps
-
-    def switch(self, setting: str) -> float:
-        """An adapter-to-adapter switch with `setting` (switched minus same, pairwise)."""
-        return self.difference(f"{setting} switched", f"{setting} same")
-
-
-def measure_parts(
-    runners: dict[str, DiffusersRunner],
-    adapters: Sequence[LoRAAdapter],
-    size: tuple[int, int],
-    steps: int,
-    pairs: int,
-    switch_pairs: int,
-) -> Parts:
-    """`pairs` times, interleaved: base calls of 1 to 4 images (the runner without LoRA) and a
-    call of 4 on the adapter of the call before (all loaded), at the workload's size and
-    steps. Then `switch_pairs` times per setting, `SWITCH_PROBE` calls of 1 image: one on the
-    adapter of the call before (`same`), then one on the next adapter (`switched`)."""
-    parts = Parts(steps)
-
-    def timed(key: str, runner: DiffusersRunner, batch: list[EngineRequest]) -> None:
-        ends: list[float] = []
-        start = time.perf_counter()
-        runner.run(batch, on_step=lambda step, total: ends.append(time.perf_counter()))
-        parts.add(key, time.perf_counter() - start)
-        if len(batch) == MAX_BATCH:
-            steps = parts.step_times.setdefault(key, [])
-            steps += [b - a for a, b in itertools.pairwise(ends)]
-
-    kept = runners[SETTINGS[-1]]
-    kept.run([request(0, adapters[0], size, steps)])
-    for _ in range(pairs):
-        for n in range(1, MAX_BATCH + 1):
-            timed(f"base {n}", runners[LORA_OFF], [request(i, None, size, steps) for i in range(n)])
-        batch = [request(i, adapters[0], size, steps) for i in range(MAX_BATCH)]
-        timed("adapter 4", kept, batch)
-    small, small_steps = SWITCH_PROBE
-    for setting in SETTINGS:
-        runners[setting].run([request(0, adapters[0], small, small_steps)])
-    for pair in range(switch_pairs):
-        for setting in SETTINGS:
-            for key, adapter in (("same", pair), ("switched", pair + 1)):
-                batch = [request(0, adapters[adapter % ADAPTERS], small, small_steps)]
-                timed(f"{setting} {key}", runners[setting], batch)
-    return parts
-
-
-def parts_table(parts: Parts) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    for n in range(1, MAX_BATCH + 1):
-        call = parts.median(f"base {n}")
-        rows.append(
-            {"call": f"base model, {n} image(s)", "ms": ms(call), "per_image": ms(call / n)}
-        )
-    call = parts.median("adapter 4")
-    rows.append(
-        {"call": "one adapter, 4 images", "ms": ms(call), "per_image": ms(call / MAX_BATCH)}
-    )
-    for key, what in ((f"base {MAX_BATCH}", "base model"), ("adapter 4", "one adapter")):
-        step = median(parts.step_times[key])
-        rows.append({"call": f"a denoising step of 4 images, {what}", "ms": ms(step)})
-    small, small_steps = SWITCH_PROBE
-    for setting in SETTINGS:
-        for key, what in (("same", "same adapter as the call before"), ("switched", "switch")):
-            rows.append(
-                {
-                    "call": f"max_loras {setting}, 1 image at {small[0]}x{small[1]}, "
-                    f"{small_steps} step, {what}",
-                    "ms": ms(parts.median(f"{setting} {key}")),
-                    "per_image": "",
-                }
-            )
-    return rows
-
-
-def predicted_ratio(setting: str, calls: list[Call], parts: Parts) -> float:
-    """A workload's throughput over all-base's, predicted from its calls as the engine formed
-    them: each costs a base call of its size, plus the adapter's compute when it runs one,
-    plus a switch: the setting's adapter-to-adapter switch, or between the base model and an
-    adapter (`enable_lora`/`set_adapters`, `disable_lora`) the all-loaded runner's switch."""
-    seconds = 0.0
-    for call in calls:
-        seconds += parts.median(f"base {call.images}")  # one-image requests: never above 4
-        if call.adapter is not None:
-            seconds += parts.adapter
-        if call.switched:
-            both = call.adapter is not None and call.previous is not None
-            seconds += parts.switch(setting if both else SETTINGS[-1])
-    images = sum(call.images for call in calls)
-    return images * parts.median(f"base {MAX_BATCH}") / MAX_BATCH / seconds
-
-
-def ms(seconds: float) -> float:
-    return round(seconds * 1e3, 1)
-
-
-def parse_size(size: str) -> tuple[int, int]:
-    width, height = (int(v) for v in size.split("x"))
-    return width, height
-
-
 def summarise(results: dict[tuple[str, str], Measured], parts: Parts) -> list[dict[str, Any]]:
     rows = []
     for (setting, workload), m in results.items():
@@ -419,35 +301,6 @@ def summarise(results: dict[tuple[str, str], Measured], parts: Parts) -> list[di
             }
         )
     return rows
-
-
-def mixed_batch_estimate(rows: list[dict[str, Any]], parts: Parts) -> list[dict[str, Any]]:
-    """An estimate, from measured parts, of mixed-adapter batches (PEFT's per-sample
-    `adapter_names`) with every adapter loaded: every call holds 4 images and none switches,
-    so a call costs a base call of 4 plus the adapter's cost; once (high end: LoRA branches
-    cost per row) or once per distinct adapter in the call (low end: PEFT runs each adapter's
-    A and B over its own rows, and on the tiny model an operation costs about the same
-    whatever its rows). PEFT's own bookkeeping for mixed batches is in neither."""
-    by = {(r["max_loras"], r["workload"]): r for r in rows}
-    base_call = parts.median(f"base {MAX_BATCH}")
-    adapter = parts.adapter
-    estimates = []
-    for workload, distinct in ((HALF, 1), (THIRDS, ADAPTERS)):
-        high = base_call / (base_call + adapter)
-        low = base_call / (base_call + distinct * adapter)
-        now = by[(str(ADAPTERS), workload)]
-        estimates.append(
-            {
-                "workload": workload,
-                "now_measured": now["vs_all_base"],
-                "now_predicted": now["predicted_vs_all_base"],
-                "adapters_per_mixed_call": distinct,
-                "mixed_estimate": f"{low:.2f}-{high:.2f}",
-                "mixed_over_now_predicted": f"{low / now['predicted_vs_all_base']:.2f}-"
-                f"{high / now['predicted_vs_all_base']:.2f}",
-            }
-        )
-    return estimates
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -499,6 +352,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "build_s": round(build_s, 1),
         "rows": summarise(results, parts),
+        "breakdown": [
+            {"workload": workload, **row}
+            for workload in (BASE, STACKS)
+            for row in call_breakdown(results[(SETTINGS[-1], workload)].calls)
+        ],
         "parts": parts,
         "load": machine_load(load_before),
         "checkout": checkout(),
@@ -534,8 +392,9 @@ def publish_results(args: argparse.Namespace, out: dict[str, Any]) -> None:
         }
         for setting in SETTINGS
         for workload in MIXES
+        if workload in RUN[setting]
     ]
-    estimates = mixed_batch_estimate(rows, parts)
+    estimates = mixed_batch_estimate(rows, parts, ((HALF, 1), (THIRDS, ADAPTERS)))
     lora_off = by[(LORA_OFF, BASE)]["images_per_s"]
     columns = ["max_loras", "workload", "images_per_s", "vs_all_base", "per_round_vs_all_base",
                "predicted_vs_all_base", "images_per_call", "calls_by_images",
@@ -552,26 +411,35 @@ def publish_results(args: argparse.Namespace, out: dict[str, Any]) -> None:
         f"row. `max_loras` `{LORA_OFF}`: the runner without LoRA.\n\n"
         f"The goal (a mix keeps at least {GOAL} of all-base throughput):\n\n"
         + markdown_table(verdicts, list(verdicts[0]))
+        + f"\nThe calls of the stack mix, and of all base beside it, with `max_loras` "
+        f"{SETTINGS[-1]}, by their images and adapters, timed on the engine thread during the "
+        "rounds (medians; within a workload the groups ran interleaved, so a stack's cost shows "
+        "against base calls of the same size, and split batches' against calls of 4):\n\n"
+        + markdown_table(out["breakdown"], list(out["breakdown"][0]))
         + f"\nThe parts: single calls straight on the runners, interleaved, medians of "
         f"{args.pairs} each at {args.size} and {args.switch_pairs} each of the switch probe "
         "(a cheap call, so that the machine's noise stays small beside a switch):\n\n"
         + markdown_table(parts_table(parts), ["call", "ms", "per_image"])
-        + f"\nAn adapter's own compute in a call of 4: {ms(parts.adapter)} ms; an "
+        + f"\nOwn compute in a call of 4: {ms(parts.adapter)} ms for an adapter, "
+        f"{ms(parts.compute(2))} ms for a stack of two (at {STACK_SCALES}); an "
         f"adapter-to-adapter switch: {ms(parts.switch('1'))} ms with `max_loras` 1 (PEFT "
         f"layers re-loaded), {ms(parts.switch(SETTINGS[-1]))} ms with `max_loras` {ADAPTERS} "
-        "(`set_adapters`) (medians of the pairwise differences, 0 when negative).\n\n"
+        f"(`set_adapters`); a stack-to-stack switch, all loaded: {ms(parts.switch(STACKED))} ms "
+        "(`set_adapters` of two; the prediction charges it to every switch to or from a "
+        "stack) (medians of the pairwise differences, 0 when negative).\n\n"
         "**Mixed-adapter batches: an estimate from measured parts, not a measurement.** "
         f"With every adapter loaded and PEFT's per-sample `adapter_names`, every call would "
         "hold 4 images and none would switch; a call would cost a base call of 4 plus the "
         "adapter's compute, once (high end) or once per distinct adapter in the call (low "
         "end). PEFT's own bookkeeping for mixed batches is in neither. Ratios to all-base "
         f"throughput; `now`: this engine with `max_loras` {ADAPTERS}, measured and predicted "
-        "from the same parts as the estimate:\n\n" + markdown_table(estimates, list(estimates[0]))
+        "from the same parts as the estimate (not for the stack mix: `adapter_names` gives "
+        "a row one adapter, never a stack):\n\n" + markdown_table(estimates, list(estimates[0]))
     )
     publish(
         "lora",
-        title=f"LoRA adapters: base, a half mix and three adapters (tiny-qwen-image, {args.size}, "
-        f"{args.steps} steps, CPU)",
+        title=f"LoRA adapters: base, a half mix, three adapters and stacks (tiny-qwen-image, "
+        f"{args.size}, {args.steps} steps, CPU)",
         intro=f"Concurrency {args.concurrency}, max batch {MAX_BATCH} (the served default), "
         f"{args.rounds} rounds of {args.requests} requests per workload after a warm-up; "
         f"{torch.get_num_threads()} torch thread(s); checkout {out['checkout']}; {out['load']}; "
@@ -584,7 +452,9 @@ def publish_results(args: argparse.Namespace, out: dict[str, Any]) -> None:
             "goal": verdicts,
             "call_ms": {key: [ms(t) for t in times] for key, times in parts.times.items()},
             "adapter_ms": ms(parts.adapter),
-            "switch_ms": {setting: ms(parts.switch(setting)) for setting in SETTINGS},
+            "stack_of_two_ms": ms(parts.compute(2)),
+            "switch_ms": {probe: ms(parts.switch(probe)) for probe in (*SETTINGS, STACKED)},
+            "stack_mix_calls": out["breakdown"],
             "mixed_batch_estimate": estimates,
             "shared_machine": args.shared,
             "torch_threads": torch.get_num_threads(),

@@ -33,8 +33,16 @@ import asyncio
 import time
 from typing import Any
 
-from benchmarks.engines_cpu import SHARED_NOTE, checkout, machine_load
-from benchmarks.report import benchmark_parser, markdown_table, median, percentile, publish
+from benchmarks.report import (
+    SHARED_NOTE,
+    benchmark_parser,
+    checkout,
+    machine_load,
+    markdown_table,
+    median,
+    percentile,
+    publish,
+)
 from vllm_omni_images.engine.base import EngineRequest, FinalImages, PreviewImages
 from vllm_omni_images.engine.client import AdmissionConfig, ImageEngineClient
 from vllm_omni_images.engine.omni_engine import OmniEngine

@@ -20,6 +20,10 @@ from pathlib import Path
 from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
+SHARED_NOTE = (
+    "The machine was shared with other work (tests, experiments) during the run, so timings "
+    "are noisy: compare the ratios, measured alternately, rather than the figures."
+)
 
 
 def benchmark_parser(
@@ -83,6 +87,31 @@ def run_description(module: str, info: dict[str, Any]) -> str:
     return (
         f"`{command}` on {info['cores']} cores ({info['cpu']}), GPU: {info['gpu']}, "
         f"torch {info['torch']}, commit {info['commit']}, {info['date']}."
+    )
+
+
+def checkout() -> str:
+    """The commit, and the tracked files changed since: what a run from a work tree ran."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit, changed = (
+            subprocess.run(
+                ["git", *args], capture_output=True, text=True, check=True, cwd=root
+            ).stdout.strip()
+            for args in (["rev-parse", "--short", "HEAD"], ["diff", "--name-only", "HEAD"])
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    if not changed:
+        return commit
+    return f"{commit} + uncommitted changes to {', '.join(changed.split())}"
+
+
+def machine_load(before: float) -> str:
+    """The 1-minute load average at the start and now: how busy the machine was."""
+    return (
+        f"load average {before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on "
+        f"{os.cpu_count()} cores"
     )
 
 

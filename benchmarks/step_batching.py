@@ -45,9 +45,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.engines_cpu import SHARED_NOTE, checkout, machine_load
 from benchmarks.load import closed_loop, generation_body
-from benchmarks.report import benchmark_parser, markdown_table, percentile, publish
+from benchmarks.report import (
+    SHARED_NOTE,
+    benchmark_parser,
+    checkout,
+    machine_load,
+    markdown_table,
+    percentile,
+    publish,
+)
 from testing.server_process import free_port, running_server, vllm_serve_command
 from vllm_omni_images.engine.base import DEFAULTS_FILE
 from vllm_omni_images.tiny_model import TINY_SHAPE, QwenImageShape, build_qwen_image_pipeline

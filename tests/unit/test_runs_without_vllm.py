@@ -1,5 +1,5 @@
-"""The engines, admission and the engine benchmark must import where vLLM is not installed
-(a GPU machine with only torch, transformers and diffusers runs their benchmark)."""
+"""The engines, admission and the engine and LoRA benchmarks must import where vLLM is not
+installed (a GPU machine with only torch, transformers and diffusers runs their benchmarks)."""
 
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ sys.meta_path.insert(0, NoVllm())
 """
 
 
-def test_engines_admission_and_engine_benchmark_import_without_vllm() -> None:
+def test_engines_admission_and_engine_benchmarks_import_without_vllm() -> None:
     code = BLOCK_VLLM + (
         "import vllm_omni_images.engine.diffusers_runner, vllm_omni_images.engine.batching\n"
         "import vllm_omni_images.engine.client\n"
-        "import vllm_omni_images.tiny_model, benchmarks.engine_throughput\n"
+        "import vllm_omni_images.tiny_model, benchmarks.engine_throughput, benchmarks.lora\n"
         "from vllm_omni_images.engine.selection import create_engine\n"
         "print('ok')\n"
     )
