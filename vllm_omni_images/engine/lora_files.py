@@ -183,8 +183,8 @@ def declared_layout(
     """The adapter's layout from its header alone: the converter run on stand-ins of its
     tensors (`lora_layouts.stand_in_state`); `None` where the converter needs the weights'
     values (FLUX's Kohya converter looks for zeros), or fails (`read_layout` tells why)."""
-    state = stand_in_state(source.header)
     try:
+        state = stand_in_state(source.header)  # raises too for shapes torch has no tensor of
         converted, alphas = convert(peft_names(state) if source.peft else state, pipeline)
     except Exception as error:  # whatever the converter raises on stand-ins
         logger.debug("LoRA adapter %r: no layout from its header: %.300r", name, error)
