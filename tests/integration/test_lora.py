@@ -1,7 +1,8 @@
 """LoRA adapters served as model names, on the diffusers engine of the tiny model: vLLM's
 `--enable-lora --lora-modules`, `/v1/models`, `model` and `lora_scale` in requests, and vLLM's
-runtime load and unload routes. Real adapters (peft, diffusers' format: testing/tiny_lora.py)
-on the real pipeline; the vllm-omni engine's are in test_omni_engine.py."""
+runtime load and unload routes. Real adapters (peft, diffusers' format, and the same weights in
+the other layouts diffusers reads: testing/tiny_lora.py) on the real pipeline; the vllm-omni
+engine's are in test_omni_lora.py."""
 
 from __future__ import annotations
 
@@ -16,7 +17,16 @@ import numpy as np
 import pytest
 import torch
 
-from testing.tiny_lora import build_tiny_lora, write_foreign_lora, write_sparse_lora
+from testing.tiny_lora import (
+    LAYOUTS,
+    UNSERVABLE,
+    build_tiny_lora,
+    tiny_lora_weights,
+    write_foreign_lora,
+    write_layout,
+    write_sparse_lora,
+    write_unservable,
+)
 from tests.support.omni import SAME_IMAGE
 from vllm_omni_images.engine.base import LoRASettings
 from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
@@ -256,6 +266,41 @@ async def test_loading_a_bad_adapter_is_a_400_and_the_server_keeps_serving(
         assert str(path) not in error["message"]  # as vLLM, file paths stay out of messages
         assert await model_ids(client) == {BASE, "style"}
         assert (await generate(client, model="style", **FAST)).status_code == 200
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+async def test_an_adapter_in_each_layout_gives_the_image_of_diffusers_layout(
+    runtime_client: httpx.AsyncClient, tiny_loras: dict[str, Path], tmp_path: Path, layout: str
+) -> None:
+    """`style`'s weights written in Kohya's, musubi-tuner's, ComfyUI's, ai-toolkit's, PEFT's
+    layouts (testing/tiny_lora.py), loaded at runtime under a name of their own, give the
+    image of `style` itself (diffusers' layout), read through QwenImagePipeline's converter."""
+    path = write_layout(layout, tiny_lora_weights(tiny_loras["style"]), tmp_path)
+    async with runtime_client as client:
+        loaded = await client.post(
+            "/v1/load_lora_adapter", json={"lora_name": "same", "lora_path": str(path)}
+        )
+        assert loaded.status_code == 200, loaded.text
+        same, style = await image(client, model="same"), await image(client, model="style")
+        assert differ(same, style) <= SAME_IMAGE  # and style's differs from the base model's
+
+
+async def test_an_adapter_diffusers_cannot_serve_is_refused_naming_it_and_why(
+    runtime_client: httpx.AsyncClient, tiny_loras: dict[str, Path], tmp_path: Path
+) -> None:
+    """LoKr, LoHa, DoRA, a text encoder's weights, biases, a file diffusers' converter raises
+    on: a 400 naming the adapter and the reason, and the server serves on."""
+    weights = tiny_lora_weights(tiny_loras["style"])
+    async with runtime_client as client:
+        for kind, reason in UNSERVABLE.items():
+            path = write_unservable(kind, weights, tmp_path / kind.replace(" ", "-"))
+            response = await client.post(
+                "/v1/load_lora_adapter", json={"lora_name": "odd", "lora_path": str(path)}
+            )
+            error = assert_openai_error(response, 400, "lora_path")
+            assert error["message"].startswith("LoRA adapter 'odd' cannot be served: "), kind
+            assert reason in error["message"] and "\n" not in error["message"], kind
+        assert await model_ids(client) == {BASE, "style"}
 
 
 SECRET = "SECRET-IN-HEADER-42"

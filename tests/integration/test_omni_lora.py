@@ -1,7 +1,8 @@
 """LoRA adapters on the vllm-omni engine: vllm-omni's own LoRA manager, in its real worker, on
 CPU, with this package's PEFT copies (`engine/omni_adapters.py`); images compared with the
-diffusers engine's, and the adapters served as model names through the API. Its own engine
-(one in-process engine lives at a time in a test process)."""
+diffusers engine's and across the layouts adapters ship in, and the adapters served as model
+names through the API. Its own engine (one in-process engine lives at a time in a test
+process)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from testing.tiny_lora import LAYOUTS, UNSERVABLE, tiny_lora_weights, write_layout, write_unservable
 from tests.support.engines import req
 from tests.support.omni import (
     SAME_IMAGE,
@@ -106,6 +108,44 @@ async def test_an_adapter_of_another_model_is_refused_and_the_engine_serves_on(
     write_foreign_lora(tmp_path)
     with pytest.raises(LoRAAdapterError, match=r"'foreign'.*another model"):
         await omni_engine.add_lora(LoRAAdapter("foreign", 199, str(tmp_path)))
+    assert len(await images_from(client, req(1))) == 1
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+async def test_an_adapter_in_each_layout_gives_the_image_of_diffusers_layout(
+    client: ImageEngineClient,
+    omni_engine: OmniEngine,
+    adapters: dict[str, LoRAAdapter],
+    tiny_loras: dict[str, Path],
+    tmp_path: Path,
+    layout: str,
+) -> None:
+    """`style`'s weights written in Kohya's, musubi-tuner's, ComfyUI's, ai-toolkit's, PEFT's
+    layouts (testing/tiny_lora.py), added under a name and id of their own, give the image of
+    `style` itself (diffusers' layout): the PEFT copy vllm-omni loads is the same."""
+    path = write_layout(layout, tiny_lora_weights(tiny_loras["style"]), tmp_path)
+    adapter = LoRAAdapter(f"style-{layout}", 300 + LAYOUTS.index(layout), str(path))
+    await omni_engine.add_lora(adapter)
+    [same] = await images_from(client, req(7, lora=adapter))
+    [style] = await images_from(client, req(7, lora=adapters["style"]))
+    assert difference(same, style) <= SAME_IMAGE  # and style's differs from the base model's
+
+
+async def test_an_adapter_diffusers_cannot_serve_is_refused_naming_it_and_why(
+    client: ImageEngineClient, omni_engine: OmniEngine, tiny_loras: dict[str, Path], tmp_path: Path
+) -> None:
+    """LoKr, LoHa, DoRA, a text encoder's weights, biases, a file diffusers' converter raises
+    on: refused in one line naming the adapter and the reason; the engine serves on."""
+    from vllm_omni_images.engine.errors import LoRAAdapterError
+
+    weights = tiny_lora_weights(tiny_loras["style"])
+    for kind, reason in UNSERVABLE.items():
+        path = write_unservable(kind, weights, tmp_path / kind.replace(" ", "-"))
+        with pytest.raises(LoRAAdapterError) as refused:
+            await omni_engine.add_lora(LoRAAdapter("odd", 198, str(path)))
+        message = str(refused.value)
+        assert message.startswith("LoRA adapter 'odd' cannot be served: "), kind
+        assert reason in message and "\n" not in message, kind
     assert len(await images_from(client, req(1))) == 1
 
 

@@ -1,7 +1,8 @@
 """Reading LoRA adapters: diffusers' and PEFT's formats give one form, scaled as PEFT scales
-them; what cannot be served is refused in one line naming the adapter and a reason, checked
-from the headers before any weight is read, never quoting the files, and alike for a path with
-nothing there and one with something unreadable or foreign."""
+them (the other layouts diffusers reads: test_lora_layouts.py); what cannot be served is
+refused in one line naming the adapter and a reason, checked from the headers before any weight
+is read, never quoting the files, and alike for a path with nothing there and one with
+something unreadable or foreign."""
 
 from __future__ import annotations
 
@@ -22,13 +23,15 @@ from vllm_omni_images.engine.lora_files import (
     NOT_AN_ADAPTER,
     PEFT_CONFIG,
     PEFT_WEIGHTS,
+    AdapterLayout,
     AdapterWeights,
     check_fits,
     check_rank,
+    declared_layout,
     diffusers_state_dict,
-    inspect_adapter,
+    open_adapter,
     read_checked,
-    read_weights,
+    read_layout,
     write_peft_folder,
 )
 
@@ -47,7 +50,14 @@ class Tiny(torch.nn.Module):
 
 
 def read_adapter(path: str | Path, name: str = "a") -> AdapterWeights:
-    return read_weights(inspect_adapter(str(path), name), name)
+    return read_layout(open_adapter(str(path), name), None, name).weights()
+
+
+def inspect_adapter(path: str | Path, name: str = "a") -> AdapterLayout:
+    """The adapter's layout from its header alone (diffusers' and PEFT's own names)."""
+    layout = declared_layout(open_adapter(str(path), name), None, name)
+    assert layout is not None
+    return layout
 
 
 def pair(rank: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,7 +138,8 @@ def test_vllm_omni_gets_its_own_name_for_the_output_projection(tmp_path: Path) -
 @pytest.mark.parametrize(
     ("setup", "reason"),
     [
-        ("text encoder", "1 tensor(s) besides LoRA weights of the transformer"),
+        ("text encoder", "LoRA weights of a text encoder"),
+        ("bias", "1 tensor(s) besides LoRA weights of the transformer"),
         ("half", "lacks its lora_A or lora_B"),
         ("rank mismatch", "matrices of one rank"),
         ("integers", "not floating-point"),
@@ -142,6 +153,8 @@ def test_an_adapter_that_cannot_be_served_is_refused_naming_it_and_why(
     path = tmp_path / "adapter"
     if setup == "text encoder":
         diffusers_file(path, extra={"text_encoder.SECRET.q.lora_A.weight": torch.zeros(2, 2)})
+    elif setup == "bias":
+        diffusers_file(path, extra={f"transformer.{MODULE}.lora_B.bias": torch.zeros(6)})
     elif setup in ("half", "rank mismatch", "integers"):
         tensors = {f"transformer.{MODULE}.lora_A.weight": torch.zeros(2, 8)}
         if setup == "rank mismatch":
@@ -229,6 +242,10 @@ def not_an_adapter(setup: str, tmp_path: Path) -> str:
         )
     elif setup == "no LoRA tensors":
         save_file({SECRET: torch.zeros(2)}, str(weights))
+    elif setup == "a model's weights":
+        save_file({f"transformer.{MODULE}.weight": torch.zeros(6, 8)}, str(weights))
+    elif setup == "LoRA names, none a transformer's":
+        save_file({f"{SECRET}.lora.weight": torch.zeros(2, 2)}, str(weights))
     return str(path)
 
 
@@ -251,6 +268,8 @@ NOT_ADAPTERS = [
     "metadata not strings",
     "LoRA metadata not JSON",
     "no LoRA tensors",
+    "a model's weights",
+    "LoRA names, none a transformer's",
 ]
 
 
@@ -287,13 +306,13 @@ def test_the_rank_and_layers_are_checked_from_the_header_before_any_weight_is_re
     monkeypatch.setattr("safetensors.safe_open", no_weights)
     read_before = bytes_read()
     with pytest.raises(LoRAAdapterError, match=f"its rank {rank} is above --max-lora-rank 16"):
-        read_checked(LoRAAdapter("big", 1, str(big)), 16, Tiny())
+        read_checked(LoRAAdapter("big", 1, str(big)), 16, Tiny(), None)
     assert bytes_read() - read_before < 2**20
     # The layers too: an adapter of the right rank for another model is refused unread.
     other = torch.nn.Module()
     other.layer = torch.nn.Linear(8, 6)
     with pytest.raises(LoRAAdapterError, match="another model"):
-        read_checked(LoRAAdapter("big", 1, str(big)), rank, other)
+        read_checked(LoRAAdapter("big", 1, str(big)), rank, other, None)
     assert bytes_read() - read_before < 2**20
 
 

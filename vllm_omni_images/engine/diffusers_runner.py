@@ -291,7 +291,8 @@ class _LoRASlots:
 
     def _read_checked(self, adapter: LoRAAdapter) -> AdapterWeights:
         transformer = getattr(self._pipe, "transformer", None)  # a UNet pipeline has none
-        return read_checked(adapter, self._settings.max_lora_rank, transformer)
+        # The pipeline's class reads adapters in the layouts diffusers maps for it.
+        return read_checked(adapter, self._settings.max_lora_rank, transformer, type(self._pipe))
 
     def _keep(self, adapter: LoRAAdapter, weights: AdapterWeights) -> None:
         self._read[adapter.adapter_id] = (adapter, weights)
