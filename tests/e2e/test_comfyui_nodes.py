@@ -27,7 +27,7 @@ import torch
 from testing.server_process import free_port
 from vllm_omni_images.images.encoding import decode_image_base64
 
-from .live_server import API_KEY, AUTH, SERVED_NAMES
+from .live_server import ADAPTERS, API_KEY, AUTH, SERVED_NAMES
 
 pytestmark = pytest.mark.e2e
 
@@ -394,7 +394,7 @@ def test_the_model_picker_lists_the_default_servers_models(package, server, monk
     monkeypatch.setenv("COMFYUI_VLLM_IMAGES_URL", server)
     monkeypatch.setenv("VLLM_API_KEY", API_KEY)
     names = served_names(server)
-    assert names == [*SERVED_NAMES, "style"]  # the base model's names, then the server's adapter
+    assert names == [*SERVED_NAMES, *ADAPTERS]  # the base model's names, then the adapters
     for node in package.NODE_CLASS_MAPPINGS.values():
         choices, options = model_input(node)
         assert choices == ["(server default)", *names]
