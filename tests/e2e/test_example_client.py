@@ -373,7 +373,7 @@ STACK = [{"name": "style", "scale": 0.8}, {"name": "character", "scale": 0.6}]
 def test_repeated_lora_sends_the_stack_as_the_apis_lora_list(server, tmp_path, edit):
     """`--lora style:0.8 --lora character:0.6` gives the image the same `lora` list gives
     through a direct API call (a JSON list in a generation's body, JSON text in an edit's
-    form), which is neither adapter's image alone."""
+    form), which is neither adapter's image alone (checked on the generation, the quicker)."""
     image, _ = write_input_and_mask(tmp_path)
     inputs = ("--image", image, "--strength", "1") if edit else ("--size", "64x64")
     output = tmp_path / "stacked.png"
@@ -388,7 +388,7 @@ def test_repeated_lora_sends_the_stack_as_the_apis_lora_list(server, tmp_path, e
         return server_edit(server, image, {**body, "strength": 1, "lora": json.dumps(lora)})
 
     assert int(np.abs(got - direct(STACK)).max()) <= 1
-    for alone in STACK:
+    for alone in [] if edit else STACK:
         assert int(np.abs(got - direct([alone])).max()) > 2, alone
 
 
