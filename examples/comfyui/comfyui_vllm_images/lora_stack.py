@@ -23,9 +23,9 @@ LoRAStack = tuple[tuple[str, float], ...]
 """`(adapter name, strength)` pairs in chain order (the server applies them together, in any
 order alike). A tuple: ComfyUI hands one node's output to every node linked to it and caches
 it, so a stack is never changed in place."""
-DEFAULT_STRENGTH = 1.0
-STRENGTH_RANGE = 100.0
-"""As ComfyUI's LoraLoader strengths, and the server's limit on a scale."""
+LORA_SCALE_RANGE = 100.0
+"""Most strength (either sign) of an adapter, here and in the image nodes' `lora_scale`: as
+ComfyUI's own LoraLoader strengths, and the server's limit on a scale."""
 
 
 class VLLMImageLoRA:
@@ -59,9 +59,9 @@ class VLLMImageLoRA:
                 "strength": (
                     "FLOAT",
                     {
-                        "default": DEFAULT_STRENGTH,
-                        "min": -STRENGTH_RANGE,
-                        "max": STRENGTH_RANGE,
+                        "default": 1.0,
+                        "min": -LORA_SCALE_RANGE,
+                        "max": LORA_SCALE_RANGE,
                         "step": 0.01,
                         "tooltip": "The adapter's strength (its scale): 1.0 as trained. 0 "
                         "leaves it out of the stack, as ComfyUI's own LoRA nodes do.",

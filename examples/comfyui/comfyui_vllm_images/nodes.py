@@ -29,7 +29,7 @@ from .client import (
     default_server_url,
     request_seed,
 )
-from .lora_stack import STACK_TYPE, LoRAStack, VLLMImageLoRA, lora_field
+from .lora_stack import LORA_SCALE_RANGE, STACK_TYPE, LoRAStack, VLLMImageLoRA, lora_field
 from .model_list import SERVER_DEFAULT_MODEL, accepts_model
 
 CATEGORY = "image/vLLM"
@@ -45,8 +45,6 @@ MAX_STEPS = 200
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
 DEFAULT_LORA_SCALE = 1.0
 """The adapter's full strength, the server's default: not sent (see `_fields`)."""
-LORA_SCALE_RANGE = 100.0
-"""As ComfyUI's own LoraLoader strengths; the server says which values it takes."""
 
 ImageTensor = torch.Tensor
 
