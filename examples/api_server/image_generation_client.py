@@ -28,6 +28,11 @@ Start a server (`make serve`, or `vllm serve tiny-qwen-image --task image`), the
     python examples/api_server/image_generation_client.py --prompt "a cat" \\
         --model style --lora-scale 0.7
 
+    # several adapters applied together, each at its own strength (NAME or NAME:SCALE,
+    # repeated; sent as the request's `lora` list); --model may name one more
+    python examples/api_server/image_generation_client.py --prompt "a cat" \\
+        --lora style:0.8 --lora character:0.6
+
     # another server, started with --api-key (or set OPENAI_API_KEY); its root or its /v1 URL
     python examples/api_server/image_generation_client.py --prompt "a boat" \\
         --base-url http://gpu-box:8000 --api-key secret
@@ -40,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
 import os
 import sys
 import time
@@ -53,6 +59,22 @@ from openai.types import ImagesResponse, Model
 
 # `--output` suffixes that ask the server for another encoding than PNG (its default).
 OUTPUT_FORMATS = {".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+
+
+def lora_choice(text: str) -> dict[str, Any]:
+    """`--lora NAME[:SCALE]` as one entry of the request's `lora` list: `{"name": NAME}`, and
+    `"scale"` when given (the server's default is 1.0). Adapter names hold no `:`."""
+    name, _, scale = text.partition(":")
+    if not name.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} names no adapter: give NAME or NAME:SCALE")
+    if ":" not in text:
+        return {"name": name.strip()}
+    try:
+        return {"name": name.strip(), "scale": float(scale)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the scale after ':' must be a number, e.g. {name.strip()}:0.8"
+        ) from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -134,7 +156,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--lora-scale",
         type=float,
         help="the LoRA adapter's strength (lora_scale; server default: 1.0); only with an "
-        "adapter as --model: the server refuses it for a base model",
+        "adapter as --model: the server refuses it for a base model (--lora takes NAME:SCALE)",
+    )
+    parser.add_argument(
+        "--lora",
+        type=lora_choice,
+        action="append",
+        metavar="NAME[:SCALE]",
+        help="apply this LoRA adapter (a served adapter's name) at SCALE (default 1.0); repeat "
+        "it to stack adapters, applied together (sent as the request's lora list; the "
+        "server's --max-loras caps how many, counting one that --model names)",
     )
     parser.add_argument(
         "--list-models",
@@ -203,6 +234,11 @@ def request_images(client: openai.OpenAI, args: argparse.Namespace) -> list[byte
     fields = {name: value for name, value in fields.items() if value is not None}
     fields["extra_body"] = {name: value for name, value in extensions.items() if value is not None}
     fields["response_format"] = "b64_json"
+
+    if args.lora:
+        # A JSON body takes the list; an edit's form its JSON text, as the server reads a
+        # form's `lora` (the SDK would flatten a list into `lora[][name]` fields).
+        fields["extra_body"]["lora"] = json.dumps(args.lora) if args.image else args.lora
 
     if args.image:
         fields["image"] = args.image[0] if len(args.image) == 1 else args.image

@@ -1,8 +1,9 @@
-"""One `vllm serve tiny-qwen-image --task image --api-key ... --enable-lora --lora-modules
-style=...` subprocess for every end-to-end test: starting vLLM costs ~25 s on 2 cores, so the
-modules share it (session scope). It serves one LoRA adapter, `style`, allows vLLM's
-runtime adapter loading (`VLLM_ALLOW_RUNTIME_LORA_UPDATING`), and answers to the aliases the
-apps written for OpenAI's image models default to (`SERVED_NAMES`, docs/clients.md)."""
+"""One `vllm serve tiny-qwen-image --task image --api-key ... --enable-lora --max-loras 2
+--lora-modules style=... character=...` subprocess for every end-to-end test: starting vLLM
+costs ~25 s on 2 cores, so the modules share it (session scope). It serves two LoRA adapters
+(`ADAPTERS`; a request's `lora` may stack both), allows vLLM's runtime adapter loading
+(`VLLM_ALLOW_RUNTIME_LORA_UPDATING`), and answers to the aliases the apps written for
+OpenAI's image models default to (`SERVED_NAMES`, docs/clients.md)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ def server(
 ) -> Iterator[str]:
     port = free_port()
     log_path = server_log
-    lora = ["--enable-lora", "--max-loras", "2", "--lora-modules", f"style={tiny_loras['style']}"]
+    # live_server.ADAPTERS; `other` stays free for the tests that load one at runtime.
+    modules = [f"style={tiny_loras['style']}", f"character={tiny_loras['third']}"]
+    lora = ["--enable-lora", "--max-loras", "2", "--lora-modules", *modules]
     names = ["--served-model-name", *SERVED_NAMES]
     command = vllm_serve_command("tiny-qwen-image", port, "--api-key", API_KEY, *names, *lora)
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import inspect
+import json
 import logging
 import sys
 import threading
@@ -27,7 +28,7 @@ import torch
 from testing.server_process import free_port
 from vllm_omni_images.images.encoding import decode_image_base64
 
-from .live_server import API_KEY, AUTH, SERVED_NAMES
+from .live_server import ADAPTERS, API_KEY, AUTH, SERVED_NAMES
 
 pytestmark = pytest.mark.e2e
 
@@ -35,6 +36,8 @@ PACKAGE_DIR = Path(__file__).parents[2] / "examples" / "comfyui" / "comfyui_vllm
 SHIPPED_WITH_COMFYUI = {"torch", "numpy", "PIL"}
 STEPS = 2
 SEED_MAX = 2**64 - 1
+IMAGE_NODES = ("VLLMImageGenerate", "VLLMImageEdit")
+STACK_TYPE = "VLLM_LORA_STACK"
 
 
 def load_custom_node(module_path: Path) -> types.ModuleType:
@@ -65,6 +68,11 @@ def generate(package):
 @pytest.fixture(scope="module")
 def edit(package):
     return package.NODE_CLASS_MAPPINGS["VLLMImageEdit"]()
+
+
+@pytest.fixture(scope="module")
+def lora(package):
+    return package.NODE_CLASS_MAPPINGS["VLLMImageLoRA"]()
 
 
 def generate_args(server: str, **overrides):
@@ -116,25 +124,35 @@ def assert_same_images(batched: torch.Tensor, alone: torch.Tensor) -> None:
 
 
 def test_the_package_loads_as_comfyui_loads_a_custom_node(package):
-    assert set(package.NODE_CLASS_MAPPINGS) == {"VLLMImageGenerate", "VLLMImageEdit"}
     assert package.NODE_DISPLAY_NAME_MAPPINGS == {
         "VLLMImageGenerate": "vLLM Image Generate",
         "VLLMImageEdit": "vLLM Image Edit",
+        "VLLMImageLoRA": "vLLM Image LoRA",
     }
+    assert set(package.NODE_CLASS_MAPPINGS) == set(package.NODE_DISPLAY_NAME_MAPPINGS)
     for node in package.NODE_CLASS_MAPPINGS.values():
-        assert node.RETURN_TYPES == ("IMAGE",)
         assert callable(getattr(node, node.FUNCTION))
-        assert node.CATEGORY and node.DESCRIPTION and node.OUTPUT_TOOLTIPS
+        assert node.CATEGORY == "image/vLLM" and node.DESCRIPTION
+        assert len(node.OUTPUT_TOOLTIPS) == len(node.RETURN_TYPES)
         inputs = node.INPUT_TYPES()
         assert set(inputs) == {"required", "optional"}
         for _name, (_kind, options) in {**inputs["required"], **inputs["optional"]}.items():
             assert options.get("tooltip"), _name
+    # The LoRA node chains: a stack in (optional), the same type out.
+    lora = package.NODE_CLASS_MAPPINGS["VLLMImageLoRA"]
+    assert lora.RETURN_TYPES == (STACK_TYPE,)
+    assert lora.INPUT_TYPES()["optional"]["lora_stack"][0] == STACK_TYPE
+    assert lora.INPUT_TYPES()["required"]["strength"][1]["default"] == 1.0
+    for node in map(package.NODE_CLASS_MAPPINGS.get, IMAGE_NODES):
+        assert node.RETURN_TYPES == ("IMAGE",)
+        inputs = node.INPUT_TYPES()
         seed = inputs["required"]["seed"][1]
         assert seed["min"] == 0 and seed["max"] == SEED_MAX and seed["control_after_generate"]
         for side in ("width", "height"):
             assert inputs["required"][side][1]["step"] == 16
-        assert {"api_key", "model", "lora_scale"} <= set(inputs["optional"])
+        assert {"api_key", "model", "lora_scale", "lora_stack"} <= set(inputs["optional"])
         assert inputs["optional"]["lora_scale"][1]["default"] == 1.0
+        assert inputs["optional"]["lora_stack"][0] == STACK_TYPE
     edit_inputs = package.NODE_CLASS_MAPPINGS["VLLMImageEdit"].INPUT_TYPES()
     assert edit_inputs["required"]["image"][0] == "IMAGE"
     assert edit_inputs["optional"]["mask"][0] == "MASK"
@@ -394,12 +412,14 @@ def test_the_model_picker_lists_the_default_servers_models(package, server, monk
     monkeypatch.setenv("COMFYUI_VLLM_IMAGES_URL", server)
     monkeypatch.setenv("VLLM_API_KEY", API_KEY)
     names = served_names(server)
-    assert names == [*SERVED_NAMES, "style"]  # the base model's names, then the server's adapter
-    for node in package.NODE_CLASS_MAPPINGS.values():
+    assert names == [*SERVED_NAMES, *ADAPTERS]  # the base model's names, then the adapters
+    for node in map(package.NODE_CLASS_MAPPINGS.get, IMAGE_NODES):
         choices, options = model_input(node)
         assert choices == ["(server default)", *names]
         assert options["default"] == "(server default)"
         assert node.INPUT_TYPES()["required"]["server_url"][1]["default"] == server
+    # The LoRA node offers the adapters alone: the cards whose parent is the base model.
+    assert lora_name_choices(package) == list(ADAPTERS)
 
 
 @pytest.mark.parametrize("reason", ["unreachable", "wrong key"])
@@ -411,12 +431,13 @@ def test_the_model_picker_offers_the_server_default_when_the_list_fails(
     url = f"http://127.0.0.1:{free_port()}" if reason == "unreachable" else server
     monkeypatch.setenv("COMFYUI_VLLM_IMAGES_URL", url)
     monkeypatch.setenv("VLLM_API_KEY", "wrong")
-    monkeypatch.setattr(package.nodes, "MODELS", package.model_list.ModelList())
+    monkeypatch.setattr(package.model_list, "MODELS", package.model_list.ModelList())
     caplog.set_level(logging.WARNING)
     started = time.monotonic()
-    for node in package.NODE_CLASS_MAPPINGS.values():
+    for node in map(package.NODE_CLASS_MAPPINGS.get, IMAGE_NODES):
         choices, options = model_input(node)
         assert choices == ["(server default)"] and options["default"] == "(server default)"
+    assert lora_name_choices(package) == ["(no adapter listed)"]
     assert time.monotonic() - started < package.model_list.LIST_TIMEOUT_S
     warnings = [record.getMessage() for record in caplog.records]
     assert len(warnings) == 1 and f"cannot list the models of {url}" in warnings[0], warnings
@@ -447,6 +468,7 @@ def test_the_model_list_is_cached_briefly_and_follows_the_configured_server(pack
     assert models.choices() == ["(server default)", "base", "style"]
     now[0] = 4.9
     assert models.choices() == ["(server default)", "base", "style"]
+    assert models.adapters() == ["style"]
     assert calls == [("http://gpu-box:8000", "k")]
     now[0] = 5.0
     assert models.choices() == ["(server default)"]  # the failure, cached too
@@ -454,6 +476,7 @@ def test_the_model_list_is_cached_briefly_and_follows_the_configured_server(pack
     assert models.choices() == ["(server default)"] and len(calls) == 2
     monkeypatch.setenv("COMFYUI_VLLM_IMAGES_URL", "http://other:8000")  # another server
     assert models.choices() == ["(server default)", "base"]
+    assert models.adapters() == ["(no adapter listed)"]
     assert calls[-1] == ("http://other:8000", "k")
 
 
@@ -461,7 +484,7 @@ def test_validate_inputs_lets_any_model_name_through(package):
     """ComfyUI refuses a combo value its list lacks unless VALIDATE_INPUTS names the input
     (execution.validate_inputs); it must take only `model` (a **kwargs would switch off
     ComfyUI's checks of every other input), with a default for workflows without it."""
-    for node in package.NODE_CLASS_MAPPINGS.values():
+    for node in map(package.NODE_CLASS_MAPPINGS.get, IMAGE_NODES):
         spec = inspect.getfullargspec(node.VALIDATE_INPUTS)
         assert spec.args[1:] == ["model"] and spec.varkw is None
         assert node.VALIDATE_INPUTS() is True
@@ -479,6 +502,13 @@ def test_the_fields_send_model_and_lora_scale_only_when_chosen(package):
     assert "lora_scale" not in fields("p", "", 0, 4.0, "style", 1.0)
     assert fields("p", "", 0, 4.0, "style", 0.6)["lora_scale"] == 0.6
     assert fields("p", "", 0, 4.0, "(server default)", 0.0)["lora_scale"] == 0.0
+    for no_stack in (None, ()):
+        assert "lora" not in fields("p", "", 0, 4.0, "style", 1.0, no_stack)
+    stack = (("style", 0.8), ("character", -0.5))
+    assert fields("p", "", 0, 4.0, "", 1.0, stack)["lora"] == [
+        {"name": "style", "scale": 0.8},
+        {"name": "character", "scale": -0.5},
+    ]
 
 
 def test_the_picked_model_is_sent_and_an_unknown_name_raises_the_servers_404(
@@ -513,3 +543,74 @@ def test_lora_scale_is_sent_unless_1_and_refused_without_an_adapter(
     (off,) = generate.generate(**generate_args(server, model="style", lora_scale=0.0))
     assert float((off - base).abs().max()) <= 2 / 255  # strength 0: the base model
     assert float((half - full).abs().max()) > 2 / 255 and float((half - base).abs().max()) > 2 / 255
+
+
+# The LoRA node: a stack of the server's adapters, sent as the request's lora list.
+
+
+def lora_name_choices(package: types.ModuleType) -> list[str]:
+    node = package.NODE_CLASS_MAPPINGS["VLLMImageLoRA"]
+    choices: list[str] = node.INPUT_TYPES()["required"]["lora_name"][0]
+    return choices
+
+
+def test_lora_nodes_chain_into_a_stack(package, lora):
+    (first,) = lora.stack("style", 0.8)
+    (both,) = lora.stack(" character ", 0.6, lora_stack=first)
+    assert first == (("style", 0.8),)  # the incoming stack is not changed
+    assert both == (("style", 0.8), ("character", 0.6))
+    assert lora.stack("character", 0.0, lora_stack=first) == (first,)  # 0: left out
+    assert lora.stack("style", 0.0) == ((),)
+    with pytest.raises(ValueError, match="No LoRA adapter chosen"):
+        lora.stack("(no adapter listed)", 1.0)  # a linked name: judged when the node runs
+
+
+def test_the_lora_nodes_validate_inputs_refuses_only_the_placeholder(package):
+    node = package.NODE_CLASS_MAPPINGS["VLLMImageLoRA"]
+    spec = inspect.getfullargspec(node.VALIDATE_INPUTS)
+    assert spec.args[1:] == ["lora_name"] and spec.varkw is None
+    for name in ("style", "an-adapter-not-loaded-now", None):
+        assert node.VALIDATE_INPUTS(lora_name=name) is True
+    for bad in ("(no adapter listed)", " ", 3):
+        assert isinstance(node.VALIDATE_INPUTS(lora_name=bad), str), bad
+
+
+def direct_image(server: str, route: str, form: dict[str, Any], png: bytes | None = None):
+    """The server's image for `form`, asked for directly: a JSON generation, or a multipart
+    edit of `png`; as a ComfyUI IMAGE `[H, W, 3]`."""
+    url = f"{server}/v1/images/{route}"
+    if png is None:
+        response = httpx.post(url, json=form, headers=AUTH, timeout=120)
+    else:
+        data = {name: str(value) for name, value in form.items()}
+        files = {"image": ("image.png", png, "image/png")}
+        response = httpx.post(url, data=data, files=files, headers=AUTH, timeout=120)
+    assert response.status_code == 200, response.text
+    image = decode_image_base64(response.json()["data"][0]["b64_json"]).convert("RGB")
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
+
+
+def test_a_stack_of_lora_nodes_gives_the_image_of_the_same_lora_list(
+    package, lora, generate, edit, server
+):
+    """Two chained LoRA nodes into each image node: the image the same `lora` list gives
+    through a direct API call (a JSON list in a generation, JSON text in an edit's form),
+    which is neither adapter's image alone (checked on the generation, the quicker)."""
+    (stack,) = lora.stack("character", 0.6, lora_stack=lora.stack("style", 0.8)[0])
+    listed = [{"name": "style", "scale": 0.8}, {"name": "character", "scale": 0.6}]
+    image = gradient_image()
+    png = package.nodes.image_to_png(image[0])
+    common = {"prompt": "a lighthouse at dawn", "seed": 7, "num_inference_steps": STEPS}
+    (generated,) = generate.generate(**generate_args(server, lora_stack=stack))
+    (edited,) = edit.edit(**edit_args(server, image, lora_stack=stack))
+    for got, route, form, source in (
+        (generated, "generations", {**common, "size": "64x64"}, None),
+        (edited, "edits", {**common, "size": "auto", "strength": 1.0}, png),
+    ):
+        for adapters in (listed, listed[:1], listed[1:]) if source is None else (listed,):
+            lora_value = adapters if source is None else json.dumps(adapters)
+            direct = direct_image(server, route, {**form, "lora": lora_value}, source)
+            if adapters is listed:
+                assert_same_images(got[0], direct)
+            else:  # one adapter alone: another image
+                assert float((got[0] - direct).abs().max()) > 2 / 255, (route, adapters)

@@ -13,6 +13,8 @@ folders live there too), an in-memory database, and no bytecode written.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import shutil
@@ -33,7 +35,7 @@ from PIL import Image
 
 from testing.server_process import free_port
 
-from .live_server import API_KEY, AUTH
+from .live_server import ADAPTERS, API_KEY, AUTH
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR", "")
 COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
@@ -41,6 +43,7 @@ EXAMPLES = Path(__file__).parents[2] / "examples" / "comfyui"
 PACKAGE_DIR = EXAMPLES / "comfyui_vllm_images"
 WORKFLOW = EXAMPLES / "vllm_image_workflow.json"
 OUR_NODES = ("VLLMImageGenerate", "VLLMImageEdit")
+"""The image nodes; "VLLMImageLoRA" builds the stack of adapters they take."""
 # What ComfyUI imports at start-up (its requirements.txt, and `requests`, which its server
 # imports without listing it).
 COMFYUI_MODULES = (
@@ -199,6 +202,13 @@ def test_comfyui_loads_the_package_and_lists_its_nodes(comfyui, server):
             *(card["id"] for card in served),
         ]
         assert optional["lora_scale"][0] == "FLOAT"
+        assert optional["lora_stack"][0] == "VLLM_LORA_STACK"
+    lora = info["VLLMImageLoRA"]
+    assert lora["display_name"] == "vLLM Image LoRA" and lora["output"] == ["VLLM_LORA_STACK"]
+    assert lora["input"]["optional"]["lora_stack"][0] == "VLLM_LORA_STACK"  # it chains
+    adapters = [card["id"] for card in served if card.get("parent")]
+    assert adapters == list(ADAPTERS)
+    assert combo_options(lora["input"]["required"]["lora_name"]) == adapters
     log = comfyui.log.read_text()
     assert "comfyui_vllm_images" in log and "IMPORT FAILED" not in log
 
@@ -264,6 +274,45 @@ def test_a_model_name_the_list_lacks_passes_validation_and_the_server_judges_it(
     errors = [data for kind, data in entry["status"]["messages"] if kind == "execution_error"]
     assert len(errors) == 1 and errors[0]["node_id"] == "1"
     assert errors[0]["exception_message"].strip() == direct.json()["error"]["message"]
+
+
+def test_chained_lora_nodes_send_their_stack_as_the_apis_lora_list(comfyui, server):
+    """Two vLLM Image LoRA nodes chained into the generate node: ComfyUI validates, links and
+    runs them, and the saved image is the one the same `lora` list gives through a direct
+    API call, not one adapter's alone."""
+    knobs = {"prompt": "a lighthouse at dawn", "seed": 5, "num_inference_steps": 2}
+    workflow = {
+        "1": {"class_type": "VLLMImageLoRA", "inputs": {"lora_name": "style", "strength": 0.8}},
+        "2": {"class_type": "VLLMImageLoRA",
+              "inputs": {"lora_name": "character", "strength": 0.6, "lora_stack": ["1", 0]}},
+        "3": {"class_type": "VLLMImageGenerate",
+              "inputs": {"server_url": server, "prompt": knobs["prompt"], "negative_prompt": "",
+                         "width": 64, "height": 64, "steps": 2, "true_cfg_scale": 4.0,
+                         "seed": 5, "batch_size": 1, "model": "(server default)",
+                         "lora_scale": 1.0, "lora_stack": ["2", 0]}},
+        "4": {"class_type": "SaveImage",
+              "inputs": {"images": ["3", 0], "filename_prefix": "vllm_lora_stack"}},
+    }  # fmt: skip
+    entry = wait_for(comfyui, queue(comfyui, workflow))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    (path,) = saved_images(comfyui, entry, "4")
+    with Image.open(path) as saved:
+        got = np.asarray(saved.convert("RGB"), dtype=int)
+
+    def direct(lora: list[dict[str, Any]]) -> np.ndarray:
+        body = {**knobs, "size": "64x64", "lora": lora}
+        response = httpx.post(
+            f"{server}/v1/images/generations", json=body, headers=AUTH, timeout=120
+        )
+        assert response.status_code == 200, response.text
+        png = base64.b64decode(response.json()["data"][0]["b64_json"])
+        with Image.open(io.BytesIO(png)) as image:
+            return np.asarray(image.convert("RGB"), dtype=int)
+
+    listed = [{"name": "style", "scale": 0.8}, {"name": "character", "scale": 0.6}]
+    # SaveImage truncates ComfyUI's floats to 8 bits: within 1 of the server's PNG.
+    assert int(np.abs(got - direct(listed)).max()) <= 1
+    assert int(np.abs(got - direct(listed[:1])).max()) > 2
 
 
 def server_metric(server: str, name: str, label: str = "") -> float:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import importlib.util
 import io
+import json
 import os
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from PIL import Image
 from testing.server_process import free_port
 from tests.support.images import FAST_STEPS
 
-from .live_server import API_KEY, AUTH
+from .live_server import ADAPTERS, API_KEY, AUTH
 
 pytestmark = pytest.mark.e2e
 
@@ -251,7 +252,8 @@ def test_list_models_prints_each_model_and_each_adapters_base(server):
     ]
     result = run_client(server, "--list-models")  # no --prompt needed
     assert succeeded(result).splitlines() == expected
-    assert "style (LoRA adapter of tiny-qwen-image)" in expected  # the server's adapter
+    for adapter in ADAPTERS:  # the server's adapters
+        assert f"{adapter} (LoRA adapter of tiny-qwen-image)" in expected
     assert result.stderr == ""
 
 
@@ -343,3 +345,68 @@ def server_image(server: str, body: dict[str, Any], model: str) -> np.ndarray:
     assert response.status_code == 200, response.text
     data = base64.b64decode(response.json()["data"][0]["b64_json"])
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=int)
+
+
+def test_lora_takes_a_name_and_a_scale_and_repeats(capsys):
+    client = load_client()
+    args = client.parse_args(
+        ["--prompt", "x", "--lora", "style", "--lora", "character:0.6", "--lora", " ink :-1e-1"]
+    )
+    assert args.lora == [
+        {"name": "style"},  # the server's default scale, 1.0
+        {"name": "character", "scale": 0.6},
+        {"name": "ink", "scale": -0.1},
+    ]
+    assert client.parse_args(["--prompt", "x"]).lora is None  # no lora field sent
+    for bad in (":0.5", "style:", "style:strong"):
+        with pytest.raises(SystemExit) as usage_error:
+            client.parse_args(["--prompt", "x", "--lora", bad])
+        assert usage_error.value.code == 2
+        assert "--lora" in capsys.readouterr().err
+
+
+STACK = [{"name": "style", "scale": 0.8}, {"name": "character", "scale": 0.6}]
+"""The two adapters of the shared server, each at its own strength."""
+
+
+@pytest.mark.parametrize("edit", [False, True], ids=["generation", "edit"])
+def test_repeated_lora_sends_the_stack_as_the_apis_lora_list(server, tmp_path, edit):
+    """`--lora style:0.8 --lora character:0.6` gives the image the same `lora` list gives
+    through a direct API call (a JSON list in a generation's body, JSON text in an edit's
+    form), which is neither adapter's image alone (checked on the generation, the quicker)."""
+    image, _ = write_input_and_mask(tmp_path)
+    inputs = ("--image", image, "--strength", "1") if edit else ("--size", "64x64")
+    output = tmp_path / "stacked.png"
+    fields = ("--prompt", "a boat", *inputs, *FAST, "--seed", "3", "--output", output)
+    succeeded(run_client(server, *fields, "--lora", "style:0.8", "--lora", "character:0.6"))
+    got = pixels(output).astype(int)
+
+    def direct(lora: list[dict[str, Any]]) -> np.ndarray:
+        body = {"prompt": "a boat", "seed": 3, **FAST_STEPS, "lora": lora}
+        if not edit:
+            return server_image(server, {**body, "size": "64x64"}, "tiny-qwen-image")
+        return server_edit(server, image, {**body, "strength": 1, "lora": json.dumps(lora)})
+
+    assert int(np.abs(got - direct(STACK)).max()) <= 1
+    for alone in [] if edit else STACK:
+        assert int(np.abs(got - direct([alone])).max()) > 2, alone
+
+
+def test_an_adapter_named_twice_exits_1_with_the_servers_message(server, tmp_path):
+    output = tmp_path / "never.png"
+    fields = ("--prompt", "a boat", "--size", "64x64", *FAST, "--output", output)
+    result = run_client(server, *fields, "--lora", "style", "--lora", "style:0.5")
+    assert result.returncode == 1 and not output.exists()
+    assert result.stderr.startswith("error: 400: ") and "'style' is named twice" in result.stderr
+
+
+def server_edit(server: str, image: Path, form: dict[str, Any]) -> np.ndarray:
+    """The server's edit of `image` for the form `form`, asked for directly."""
+    files = {"image": (image.name, image.read_bytes(), "image/png")}
+    data = {name: str(value) for name, value in form.items()}
+    response = httpx.post(
+        f"{server}/v1/images/edits", data=data, files=files, headers=AUTH, timeout=60
+    )
+    assert response.status_code == 200, response.text
+    encoded = base64.b64decode(response.json()["data"][0]["b64_json"])
+    return np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB"), dtype=int)

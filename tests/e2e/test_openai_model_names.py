@@ -17,12 +17,12 @@ from PIL import Image
 from tests.support.image_answers import image_tokens, png_at, png_of, prompt_token_counter
 from tests.support.images import FAST_STEPS, png
 
-from .live_server import API_KEY, AUTH, SERVED_NAMES
+from .live_server import ADAPTERS, API_KEY, AUTH, SERVED_NAMES
 
 pytestmark = pytest.mark.e2e
 
-EVERY_NAME = (*SERVED_NAMES, "style")
-"""The base model's served names, and the shared server's LoRA adapter."""
+EVERY_NAME = (*SERVED_NAMES, *ADAPTERS)
+"""The base model's served names, and the shared server's LoRA adapters."""
 PATCHES_64 = image_tokens(64, 64)
 """A 64x64 image of the tiny Qwen-Image in latent patches (16 x 16 pixels each)."""
 

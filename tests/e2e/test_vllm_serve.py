@@ -16,7 +16,7 @@ from PIL import Image
 from tests.support.images import FAST_STEPS
 from vllm_omni_images.images.encoding import decode_image_base64
 
-from .live_server import API_KEY, AUTH, SERVED_NAMES
+from .live_server import ADAPTERS, API_KEY, AUTH, SERVED_NAMES
 
 pytestmark = pytest.mark.e2e
 
@@ -104,11 +104,11 @@ def test_openai_sdk_sees_errors_as_exceptions(sdk):
         sdk.images.generate(model="dall-e-4", prompt="x", size="64x64")
 
 
-def test_openai_sdk_lists_the_model_and_its_adapter(sdk):
+def test_openai_sdk_lists_the_model_and_its_adapters(sdk):
     cards = [card.model_dump() for card in sdk.models.list()]
     assert [(card["id"], card.get("parent")) for card in cards] == [
         *((name, None) for name in SERVED_NAMES),
-        ("style", "tiny-qwen-image"),
+        *((name, "tiny-qwen-image") for name in ADAPTERS),
     ]
 
 

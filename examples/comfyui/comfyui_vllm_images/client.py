@@ -41,7 +41,9 @@ INT64_MAX = 2**63 - 1
 POLL_INTERVAL_S = 0.2
 ABORT_GRACE_S = 5.0
 
-Fields = Mapping[str, str | int | float | None]
+FieldValue = str | int | float | list[dict[str, str | float]]
+"""A request field: text, a number, or a list of objects (`lora`)."""
+Fields = Mapping[str, FieldValue | None]
 
 
 @dataclass(frozen=True)
@@ -207,18 +209,20 @@ class ImagesClient:
 
 
 def multipart_body(
-    fields: Mapping[str, str | int | float], files: list[tuple[str, str, bytes]]
+    fields: Mapping[str, FieldValue], files: list[tuple[str, str, bytes]]
 ) -> tuple[bytes, str]:
-    """A multipart/form-data body (text fields, then PNG files) and its Content-Type."""
+    """A multipart/form-data body (text fields, then PNG files) and its Content-Type. A list
+    (`lora`) is sent as its JSON text, as the server reads it in a form."""
     boundary = f"----comfyui-vllm-images-{uuid.uuid4().hex}"
     lines: list[bytes] = []
     for name, value in fields.items():
+        text = json.dumps(value) if isinstance(value, list) else str(value)
         lines += [
             f"--{boundary}".encode(),
             f'Content-Disposition: form-data; name="{name}"'.encode(),
             b"Content-Type: text/plain; charset=utf-8",
             b"",
-            str(value).encode(),
+            text.encode(),
         ]
     for name, filename, content in files:
         lines += [
@@ -232,7 +236,7 @@ def multipart_body(
     return b"\r\n".join(lines), f"multipart/form-data; boundary={boundary}"
 
 
-def _present(fields: Fields) -> dict[str, str | int | float]:
+def _present(fields: Fields) -> dict[str, FieldValue]:
     return {name: value for name, value in fields.items() if value is not None}
 
 

@@ -1,11 +1,13 @@
-"""The choices of the nodes' `model` picker: the models the package's default server serves.
+"""The choices of the nodes' `model` and `lora_name` pickers: the models and LoRA adapters
+the package's default server serves.
 
 ComfyUI builds a node's widgets from its `INPUT_TYPES()`, which the browser fetches through
 `/object_info` when the page loads and when the user refreshes the node definitions (the "R"
 key); ComfyUI also calls it while it validates and runs each queued prompt. It gets no widget
 values, so the list comes from the default server (`$COMFYUI_VLLM_IMAGES_URL`, else
 `http://127.0.0.1:8000`) with the key from ComfyUI's environment, not from a node's own
-`server_url`/`api_key`; the nodes accept any name, listed or not (`accepts_model`).
+`server_url`/`api_key`; the nodes accept any name, listed or not (`accepts_model`,
+`accepts_adapter`).
 
 ComfyUI serves `/object_info` on its event loop and drops a node whose `INPUT_TYPES()`
 raises, so the lookup has a short timeout, never raises, and is cached for a few seconds:
@@ -19,7 +21,14 @@ import threading
 import time
 from collections.abc import Callable
 
-from .client import ImagesClient, ServedModel, ServerError, default_server_url, resolve_api_key
+from .client import (
+    SERVER_URL_ENV_VAR,
+    ImagesClient,
+    ServedModel,
+    ServerError,
+    default_server_url,
+    resolve_api_key,
+)
 
 SERVER_DEFAULT_MODEL = "(server default)"
 """The first choice: sends no `model`, so the server uses its base model, whatever its name
@@ -28,6 +37,9 @@ LIST_TIMEOUT_S = 2.0
 """Seconds to wait for `/v1/models`: ComfyUI's page waits that long for a server that does not
 answer (one that is not running is refused at once)."""
 CACHE_TTL_S = 5.0
+NO_ADAPTER = "(no adapter listed)"
+"""The adapter picker's only choice while the default server lists no LoRA adapter (it is not
+running, serves none, or the key is wrong): refused when queued, saying what to do."""
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +108,16 @@ class ModelList:
                 names.append(model.name)
         return names
 
+    def adapters(self) -> list[str]:
+        """The adapter combo's entries: each LoRA adapter (a card with a `parent`, the base
+        model it adapts) once, in the server's order; `NO_ADAPTER` alone when there is none."""
+        names = [model.name for model in self.models() if model.parent is not None]
+        return list(dict.fromkeys(names)) or [NO_ADAPTER]
+
+
+MODELS = ModelList()
+"""The default server's list, which every node's pickers share."""
+
 
 def accepts_model(model: object) -> bool | str:
     """ComfyUI's `VALIDATE_INPUTS` answer for `model`: True for any name.
@@ -110,3 +132,25 @@ def accepts_model(model: object) -> bool | str:
     if model is None or isinstance(model, str):
         return True
     return f"model must be a served model's name, not {model!r}"
+
+
+def adapter_problem(lora_name: object) -> str | None:
+    """Why `lora_name` names no adapter to send (None: it does). Any other name is sent, and
+    the server judges it (an adapter it does not serve: its 404 message, on the node)."""
+    if not isinstance(lora_name, str):
+        return f"lora_name must be a LoRA adapter's name, not {lora_name!r}"
+    if lora_name.strip() in ("", NO_ADAPTER):
+        return (
+            f"No LoRA adapter chosen: the server at ${SERVER_URL_ENV_VAR} (else "
+            "http://127.0.0.1:8000) listed none when the node definitions were read. Serve one "
+            "(vllm serve ... --enable-lora --lora-modules name=path), then refresh them (R) "
+            "and pick it."
+        )
+    return None
+
+
+def accepts_adapter(lora_name: object) -> bool | str:
+    """ComfyUI's `VALIDATE_INPUTS` answer for `lora_name`, as `accepts_model` for `model`: any
+    name (the list may be another server's, or older than the workflow) but the placeholder.
+    None: the input is linked, judged when the node runs."""
+    return True if lora_name is None else (adapter_problem(lora_name) or True)

@@ -1,4 +1,5 @@
-"""The ComfyUI nodes: "vLLM Image Generate" and "vLLM Image Edit".
+"""The ComfyUI nodes: "vLLM Image Generate" and "vLLM Image Edit" (and, from `lora_stack`,
+"vLLM Image LoRA", whose stack of adapters they take).
 
 They use ComfyUI's V1 node convention (a class with `INPUT_TYPES`, `RETURN_TYPES`, `FUNCTION`,
 listed in `NODE_CLASS_MAPPINGS`), which needs nothing imported from ComfyUI: see the package
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812  (torch's own spelling)
 from PIL import Image
 
+from . import model_list
 from .client import (
     MAX_IMAGES_PER_REQUEST,
     SERVER_URL_ENV_VAR,
@@ -27,7 +29,8 @@ from .client import (
     default_server_url,
     request_seed,
 )
-from .model_list import SERVER_DEFAULT_MODEL, ModelList, accepts_model
+from .lora_stack import LORA_SCALE_RANGE, STACK_TYPE, LoRAStack, VLLMImageLoRA, lora_field
+from .model_list import SERVER_DEFAULT_MODEL, accepts_model
 
 CATEGORY = "image/vLLM"
 SIZE_STEP = 16
@@ -42,10 +45,6 @@ MAX_STEPS = 200
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
 DEFAULT_LORA_SCALE = 1.0
 """The adapter's full strength, the server's default: not sent (see `_fields`)."""
-LORA_SCALE_RANGE = 100.0
-"""As ComfyUI's own LoraLoader strengths; the server says which values it takes."""
-
-MODELS = ModelList()
 
 ImageTensor = torch.Tensor
 
@@ -141,7 +140,7 @@ def _optional_inputs() -> dict[str, Any]:
             },
         ),
         "model": (
-            MODELS.choices(),
+            model_list.MODELS.choices(),
             {
                 "default": SERVER_DEFAULT_MODEL,
                 "tooltip": f"The served model or LoRA adapter to use. {SERVER_DEFAULT_MODEL}: "
@@ -161,6 +160,14 @@ def _optional_inputs() -> dict[str, Any]:
                 "tooltip": "The LoRA adapter's strength, when model is an adapter. 1.0: its "
                 "full strength (not sent). Another value is sent as lora_scale, and the "
                 "server refuses it for a base model rather than ignore it.",
+            },
+        ),
+        "lora_stack": (
+            STACK_TYPE,
+            {
+                "tooltip": "LoRA adapters from vLLM Image LoRA nodes, applied together (and "
+                "with the adapter that model names, if any); sent as the request's lora list. "
+                "The server applies at most its --max-loras adapters to one request.",
             },
         ),
     }
@@ -213,9 +220,12 @@ class VLLMImageGenerate:
         api_key: str = "",
         model: str = SERVER_DEFAULT_MODEL,
         lora_scale: float = DEFAULT_LORA_SCALE,
+        lora_stack: LoRAStack | None = None,
     ) -> tuple[ImageTensor]:
         client = _client(server_url, api_key)
-        fields = _fields(prompt, negative_prompt, steps, true_cfg_scale, model, lora_scale)
+        fields = _fields(
+            prompt, negative_prompt, steps, true_cfg_scale, model, lora_scale, lora_stack
+        )
         fields["size"] = f"{width}x{height}"
         images: list[bytes] = []
         for offset, n in _chunks(batch_size):
@@ -297,11 +307,14 @@ class VLLMImageEdit:
         api_key: str = "",
         model: str = SERVER_DEFAULT_MODEL,
         lora_scale: float = DEFAULT_LORA_SCALE,
+        lora_stack: LoRAStack | None = None,
     ) -> tuple[ImageTensor]:
         if (width == 0) != (height == 0):
             raise ValueError("Set both width and height, or both to 0 for the input image's size.")
         client = _client(server_url, api_key)
-        fields = _fields(prompt, negative_prompt, steps, true_cfg_scale, model, lora_scale)
+        fields = _fields(
+            prompt, negative_prompt, steps, true_cfg_scale, model, lora_scale, lora_stack
+        )
         fields["size"] = f"{width}x{height}" if width else "auto"
         if strength > 0:
             fields["strength"] = strength
@@ -327,10 +340,12 @@ class VLLMImageEdit:
 NODE_CLASS_MAPPINGS: dict[str, type] = {
     "VLLMImageGenerate": VLLMImageGenerate,
     "VLLMImageEdit": VLLMImageEdit,
+    "VLLMImageLoRA": VLLMImageLoRA,
 }
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "VLLMImageGenerate": "vLLM Image Generate",
     "VLLMImageEdit": "vLLM Image Edit",
+    "VLLMImageLoRA": "vLLM Image LoRA",
 }
 
 
@@ -407,8 +422,12 @@ def _fields(
     true_cfg_scale: float,
     model: str,
     lora_scale: float = DEFAULT_LORA_SCALE,
+    lora_stack: LoRAStack | None = None,
 ) -> dict[str, Any]:
     fields: dict[str, Any] = {"prompt": prompt, "response_format": "b64_json"}
+    lora = lora_field(lora_stack)
+    if lora is not None:
+        fields["lora"] = lora
     # "" is what workflows saved before the picker hold for the server's model.
     if model.strip() not in ("", SERVER_DEFAULT_MODEL):
         fields["model"] = model.strip()
