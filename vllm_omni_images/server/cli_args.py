@@ -242,12 +242,12 @@ class ImageTaskArgs:
     image_lora_defaults: "dict[str, AdapterDefaults] | None" = field(
         default=None, metadata={"type": _lora_defaults, "metavar": "JSON"}
     )
-    """Steps and guidance for requests that name an adapter of --lora-modules and leave them
-    unset, in place of the model's: a JSON object by adapter name, e.g. '{"lightning":
-    {"num_inference_steps": 8, "true_cfg_scale": 1.0}}' (keys: num_inference_steps,
-    guidance_scale, true_cfg_scale, each in the request's own range); `quality` scales the
-    adapter's steps as it scales the model's. /v1/models shows them on the adapter's card;
-    /v1/load_lora_adapter takes the same object as `defaults`."""
+    """Default steps and guidance of adapters of --lora-modules, for the requests that name
+    one and leave them unset (distilled few-step adapters). A JSON object by adapter name,
+    e.g. '{"lightning": {"num_inference_steps": 8, "true_cfg_scale": 1.0}}'; its keys are
+    num_inference_steps, guidance_scale and true_cfg_scale, each in the request's own range.
+    `quality` scales an adapter's steps as it scales the model's; /v1/models shows them on
+    the adapter's card; /v1/load_lora_adapter takes the same object as `defaults`."""
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ImageTaskArgs":
