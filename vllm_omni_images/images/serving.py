@@ -109,7 +109,10 @@ class OpenAIServingImage:
     ) -> None:
         self.engine_client = engine_client
         self.models = models
-        self.adapter_defaults: Mapping[str, AdapterDefaults] = adapter_defaults or {}
+        # Kept as given, even empty: the served models fill and change it in place.
+        self.adapter_defaults: Mapping[str, AdapterDefaults] = (
+            adapter_defaults if adapter_defaults is not None else {}
+        )
         """Each adapter's defaults by name, as the served models keep them (read per request:
         a runtime load may change them)."""
         self.seed_source = random.Random(seed) if seed is not None else None

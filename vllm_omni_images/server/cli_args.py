@@ -20,6 +20,7 @@ from vllm_omni_images.images.limits import ImageLimits, MiB
 from vllm_omni_images.images.response_formats import DEFAULT_RESPONSE_FORMATS, DefaultResponseFormat
 
 if TYPE_CHECKING:
+    from vllm_omni_images.engine.base import AdapterDefaults
     from vllm_omni_images.engine.batching import BatchingConfig
     from vllm_omni_images.engine.client import AdmissionConfig
 
@@ -84,6 +85,32 @@ def _pixel_budget(text: str) -> int | Literal["auto"] | None:
     if text.strip().lower() == AUTO:
         return AUTO
     return _pixels(text) or None
+
+
+def _lora_defaults(text: str) -> "dict[str, AdapterDefaults]":
+    """A JSON object of adapter name -> that adapter's defaults (`images/adapter_defaults.py`:
+    the request's own fields and ranges); whether each name is served is the launcher's to
+    check."""
+    from pydantic import ValidationError
+
+    from vllm_omni_images.images.adapter_defaults import defaults_problem, parse_adapter_defaults
+
+    example = '{"NAME": {"num_inference_steps": 8, "true_cfg_scale": 1.0}}'
+    try:
+        given = json.loads(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"must be a JSON object like {example}: {error}") from None
+    if not isinstance(given, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object like {example}")
+    defaults = {}
+    for name, value in given.items():
+        try:
+            defaults[name] = parse_adapter_defaults(value)
+        except ValidationError as error:
+            key, what = defaults_problem(error)
+            where = f"adapter '{name}'" + (f": {key}" if key else "")
+            raise argparse.ArgumentTypeError(f"{where}: {what}") from None
+    return defaults
 
 
 def _mib_bytes(mib: float) -> int:
@@ -210,6 +237,17 @@ class ImageTaskArgs:
     head's arrival; past it the request is a 408 and its connection is closed. Raise it where
     clients upload large edit images over slow links (at the default a 20 MiB image needs 1.4
     Mbit/s). 0 turns it off."""
+
+    # Distilled (few-step) LoRA adapters (docs/image_api.md, "Per-adapter defaults").
+    image_lora_defaults: "dict[str, AdapterDefaults] | None" = field(
+        default=None, metadata={"type": _lora_defaults, "metavar": "JSON"}
+    )
+    """Default steps and guidance of adapters of --lora-modules, for the requests that name
+    one and leave them unset (distilled few-step adapters). A JSON object by adapter name,
+    e.g. '{"lightning": {"num_inference_steps": 8, "true_cfg_scale": 1.0}}'; its keys are
+    num_inference_steps, guidance_scale and true_cfg_scale, each in the request's own range.
+    `quality` scales an adapter's steps as it scales the model's; /v1/models shows them on
+    the adapter's card; /v1/load_lora_adapter takes the same object as `defaults`."""
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ImageTaskArgs":

@@ -76,6 +76,7 @@ async def build_images_state(
     from vllm_omni_images.images.app_state import ImagesState
     from vllm_omni_images.images.request_metrics import RequestMetrics
     from vllm_omni_images.images.serving import OpenAIServingImage
+    from vllm_omni_images.server.model_registry import ImageServingModels
 
     if not isinstance(engine_client, ImageEngineClient):
         return ImagesState(limits)
@@ -96,6 +97,8 @@ async def build_images_state(
         limits=limits,
         request_metrics=RequestMetrics(served_model_names(args)[0]),
         seed=args.seed,
+        # Read per request: loads and unloads change the adapters' defaults in place.
+        adapter_defaults=models.adapter_defaults if isinstance(models, ImageServingModels) else {},
     )
     return ImagesState(limits, serving, cleanup)
 

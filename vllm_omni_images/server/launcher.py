@@ -39,7 +39,11 @@ from vllm_omni_images.server.endpoint import (
     limits_from_args,
 )
 from vllm_omni_images.server.http_protocol import HeadLimitedHttpProtocol, head_limited_protocol
-from vllm_omni_images.server.model_registry import adapter_name_problem, serving_models_from_args
+from vllm_omni_images.server.model_registry import (
+    adapter_name_problem,
+    lora_defaults_from_args,
+    serving_models_from_args,
+)
 from vllm_omni_images.server.serve_flags import refusal_message, refused_flags
 from vllm_omni_images.tiny_model import resolve_model_path
 
@@ -49,7 +53,9 @@ IMAGE_TASKS = cast(tuple[SupportedTask, ...], (IMAGE_TASK,))
 
 
 def build_image_app(args: argparse.Namespace) -> FastAPI:
-    """vLLM's `build_app` for the image task, with the Images API attached."""
+    """vLLM's `build_app` for the image task, with the Images API attached (and vLLM's
+    LoRA load route keeping the fields it does not declare: `defaults`)."""
+    vllm_patches.keep_lora_load_extras()
     app = build_app(args, IMAGE_TASKS, None)
     plugin = ImagesEndpointPlugin()
     if vllm_patches.attach_endpoint_plugin(app, plugin):
@@ -101,17 +107,19 @@ async def init_image_app_state(
 
 def lora_settings_from_args(args: argparse.Namespace) -> LoRASettings | None:
     """`--enable-lora` and its limits, checked by vLLM's `LoRAConfig`, and the names
-    `--lora-modules` gives (before the model loads); `None` without it. Raises
-    `EngineUnavailableError`."""
+    `--lora-modules` and `--image-lora-defaults` give (before the model loads); `None`
+    without it. Raises `EngineUnavailableError`."""
     if not args.enable_lora:
         if args.lora_modules:
             raise EngineUnavailableError(
                 "--lora-modules needs --enable-lora (as in vLLM): add it, or drop the adapters."
             )
+        lora_defaults_from_args(args)  # refuses --image-lora-defaults without --enable-lora
         return None
     for module in args.lora_modules or []:
         if (problem := adapter_name_problem(module.name, served_model_names(args))) is not None:
             raise EngineUnavailableError(f"--lora-modules: {problem}")
+    lora_defaults_from_args(args)
     from pydantic import ValidationError
     from vllm.config.lora import LoRAConfig
 

@@ -119,6 +119,20 @@ def fall_back_to_cpu_platform() -> bool:
     return True
 
 
+def keep_lora_load_extras() -> None:
+    """Make vLLM's `LoadLoRAAdapterRequest` keep the fields it does not declare (in
+    `model_extra`) instead of dropping them, so that `ImageServingModels.load_lora_adapter`
+    reads `defaults` and refuses any other by name. Idempotent; in force for the routes
+    built after it (FastAPI builds a route's body validator when the route is added: before
+    vLLM's `build_app`)."""
+    from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
+
+    if LoadLoRAAdapterRequest.model_config.get("extra") == "allow":
+        return
+    LoadLoRAAdapterRequest.model_config["extra"] = "allow"
+    LoadLoRAAdapterRequest.model_rebuild(force=True)
+
+
 def remove_core_routes(app: FastAPI, paths: Collection[str]) -> None:
     """Drop vLLM's own handlers for `paths` from its app, so the routes we attach answer."""
     app.router.routes[:] = [
