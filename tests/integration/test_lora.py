@@ -28,6 +28,7 @@ from testing.tiny_lora import (
     write_unservable,
 )
 from tests.support.omni import SAME_IMAGE
+from tests.support.stacks import write_summed_lora
 from vllm_omni_images.engine.base import LoRASettings
 from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
 from vllm_omni_images.engine.errors import EngineUnavailableError
@@ -495,3 +496,121 @@ async def test_lora_resolver_plugins_are_asked_only_for_names_an_adapter_may_hav
     assert asked == []
     assert (await models.resolve_lora("style-v2")).error.code == 404
     assert asked == ["style-v2"]
+
+
+# Stacks: several adapters in one request (`lora`), applied together with set_adapters.
+
+
+@pytest.fixture
+async def stack_client(
+    make_app: AppFactory,
+    lora_runner: DiffusersRunner,
+    tiny_model_dir: Path,
+    tiny_loras: dict[str, Path],
+    tmp_path: Path,
+) -> httpx.AsyncClient:
+    """Two adapters a request (--max-loras 2), three served, and `summed`: one adapter file
+    holding style's delta x 0.8 plus other's x 0.6."""
+    parts = [(tiny_loras["style"], 0.8), (tiny_loras["other"], 0.6)]
+    summed = write_summed_lora(tiny_model_dir, parts, tmp_path / "summed")
+    flags = [*lora_flags(tiny_loras, "style", "other", "third"), f"summed={summed}"]
+    app = await make_app(lora_runner, [*flags, "--max-loras", "2", "--image-max-batch-size", "4"])
+    return http_client(app)
+
+
+STACK = [{"name": "style", "scale": 0.8}, {"name": "other", "scale": 0.6}]
+
+
+async def test_a_stack_gives_the_image_of_one_adapter_of_its_summed_delta_in_any_order(
+    stack_client: httpx.AsyncClient,
+) -> None:
+    async with stack_client as client:
+        stacked = await image(client, lora=STACK)
+        summed = await image(client, model="summed")
+        reversed_ = await image(client, lora=STACK[::-1])
+        with_model = await image(client, model="other", lora_scale=0.6, lora=STACK[0])
+        singles = [await image(client, model=name) for name in ("style", "other", BASE)]
+    assert differ(stacked, summed) <= SAME_IMAGE
+    assert differ(reversed_, stacked) == 0 and differ(with_model, stacked) == 0
+    assert all(differ(stacked, single) > 10 for single in singles)
+
+
+async def test_a_mix_of_base_adapters_and_stacks_gets_the_images_each_gets_alone(
+    stack_client: httpx.AsyncClient,
+) -> None:
+    """Eight at once, batched by stack; each kind (the same stack, however it is named) is
+    also made alone first."""
+    other_way = [{"name": "style", "scale": 0.5}, {"name": "third", "scale": -0.7}]
+    choices: list[tuple[str, dict[str, object]]] = [
+        ("base", {}),
+        ("style", {"model": "style"}),
+        ("stack", {"lora": STACK}),
+        ("other way", {"lora": other_way}),
+        ("other", {"model": "other"}),
+        ("stack", {"lora": STACK[::-1]}),
+        ("base", {}),
+        ("other way", {"model": "third", "lora_scale": -0.7, "lora": other_way[0]}),
+    ]
+    async with stack_client as client:
+        alone = {}
+        for kind, fields in choices:
+            if kind not in alone:
+                alone[kind] = await image(client, **fields)
+        mixed = await asyncio.gather(*(image(client, **fields) for _, fields in choices))
+    for (kind, fields), result in zip(choices, mixed, strict=True):
+        assert differ(result, alone[kind]) <= SAME_IMAGE, fields
+
+
+@pytest.mark.parametrize(
+    ("fields", "status", "param", "fragment"),
+    [
+        (
+            {"lora": [*STACK, {"name": "third"}]},
+            400,
+            "lora",
+            "applies 3 LoRA adapters and this server applies at most 2 together (--max-loras)",
+        ),
+        ({"model": "style", "lora": [STACK[0]]}, 400, "lora", "'style' is named twice"),
+        ({"lora": [STACK[0], {"name": "style", "scale": 0.1}]}, 400, "lora", "named twice"),
+        ({"lora": [{"name": "nope"}]}, 404, "lora", "`nope` in lora does not exist"),
+        ({"lora": STACK, "lora_scale": 0.5}, 400, "lora_scale", "is the base model"),
+        ({"lora": [{"name": "style", "path": "/etc"}]}, 400, "lora", "path is not read here"),
+    ],
+    ids=["over-max-loras", "in-model-and-lora", "listed-twice", "unknown", "scale", "path"],
+)
+async def test_stacks_are_refused_by_name_before_any_work(
+    stack_client: httpx.AsyncClient,
+    fields: dict[str, object],
+    status: int,
+    param: str,
+    fragment: str,
+) -> None:
+    async with stack_client as client:
+        error = assert_openai_error(await generate(client, **FAST, **fields), status)
+    assert param in error["param"].split(".")  # `body.lora.0`: the entry with a path
+    assert fragment in error["message"]
+
+
+async def test_an_edit_takes_lora_as_json_text(stack_client: httpx.AsyncClient) -> None:
+    from tests.support.images import png
+
+    async def edit(**fields: str) -> httpx.Response:
+        return await client.post(
+            "/v1/images/edits",
+            data={"prompt": "a red fox", "seed": "3", "num_inference_steps": "2", **fields},
+            files={"image": ("in.png", png(), "image/png")},
+        )
+
+    def edited(response: httpx.Response) -> np.ndarray:
+        assert response.status_code == 200, response.text
+        return pixels(response.json()["data"][0]["b64_json"]).astype(int)
+
+    async with stack_client as client:
+        base = edited(await edit())
+        styled = edited(await edit(model="style"))
+        one = edited(await edit(lora=json.dumps({"name": "style"})))
+        stacked = edited(await edit(lora=json.dumps(STACK)))
+        summed = edited(await edit(model="summed"))
+        assert_openai_error(await edit(lora="style"), 400, "lora")  # not JSON text
+    assert differ(one, styled) == 0 and differ(styled, base) > 10
+    assert differ(stacked, summed) <= SAME_IMAGE and differ(stacked, styled) > 10

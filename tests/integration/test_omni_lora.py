@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,18 +24,20 @@ from tests.support.omni import (
     difference,
     images_from,
 )
-from vllm_omni_images.engine.base import LoRAAdapter, LoRASettings
+from tests.support.stacks import write_summed_lora
+from vllm_omni_images.engine.base import AdapterStack, LoRAAdapter, LoRASettings, ScaledAdapter
 from vllm_omni_images.engine.client import ImageEngineClient
 from vllm_omni_images.engine.diffusers_runner import DiffusersRunner
 from vllm_omni_images.engine.omni_engine import OmniEngine
 
 from .conftest import AppFactory
-from .helpers import FAST, generate, http_client, pixels
+from .helpers import FAST, assert_openai_error, generate, http_client, pixels
 
 
 @pytest.fixture(scope="module")
 def omni_engine(tiny_model_dir: Path) -> Iterator[OmniEngine]:
-    engine = build_engine(tiny_model_dir, lora=LoRASettings(max_loras=1, max_cpu_loras=2))
+    # Two adapters a request (a stack), two kept read by vllm-omni's worker.
+    engine = build_engine(tiny_model_dir, lora=LoRASettings(max_loras=2, max_cpu_loras=2))
     yield engine
     asyncio.run(engine.close())
 
@@ -201,3 +203,162 @@ async def test_adapters_are_served_as_model_names_through_the_api(
         assert styled.status_code == 200, styled.text
         styled_pixels = pixels(styled.json()["data"][0]["b64_json"])
         assert np.abs(styled_pixels.astype(int) - pixels(base).astype(int)).max() > 10
+
+
+# Stacks: several adapters in one request, applied by vllm-omni as one adapter of their summed
+# delta (`OmniAdapters.stack_request`).
+
+
+def stack(*scaled: tuple[LoRAAdapter, float]) -> AdapterStack:
+    return tuple(ScaledAdapter(adapter, scale) for adapter, scale in scaled)
+
+
+def lora_ids(worker: WorkerProbe) -> list[set[int | None]]:
+    """The adapter ids (vllm-omni's `lora_int_id`) of each batch the worker ran."""
+    return [
+        {getattr(r.sampling_params.lora_request, "lora_int_id", None) for r in batch}
+        for batch in worker.batches
+    ]
+
+
+async def test_a_stack_gives_the_image_of_one_adapter_of_its_summed_delta(
+    client: ImageEngineClient,
+    omni_engine: OmniEngine,
+    lora_runner: DiffusersRunner,
+    adapters: dict[str, LoRAAdapter],
+    tiny_model_dir: Path,
+    tiny_loras: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    """... and the diffusers engine's image of the same stack (`set_adapters`)."""
+    parts = [(tiny_loras["style"], 0.8), (tiny_loras["other"], 0.6)]
+    summed = LoRAAdapter("summed", 150, str(write_summed_lora(tiny_model_dir, parts, tmp_path)))
+    await omni_engine.add_lora(summed)
+    both = stack((adapters["style"], 0.8), (adapters["other"], 0.6))
+    [stacked] = await images_from(client, req(7, loras=both))
+    [one] = await images_from(client, req(7, lora=summed))
+    [[diffusers]] = await asyncio.to_thread(lora_runner.run, [req(7, loras=both)])
+    assert difference(stacked, one) <= SAME_IMAGE
+    assert difference(stacked, diffusers) <= SAME_IMAGE
+    for single in (adapters["style"], adapters["other"], None):
+        [alone] = await images_from(client, req(7, lora=single))
+        assert difference(stacked, alone) > 5 * SAME_IMAGE
+
+
+async def test_a_mix_of_base_adapters_and_stacks_gets_the_images_each_gets_alone(
+    client: ImageEngineClient, worker: WorkerProbe, adapters: dict[str, LoRAAdapter]
+) -> None:
+    style, other = adapters["style"], adapters["other"]
+    choices = [
+        (),
+        stack((style, 1.0)),
+        stack((style, 0.8), (other, 0.6)),
+        stack((other, 1.0)),
+        stack((style, 0.5), (other, -0.5)),
+        (),
+        stack((style, 0.8), (other, 0.6)),
+        stack((style, 1.0)),
+    ]
+    alone = {}
+    for choice in set(choices):
+        [alone[choice]] = await images_from(client, req(3, loras=choice))
+    worker.waves.clear()
+    mixed = await asyncio.gather(*(images_from(client, req(3, loras=c)) for c in choices))
+    for choice, [result] in zip(choices, mixed, strict=True):
+        assert difference(result, alone[choice]) <= SAME_IMAGE, choice
+    assert all(len(ids) == 1 for ids in lora_ids(worker))  # a batch holds one stack
+
+
+async def test_a_stack_is_written_once_and_again_when_an_adapter_or_its_copy_changed(
+    client: ImageEngineClient, omni_engine: OmniEngine, adapters: dict[str, LoRAAdapter]
+) -> None:
+    """Concurrent first requests share one copy; an adapter loaded again in place (new
+    weights), or the copy gone, gets the stack written and loaded again, under a new id
+    apart from vLLM's."""
+    from vllm_omni.lora.request import LoRARequest
+
+    from vllm_omni_images.engine.omni_adapters import FIRST_STACK_ID
+
+    assert omni_engine._adapters is not None
+    loaded: list[int] = []
+
+    def load(request: LoRARequest, replace: bool) -> Awaitable[None]:
+        loaded.append(request.lora_int_id)
+        return omni_engine._loop.submit(omni_engine._load_lora(request, replace))
+
+    both = stack((adapters["style"], 0.3), (adapters["other"], 0.7))
+    first = await asyncio.gather(
+        *(omni_engine._adapters.stack_request(both, load) for _ in range(4))
+    )
+    assert len({request.lora_int_id for request in first}) == 1 and len(loaded) == 1
+    assert FIRST_STACK_ID <= loaded[0] < 2**31
+    assert await omni_engine._adapters.stack_request(both, load) == first[0]
+    [before] = await images_from(client, req(5, loras=both))
+
+    await omni_engine.add_lora(adapters["other"])  # in place: its weights may have changed
+    again = await omni_engine._adapters.stack_request(both, load)
+    assert again.lora_int_id != first[0].lora_int_id and len(loaded) == 2
+    assert not await asyncio.to_thread(Path(first[0].lora_path).is_dir)  # deleted
+    shutil.rmtree(again.lora_path)
+    rewritten = await omni_engine._adapters.stack_request(both, load)
+    assert rewritten.lora_int_id != again.lora_int_id and len(loaded) == 3
+    [after] = await images_from(client, req(5, loras=both))
+    assert difference(after, before) <= SAME_IMAGE
+
+
+async def test_a_stack_with_an_adapter_whose_files_went_away_fails_alone(
+    client: ImageEngineClient,
+    omni_engine: OmniEngine,
+    adapters: dict[str, LoRAAdapter],
+    tiny_loras: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    from vllm_omni_images.engine.errors import LoRAAdapterUnavailableError
+
+    own = tmp_path / "own"
+    shutil.copytree(tiny_loras["third"], own)
+    adapter = LoRAAdapter("own", 196, str(own))
+    await omni_engine.add_lora(adapter)
+    shutil.rmtree(own)
+    both = stack((adapters["style"], 1.0), (adapter, 0.5))
+    with pytest.raises(LoRAAdapterUnavailableError, match=r"^LoRA adapter 'own' is not available"):
+        await images_from(client, req(3, loras=both))
+    assert omni_engine.unavailable_adapters() == {196}
+    assert len(await images_from(client, req(3, loras=stack((adapters["style"], 0.9))))) == 1
+    shutil.copytree(tiny_loras["third"], own)
+    assert len(await images_from(client, req(3, loras=both))) == 1
+    assert omni_engine.unavailable_adapters() == frozenset()
+
+
+async def test_stacks_through_the_api_in_any_order_and_up_to_the_rank_vllm_omni_takes(
+    make_app: AppFactory,
+    omni_engine: OmniEngine,
+    tiny_loras: dict[str, Path],
+    adapters: dict,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The order of `lora` changes nothing, to the pixel; a stack whose summed rank is above
+    what vllm-omni's LoRA manager takes is a 400 naming its adapters."""
+    names = ("style", "other")
+    flags = ["--enable-lora", "--max-loras", "2", "--lora-modules"]
+    flags += [f"{name}={tiny_loras[name]}" for name in names]
+    async with http_client(await make_app(omni_engine, flags)) as http:
+        seeded = {**FAST, "seed": 5}
+        orders: list[dict[str, object]] = [
+            {"lora": [{"name": "style", "scale": 0.8}, {"name": "other", "scale": 0.6}]},
+            {"lora": [{"name": "other", "scale": 0.6}, {"name": "style", "scale": 0.8}]},
+            {"model": "other", "lora_scale": 0.6, "lora": {"name": "style", "scale": 0.8}},
+        ]
+        images = []
+        for fields in orders:
+            response = await generate(http, **seeded, **fields)
+            assert response.status_code == 200, response.text
+            images.append(pixels(response.json()["data"][0]["b64_json"]))
+        assert all(np.array_equal(image, images[0]) for image in images)
+        assert omni_engine._adapters is not None
+        monkeypatch.setattr(omni_engine._adapters, "max_stack_rank", 4)  # each is of rank 4
+        lower = [{"name": "style", "scale": 0.5}, {"name": "other", "scale": 0.5}]
+        error = assert_openai_error(await generate(http, **seeded, lora=lower), 400, "lora")
+        assert error["message"].startswith("The LoRA adapters 'style', 'other' cannot be ")
+        assert "summed rank, 8, above the 4" in error["message"]
+        assert (await generate(http, **seeded, lora=lower[:1])).status_code == 200

@@ -17,6 +17,7 @@ from vllm_omni_images.engine.errors import (
     EngineOutOfMemoryError,
     LoRAAdapterError,
     LoRAAdapterUnavailableError,
+    LoRAStackError,
     QueueFullError,
     RequestTimeoutError,
     RequestTooLargeError,
@@ -98,6 +99,14 @@ from vllm_omni_images.images.errors import (
             "model",
             "LoRA adapter 'ink' is not available: it was read again from its lora_path and "
             "cannot be served now (its rank 64 is above 16). Load it again",
+        ),
+        (
+            LoRAStackError("The LoRA adapters 'a', 'b' cannot be applied together"),
+            400,
+            "BadRequestError",
+            "invalid",
+            "lora",
+            "'a', 'b' cannot be applied together",
         ),
         (
             ReadTimeoutError("The request body did not all arrive within 1 s"),

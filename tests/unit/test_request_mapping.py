@@ -1,5 +1,6 @@
 import dataclasses
 import random
+import re
 from typing import Any
 
 import pytest
@@ -7,7 +8,13 @@ from pydantic import ValidationError
 from vllm.entrypoints.serve.engine.protocol import ErrorInfo
 from vllm.exceptions import VLLMValidationError
 
-from vllm_omni_images.engine.base import LoRAAdapter, ModelDefaults, ScaledAdapter
+from vllm_omni_images.engine.base import (
+    AdapterDefaults,
+    LoRAAdapter,
+    ModelDefaults,
+    ScaledAdapter,
+    stack_key,
+)
 from vllm_omni_images.images.errors import error_response
 from vllm_omni_images.images.limits import ImageLimits
 from vllm_omni_images.images.protocol import (
@@ -20,7 +27,9 @@ from vllm_omni_images.images.request_mapping import (
     image_seeds,
     input_size,
     parse_size,
+    request_stack,
     resolve_size,
+    stack_defaults,
     to_engine_request,
 )
 
@@ -376,3 +385,86 @@ def test_strength_is_refused_by_name_where_the_pipeline_never_reads_it():
     assert refused.value.parameter == "strength"
     edit = to_engine_request(ImageEditRequest(prompt="p"), no_strength, inputs)
     assert edit.strength is None  # an edit without one is the pipeline's own
+
+
+# Stacks: the adapter `model` names and those `lora` lists, applied together.
+
+STYLE = LoRAAdapter("style", 3, "/adapters/style")
+INK = LoRAAdapter("ink", 1, "/adapters/ink")
+FAST_ADAPTER = LoRAAdapter(
+    "lightning", 2, "/adapters/lightning", AdapterDefaults(num_inference_steps=8, true_cfg_scale=1)
+)
+TWO = ImageLimits(max_loras=2)
+
+
+def stack_of(fields: dict[str, Any], model: LoRAAdapter | None, *listed: LoRAAdapter):
+    """The stack of a request of `fields` whose `model` names `model` and whose `lora` lists
+    `listed` (as serving resolves them), with two adapters a request."""
+    request = ImageGenerationRequest.model_validate({"prompt": "p", **fields})
+    return request_stack(request, MappingContext("id", DEFAULTS, TWO, model, listed))
+
+
+def test_a_stack_is_the_model_adapter_at_lora_scale_and_the_listed_ones_at_theirs():
+    chosen = {"model": "style", "lora_scale": 0.5, "lora": {"name": "ink", "scale": -0.3}}
+    assert stack_of(chosen, STYLE, INK) == (ScaledAdapter(INK, -0.3), ScaledAdapter(STYLE, 0.5))
+    listed = {"lora": [{"name": "style"}, {"lora_name": "ink", "lora_scale": 2}]}
+    assert stack_of(listed, None, STYLE, INK) == (ScaledAdapter(INK, 2), ScaledAdapter(STYLE))
+    assert stack_of({}, None) == ()
+
+
+def test_the_order_of_a_stack_changes_nothing():
+    forward = {"lora": [{"name": "style", "scale": 0.8}, {"name": "ink", "scale": 0.6}]}
+    backward = {"lora": forward["lora"][::-1]}
+    assert stack_of(forward, None, STYLE, INK) == stack_of(backward, None, INK, STYLE)
+    assert stack_key(stack_of(forward, None, STYLE, INK)) == ((1, 0.6), (3, 0.8))
+
+
+@pytest.mark.parametrize(
+    ("fields", "model", "listed", "param", "message"),
+    [
+        ({"lora": [{"name": "style"}] * 2}, None, (STYLE, STYLE), "lora", "'style' is named twice"),
+        ({"model": "style", "lora": {"name": "style"}}, STYLE, (STYLE,), "lora", "named twice"),
+        (
+            {"model": "style", "lora": [{"name": "ink"}, {"name": "lightning"}]},
+            STYLE,
+            (INK, FAST_ADAPTER),
+            "lora",
+            "applies 3 LoRA adapters and this server applies at most 2 together (--max-loras)",
+        ),
+        ({"lora_scale": 0.5, "lora": {"name": "ink"}}, None, (INK,), "lora_scale", "base model"),
+    ],
+    ids=["listed-twice", "in-model-and-lora", "over-max-loras", "lora-scale-on-base"],
+)
+def test_a_stack_is_refused_by_the_field_at_fault(fields, model, listed, param, message):
+    with pytest.raises(VLLMValidationError, match=re.escape(message)) as refused:
+        stack_of(fields, model, *listed)
+    assert refused.value.parameter == param
+
+
+def test_adapter_defaults_replace_the_models_and_the_request_wins():
+    request = ImageGenerationRequest(prompt="p")
+    assert stack_defaults(request, (), DEFAULTS) == (4, 4.0, None)
+    fast = (ScaledAdapter(FAST_ADAPTER), ScaledAdapter(STYLE))
+    assert stack_defaults(request, fast, DEFAULTS) == (8, 1, None)
+    context = MappingContext("id", DEFAULTS, TWO, FAST_ADAPTER, (STYLE,))
+    chosen = {"prompt": "p", "model": "lightning", "lora": {"name": "style"}}
+    mapped = to_engine_request(ImageGenerationRequest.model_validate(chosen), context)
+    assert (mapped.num_inference_steps, mapped.true_cfg_scale) == (8, 1)
+    low = ImageGenerationRequest.model_validate(chosen | {"quality": "low"})
+    assert to_engine_request(low, context).num_inference_steps == 2  # a quarter of 8
+    own = chosen | {"num_inference_steps": 3, "true_cfg_scale": 2.5}
+    mapped = to_engine_request(ImageGenerationRequest.model_validate(own), context)
+    assert (mapped.num_inference_steps, mapped.true_cfg_scale) == (3, 2.5)
+
+
+def test_adapters_that_disagree_on_a_default_leave_it_to_the_request():
+    slow = LoRAAdapter("slow", 4, "/adapters/slow", AdapterDefaults(num_inference_steps=30))
+    agreeing = LoRAAdapter("same", 5, "/adapters/same", AdapterDefaults(num_inference_steps=8))
+    both = (ScaledAdapter(FAST_ADAPTER), ScaledAdapter(slow))
+    with pytest.raises(VLLMValidationError, match=r"different values \(8 and 30\)") as refused:
+        stack_defaults(ImageGenerationRequest(prompt="p"), both, DEFAULTS)
+    assert refused.value.parameter == "num_inference_steps"
+    chosen = ImageGenerationRequest(prompt="p", num_inference_steps=12)
+    assert stack_defaults(chosen, both, DEFAULTS)[1:] == (1, None)
+    same = (ScaledAdapter(FAST_ADAPTER), ScaledAdapter(agreeing))
+    assert stack_defaults(ImageGenerationRequest(prompt="p"), same, DEFAULTS)[0] == 8

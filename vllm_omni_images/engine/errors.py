@@ -16,6 +16,11 @@ class EngineRequestError(EngineError):
     """The engine refused this request's parameters (e.g. a size its pipeline cannot make)."""
 
 
+class LoRAStackError(EngineRequestError):
+    """The engine cannot apply these LoRA adapters together (a request's `lora`); the message,
+    one line, names them and says why."""
+
+
 class EngineDiedError(EngineError):
     """The engine or its worker died: nothing more can be generated until a restart."""
 

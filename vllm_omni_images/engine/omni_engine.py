@@ -116,7 +116,11 @@ class OmniEngine(ImageEngine):
         self._died: str | None = None
         self._in_flight: set[Flight] = set()
         self._closed = False
-        self._adapters = None if lora is None else OmniAdapters(config.model, lora.max_lora_rank)
+        self._adapters = (
+            None
+            if lora is None
+            else OmniAdapters(config.model, lora.max_lora_rank, max_stacks=lora.cpu_slots)
+        )
         self._waves: WaveLog[Flight] = WaveLog(self._wave_settled)
         self._retries: dict[str, asyncio.Future[tuple[str, str] | None]] = {}
         """Failed tries waiting for the rest of their wave: their group's batch key."""

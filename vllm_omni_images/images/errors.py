@@ -26,6 +26,7 @@ from vllm_omni_images.engine.errors import (
     EngineOutOfMemoryError,
     EngineRequestError,
     LoRAAdapterUnavailableError,
+    LoRAStackError,
     QueueFullError,
     RequestOverBudgetError,
     RequestTimeoutError,
@@ -125,6 +126,10 @@ ERROR_TABLE: tuple[tuple[type[Exception], ErrorKind], ...] = (
             "{error} Its work was stopped (the server's --image-request-timeout); retry later, "
             "or ask for fewer steps or smaller images.",
         ),
+    ),
+    (
+        LoRAStackError,  # adapters the engine cannot apply together; names them
+        ErrorKind(HTTPStatus.BAD_REQUEST, "BadRequestError", "invalid", param="lora"),
     ),
     (EngineRequestError, _INVALID),  # the engine's own check of the request
     (
