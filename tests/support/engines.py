@@ -67,11 +67,11 @@ def colour(seed: int) -> tuple[int, int, int]:
     return (seed % 256, seed // 256 % 256, 99)
 
 
-def req(
-    *seeds: int, lora: LoRAAdapter | None = None, lora_scale: float = 1.0, **fields: Any
-) -> EngineRequest:
+def req(*seeds: int, **fields: Any) -> EngineRequest:
     """A request of `FakeRunner`'s default size and steps, with one image per seed (default 1);
-    `lora` (at `lora_scale`) is a stack of that one adapter."""
+    `lora=adapter` (at `lora_scale=`, default 1) is a stack of that one adapter."""
+    lora: LoRAAdapter | None = fields.pop("lora", None)
+    lora_scale: float = fields.pop("lora_scale", 1.0)
     if lora is not None:
         fields["loras"] = (ScaledAdapter(lora, lora_scale),)
     values: dict[str, Any] = {

@@ -12,6 +12,7 @@ from vllm_omni_images.engine.lora_files import (
     diffusers_state_dict,
     meta_transformer,
     read_checked,
+    served_pipeline,
 )
 from vllm_omni_images.engine.lora_stacks import stack_weights
 
@@ -22,8 +23,9 @@ def write_summed_lora(model_dir: Path, parts: Sequence[tuple[Path, float]], fold
     from safetensors.torch import save_file
 
     transformer = meta_transformer(str(model_dir))
+    pipeline = served_pipeline(str(model_dir))
     read = [
-        (read_checked(LoRAAdapter(path.name, 0, str(path)), 512, transformer), scale)
+        (read_checked(LoRAAdapter(path.name, 0, str(path)), 512, transformer, pipeline), scale)
         for path, scale in parts
     ]
     folder.mkdir(parents=True, exist_ok=True)

@@ -13,8 +13,8 @@ from vllm_omni_images.engine.lora_files import (
     DIFFUSERS_WEIGHTS,
     AdapterWeights,
     diffusers_state_dict,
-    inspect_adapter,
-    read_weights,
+    open_adapter,
+    read_layout,
 )
 from vllm_omni_images.engine.lora_stacks import stack_weights
 
@@ -70,7 +70,7 @@ def test_the_stack_in_diffusers_layout_reads_back_as_the_summed_delta(tmp_path: 
     """Its file has no alpha: the scaling is in B, so it is read at scaling 1."""
     stacked = stack_weights([(STYLE, 0.8), (OTHER, 0.6)])
     save_file(diffusers_state_dict(stacked), str(tmp_path / DIFFUSERS_WEIGHTS))
-    read = read_weights(inspect_adapter(str(tmp_path), "summed"), "summed")
+    read = read_layout(open_adapter(str(tmp_path), "summed"), None, "summed").weights()
     assert read.rank == 7
     for module_name in (Q, OUT):
         torch.testing.assert_close(delta(read, module_name), delta(stacked, module_name))

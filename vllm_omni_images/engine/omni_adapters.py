@@ -32,6 +32,7 @@ from vllm_omni_images.engine.lora_files import (
     PeftCopies,
     meta_transformer,
     read_checked,
+    served_pipeline,
     write_peft_folder,
 )
 from vllm_omni_images.engine.lora_stacks import stack_weights
@@ -180,8 +181,9 @@ class OmniAdapters:
         raises `LoRAAdapterError` naming an adapter that cannot be read, `LoRAStackError`
         for a summed rank above `max_stack_rank` (before anything is written)."""
         transformer = meta_transformer(self._model_path)
+        pipeline = served_pipeline(self._model_path)
         parts = [
-            (read_checked(scaled.adapter, self._max_rank, transformer), scaled.scale)
+            (read_checked(scaled.adapter, self._max_rank, transformer, pipeline), scaled.scale)
             for scaled in stack
         ]
         weights = stack_weights(parts)
