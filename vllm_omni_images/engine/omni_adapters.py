@@ -19,7 +19,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vllm_omni_images.engine.base import AdapterStack, LoRAAdapter, StackKey, stack_key
+from vllm_omni_images.engine.base import (
+    AdapterStack,
+    LoRAAdapter,
+    LoRASettings,
+    StackKey,
+    stack_key,
+)
 from vllm_omni_images.engine.errors import (
     EngineError,
     EngineRequestError,
@@ -36,6 +42,7 @@ from vllm_omni_images.engine.lora_files import (
     write_peft_folder,
 )
 from vllm_omni_images.engine.lora_stacks import stack_weights
+from vllm_omni_images.engine.omni_flight import ScaledLoRA
 
 if TYPE_CHECKING:
     from vllm_omni.lora.request import LoRARequest
@@ -54,8 +61,10 @@ LAST_STACK_ID = 2**31 - 1
 class OmniAdapters:
     """The adapters added, by id, and those that cannot be used now (`unavailable`)."""
 
-    def __init__(self, model_path: str, max_rank: int, max_stacks: int = 1) -> None:
-        """`max_stacks`: stacks kept written (least recently used deleted first)."""
+    def __init__(self, model_path: str, settings: LoRASettings) -> None:
+        """Adapters of at most `settings.max_lora_rank`; `settings.cpu_slots` stacks kept
+        written (least recently used deleted first)."""
+        max_rank, max_stacks = settings.max_lora_rank, settings.cpu_slots
         from vllm_omni.diffusion.lora.manager import DiffusionLoRAManager
 
         self._model_path = model_path
@@ -103,6 +112,21 @@ class OmniAdapters:
         self._requests[adapter.adapter_id] = request
         self.unavailable -= {adapter.adapter_id}
         return request
+
+    async def lora_for(self, stack: AdapterStack, load: LoadInWorkers) -> ScaledLoRA | None:
+        """vllm-omni's request for `stack` and the strength to apply it at (`None`: the base
+        model): one adapter at its own strength (`request_for`), several as one adapter of
+        their summed deltas at 1 (`stack_request`); `EngineRequestError` for an adapter never
+        added."""
+        if len(stack) > 1:
+            return ScaledLoRA(await self.stack_request(stack, load), 1.0)
+        if not stack:
+            return None
+        [scaled] = stack
+        request = await self.request_for(scaled.adapter)
+        if request is None:
+            raise EngineRequestError(f"LoRA adapter '{scaled.adapter.name}' was never loaded.")
+        return ScaledLoRA(request, scaled.scale)
 
     async def stack_request(self, stack: AdapterStack, load: LoadInWorkers) -> LoRARequest:
         """vllm-omni's request for one adapter whose delta is the sum of `stack`'s scaled

@@ -116,11 +116,7 @@ class OmniEngine(ImageEngine):
         self._died: str | None = None
         self._in_flight: set[Flight] = set()
         self._closed = False
-        self._adapters = (
-            None
-            if lora is None
-            else OmniAdapters(config.model, lora.max_lora_rank, max_stacks=lora.cpu_slots)
-        )
+        self._adapters = None if lora is None else OmniAdapters(config.model, lora)
         self._waves: WaveLog[Flight] = WaveLog(self._wave_settled)
         self._retries: dict[str, asyncio.Future[tuple[str, str] | None]] = {}
         """Failed tries waiting for the rest of their wave: their group's batch key."""
@@ -208,33 +204,21 @@ class OmniEngine(ImageEngine):
         raise `LoRAAdapterError` if either fails."""
         if self._adapters is None:
             raise LoRAAdapterError.not_enabled(adapter.name)
-
-        def load(request: LoRARequest, replace: bool) -> Awaitable[None]:
-            return self._loop.submit(self._load_lora(request, replace))
-
-        await self._adapters.add(adapter, load)
+        await self._adapters.add(adapter, self._load_in_workers)
 
     def unavailable_adapters(self) -> frozenset[int]:
         return frozenset() if self._adapters is None else self._adapters.unavailable
 
     async def _lora_request(self, stack: AdapterStack) -> ScaledLoRA | None:
-        """vllm-omni's request for `stack` and its strength: one adapter at its own, several
-        as one adapter of their summed deltas (`OmniAdapters.stack_request`) at 1."""
-        if not stack:
-            return None
-        if self._adapters is None:
+        if self._adapters is not None:
+            return await self._adapters.lora_for(stack, self._load_in_workers)
+        if stack:
             raise EngineRequestError("LoRA is not enabled on this server.")
-        if len(stack) > 1:
+        return None
 
-            def load(request: LoRARequest, replace: bool) -> Awaitable[None]:
-                return self._loop.submit(self._load_lora(request, replace))
-
-            return ScaledLoRA(await self._adapters.stack_request(stack, load), 1.0)
-        [scaled] = stack
-        lora = await self._adapters.request_for(scaled.adapter)
-        if lora is None:
-            raise EngineRequestError(f"LoRA adapter '{scaled.adapter.name}' was never loaded.")
-        return ScaledLoRA(lora, scaled.scale)
+    def _load_in_workers(self, request: LoRARequest, replace: bool) -> Awaitable[None]:
+        """`OmniAdapters.LoadInWorkers`: on the engine's loop."""
+        return self._loop.submit(self._load_lora(request, replace))
 
     # On the caller's loop:
 

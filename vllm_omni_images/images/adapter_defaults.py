@@ -5,7 +5,9 @@ own field, validated as strictly as a JSON request's); any other key is refused 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
@@ -50,3 +52,25 @@ def defaults_problem(error: ValidationError) -> tuple[str | None, str]:
     if key is None:
         return key, f"must be a JSON object of {', '.join(KNOBS)} (got {echo(first['input'])})"
     return key, f"{first['msg']} (got {echo(first['input'])})"
+
+
+def defaults_by_adapter(text: str) -> dict[str, AdapterDefaults]:
+    """`--image-lora-defaults`: a JSON object of adapter name -> that adapter's defaults;
+    `argparse.ArgumentTypeError` naming the adapter and key otherwise. Whether each name is
+    served is the launcher's to check."""
+    example = '{"NAME": {"num_inference_steps": 8, "true_cfg_scale": 1.0}}'
+    try:
+        given = json.loads(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"must be a JSON object like {example}: {error}") from None
+    if not isinstance(given, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object like {example}")
+    defaults = {}
+    for name, value in given.items():
+        try:
+            defaults[name] = parse_adapter_defaults(value)
+        except ValidationError as error:
+            key, what = defaults_problem(error)
+            where = f"adapter '{printable(name, 64)}'" + (f": {key}" if key else "")
+            raise argparse.ArgumentTypeError(f"{where}: {what}") from None
+    return defaults

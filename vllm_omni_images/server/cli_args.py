@@ -88,29 +88,9 @@ def _pixel_budget(text: str) -> int | Literal["auto"] | None:
 
 
 def _lora_defaults(text: str) -> "dict[str, AdapterDefaults]":
-    """A JSON object of adapter name -> that adapter's defaults (`images/adapter_defaults.py`:
-    the request's own fields and ranges); whether each name is served is the launcher's to
-    check."""
-    from pydantic import ValidationError
+    from vllm_omni_images.images.adapter_defaults import defaults_by_adapter
 
-    from vllm_omni_images.images.adapter_defaults import defaults_problem, parse_adapter_defaults
-
-    example = '{"NAME": {"num_inference_steps": 8, "true_cfg_scale": 1.0}}'
-    try:
-        given = json.loads(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"must be a JSON object like {example}: {error}") from None
-    if not isinstance(given, dict):
-        raise argparse.ArgumentTypeError(f"must be a JSON object like {example}")
-    defaults = {}
-    for name, value in given.items():
-        try:
-            defaults[name] = parse_adapter_defaults(value)
-        except ValidationError as error:
-            key, what = defaults_problem(error)
-            where = f"adapter '{name}'" + (f": {key}" if key else "")
-            raise argparse.ArgumentTypeError(f"{where}: {what}") from None
-    return defaults
+    return defaults_by_adapter(text)
 
 
 def _mib_bytes(mib: float) -> int:
