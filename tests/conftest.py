@@ -7,6 +7,11 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+# vLLM imports humming (its quantized-kernel library), which at import starts two Python
+# processes in the background to compile its CUDA launcher; without CUDA they fail, after ~5 s of
+# CPU, in this process, in each `vllm serve` the tests start and in each vllm-omni worker
+# process. humming's own switch turns them off (they inherit it); nothing else changes.
+os.environ.setdefault("HUMMING_DISABLE_PARALLEL_BUILD", "1")
 
 import torch
 
