@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+# vLLM imports humming (its quantized-kernel library), which at import starts two Python
+# processes in the background to compile its CUDA launcher; without CUDA they fail, after ~5 s of
+# CPU, in this process, in each `vllm serve` the tests start and in each vllm-omni worker
+# process. humming's own switch turns them off (they inherit it); nothing else changes.
+os.environ.setdefault("HUMMING_DISABLE_PARALLEL_BUILD", "1")
 
 import torch
 
@@ -83,3 +89,13 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
         monkeypatch.delenv(name, raising=False)
     return s3_server
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Take everything collection imported (torch, vLLM, vllm-omni, diffusers: ~850,000
+    objects) out of the garbage collector's sight. A full collection otherwise walks them all
+    (~2 s of CPU on 2 cores), and full collections are frequent here: vllm-omni's engine runs
+    four per build and one per close, and Python runs one each time the tests' own objects pile
+    up. What the tests make afterwards is collected as before."""
+    gc.collect()
+    gc.freeze()

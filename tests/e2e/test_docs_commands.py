@@ -2,20 +2,20 @@
 
 The commands are read from the Markdown at test time, never copied here, so a doc that drifts
 from the product fails this test. Each document is walked in order, as a reader would follow
-it:
+it (two documents at a time, `LANES`):
 
 - a server command (`make serve ...`, `vllm serve tiny-qwen-image ...`) is started in the
   background and must become healthy and answer one generation; the commands after it talk
-  to it;
+  to it (documents that start the same command share its server);
 - any other command runs to completion with `bash` and must exit 0; a `python` block runs as a
   script.
 
 Only two things differ from a reader's terminal, both so that tests can run beside anything
 else on the machine: a server listens on a free port (the port the doc names, in the client
 commands too, is swapped for it, and `OPENAI_BASE_URL` points the example client's default
-URL there), and everything runs in a scratch folder whose entries link
-to the checkout's (so `make` and `examples/...` resolve, and the files the commands write land
-in the scratch folder). The project's virtualenv is first on `PATH`, as after
+URL there), and each document runs in a scratch folder of its own whose entries link to the
+checkout's (so `make` and `examples/...` resolve, and the files its commands write land in its
+scratch folder). The project's virtualenv is first on `PATH`, as after
 `source .venv/bin/activate`.
 
 A command that cannot run on this CPU-only, offline machine is skipped only for a reason
@@ -30,7 +30,9 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,46 +168,67 @@ class LiveServer:
     port: int
 
 
+LANES = 2
+"""Documents walked at a time, each in a thread of its own. A walk mostly waits for a server's
+start or a command, one core's work each, so two walks keep both cores of a 2-core machine busy
+(about a third less time than one document after another)."""
+
+
 class Servers:
-    """The servers the docs start, one per distinct command, kept for the whole module (a
-    start costs ~25 s) and stopped at its end."""
+    """The servers the docs start, one per distinct command, shared by the documents (a start
+    costs ~15 s) and stopped at the end of the module. The walks call `start` from their own
+    threads: the first to need a server starts it, the others wait for it."""
 
-    def __init__(self, scratch: Path, env: dict[str, str], logs: Path) -> None:
-        self.scratch, self.env, self.logs = scratch, env, logs
-        self.running: dict[str, LiveServer] = {}
+    def __init__(self, env: dict[str, str], logs: Path) -> None:
+        self.env, self.logs = env, logs
+        self.running: dict[str, Future[LiveServer]] = {}
         self.stack = ExitStack()
+        self._lock = threading.Lock()
 
-    def start(self, snippet: Snippet) -> tuple[LiveServer, int]:
-        """Start (or reuse) the server of `snippet`; also returns the port the doc uses."""
+    def start(self, snippet: Snippet, scratch: Path) -> tuple[LiveServer, int]:
+        """Start (or reuse) the server of `snippet`, in `scratch`; also returns the port the
+        doc uses."""
         named = re.search(r"(?:\bPORT=|--port[ =])(\d+)", snippet.text)
         doc_port = int(named.group(1)) if named else DEFAULT_PORT
         key = re.sub(r"\s*(\bPORT=\d+|--port[ =]\d+)", "", snippet.text).strip()
         key = re.sub(r"\s+#.*$", "", key)
         # `make serve` runs exactly this (the Makefile's MODEL default): one server for both.
         key = re.sub(r"^make serve$", "vllm serve tiny-qwen-image --task image", key)
-        if key not in self.running:
-            port = free_port()
-            command = shlex.join(shlex.split(snippet.text, comments=True))  # `--port` goes last
-            command = re.sub(r"\bPORT=\d+", f"PORT={port}", command)
-            command = re.sub(r"--port[ =]\d+", f"--port {port}", command)
-            if re.search(r"\bvllm serve\b", command) and "--port" not in command:
-                command += f" --port {port}"
-            log = self.logs / f"server-{len(self.running)}.log"
+        with self._lock:
+            starting = key not in self.running
+            if starting:
+                self.running[key] = Future()
+            server = self.running[key]
+        if starting:
             try:
-                base_url = self.stack.enter_context(
-                    running_server(
-                        ["bash", "-c", command],
-                        port,
-                        log,
-                        env={**self.env, "PORT": str(port)},
-                        cwd=self.scratch,
-                    )
-                )
-            except ServerFailedError as error:
-                pytest.fail(f"{snippet}\ndid not start:\n{error}")
-            self.running[key] = LiveServer(base_url, port)
-            self._check_it_serves(snippet, self.running[key])
-        return self.running[key], doc_port
+                server.set_result(self._start(snippet, scratch))
+            except BaseException as error:  # pytest.fail's too, for the walks waiting on it
+                server.set_exception(error)
+        return server.result(), doc_port
+
+    def _start(self, snippet: Snippet, scratch: Path) -> LiveServer:
+        port = free_port()
+        command = shlex.join(shlex.split(snippet.text, comments=True))  # `--port` goes last
+        command = re.sub(r"\bPORT=\d+", f"PORT={port}", command)
+        command = re.sub(r"--port[ =]\d+", f"--port {port}", command)
+        if re.search(r"\bvllm serve\b", command) and "--port" not in command:
+            command += f" --port {port}"
+        process = running_server(
+            ["bash", "-c", command],
+            port,
+            self.logs / f"server-{port}.log",
+            env={**self.env, "PORT": str(port)},
+            cwd=scratch,
+        )
+        try:
+            base_url = process.__enter__()  # until healthy; other walks go on meanwhile
+        except ServerFailedError as error:
+            pytest.fail(f"{snippet}\ndid not start:\n{error}")
+        with self._lock:
+            self.stack.push(process.__exit__)
+        server = LiveServer(base_url, port)
+        self._check_it_serves(snippet, server)
+        return server
 
     def _check_it_serves(self, snippet: Snippet, server: LiveServer) -> None:
         key = re.search(r"--api-key[ =](\S+)", snippet.text)
@@ -218,11 +241,11 @@ class Servers:
         assert response.json()["data"][0]["b64_json"]
 
 
-@pytest.fixture(scope="module")
-def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder that looks like the checkout (its entries are links) but keeps what the
-    commands write."""
-    folder = tmp_path_factory.mktemp("docs-scratch")
+def scratch_for(document: Path, root: Path) -> Path:
+    """A folder of `document`'s own that looks like the checkout (its entries are links) but
+    keeps what the document's commands write."""
+    folder = root / str(document.relative_to(REPO)).replace("/", "-")
+    folder.mkdir()
     for entry in REPO.iterdir():
         if entry.name not in {".git"}:
             (folder / entry.name).symlink_to(entry)
@@ -231,7 +254,7 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def servers(
-    scratch: Path, model_cache: Path, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    model_cache: Path, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Servers]:
     venv_bin = str(Path(sys.executable).parent)
     env = {
@@ -240,7 +263,7 @@ def servers(
         "VLLM_OMNI_IMAGES_CACHE": str(model_cache),
         "HF_HUB_OFFLINE": "1",
     }
-    running = Servers(scratch, env, tmp_path_factory.mktemp("docs-servers"))
+    running = Servers(env, tmp_path_factory.mktemp("docs-servers"))
     with running.stack:
         yield running
 
@@ -285,19 +308,15 @@ def at_port(snippet: Snippet, doc_port: int, port: int) -> Snippet:
     return Snippet(snippet.document, snippet.line, snippet.language, text)
 
 
-@pytest.mark.parametrize(
-    "document", DOCUMENTS, ids=[str(path.relative_to(REPO)) for path in DOCUMENTS]
-)
-def test_every_command_in_the_document_runs(
-    document: Path, servers: Servers, scratch: Path
-) -> None:
+def walk(document: Path, servers: Servers, scratch: Path) -> None:
+    """Run `document`'s commands in order, as a reader follows it (the module docstring)."""
     server: LiveServer | None = None
     doc_port = DEFAULT_PORT
     for snippet in snippets(document):
         if snippet.language == "bash" and reason_not_run(snippet) is not None:
             continue
         if snippet.language == "bash" and SERVER_COMMAND.match(snippet.text):
-            server, doc_port = servers.start(snippet)
+            server, doc_port = servers.start(snippet, scratch)
             continue
         if server is None and re.search(r"(127\.0\.0\.1|localhost):\d+", snippet.text):
             pytest.fail(f"{snippet}\ntalks to a server the document never starts")
@@ -307,6 +326,48 @@ def test_every_command_in_the_document_runs(
             # The example client's default URL is the doc's server; the SDK's variable moves it.
             env["OPENAI_BASE_URL"] = f"{server.base_url}/v1"
         run_snippet(snippet, scratch, env)
+
+
+def runnable_commands(document: Path) -> int:
+    return sum(
+        snippet.language == "python" or reason_not_run(snippet) is None
+        for snippet in snippets(document)
+    )
+
+
+@pytest.fixture(scope="module")
+def walks(
+    request: pytest.FixtureRequest, servers: Servers, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[Path, Future[None]]]:
+    """The walks of the documents this run selected, `LANES` at a time, each in a scratch
+    folder of its own (`scratch_for`); the longest (most commands) first, so that the lanes
+    end together."""
+    chosen = {
+        item.callspec.params["document"]
+        for item in request.session.items
+        if isinstance(item, pytest.Function)
+        and item.module is sys.modules[__name__]
+        and item.originalname == test_every_command_in_the_document_runs.__name__
+    }
+    selected = [document for document in DOCUMENTS if document in chosen]
+    root = tmp_path_factory.mktemp("docs-scratch")
+    pool = ThreadPoolExecutor(LANES, thread_name_prefix="docs-walk")
+    try:
+        yield {
+            document: pool.submit(walk, document, servers, scratch_for(document, root))
+            for document in sorted(selected, key=runnable_commands, reverse=True)
+        }
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # -x: the walks not begun never begin
+
+
+@pytest.mark.parametrize(
+    "document", DOCUMENTS, ids=[str(path.relative_to(REPO)) for path in DOCUMENTS]
+)
+def test_every_command_in_the_document_runs(
+    document: Path, walks: dict[Path, Future[None]]
+) -> None:
+    walks[document].result()  # the walk's failure, raised here
 
 
 def test_snippets_are_read_as_a_reader_sees_them(tmp_path: Path) -> None:
