@@ -6,7 +6,8 @@ it (two documents at a time, `LANES`):
 
 - a server command (`make serve ...`, `vllm serve tiny-qwen-image ...`) is started in the
   background and must become healthy and answer one generation; the commands after it talk
-  to it (documents that start the same command share its server);
+  to it (documents that start the same command share its server; one that no command talks
+  to is waited for only at the end, `walk`);
 - any other command runs to completion with `bash` and must exit 0; a `python` block runs as a
   script.
 
@@ -184,6 +185,7 @@ class Servers:
         self.running: dict[str, Future[LiveServer]] = {}
         self.stack = ExitStack()
         self._lock = threading.Lock()
+        self.background = ThreadPoolExecutor(thread_name_prefix="docs-server")
 
     def start(self, snippet: Snippet, scratch: Path) -> tuple[LiveServer, int]:
         """Start (or reuse) the server of `snippet`, in `scratch`; also returns the port the
@@ -205,6 +207,12 @@ class Servers:
             except BaseException as error:  # pytest.fail's too, for the walks waiting on it
                 server.set_exception(error)
         return server.result(), doc_port
+
+    def start_in_background(
+        self, snippet: Snippet, scratch: Path
+    ) -> Future[tuple[LiveServer, int]]:
+        """`start`, in a thread of its own."""
+        return self.background.submit(self.start, snippet, scratch)
 
     def _start(self, snippet: Snippet, scratch: Path) -> LiveServer:
         port = free_port()
@@ -265,7 +273,10 @@ def servers(
     }
     running = Servers(env, tmp_path_factory.mktemp("docs-servers"))
     with running.stack:
-        yield running
+        try:
+            yield running
+        finally:
+            running.background.shutdown()  # a start under way: it ends, then stops with the rest
 
 
 def run_snippet(snippet: Snippet, scratch: Path, env: dict[str, str]) -> None:
@@ -308,15 +319,33 @@ def at_port(snippet: Snippet, doc_port: int, port: int) -> Snippet:
     return Snippet(snippet.document, snippet.line, snippet.language, text)
 
 
-def walk(document: Path, servers: Servers, scratch: Path) -> None:
-    """Run `document`'s commands in order, as a reader follows it (the module docstring)."""
+def is_server(snippet: Snippet) -> bool:
+    return snippet.language == "bash" and SERVER_COMMAND.match(snippet.text) is not None
+
+
+def walk(document: Path, servers: Servers, scratch: Path) -> list[Future[tuple[LiveServer, int]]]:
+    """Run `document`'s commands in order, as a reader follows it (the module docstring).
+
+    A server that no command talks to (the next command starts another server, or there is
+    none) is started when its command comes, but not waited for: its start goes on while the
+    walk, and its lane's next document, go on. The walk returns those starts; the document's
+    test waits for each."""
+    runnable = [
+        snippet
+        for snippet in snippets(document)
+        if snippet.language == "python" or reason_not_run(snippet) is None
+    ]
     server: LiveServer | None = None
     doc_port = DEFAULT_PORT
-    for snippet in snippets(document):
-        if snippet.language == "bash" and reason_not_run(snippet) is not None:
-            continue
-        if snippet.language == "bash" and SERVER_COMMAND.match(snippet.text):
-            server, doc_port = servers.start(snippet, scratch)
+    unwaited: list[Future[tuple[LiveServer, int]]] = []
+    for index, snippet in enumerate(runnable):
+        if is_server(snippet):
+            following = runnable[index + 1 : index + 2]
+            if following and not is_server(following[0]):
+                server, doc_port = servers.start(snippet, scratch)
+            else:
+                unwaited.append(servers.start_in_background(snippet, scratch))
+                server = None
             continue
         if server is None and re.search(r"(127\.0\.0\.1|localhost):\d+", snippet.text):
             pytest.fail(f"{snippet}\ntalks to a server the document never starts")
@@ -326,6 +355,7 @@ def walk(document: Path, servers: Servers, scratch: Path) -> None:
             # The example client's default URL is the doc's server; the SDK's variable moves it.
             env["OPENAI_BASE_URL"] = f"{server.base_url}/v1"
         run_snippet(snippet, scratch, env)
+    return unwaited
 
 
 def runnable_commands(document: Path) -> int:
@@ -338,7 +368,7 @@ def runnable_commands(document: Path) -> int:
 @pytest.fixture(scope="module")
 def walks(
     request: pytest.FixtureRequest, servers: Servers, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[dict[Path, Future[None]]]:
+) -> Iterator[dict[Path, Future[list[Future[tuple[LiveServer, int]]]]]]:
     """The walks of the documents this run selected, `LANES` at a time, each in a scratch
     folder of its own (`scratch_for`); the longest (most commands) first, so that the lanes
     end together."""
@@ -365,9 +395,10 @@ def walks(
     "document", DOCUMENTS, ids=[str(path.relative_to(REPO)) for path in DOCUMENTS]
 )
 def test_every_command_in_the_document_runs(
-    document: Path, walks: dict[Path, Future[None]]
+    document: Path, walks: dict[Path, Future[list[Future[tuple[LiveServer, int]]]]]
 ) -> None:
-    walks[document].result()  # the walk's failure, raised here
+    for start in walks[document].result():  # the walk's failure, raised here
+        start.result()  # and that of a server it did not wait for
 
 
 def test_snippets_are_read_as_a_reader_sees_them(tmp_path: Path) -> None:
