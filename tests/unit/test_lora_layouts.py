@@ -24,30 +24,19 @@ from testing.tiny_lora import (
 )
 from vllm_omni_images.engine.base import LoRAAdapter
 from vllm_omni_images.engine.errors import LoRAAdapterError
-from vllm_omni_images.engine.lora_files import AdapterWeights, read_checked
-from vllm_omni_images.tiny_model import TINY_SHAPE
+from vllm_omni_images.engine.lora_files import AdapterWeights, meta_transformer, read_checked
 
 Served = tuple[type, Any]
 """A pipeline class and its transformer (on the meta device)."""
 
 
 @pytest.fixture(scope="module")
-def qwen() -> Served:
-    """QwenImagePipeline and the tiny model's transformer, on the meta device."""
-    from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
+def qwen(tiny_model_dir: Path) -> Served:
+    """QwenImagePipeline and the tiny model's transformer, on the meta device, as the omni
+    engine builds it from the folder's config (`lora_files.meta_transformer`)."""
+    from diffusers import QwenImagePipeline
 
-    with torch.device("meta"):
-        transformer = QwenImageTransformer2DModel(
-            patch_size=2,
-            in_channels=64,
-            out_channels=16,
-            num_layers=TINY_SHAPE.layers,
-            attention_head_dim=TINY_SHAPE.head_dim,
-            num_attention_heads=TINY_SHAPE.heads,
-            joint_attention_dim=TINY_SHAPE.text_hidden,
-            axes_dims_rope=TINY_SHAPE.axes_dims_rope,
-        )
-    return QwenImagePipeline, transformer
+    return QwenImagePipeline, meta_transformer(str(tiny_model_dir))
 
 
 @pytest.fixture(scope="module")
